@@ -1,0 +1,191 @@
+"""In-process engines: `Engine` (blocking) and `AsyncEngine` (asyncio), one kernel each.
+
+Both turn each public operation into a kernel syscall (see `_prepare`), submitted to the
+kernel's loop thread. `Engine` waits for the result; `AsyncEngine` awaits it, so many
+coroutines' generate calls run batched together in the same steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Future
+from typing import Any, Callable
+
+from agentos.kernel.config import Config
+from agentos.kernel.errors import InvalidRequestError
+from agentos.kernel.sampling_params import SamplingParams
+from agentos.session import Session, Snapshot
+
+
+class _EngineBase:
+    def __init__(self, model: str = "tiny", **options: Any):
+        from agentos.kernel.core import Kernel
+        from agentos.snapshot.snapshot import SnapshotTable
+
+        self.config = Config(model=model, **options)
+        self.kernel = Kernel(self.config)
+        self.snapshots = SnapshotTable(self.kernel)
+        self.tokenizer = self.kernel.tokenizer
+
+    # -- public operations (results, or awaitables on AsyncEngine) ---------------------
+
+    def create_session(self, prompt: str | None = None, tokens: list[int] | None = None,
+                       seed: int | None = None):
+        """Creates a session from a prompt (tokenized with special tokens, e.g. BOS) or
+        token ids, and starts prefilling it in the background. Returns a Session."""
+        return self._op("create", prompt, tokens, seed)
+
+    def session(self, session_id: str):
+        """Returns the handle of a live session (NotFoundError if there is none)."""
+        return self._op("get", session_id)
+
+    def list_sessions(self):
+        """Returns a dict per live session (id, state, level, tokens, blocks, parent)."""
+        return self._op("list")
+
+    def restore(self, snapshot: Snapshot | str):
+        """Returns a new Session equal to the snapshot."""
+        return self._op("restore", snapshot.id if isinstance(snapshot, Snapshot) else snapshot)
+
+    def get_snapshot(self, snapshot_id: str):
+        return self._op("get_snapshot", snapshot_id)
+
+    def stats(self):
+        """Returns {"kv": {device_blocks_total, device_blocks_used, ...}, "sessions": ...}."""
+        return self._op("stats")
+
+    def check(self):
+        """Asserts the memory invariants (refcounts equal mapped entries plus snapshot holds)."""
+        return self._op("check")
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
+    # -- syscalls ---------------------------------------------------------------------
+
+    def _prepare(self, name: str, *args) -> tuple[Callable, tuple, Callable[[Any], Any]]:
+        """Maps an operation to (syscall, args, post-processing of its result)."""
+        k, snaps = self.kernel, self.snapshots
+        same = _identity
+        if name == "create":
+            prompt, tokens, seed = args
+            ids = self._tokens(prompt, tokens, add_special_tokens=True)
+            return k.sys_create, (ids, seed), lambda pid: Session(self, pid)
+        if name == "append":
+            pid, text, tokens = args
+            return k.sys_append, (pid, self._tokens(text, tokens, add_special_tokens=False)), same
+        if name == "generate":
+            pid, params = args
+            if not isinstance(params, SamplingParams):
+                raise InvalidRequestError("params must be a SamplingParams")
+            return k.sys_generate, (pid, params), same
+        if name == "fork":
+            pid, n = args
+            return k.sys_fork, (pid, n), lambda ids: [Session(self, c, pid) for c in ids]
+        if name == "snapshot":
+            return snaps.sys_snapshot, args, self._snapshot_handle
+        if name == "rollback":
+            return snaps.sys_rollback, args, same
+        if name == "restore":
+            return snaps.sys_restore, args, lambda pid: Session(self, pid)
+        if name == "delete_snapshot":
+            return snaps.sys_delete, args, same
+        if name == "get_snapshot":
+            return snaps.sys_info, args, self._snapshot_handle
+        if name == "list_snapshots":
+            return snaps.sys_list, args, lambda infos: [self._snapshot_handle(i) for i in infos]
+        if name == "close":
+            return k.sys_close, args, same
+        if name == "tokens":
+            return k.sys_tokens, args, lambda r: r[0]
+        if name == "mask":
+            return k.sys_tokens, args, lambda r: r[1]
+        if name == "info":
+            return k.sys_info, args, same
+        if name == "get":
+            return k.sys_info, args, lambda i: Session(self, i["id"], i["parent_id"])
+        if name == "list":
+            return k.sys_list, args, same
+        if name == "stats":
+            return self._sys_stats, args, same
+        if name == "check":
+            return snaps.sys_check, args, same
+        raise AssertionError(f"unknown operation {name}")
+
+    def _sys_stats(self) -> dict:
+        st = self.kernel.sys_stats()
+        st["snapshots"] = len(self.snapshots.records)
+        return st
+
+    def _snapshot_handle(self, info: dict) -> Snapshot:
+        return Snapshot(self, info["id"], info["session_id"], info["num_tokens"])
+
+    def _tokens(self, text: str | None, tokens: list[int] | None, add_special_tokens: bool):
+        if (text is None) == (tokens is None):
+            raise InvalidRequestError("give exactly one of text/prompt or tokens")
+        if text is not None:
+            if not isinstance(text, str):
+                raise InvalidRequestError("text must be a string")
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return tokens
+
+
+class Engine(_EngineBase):
+    """The engine in this process. Thread-safe: calls from many threads batch together.
+
+    Use as a context manager, or call close(). Options are those of `Config`.
+    """
+
+    def _op(self, name: str, *args):
+        fn, call_args, post = self._prepare(name, *args)
+        result = self.kernel.call(fn, *call_args).result()
+        if isinstance(result, Future):  # generate: the call's own completion
+            result = result.result()
+        return post(result)
+
+    def close(self) -> None:
+        self.kernel.shutdown()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncEngine(_EngineBase):
+    """The engine for asyncio code: the same methods, as awaitables.
+
+    `async with AsyncEngine(model="tiny") as engine: ...`
+    """
+
+    def _op(self, name: str, *args):
+        return self._run(name, *args)
+
+    async def _run(self, name: str, *args):
+        fn, call_args, post = self._prepare(name, *args)
+        result = await asyncio.wrap_future(self.kernel.call(fn, *call_args))
+        if isinstance(result, Future):
+            try:
+                result = await asyncio.wrap_future(result)
+            except asyncio.CancelledError:
+                # the caller went away: stop generating, keep the tokens made so far
+                self.kernel.call(self.kernel.sys_abort, call_args[0])
+                raise
+        return post(result)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.kernel.shutdown)
+
+    async def __aenter__(self) -> AsyncEngine:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+def _identity(x):
+    return x

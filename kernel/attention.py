@@ -1,0 +1,98 @@
+"""Paged attention in plain torch: the reference path that runs everywhere.
+
+The KV cache of one layer is `[num_blocks, block_size, num_kv_heads, head_dim]` for K and
+the same for V. A step's new tokens are flattened into one batch: decode tokens (one
+query per session) first, then prefill chunks (several queries per session, each
+attending to the session's cached tokens and causally to each other).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    """One session's chunk of new tokens inside a step."""
+
+    q_start: int  # offset of the chunk's first token in the flattened batch
+    q_len: int  # number of new tokens in the chunk
+    ctx_len: int  # tokens in the session's cache after this chunk is written
+    block_table: torch.Tensor  # [ceil(ctx_len / block_size)] int64 physical block ids
+
+
+@dataclass(slots=True)
+class AttnMeta:
+    """Where a step's tokens live in the paged cache and what each one may attend to."""
+
+    slot_mapping: torch.Tensor  # [T] int64: block_id * block_size + offset of each new token
+    num_decodes: int  # the first num_decodes tokens are single-token decodes
+    decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] int64, padded with 0
+    decode_ctx_lens: torch.Tensor | None = None  # [B] int64, cache length incl. the new token
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Stores the new tokens' K and V at their slots. k, v: [T, KVH, D]."""
+    num_blocks, block_size = k_cache.shape[:2]
+    k_cache.view(num_blocks * block_size, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(num_blocks * block_size, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta, scale: float,
+) -> torch.Tensor:
+    """Attention of the step's queries over the paged cache (already holding the new K/V).
+
+    q: [T, H, D] -> returns [T, H, D].
+    """
+    out = torch.empty_like(q)
+    if meta.num_decodes:
+        out[: meta.num_decodes] = _decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale)
+    for c in meta.prefills:
+        out[c.q_start : c.q_start + c.q_len] = _prefill(q[c.q_start : c.q_start + c.q_len],
+                                                        k_cache, v_cache, c, scale)
+    return out
+
+
+def _decode(q, k_cache, v_cache, meta: AttnMeta, scale: float) -> torch.Tensor:
+    # q: [B, H, D]; one query per session at the end of its context.
+    B, H, D = q.shape
+    KVH = k_cache.shape[2]
+    tables = meta.decode_block_tables
+    k = k_cache[tables].flatten(1, 2)  # [B, L, KVH, D], L = max_blocks * block_size
+    v = v_cache[tables].flatten(1, 2)
+    L = k.shape[1]
+    qg = q.view(B, KVH, H // KVH, D)  # grouped-query: [B, KVH, G, D]
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # [B, KVH, G, L]
+    pad = torch.arange(L, device=q.device)[None, :] >= meta.decode_ctx_lens[:, None]  # [B, L]
+    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v.transpose(1, 2))  # [B, KVH, G, D]
+    return out.reshape(B, H, D)
+
+
+def _prefill(q, k_cache, v_cache, c: PrefillChunk, scale: float) -> torch.Tensor:
+    # q: [n, H, D] at positions ctx_len - n .. ctx_len - 1.
+    n, H, D = q.shape
+    KVH = k_cache.shape[2]
+    k = k_cache[c.block_table].flatten(0, 1)[: c.ctx_len]  # [ctx, KVH, D]
+    v = v_cache[c.block_table].flatten(0, 1)[: c.ctx_len]
+    G = H // KVH
+    if G > 1:
+        k = k.repeat_interleave(G, dim=1)
+        v = v.repeat_interleave(G, dim=1)
+    start = c.ctx_len - n
+    # key j is visible to query i when j <= start + i
+    rows = torch.arange(n, device=q.device)[:, None] + start
+    mask = torch.arange(c.ctx_len, device=q.device)[None, :] <= rows  # [n, ctx]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
+    )  # [H, n, D]
+    return out.transpose(0, 1)

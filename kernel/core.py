@@ -1,0 +1,440 @@
+"""The kernel: the process table, the syscall queue and the step loop.
+
+One thread runs the loop. Clients never touch kernel state: they submit syscalls
+(`call(fn, *args)` returns a Future) which the loop applies between steps, so every
+operation sees a consistent state and needs no locks. A syscall that raises `Defer` is
+retried after the next step (e.g. a fork waiting for its parent's prefill to finish, so
+the children share the prefilled pages instead of each computing them).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import Future
+from typing import Any, Callable
+
+import psutil
+import torch
+
+from agentos.kernel.config import Config
+from agentos.kernel.errors import (
+    ConflictError,
+    ContextLengthError,
+    EngineClosedError,
+    InvalidRequestError,
+    NotFoundError,
+    OutOfCapacityError,
+)
+from agentos.kernel.kalloc import BlockAllocator
+from agentos.kernel.loader import load_model
+from agentos.kernel.process import GenerateCall, Generation, Process, ProcState
+from agentos.kernel.runner import ModelRunner
+from agentos.kernel.sampler import new_rng
+from agentos.kernel.sampling_params import SamplingParams
+from agentos.kernel.sched import FCFS, form_batch
+from agentos.kernel.tokenizer import IncrementalDetokenizer
+from agentos.kernel.vm import VM, PageTable
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Defer(Exception):
+    """Raised by a syscall that must wait for the next step; it is retried then."""
+
+
+class Kernel:
+    def __init__(self, config: Config):
+        self.config = config
+        dtype = _DTYPES[config.dtype] if config.dtype else None
+        self.model, self.model_config, self.tokenizer = load_model(config.model, config.device, dtype)
+        self.dtype = next(self.model.parameters()).dtype
+        mc = self.model_config
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
+                                 mc.max_position_embeddings)
+        self.block_size = config.block_size
+        num_blocks = config.kv_blocks or self._auto_kv_blocks()
+        self.kalloc = BlockAllocator(num_blocks)
+        self.vm = VM(self.kalloc, config.block_size)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.device, self.dtype)
+        self.policy = FCFS()
+        self.procs: dict[str, Process] = {}
+        self.eos_ids = frozenset(mc.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
+        self.vocab_size = mc.vocab_size
+        self.stats = {"steps": 0, "tokens_generated": 0, "tokens_prefilled": 0, "forks": 0,
+                      "cow_copies": 0, "step_time_s": 0.0}
+        self._arrivals = itertools.count()
+        self._seeds = new_rng(config.seed)
+        self._pending_copies: list[tuple[int, int]] = []
+        self._calls: deque[tuple[Callable, tuple, Future]] = deque()
+        self._deferred: list[tuple[Callable, tuple, Future]] = []
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="agentos-kernel", daemon=True)
+        self._thread.start()
+
+    def _auto_kv_blocks(self) -> int:
+        per_block = ModelRunner.block_bytes(self.model, self.block_size, self.dtype)
+        if self.config.device.startswith("cuda"):
+            free, _ = torch.cuda.mem_get_info(torch.device(self.config.device))
+            budget = int(free * 0.85)
+        else:
+            budget = min(2 << 30, psutil.virtual_memory().available // 4)
+        return max(16, budget // per_block)
+
+    # -- syscall plumbing ---------------------------------------------------------------
+
+    def call(self, fn: Callable, *args) -> Future:
+        """Queues fn(*args) to run in the loop thread between steps; returns its Future."""
+        fut: Future = Future()
+        with self._cv:
+            if self._closed:
+                fut.set_exception(EngineClosedError("engine is closed"))
+                return fut
+            self._calls.append((fn, args, fut))
+            self._cv.notify()
+        return fut
+
+    def shutdown(self) -> None:
+        """Stops the loop; pending and in-flight calls fail with EngineClosedError."""
+        with self._cv:
+            if self._closed:
+                return
+            self._closed = True
+            self._cv.notify()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._calls and not self.policy.has_work() and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    break
+                calls = list(self._calls)
+                self._calls.clear()
+            for fn, args, fut in calls:
+                self._apply(fn, args, fut)
+            try:
+                self._step()
+            except Exception as e:  # a failed step must not leave callers hanging
+                self._fail_running(e)
+            if self._deferred:
+                retry, self._deferred = self._deferred, []
+                for fn, args, fut in retry:
+                    self._apply(fn, args, fut)
+        self._drain(EngineClosedError("engine is closed"))
+
+    def _apply(self, fn, args, fut: Future) -> None:
+        if fut.cancelled():
+            return
+        try:
+            result = fn(*args)
+        except Defer:
+            self._deferred.append((fn, args, fut))
+        except BaseException as e:  # noqa: BLE001 - delivered to the caller
+            fut.set_exception(e)
+        else:
+            fut.set_result(result)
+
+    def _drain(self, error: Exception) -> None:
+        with self._cv:
+            pending = list(self._calls) + self._deferred
+            self._calls.clear()
+            self._deferred = []
+        for _, _, fut in pending:
+            if not fut.done():
+                fut.set_exception(error)
+        for p in self.procs.values():
+            if p.call is not None and not p.call.future.done():
+                p.call.future.set_exception(error)
+
+    # -- the step -----------------------------------------------------------------------
+
+    def reserve(self, proc: Process, start: int, end: int) -> bool:
+        """MemoryView for the scheduler: make [start, end) of proc writable."""
+        copies = self.vm.prepare_write(proc.table, start, end)
+        if copies is None:
+            return False
+        self._pending_copies.extend(copies)
+        return True
+
+    def _step(self) -> None:
+        for p in [p for p in self.policy.order() if p.call is not None and p.call.aborted]:
+            self._finish(p, "abort")
+        if not self.policy.has_work():
+            return
+        t0 = time.perf_counter()
+        chunks, blocked = form_batch(self.policy, self, self.config.max_batch_tokens,
+                                     self.config.max_batch_size)
+        if not chunks:
+            self._unblock(blocked)
+            return
+        copies, self._pending_copies = self._pending_copies, []
+        self.runner.copy_blocks(copies)
+        self.stats["cow_copies"] += len(copies)
+        token_ids, logprobs = self.runner.execute(chunks)
+        sampled = iter(zip(token_ids, logprobs))
+        for c in chunks:
+            p = c.proc
+            p.num_cached = c.end
+            p.last_active = time.time()
+            if c.sample:
+                self.stats["tokens_generated"] += 1
+                self._on_token(p, *next(sampled))
+            else:
+                self.stats["tokens_prefilled"] += c.num_tokens
+            if p.has_work():
+                p.state = ProcState.RUNNABLE
+            else:
+                self.policy.remove(p)
+                p.state = ProcState.SLEEPING
+        self.policy.on_step(chunks)
+        self.stats["steps"] += 1
+        self.stats["step_time_s"] += time.perf_counter() - t0
+
+    def _unblock(self, blocked: list[Process]) -> None:
+        # NOTE: nothing could run and nothing is running, so no memory will come back by
+        # waiting: fail the oldest generate call, park pure prefills until asked again.
+        for p in blocked:
+            if p.call is not None:
+                self._finish(p, None, OutOfCapacityError(
+                    f"out of KV blocks: session {p.pid} needs more than the "
+                    f"{self.kalloc.num_free} free of {self.kalloc.num_blocks}"))
+                return
+            self.policy.remove(p)
+            p.state = ProcState.SLEEPING
+
+    def _fail_running(self, error: Exception) -> None:
+        self._pending_copies = []
+        for p in list(self.policy.order()):
+            if p.call is not None:
+                self._finish(p, None, error)
+            self.policy.remove(p)
+            p.state = ProcState.SLEEPING
+
+    def _on_token(self, p: Process, token: int, logprob: float) -> None:
+        call = p.call
+        p.token_ids.append(token)
+        p.mask.append(1)
+        p.num_generated += 1
+        call.tokens.append(token)
+        if call.params.logprobs:
+            call.logprobs.append(logprob)
+        searched = len(call.text)
+        call.text += call.detok.push(token)
+        reason = None
+        if token in call.stop_ids:
+            reason = "stop"
+        elif call.params.stop and _cut_at_stop(call, searched):
+            reason = "stop"
+        elif len(call.tokens) >= call.params.max_tokens or p.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None and not call.stopped_by_string:
+            call.text += call.detok.flush()
+        if call.on_token is not None:
+            call.on_token(token, _emit(call, final=reason is not None), logprob)
+        if reason:
+            self._finish(p, reason)
+
+    def _finish(self, p: Process, reason: str | None, error: Exception | None = None) -> None:
+        """Ends p's generate call with reason (or error), waking its caller."""
+        call, p.call = p.call, None
+        if p.has_work():
+            self.policy.add(p)
+        else:
+            self.policy.remove(p)
+            p.state = ProcState.SLEEPING
+        if error is not None:
+            call.future.set_exception(error)
+            return
+        if reason == "abort":
+            call.text += call.detok.flush()
+            if call.on_token is not None:
+                call.on_token(None, _emit(call, final=True), None)
+        logprobs = list(call.logprobs) if call.params.logprobs else None
+        call.future.set_result(Generation(list(call.tokens), call.text, logprobs, reason))
+
+    # -- syscalls (run in the loop thread) ---------------------------------------------
+
+    def proc(self, pid: str) -> Process:
+        p = self.procs.get(pid)
+        if p is None:
+            raise NotFoundError(f"no session {pid!r}")
+        return p
+
+    def idle_proc(self, pid: str) -> Process:
+        """The process, if it is not generating (else ConflictError)."""
+        p = self.proc(pid)
+        if p.call is not None:
+            raise ConflictError(f"session {pid!r} is generating; wait for it or close it")
+        return p
+
+    def check_tokens(self, token_ids: list[int], num_existing: int = 0) -> list[int]:
+        if not isinstance(token_ids, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
+            raise InvalidRequestError("tokens must be a list of integers")
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if num_existing + len(token_ids) > self.max_model_len:
+            raise ContextLengthError(
+                f"{num_existing + len(token_ids)} tokens exceed the context limit of "
+                f"{self.max_model_len}")
+        return list(token_ids)
+
+    def new_process(self, token_ids: list[int], mask: list[int], table: PageTable,
+                    num_cached: int, rng: torch.Generator, parent_id: str | None) -> Process:
+        p = Process(pid="sess_" + uuid.uuid4().hex[:16], token_ids=token_ids, mask=mask,
+                    table=table, rng=rng, parent_id=parent_id, num_cached=num_cached)
+        self.procs[p.pid] = p
+        self.wake(p)
+        return p
+
+    def wake(self, p: Process) -> None:
+        """Queues p for the scheduler if it has work (a prefill or a generate call)."""
+        if p.has_work():
+            p.arrival = next(self._arrivals)
+            self.policy.add(p)
+            if p.state is not ProcState.EMBRYO:
+                p.state = ProcState.RUNNABLE
+        elif p.state is not ProcState.EMBRYO:
+            p.state = ProcState.SLEEPING
+
+    def rng_for(self, seed: int | None) -> torch.Generator:
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
+        return new_rng(seed, self.config.device)
+
+    def sys_create(self, token_ids: list[int], seed: int | None) -> str:
+        token_ids = self.check_tokens(token_ids)
+        if not token_ids:
+            raise InvalidRequestError("a session needs at least one token")
+        p = self.new_process(token_ids, [0] * len(token_ids), PageTable(), 0,
+                             self.rng_for(seed), None)
+        return p.pid
+
+    def sys_append(self, pid: str, token_ids: list[int]) -> int:
+        p = self.idle_proc(pid)
+        token_ids = self.check_tokens(token_ids, p.num_tokens)
+        p.token_ids.extend(token_ids)
+        p.mask.extend([0] * len(token_ids))
+        self.wake(p)
+        return p.num_tokens
+
+    def sys_generate(self, pid: str, params: SamplingParams,
+                     on_token: Callable[[int, str, float | None], None] | None = None) -> Future:
+        p = self.idle_proc(pid)
+        if p.num_tokens >= self.max_model_len:
+            raise ContextLengthError(
+                f"session {pid!r} holds {p.num_tokens} tokens, the context limit is "
+                f"{self.max_model_len}: nothing can be generated")
+        bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"stop token id {bad[0]} is outside the vocabulary")
+        if params.seed is not None:
+            p.rng.manual_seed(params.seed)
+        if p.num_cached >= p.num_tokens:  # the last token's logits are needed: recompute it
+            p.num_cached = p.num_tokens - 1
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
+                                                        else self.eos_ids)
+        p.call = GenerateCall(params=params, future=Future(), stop_ids=stop_ids,
+                              detok=IncrementalDetokenizer(self.tokenizer), on_token=on_token)
+        self.wake(p)
+        return p.call.future
+
+    def sys_abort(self, pid: str) -> None:
+        """Ends the session's generate call at the next step; tokens so far are kept."""
+        p = self.procs.get(pid)
+        if p is not None and p.call is not None:
+            p.call.aborted = True
+
+    def sys_fork(self, pid: str, n: int) -> list[str]:
+        if not isinstance(n, int) or n < 1:
+            raise InvalidRequestError(f"n must be an integer >= 1, got {n!r}")
+        p = self.idle_proc(pid)
+        if p.has_work() and p in self.policy:
+            raise Defer  # let the prefill finish so the children share its pages
+        children = []
+        state = p.rng.get_state()
+        for i in range(n):
+            rng = torch.Generator(device=self.config.device)
+            rng.set_state(state)
+            # NOTE: children draw distinct random streams, derived from the parent's state
+            rng.manual_seed(_derive_seed(rng, p.num_generated, self.stats["forks"] + i))
+            c = self.new_process(list(p.token_ids), list(p.mask), self.vm.fork(p.table),
+                                 p.num_cached, rng, p.pid)
+            children.append(c.pid)
+        self.stats["forks"] += n
+        return children
+
+    def sys_close(self, pid: str) -> None:
+        p = self.proc(pid)
+        if p.call is not None:
+            self._finish(p, "abort")
+        self.policy.remove(p)
+        p.state = ProcState.ZOMBIE
+        self.vm.free(p.table)
+        del self.procs[pid]
+
+    def sys_tokens(self, pid: str) -> tuple[list[int], list[int]]:
+        p = self.proc(pid)
+        return list(p.token_ids), list(p.mask)
+
+    def sys_info(self, pid: str) -> dict[str, Any]:
+        return self.info(self.proc(pid))
+
+    def info(self, p: Process) -> dict[str, Any]:
+        return {
+            "id": p.pid, "parent_id": p.parent_id, "state": p.state.value, "level": p.level,
+            "num_tokens": p.num_tokens, "num_cached": p.num_cached,
+            "num_generated": p.num_generated, "device_blocks": p.table.num_blocks,
+            "created_at": p.created_at, "last_active": p.last_active,
+        }
+
+    def sys_list(self) -> list[dict[str, Any]]:
+        return [self.info(p) for p in self.procs.values()]
+
+    def sys_stats(self) -> dict[str, Any]:
+        by_state: dict[str, int] = {}
+        for p in self.procs.values():
+            by_state[p.state.value] = by_state.get(p.state.value, 0) + 1
+        return {
+            "kv": {"device_blocks_total": self.kalloc.num_blocks,
+                   "device_blocks_used": self.kalloc.num_used,
+                   "host_blocks_total": self.config.host_blocks, "host_blocks_used": 0,
+                   "block_size": self.block_size},
+            "sessions": {"total": len(self.procs), "by_state": by_state},
+            "scheduler": self.policy.name,
+            **{k: v for k, v in self.stats.items()},
+        }
+
+
+def _derive_seed(rng: torch.Generator, salt_a: int, salt_b: int) -> int:
+    base = int(torch.randint(0, 2**62, (1,), generator=rng, device=rng.device))
+    return (base ^ (salt_a * 0x9E3779B97F4A7C15) ^ (salt_b * 0xC2B2AE3D27D4EB4F)) % (2**62)
+
+
+def _cut_at_stop(call: GenerateCall, searched: int) -> bool:
+    """Ends the text at the earliest stop string, if one has appeared. Returns whether."""
+    stop = call.params.stop
+    start = max(0, searched - max(len(s) for s in stop) + 1)  # a new match ends past `searched`
+    hits = [i for i in (call.text.find(s, start) for s in stop) if i >= 0]
+    if not hits:
+        return False
+    call.text = call.text[: min(hits)]
+    call.stopped_by_string = True
+    return True
+
+
+def _emit(call: GenerateCall, final: bool) -> str:
+    """The text delta safe to stream now: held back while it could start a stop string."""
+    hold = 0 if final or not call.params.stop else max(len(s) for s in call.params.stop) - 1
+    upto = max(len(call.text) - hold, call.emitted)
+    delta = call.text[call.emitted : upto]
+    call.emitted = upto
+    return delta

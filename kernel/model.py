@@ -1,0 +1,258 @@
+"""Llama-family decoder (Llama 2/3, Qwen2/2.5, Mistral) over the paged KV cache.
+
+RMSNorm, RoPE, grouped-query attention, SwiGLU, optional q/k/v (and o) bias, tied or
+untied embeddings. Parameters follow HF names except two fusions: q/k/v -> `qkv_proj`
+and gate/up -> `gate_up_proj`, so each layer runs two matmuls where HF runs five.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agentos.kernel.attention import AttnMeta, paged_attention, write_kv
+from agentos.kernel.rope import rope_inv_freq, rope_table
+
+_ACTS = {"silu": F.silu, "gelu": F.gelu,
+         "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """The shape of a Llama-family model, read from a HF `config.json`."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF rope dict with a rope_type, None for plain RoPE
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: bias on q/k/v; Llama attention_bias: on q/k/v/o
+    o_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    model_type: str = "llama"
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+        if self.hidden_act not in _ACTS:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}")
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> ModelConfig:
+        """Reads a HF config dict (transformers 4.x `rope_scaling` or 5.x `rope_parameters`)."""
+        if "text_config" in hf and "hidden_size" not in hf:
+            hf = {**hf, **hf["text_config"]}
+        heads = hf["num_attention_heads"]
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = float(rope.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0)
+        if rope.get("rope_type", rope.get("type", "default")) == "default":
+            rope = None
+        elif "original_max_position_embeddings" not in rope:
+            rope["_max_position_embeddings"] = hf.get("max_position_embeddings", 2048)
+        eos = hf.get("eos_token_id")
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        model_type = hf.get("model_type", "llama")
+        attention_bias = bool(hf.get("attention_bias", False))
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=rope,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=attention_bias or model_type == "qwen2",
+            o_bias=attention_bias,
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            hidden_act=hf.get("hidden_act", "silu"),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            model_type=model_type,
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # computed in fp32 like the HF reference, then cast back
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, heads, D]; cos, sin: [T, 1, D] (non-interleaved halves, as in HF Llama)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.scale = cfg.head_dim ** -0.5
+
+    def forward(self, x, cos, sin, k_cache, v_cache, meta: AttnMeta):
+        # x: [T, hidden]
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = _rotate(q.view(T, self.num_heads, self.head_dim), cos, sin)
+        k = _rotate(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        o = paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
+        return self.o_proj(o.reshape(T, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.inter, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(self.inter, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act = _ACTS[cfg.hidden_act]
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The decoder. `forward` writes the step's K/V into the pool and returns logits."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(
+            cfg.hidden_size, cfg.vocab_size, bias=False)
+        inv_freq, scaling = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        cos, sin = rope_table(inv_freq, cfg.max_position_embeddings, scaling)
+        self.register_buffer("cos_table", cos, persistent=False)  # [P, D] fp32
+        self.register_buffer("sin_table", sin, persistent=False)
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMeta,
+        kv: torch.Tensor, logits_indices: torch.Tensor,
+    ) -> torch.Tensor:
+        """input_ids, positions: [T]; kv: [L, 2, N, bs, KVH, D]; returns fp32 logits [S, V]
+        for the tokens at logits_indices [S]."""
+        x = self.embed_tokens(input_ids)  # [T, hidden]
+        cos = self.cos_table[positions].to(x.dtype)[:, None, :]  # [T, 1, D]
+        sin = self.sin_table[positions].to(x.dtype)[:, None, :]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, kv[i, 0], kv[i, 1], meta)
+        x = self.norm(x[logits_indices])
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, w).float()
+
+    def load_hf_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copies HF-named tensors into the model, fusing q/k/v and gate/up.
+
+        Raises ValueError naming the first missing or unexpected tensor; a model that
+        raised is not to be used.
+        """
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, t in weights:
+            name = name.removeprefix("model.")
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: some checkpoints still carry a copy
+            target, offset = _fused_target(name, self.cfg)
+            if target not in params:
+                raise ValueError(f"unexpected weight {name!r} in checkpoint")
+            p = params[target]
+            with torch.no_grad():
+                if offset is None:
+                    if tuple(p.shape) != tuple(t.shape):
+                        raise ValueError(f"{name}: shape {tuple(t.shape)} != {tuple(p.shape)}")
+                    p.copy_(t)
+                else:
+                    start, size = offset
+                    if t.shape[0] != size or tuple(t.shape[1:]) != tuple(p.shape[1:]):
+                        raise ValueError(f"{name}: unexpected shape {tuple(t.shape)}")
+                    p[start : start + size].copy_(t)
+            loaded.add(name)
+        missing = [n for n in _expected_hf_names(self.cfg) if n not in loaded]
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}")
+
+
+def _fused_target(name: str, cfg: ModelConfig) -> tuple[str, tuple[int, int] | None]:
+    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    fused = {
+        "self_attn.q_proj": ("self_attn.qkv_proj", 0, q),
+        "self_attn.k_proj": ("self_attn.qkv_proj", q, kv),
+        "self_attn.v_proj": ("self_attn.qkv_proj", q + kv, kv),
+        "mlp.gate_proj": ("mlp.gate_up_proj", 0, inter),
+        "mlp.up_proj": ("mlp.gate_up_proj", inter, inter),
+    }
+    for part, (whole, start, size) in fused.items():
+        if f".{part}." in name:
+            return name.replace(part, whole), (start, size)
+    return name, None
+
+
+def _expected_hf_names(cfg: ModelConfig) -> list[str]:
+    names = ["embed_tokens.weight", "norm.weight"]
+    if not cfg.tie_word_embeddings:
+        names.append("lm_head.weight")
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            names.append(p + f"self_attn.{proj}.weight")
+            if (proj != "o_proj" and cfg.qkv_bias) or (proj == "o_proj" and cfg.o_bias):
+                names.append(p + f"self_attn.{proj}.bias")
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            names.append(p + f"mlp.{proj}.weight")
+            if cfg.mlp_bias:
+                names.append(p + f"mlp.{proj}.bias")
+    return names

@@ -1,0 +1,64 @@
+"""Token sampling: greedy, temperature, top-k, top-p, with one RNG per session.
+
+Each session owns a `torch.Generator`; a sampled row draws exactly one vector of
+exponential noise from its own generator per token, so a session's draws do not depend
+on what else is in the batch, and saving the generator's state is enough to replay it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from agentos.kernel.sampling_params import SamplingParams
+
+
+def new_rng(seed: int, device: str = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], rngs: list[torch.Generator],
+) -> tuple[list[int], list[float]]:
+    """Picks one token per row of logits [S, V] (fp32).
+
+    Returns (token ids, logprobs), the logprob of each chosen token under the model's
+    distribution (log-softmax of the raw logits). Advances the RNG of sampled rows only.
+    """
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        idx = torch.tensor(rows, device=logits.device)
+        x = logits[idx]
+        temps = torch.tensor([params[i].temperature for i in rows], device=x.device)
+        x = x / temps[:, None]
+        x = _top_k_top_p(x, [params[i].top_k for i in rows], [params[i].top_p for i in rows])
+        probs = torch.softmax(x, dim=-1)
+        # exponential race: argmax(p / E) with E ~ Exp(1) samples from p
+        noise = torch.stack([
+            torch.empty(x.shape[1], device=x.device).exponential_(generator=rngs[i]) for i in rows
+        ])
+        chosen[idx] = (probs / noise).argmax(dim=-1)
+    token_ids = chosen.tolist()
+    lp = logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
+    return token_ids, lp
+
+
+def _top_k_top_p(x: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
+    # x: [S, V] scaled logits; returns x with filtered entries at -inf
+    if not any(top_ks) and all(p >= 1.0 for p in top_ps):
+        return x
+    sorted_x, order = x.sort(dim=-1, descending=True)
+    V = x.shape[1]
+    ranks = torch.arange(V, device=x.device)[None, :]
+    ks = torch.tensor([k if k > 0 else V for k in top_ks], device=x.device)
+    drop = ranks >= ks[:, None]
+    ps = torch.tensor(top_ps, device=x.device, dtype=x.dtype)
+    probs = torch.softmax(sorted_x.masked_fill(drop, float("-inf")), dim=-1)
+    # keep the smallest prefix whose mass reaches top_p (always at least one token)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop |= mass_before >= ps[:, None]
+    sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+    return torch.empty_like(x).scatter_(1, order, sorted_x)

@@ -1,0 +1,43 @@
+"""Sampling parameters of one generate call. Torch-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from agentos.kernel.errors import InvalidRequestError
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    max_tokens: int = 16  # tokens to generate at most
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus mass in (0, 1]
+    top_k: int = 0  # 0 = off
+    seed: int | None = None  # reseeds the session's RNG before this call; None continues it
+    stop: list[str] = field(default_factory=list)  # stop strings (not included in text)
+    stop_token_ids: list[int] = field(default_factory=list)  # stop on these (kept in tokens)
+    ignore_eos: bool = False  # do not stop at the model's end-of-sequence tokens
+    logprobs: bool = True  # report the logprob of each chosen token
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+               f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0,
+               f"top_k must be an integer >= 0, got {self.top_k!r}")
+        _check(self.seed is None or isinstance(self.seed, int), "seed must be an integer")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidRequestError(message)

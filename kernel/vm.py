@@ -1,0 +1,130 @@
+"""Virtual memory: page tables over the block allocator, fork and copy-on-write.
+
+A page table maps a session's token positions to physical blocks: position p lives in
+block `ids[p // block_size]` at offset `p % block_size`. Fork copies the table and adds a
+reference to every block; no KV byte moves. A write into a block that another table also
+maps copies that block first (copy-on-write). Only the partial tail block of a session is
+ever written, so a fork costs at most one block copy per child, and only when it writes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from agentos.kernel.kalloc import BlockAllocator
+
+
+class PageTable:
+    """A growable array of block ids (numpy-backed, so fork and free are vectorised)."""
+
+    __slots__ = ("_ids", "num_blocks")
+
+    def __init__(self, ids: np.ndarray | None = None):
+        self._ids = np.zeros(8, dtype=np.int64) if ids is None else ids
+        self.num_blocks = 0 if ids is None else len(ids)
+
+    @property
+    def block_ids(self) -> np.ndarray:
+        """A view of the mapped block ids, head first."""
+        return self._ids[: self.num_blocks]
+
+    def copy(self) -> PageTable:
+        return PageTable(self.block_ids.copy())
+
+    def push(self, block_ids: list[int]) -> None:
+        need = self.num_blocks + len(block_ids)
+        if need > len(self._ids):
+            grown = np.zeros(max(need, 2 * len(self._ids)), dtype=np.int64)
+            grown[: self.num_blocks] = self.block_ids
+            self._ids = grown
+        self._ids[self.num_blocks : need] = block_ids
+        self.num_blocks = need
+
+    def pop_to(self, num_blocks: int) -> np.ndarray:
+        """Unmaps the blocks past num_blocks; returns their ids (caller drops the refs)."""
+        dropped = self._ids[num_blocks : self.num_blocks].copy()
+        self.num_blocks = min(self.num_blocks, num_blocks)
+        return dropped
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+
+class VM:
+    """Page-table operations over one tier's allocator. Plain Python over ids.
+
+    Every operation either succeeds or changes nothing (check, then change).
+    """
+
+    def __init__(self, allocator: BlockAllocator, block_size: int):
+        self.kalloc = allocator
+        self.block_size = block_size
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def fork(self, table: PageTable) -> PageTable:
+        """Returns a new table mapping the same blocks (each gains a reference)."""
+        child = table.copy()
+        self.kalloc.incref(child.block_ids)
+        return child
+
+    def free(self, table: PageTable) -> int:
+        """Unmaps every block of the table; returns how many blocks became free."""
+        freed = self.kalloc.decref(table.block_ids)
+        table.pop_to(0)
+        return freed
+
+    def truncate(self, table: PageTable, num_tokens: int) -> None:
+        """Unmaps blocks that hold no position below num_tokens."""
+        keep = self.blocks_for(num_tokens)
+        if keep < table.num_blocks:
+            self.kalloc.decref(table.pop_to(keep))
+
+    def blocks_needed(self, table: PageTable, start: int, end: int) -> int:
+        """Blocks that writing positions [start, end) would allocate: new blocks past the
+        table's end plus copies of shared blocks in the range. Changes nothing."""
+        if end <= start:
+            return 0
+        first = start // self.block_size
+        new = max(0, self.blocks_for(end) - table.num_blocks)
+        mapped = table.block_ids[first : min(table.num_blocks, self.blocks_for(end))]
+        shared = int((self.kalloc.refcount[mapped] > 1).sum()) if len(mapped) else 0
+        return new + shared
+
+    def prepare_write(self, table: PageTable, start: int, end: int) -> list[tuple[int, int]] | None:
+        """Makes positions [start, end) writable by this table alone.
+
+        Allocates missing blocks and replaces shared ones with private copies. Returns the
+        (src, dst) block copies the caller must perform on the KV pool before writing, or
+        None when there are not enough free blocks (then nothing changed).
+        """
+        need = self.blocks_needed(table, start, end)
+        if not self.kalloc.can_alloc(need):
+            return None
+        copies: list[tuple[int, int]] = []
+        if end > start:
+            ids = table.block_ids
+            last_mapped = min(table.num_blocks, self.blocks_for(end))
+            for i in range(start // self.block_size, last_mapped):
+                src = int(ids[i])
+                if self.kalloc.refcount[src] > 1:
+                    (dst,) = self.kalloc.alloc(1)
+                    self.kalloc.decref([src])
+                    ids[i] = dst
+                    copies.append((src, dst))
+            missing = self.blocks_for(end) - table.num_blocks
+            if missing > 0:
+                table.push(self.kalloc.alloc(missing))
+        return copies
+
+    def check(self, tables: list[PageTable]) -> None:
+        """Asserts the invariant: each block's count equals the number of tables mapping it."""
+        expected = np.zeros(self.kalloc.num_blocks, dtype=np.int64)
+        for t in tables:
+            np.add.at(expected, t.block_ids, 1)
+        actual = self.kalloc.refcount.astype(np.int64)
+        bad = np.nonzero(expected != actual)[0]
+        assert not len(bad), f"refcount mismatch at blocks {bad[:8].tolist()}: " \
+            f"mapped {expected[bad[:8]].tolist()} counted {actual[bad[:8]].tolist()}"
+        assert self.kalloc.num_used == int((expected > 0).sum()), "free list out of sync"
