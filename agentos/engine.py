@@ -8,8 +8,9 @@ coroutines' generate calls run batched together in the same steps.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any
 
 from agentos.kernel.config import Config
 from agentos.kernel.errors import InvalidRequestError

@@ -14,8 +14,9 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 import torch
@@ -184,7 +185,12 @@ class Kernel:
             p.last_active = time.time()
             if c.sample:
                 self.stats["tokens_generated"] += 1
-                self._on_token(p, *next(sampled))
+                token, logprob = next(sampled)
+                try:
+                    self._on_token(p, token, logprob)
+                except Exception as e:  # e.g. a streaming callback that broke: this call only
+                    if p.call is not None:
+                        self._finish(p, None, e)
             else:
                 self.stats["tokens_prefilled"] += c.num_tokens
             if p.has_work():
@@ -227,9 +233,7 @@ class Kernel:
         searched = len(call.text)
         call.text += call.detok.push(token)
         reason = None
-        if token in call.stop_ids:
-            reason = "stop"
-        elif call.params.stop and _cut_at_stop(call, searched):
+        if token in call.stop_ids or call.params.stop and _cut_at_stop(call, searched):
             reason = "stop"
         elif len(call.tokens) >= call.params.max_tokens or p.num_tokens >= self.max_model_len:
             reason = "length"
