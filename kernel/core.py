@@ -13,6 +13,7 @@ import itertools
 import threading
 import time
 import uuid
+from array import array
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -291,7 +292,7 @@ class Kernel:
                 f"{self.max_model_len}")
         return list(token_ids)
 
-    def new_process(self, token_ids: list[int], mask: list[int], table: PageTable,
+    def new_process(self, token_ids: array, mask: array, table: PageTable,
                     num_cached: int, rng: torch.Generator, parent_id: str | None) -> Process:
         p = Process(pid="sess_" + uuid.uuid4().hex[:16], token_ids=token_ids, mask=mask,
                     table=table, rng=rng, parent_id=parent_id, num_cached=num_cached)
@@ -318,7 +319,7 @@ class Kernel:
         token_ids = self.check_tokens(token_ids)
         if not token_ids:
             raise InvalidRequestError("a session needs at least one token")
-        p = self.new_process(token_ids, [0] * len(token_ids), PageTable(), 0,
+        p = self.new_process(array("q", token_ids), array("b", bytes(len(token_ids))), PageTable(), 0,
                              self.rng_for(seed), None)
         return p.pid
 
@@ -326,7 +327,7 @@ class Kernel:
         p = self.idle_proc(pid)
         token_ids = self.check_tokens(token_ids, p.num_tokens)
         p.token_ids.extend(token_ids)
-        p.mask.extend([0] * len(token_ids))
+        p.mask.extend(bytes(len(token_ids)))
         self.wake(p)
         return p.num_tokens
 
@@ -370,7 +371,7 @@ class Kernel:
             rng.set_state(state)
             # NOTE: children draw distinct random streams, derived from the parent's state
             rng.manual_seed(_derive_seed(rng, p.num_generated, self.stats["forks"] + i))
-            c = self.new_process(list(p.token_ids), list(p.mask), self.vm.fork(p.table),
+            c = self.new_process(p.token_ids[:], p.mask[:], self.vm.fork(p.table),
                                  p.num_cached, rng, p.pid)
             children.append(c.pid)
         self.stats["forks"] += n
@@ -387,7 +388,7 @@ class Kernel:
 
     def sys_tokens(self, pid: str) -> tuple[list[int], list[int]]:
         p = self.proc(pid)
-        return list(p.token_ids), list(p.mask)
+        return p.token_ids.tolist(), p.mask.tolist()
 
     def sys_info(self, pid: str) -> dict[str, Any]:
         return self.info(self.proc(pid))

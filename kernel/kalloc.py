@@ -53,15 +53,18 @@ class BlockAllocator:
         return ids
 
     def incref(self, block_ids: Sequence[int] | np.ndarray) -> None:
-        """Adds one reference to each block (ids may repeat)."""
+        """Adds one reference to each block. The ids must be distinct (as in a page table)."""
         ids = np.asarray(block_ids, dtype=np.int64)
         if ids.size == 0:
             return
-        assert (self.refcount[ids] > 0).all(), "incref of a free block"
-        np.add.at(self.refcount, ids, 1)
+        rc = self.refcount[ids]
+        assert (rc > 0).all(), "incref of a free block"
+        # NOTE: fancy-index assignment, ~20x faster than np.add.at; needs distinct ids
+        self.refcount[ids] = rc + 1
 
     def decref(self, block_ids: Sequence[int] | np.ndarray) -> int:
-        """Drops one reference from each block; blocks reaching zero return to the free list.
+        """Drops one reference from each block (distinct ids); blocks reaching zero return
+        to the free list.
 
         Blocks are pushed so that the first id in `block_ids` is reused last: callers pass
         page tables head-first, so prefixes stay in memory longest. Returns the number freed.
@@ -69,13 +72,10 @@ class BlockAllocator:
         ids = np.asarray(block_ids, dtype=np.int64)
         if ids.size == 0:
             return 0
-        np.subtract.at(self.refcount, ids, 1)
-        rc = self.refcount[ids]
+        rc = self.refcount[ids] - 1
         assert (rc >= 0).all(), "decref of a free block"
+        self.refcount[ids] = rc
         freed = ids[rc == 0]
-        if freed.size > 1:
-            _, first = np.unique(freed, return_index=True)  # ids may repeat
-            freed = freed[np.sort(first)]
         # pushed head-first, so the tail sits on top of the stack and is reused first
         self._free.extend(freed.tolist())
         return int(freed.size)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from array import array
 from dataclasses import dataclass, field
 
 import torch
@@ -25,8 +26,8 @@ from agentos.kernel.vm import PageTable
 class SnapshotRecord:
     id: str
     session_id: str
-    token_ids: list[int]
-    mask: list[int]
+    token_ids: array  # array("q"), a private copy
+    mask: array  # array("b")
     num_cached: int
     table: PageTable  # holds one reference on each of its blocks
     rng_state: torch.Tensor
@@ -62,8 +63,8 @@ class SnapshotTable:
         if p.has_work() and p in k.policy:
             raise Defer
         rec = SnapshotRecord(
-            id="snap_" + uuid.uuid4().hex[:16], session_id=pid, token_ids=list(p.token_ids),
-            mask=list(p.mask), num_cached=p.num_cached, table=k.vm.fork(p.table),
+            id="snap_" + uuid.uuid4().hex[:16], session_id=pid, token_ids=p.token_ids[:],
+            mask=p.mask[:], num_cached=p.num_cached, table=k.vm.fork(p.table),
             rng_state=p.rng.get_state(),
         )
         self.records[rec.id] = rec
@@ -81,8 +82,8 @@ class SnapshotTable:
         table = k.vm.fork(rec.table)  # take the new references before dropping the old
         k.vm.free(p.table)
         p.table = table
-        p.token_ids = list(rec.token_ids)
-        p.mask = list(rec.mask)
+        p.token_ids = rec.token_ids[:]
+        p.mask = rec.mask[:]
         p.num_cached = rec.num_cached
         p.rng.set_state(rec.rng_state)
         k.policy.remove(p)
@@ -95,7 +96,7 @@ class SnapshotTable:
         rec = self.get(snap_id)
         rng = torch.Generator(device=k.config.device)
         rng.set_state(rec.rng_state)
-        p = k.new_process(list(rec.token_ids), list(rec.mask), k.vm.fork(rec.table),
+        p = k.new_process(rec.token_ids[:], rec.mask[:], k.vm.fork(rec.table),
                           rec.num_cached, rng, rec.session_id)
         return p.pid
 
