@@ -246,8 +246,16 @@ class Kernel:
             self._finish(p, reason)
 
     def _finish(self, p: Process, reason: str | None, error: Exception | None = None) -> None:
-        """Ends p's generate call with reason (or error), waking its caller."""
+        """Ends p's generate call with reason, waking its caller. With an error the call
+        is undone instead (its tokens dropped, the RNG restored) and the caller gets it."""
         call, p.call = p.call, None
+        if error is not None:
+            del p.token_ids[call.start_len :]
+            del p.mask[call.start_len :]
+            p.num_generated -= len(call.tokens)
+            p.num_cached = min(p.num_cached, call.start_len - 1)
+            self.vm.truncate(p.table, p.num_cached)
+            p.rng.set_state(call.start_rng)
         if p.has_work():
             self.policy.add(p)
         else:
@@ -341,6 +349,7 @@ class Kernel:
         bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequestError(f"stop token id {bad[0]} is outside the vocabulary")
+        start_rng = p.rng.get_state()
         if params.seed is not None:
             p.rng.manual_seed(params.seed)
         if p.num_cached >= p.num_tokens:  # the last token's logits are needed: recompute it
@@ -348,7 +357,8 @@ class Kernel:
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
                                                         else self.eos_ids)
         p.call = GenerateCall(params=params, future=Future(), stop_ids=stop_ids,
-                              detok=IncrementalDetokenizer(self.tokenizer), on_token=on_token)
+                              detok=IncrementalDetokenizer(self.tokenizer), on_token=on_token,
+                              start_len=p.num_tokens, start_rng=start_rng)
         self.wake(p)
         return p.call.future
 

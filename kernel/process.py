@@ -43,6 +43,8 @@ class GenerateCall:
     future: Future
     stop_ids: frozenset[int]
     detok: Any  # IncrementalDetokenizer
+    start_len: int = 0  # session length when the call began; an error undoes back to it
+    start_rng: Any = None  # the RNG state before the call (before any reseed)
     on_token: Callable[[int | None, str, float | None], None] | None = None  # None id: end
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)

@@ -1,0 +1,201 @@
+"""`agentos bench decode`: generation throughput against transformers' `generate`.
+
+Two cases: a batch (many concurrent sessions, driven with AsyncEngine and asyncio.gather
+so their steps batch) against `model.generate` at the same batch size, and one session
+against batch 1. Both sides start from token ids and are timed wall clock from the
+request to the last token, prefill included: tokens/s = generated tokens / seconds. Runs
+alternate between the two sides so background load hits both alike. Greedy decoding on
+identical weights must give identical tokens; the agreement is reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import asdict, dataclass
+
+from agentos.bench.common import (
+    check,
+    dtype_name,
+    load_peer,
+    median,
+    new_console,
+    print_checks,
+    print_table,
+    random_prompt,
+    ratio,
+    set_threads,
+    sync,
+    timed,
+)
+
+
+@dataclass(slots=True)
+class DecodeBench:
+    model: str = "tiny"  # "tiny" or a HF model folder
+    device: str = "cpu"
+    dtype: str | None = None  # None: the engine's default for the device
+    repeats: int = 3  # timed runs per side and case
+    sessions: int = 32  # sessions of the batch case (and HF batch size)
+    prompt_len: int = 128  # tokens per prompt
+    new_tokens: int = 64  # tokens generated per session
+    single: bool = True  # also run the one-session case
+    peer: bool = True  # also measure transformers
+    block_size: int = 16
+    max_batch_tokens: int = 2048
+    seed: int = 0  # seeds the random prompts
+    threads: int | None = None  # torch intra-op threads; None: torch's default
+
+    def __post_init__(self):
+        if self.sessions < 1 or self.prompt_len < 1 or self.new_tokens < 1 or self.repeats < 1:
+            raise ValueError("sessions, prompt_len, new_tokens and repeats must be >= 1")
+
+
+def run(bench: DecodeBench) -> dict:
+    """Runs the benchmark; returns the JSON-ready results (see `render`)."""
+    return asyncio.run(_run(bench))
+
+
+async def _run(bench: DecodeBench) -> dict:
+    from agentos import AsyncEngine
+
+    threads = set_threads(bench.threads)
+    per_session = -(-(bench.prompt_len + bench.new_tokens) // bench.block_size) + 1
+    kv_blocks = bench.sessions * per_session + 64
+    cases = [("batch", bench.sessions)] + ([("single", 1)] if bench.single else [])
+    async with AsyncEngine(model=bench.model, device=bench.device, dtype=bench.dtype,
+                           block_size=bench.block_size, kv_blocks=kv_blocks,
+                           max_batch_tokens=bench.max_batch_tokens) as engine:
+        kernel = engine.kernel
+        if bench.prompt_len + bench.new_tokens > kernel.max_model_len:
+            raise ValueError(f"prompt_len + new_tokens exceed the model's context "
+                             f"({kernel.max_model_len})")
+        dtype = kernel.dtype
+        rng = random.Random(bench.seed)
+
+        def new_prompts(n: int) -> list[list[int]]:
+            # NOTE: fresh prompts for every run, so no side reuses a cached prefix
+            return [random_prompt(bench.prompt_len, kernel.vocab_size,
+                                  kernel.model_config.bos_token_id, rng) for _ in range(n)]
+
+        net = load_peer(bench.model, bench.device, dtype) if bench.peer else None
+        results = []
+        for name, num_sessions in cases:
+            # warm-up: both sides once at this batch size (a few tokens touch every path)
+            warm = new_prompts(num_sessions)
+            await _ours(engine, warm, min(bench.new_tokens, 4))
+            if net is not None:
+                _hf(net, warm, min(bench.new_tokens, 4), bench.device)
+            ours_s, hf_s, ours_tokens, hf_tokens = [], [], [], []  # tokens: all runs' rows
+            for _ in range(bench.repeats):
+                batch = new_prompts(num_sessions)
+                tokens, t = await _timed_ours(engine, batch, bench.new_tokens)
+                ours_s.append(t)
+                ours_tokens += tokens
+                if net is not None:
+                    tokens, t = timed(lambda b=batch: _hf(net, b, bench.new_tokens, bench.device))
+                    hf_s.append(t)
+                    hf_tokens += tokens
+            results.append(_case(name, num_sessions, bench, ours_s, hf_s, ours_tokens,
+                                 hf_tokens if net is not None else None))
+    return _summarize(bench, dtype, threads, results)
+
+
+async def _timed_ours(engine, prompts: list[list[int]], new_tokens: int):
+    """Returns (each session's new tokens, wall seconds from the creates to the last token)."""
+    t0 = time.perf_counter()
+    gens = await _ours(engine, prompts, new_tokens, close=False)
+    seconds = time.perf_counter() - t0
+    await asyncio.gather(*(s.close() for s, _ in gens))
+    return [g.tokens for _, g in gens], seconds
+
+
+async def _ours(engine, prompts: list[list[int]], new_tokens: int, close: bool = True):
+    """Creates a session per prompt and generates greedily in all of them at once.
+    Returns [(session, generation)]; closes the sessions when `close`."""
+    sessions = await asyncio.gather(*(engine.create_session(tokens=p) for p in prompts))
+    gens = await asyncio.gather(*(
+        s.generate(max_tokens=new_tokens, temperature=0.0, ignore_eos=True) for s in sessions))
+    if close:
+        await asyncio.gather(*(s.close() for s in sessions))
+    return list(zip(sessions, gens))
+
+
+def _hf(net, prompts: list[list[int]], new_tokens: int, device: str) -> list[list[int]]:
+    """transformers' greedy generate on the batch; returns the new tokens of each row."""
+    import torch
+
+    with torch.inference_mode():
+        ids = torch.tensor(prompts, device=device)
+        cfg = net.generation_config
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
+        out = net.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                           min_new_tokens=new_tokens, max_new_tokens=new_tokens,
+                           pad_token_id=pad)
+        sync(device)
+        return out[:, ids.shape[1]:].tolist()
+
+
+def _case(name: str, num_sessions: int, bench: DecodeBench, ours_s: list[float],
+          hf_s: list[float], ours_tokens: list[list[int]],
+          hf_tokens: list[list[int]] | None) -> dict:
+    """One case's record: medians as tokens/s, and greedy agreement over every run's rows."""
+    generated = num_sessions * bench.new_tokens
+    ours_tps = generated / median(ours_s)
+    hf_tps = generated / median(hf_s) if hf_s else float("nan")
+    case = {"name": name, "sessions": num_sessions, "prompt_len": bench.prompt_len,
+            "new_tokens": bench.new_tokens, "ours_tok_s": ours_tps, "hf_tok_s": hf_tps,
+            "ratio": ratio(ours_tps, hf_tps), "ours_runs_s": ours_s, "hf_runs_s": hf_s,
+            "agreement": None, "identical_sequences": None, "compared_sequences": None,
+            "first_mismatch": None}
+    if hf_tokens is not None:
+        pairs = list(zip(ours_tokens, hf_tokens))
+        same = sum(a == b for x, y in pairs for a, b in zip(x, y))
+        case["agreement"] = same / sum(len(y) for _, y in pairs)
+        case["identical_sequences"] = sum(x == y for x, y in pairs)
+        case["compared_sequences"] = len(pairs)
+        for row, (x, y) in enumerate(pairs):
+            pos = next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None)
+            if pos is not None:
+                case["first_mismatch"] = {"row": row, "position": pos, "ours": x[pos],
+                                          "hf": y[pos]}
+                break
+    return case
+
+
+def _summarize(bench: DecodeBench, dtype, threads: int, cases: list[dict]) -> dict:
+    checks = []
+    for c in cases:
+        if c["hf_runs_s"]:
+            checks.append(check(
+                f"{c['name']} ({c['sessions']} sessions) tokens/s >= HF generate",
+                c["ratio"] >= 1.0, f"{c['ours_tok_s']:.0f} vs {c['hf_tok_s']:.0f} tok/s "
+                f"({c['ratio']:.2f}x)"))
+            checks.append(check(
+                f"{c['name']} greedy tokens equal HF's", c["agreement"] == 1.0,
+                f"{100 * c['agreement']:.1f}% of tokens, {c['identical_sequences']}/"
+                f"{c['compared_sequences']} sequences identical (all runs)"))
+    return {"bench": "decode", "config": {**asdict(bench), "dtype": dtype_name(dtype),
+                                            "threads": threads},
+            "cases": cases, "checks": checks, "passed": all(c["passed"] for c in checks)}
+
+
+def render(result: dict, console=None) -> None:
+    """Prints the results as a rich table plus one PASS/FAIL line per target."""
+    console = console or new_console()
+    cfg = result["config"]
+    rows = [[c["name"], c["sessions"], c["ours_tok_s"], c["hf_tok_s"], c["ratio"],
+             "-" if c["agreement"] is None else f"{100 * c['agreement']:.1f}%"]
+            for c in result["cases"]]
+    print_table(f"greedy decode, {cfg['prompt_len']}-token prompts, {cfg['new_tokens']} new "
+                f"tokens each, median of {cfg['repeats']}; model {cfg['model']}, "
+                f"{cfg['device']}, {cfg['dtype']}, {cfg['threads']} threads",
+                ["case", "sessions", "ours tok/s", "HF tok/s", "ours / HF", "same tokens"],
+                rows, console)
+    for c in result["cases"]:
+        if c["first_mismatch"] is not None:
+            m = c["first_mismatch"]
+            console.print(f"{c['name']}: first mismatch in row {m['row']} at token "
+                          f"{m['position']}: ours {m['ours']}, HF {m['hf']}")
+    print_checks(result["checks"], console)

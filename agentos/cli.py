@@ -1,0 +1,213 @@
+"""The `agentos` command: `agentos run` (the main job on a model) and `agentos bench`.
+
+Thin: argument parsing and printing. Benchmarks live in `agentos.bench`; torch is
+imported only once a command runs, so `import agentos.cli` stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parses argv (default: sys.argv[1:]) and runs the command. Returns the exit status:
+    0 done; 1 a check failed (a benchmark target under --strict, or `run` found the rolled
+    back session unequal to its snapshot); 2 bad arguments or model."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"agentos: error: {e}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agentos", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="create, generate, snapshot, fork, roll back",
+                              description="The main job: a session generates, is "
+                              "snapshotted, forked n ways (each child generates), and "
+                              "rolled back; prints the session tree, syscall timings and "
+                              "engine stats.")
+    _model_options(run)
+    run.add_argument("--prompt", default="Once upon a time, an agent",
+                     help="the session's prompt (BOS is prepended)")
+    run.add_argument("--n", type=int, default=4, help="children to fork")
+    run.add_argument("--max-tokens", type=int, default=32, help="tokens per generate call")
+    run.add_argument("--temperature", type=float, default=0.8)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=None,
+                     help="generate past end-of-sequence (default: on for the random-weight "
+                     "tiny model, whose EOS means nothing; off otherwise)")
+    run.set_defaults(func=_cmd_run)
+
+    bench = commands.add_parser("bench", help="benchmarks against HF transformers")
+    scenarios = bench.add_subparsers(dest="scenario", required=True)
+
+    fork = scenarios.add_parser("fork", help="fork/snapshot/rollback cost vs session length")
+    _bench_options(fork)
+    fork.add_argument("--lengths", type=_int_list, default=None,
+                      help="session lengths, comma-separated (default 512,4096,16384)")
+    fork.add_argument("--fanout-len", type=int, default=None,
+                      help="length of the session forked n ways (default 8192)")
+    fork.add_argument("--fanout", type=int, default=None, help="n of that fork (default 16)")
+    fork.add_argument("--peer-repeats", type=int, default=None,
+                      help="timed HF re-prefills per length (default 2)")
+    fork.add_argument("--warmup", type=int, default=None, help="untimed repeats (default 3)")
+    fork.set_defaults(func=_cmd_bench_fork)
+
+    decode = scenarios.add_parser("decode", help="decode throughput vs HF generate")
+    _bench_options(decode)
+    decode.add_argument("--sessions", type=int, default=None,
+                        help="concurrent sessions / HF batch size (default 32)")
+    decode.add_argument("--prompt-len", type=int, default=None, help="default 128")
+    decode.add_argument("--new-tokens", type=int, default=None, help="default 64")
+    decode.add_argument("--no-single", dest="single", action="store_false", default=None,
+                        help="skip the one-session case")
+    decode.add_argument("--max-batch-tokens", type=int, default=None)
+    decode.set_defaults(func=_cmd_bench_decode)
+    return parser
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="'tiny' (embedded) or a HF model folder")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on cpu, bfloat16 on cuda")
+
+
+def _bench_options(p: argparse.ArgumentParser) -> None:
+    _model_options(p)
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (medians)")
+    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seeds the random prompts")
+    p.add_argument("--no-peer", dest="peer", action="store_false", default=None,
+                   help="skip the transformers peer")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's, one per core)")
+    p.add_argument("--json", metavar="PATH", default=None, help="also write results here")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected integers separated by commas: {text!r}") from None
+
+
+def _options(args: argparse.Namespace, names: Sequence[str]) -> dict:
+    # flags left unset keep the benchmark's own defaults
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+_COMMON = ("model", "device", "dtype", "repeats", "block_size", "seed", "peer", "threads")
+
+
+def _cmd_bench_fork(args: argparse.Namespace) -> int:
+    from agentos.bench import fork
+
+    bench = fork.ForkBench(**_options(args, (*_COMMON, "lengths", "fanout_len", "fanout",
+                                             "peer_repeats", "warmup")))
+    return _report(fork.run(bench), fork.render, args)
+
+
+def _cmd_bench_decode(args: argparse.Namespace) -> int:
+    from agentos.bench import decode
+
+    bench = decode.DecodeBench(**_options(args, (*_COMMON, "sessions", "prompt_len",
+                                                 "new_tokens", "single", "max_batch_tokens")))
+    return _report(decode.run(bench), decode.render, args)
+
+
+def _report(result: dict, render, args: argparse.Namespace) -> int:
+    from agentos.bench.common import write_json
+
+    render(result)
+    if args.json:
+        write_json(args.json, result)
+    return 1 if args.strict and not result["passed"] else 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from agentos import Engine
+    from agentos.bench.common import new_console, print_table
+
+    if args.n < 1 or args.max_tokens < 1:
+        raise ValueError("--n and --max-tokens must be >= 1")
+    ignore_eos = args.model == "tiny" if args.ignore_eos is None else args.ignore_eos
+    us: list[tuple[str, float]] = []  # (syscall, microseconds from the caller)
+
+    def call(name: str, fn):
+        t0 = time.perf_counter()
+        result = fn()
+        us.append((name, (time.perf_counter() - t0) * 1e6))
+        return result
+
+    def generate(session, seed=None):
+        return session.generate(max_tokens=args.max_tokens, temperature=args.temperature,
+                                seed=seed, ignore_eos=ignore_eos)
+
+    engine = call("engine start (load model)",
+                  lambda: Engine(model=args.model, device=args.device, dtype=args.dtype))
+    with engine:
+        s = call("create_session", lambda: engine.create_session(prompt=args.prompt))
+        prompt_ids = s.tokens
+        g = call(f"generate ({args.max_tokens} tokens)", lambda: generate(s, args.seed))
+        snap = call("snapshot", s.snapshot)
+        snap_ids = s.tokens
+        kids = call(f"fork (n={args.n})", lambda: s.fork(n=args.n))
+        # the children and the parent generate concurrently: batched in the same steps
+        with ThreadPoolExecutor(args.n + 1) as pool:
+            gens = call(f"generate x{args.n + 1} (children + parent, concurrent)",
+                        lambda: list(pool.map(generate, [*kids, s])))
+        diverged_ids = s.tokens
+        stats, sessions = engine.stats(), engine.list_sessions()
+        call("rollback", lambda: s.rollback(snap))
+        restored_ids = s.tokens
+        for kid in kids:
+            kid.close()
+        call("snapshot delete", snap.delete)
+        call("close", s.close)
+
+    console = new_console()
+    console.print(_session_tree(s, prompt_ids, g, snap, kids, gens, diverged_ids,
+                                restored_ids == snap_ids))
+    print_table("syscalls, wall clock from the caller", ["call", "us"], us, console)
+    rows = [[k, v] for k, v in stats["kv"].items()]
+    rows += [["sessions", stats["sessions"]["total"]],
+             # more entries than blocks in use: pages shared copy-on-write
+             ["page-table entries (sum over sessions)",
+              sum(i["device_blocks"] for i in sessions)]]
+    rows += [[k, v] for k, v in stats.items() if isinstance(v, (int, float))]
+    print_table("engine stats (after the children generated, before rollback)",
+                ["stat", "value"], rows, console)
+    return 0 if restored_ids == snap_ids else 1
+
+
+def _session_tree(s, prompt_ids, g, snap, kids, gens, diverged_ids, restored_ok: bool):
+    from rich.markup import escape
+    from rich.tree import Tree
+
+    def show(g) -> str:  # generated ids (first few) and text, control bytes escaped
+        ids = ", ".join(map(str, g.tokens[:6])) + (", ..." if len(g.tokens) > 6 else "")
+        return f"+{len(g.tokens)} ({g.finish_reason}) [{ids}] {escape(repr(g.text[:48]))}"
+
+    tree = Tree(f"[bold]{s.id}[/bold] prompt of {len(prompt_ids)} tokens, {show(g)}")
+    tree.add(f"[cyan]{snap.id}[/cyan] snapshot at {snap.num_tokens} tokens")
+    for kid, kg in zip(kids, gens):
+        tree.add(f"[green]{kid.id}[/green] fork, {show(kg)}")
+    verdict = "equal to the snapshot" if restored_ok else "[red]NOT equal to the snapshot[/red]"
+    tree.add(f"[yellow]rollback[/yellow] {len(diverged_ids)} -> {snap.num_tokens} tokens, "
+             f"{verdict}; undid the parent's {show(gens[-1])}")
+    return tree
+
+
+if __name__ == "__main__":
+    sys.exit(main())

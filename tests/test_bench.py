@@ -1,0 +1,90 @@
+"""Smoke tests of the benchmarks and the CLI at toy sizes: they run end to end and write
+the JSON they promise. No timing is asserted (the machine may be busy)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from agentos.cli import main
+
+pytest.importorskip("transformers")
+
+FORK_ARGS = ["--lengths", "32,80", "--fanout-len", "48", "--fanout", "4", "--repeats", "2",
+             "--peer-repeats", "1", "--warmup", "1"]
+DECODE_ARGS = ["--sessions", "3", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1"]
+
+
+def test_bench_fork_json(tmp_path, capsys):
+    path = tmp_path / "fork.json"
+    assert main(["bench", "fork", *FORK_ARGS, "--json", str(path)]) == 0
+    out = json.loads(path.read_text())
+    assert out["bench"] == "fork"
+    assert {"config", "lengths", "fanout", "checks", "passed", "fork_long_short_ratio",
+            "rollback_long_short_ratio", "skipped"} <= out.keys()
+    assert [r["num_tokens"] for r in out["lengths"]] == [32, 80]
+    for row in out["lengths"]:
+        assert {"fork_us", "snapshot_us", "rollback_us", "peer_fork_us", "peer_rollback_us",
+                "peer_crop_us", "fork_ratio", "rollback_ratio"} <= row.keys()
+        assert row["fork_us"] > 0 and row["peer_rollback_us"] > 0
+    fan = out["fanout"]
+    assert (fan["num_tokens"], fan["n"]) == (48, 4)
+    # fork maps the parent's pages: no block is added until a child writes its shared tail
+    assert fan["blocks_added"] == 0
+    assert fan["blocks_added_after_generate"] == 4
+    assert len(out["checks"]) == 5 and all(isinstance(c["passed"], bool) for c in out["checks"])
+    assert "PASS" in capsys.readouterr().out
+
+
+def test_bench_decode_json(tmp_path):
+    path = tmp_path / "decode.json"
+    assert main(["bench", "decode", *DECODE_ARGS, "--json", str(path)]) == 0
+    out = json.loads(path.read_text())
+    assert out["bench"] == "decode"
+    assert [c["name"] for c in out["cases"]] == ["batch", "single"]
+    batch = out["cases"][0]
+    assert {"sessions", "ours_tok_s", "hf_tok_s", "ratio", "ours_runs_s", "hf_runs_s",
+            "agreement", "identical_sequences", "compared_sequences",
+            "first_mismatch"} <= batch.keys()
+    assert batch["sessions"] == 3 and len(batch["ours_runs_s"]) == 1
+    assert batch["ours_tok_s"] > 0 and batch["hf_tok_s"] > 0
+    # identical weights, greedy, fp32: the same tokens as transformers
+    assert batch["agreement"] == 1.0 and batch["first_mismatch"] is None
+    assert {c["name"] for c in out["checks"]} >= {"batch greedy tokens equal HF's"}
+
+
+def test_bench_without_peer(tmp_path):
+    path = tmp_path / "fork.json"
+    args = ["--lengths", "32", "--fanout-len", "32", "--fanout", "2", "--repeats", "1",
+            "--warmup", "0", "--no-peer"]
+    assert main(["bench", "fork", *args, "--json", str(path)]) == 0
+    row = json.loads(path.read_text())["lengths"][0]
+    assert "peer_fork_us" not in row and row["fork_ratio"] is None
+
+
+def test_bad_arguments_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "fork", "--lengths", "1"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "fork", "--lengths", "x,y"])
+    assert e.value.code == 2
+
+
+def test_run_subprocess():
+    r = subprocess.run([sys.executable, "-m", "agentos.cli", "run", "--n", "2",
+                        "--max-tokens", "4"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = " ".join(r.stdout.split())  # rich wraps long lines
+    assert "fork (n=2)" in out and "equal to the snapshot" in out
+    assert "device_blocks_used" in out
+
+
+def test_import_cli_stays_light():
+    code = "import sys, agentos.cli, agentos.bench.common; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert r.stdout.strip() == "False", r.stderr
