@@ -327,7 +327,7 @@ class Kernel:
         token_ids = self.check_tokens(token_ids)
         if not token_ids:
             raise InvalidRequestError("a session needs at least one token")
-        p = self.new_process(array("q", token_ids), array("b", bytes(len(token_ids))), PageTable(), 0,
+        p = self.new_process(array("i", token_ids), array("b", bytes(len(token_ids))), PageTable(), 0,
                              self.rng_for(seed), None)
         return p.pid
 

@@ -69,6 +69,21 @@ class VM:
         self.kalloc.incref(child.block_ids)
         return child
 
+    def remap(self, table: PageTable, source: PageTable) -> None:
+        """Makes table map exactly the blocks of source (rollback).
+
+        Only the entries past their common prefix change hands, so rolling back to a recent
+        snapshot touches a few reference counts whatever the session's length.
+        """
+        old, new = table.block_ids, source.block_ids
+        m = min(len(old), len(new))
+        differ = np.flatnonzero(old[:m] != new[:m])
+        k = int(differ[0]) if len(differ) else m
+        self.kalloc.incref(new[k:])  # take the new references before dropping the old
+        self.kalloc.decref(old[k:].copy())
+        table.pop_to(k)
+        table.push(new[k:])
+
     def free(self, table: PageTable) -> int:
         """Unmaps every block of the table; returns how many blocks became free."""
         freed = self.kalloc.decref(table.block_ids)

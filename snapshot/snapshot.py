@@ -26,7 +26,7 @@ from agentos.kernel.vm import PageTable
 class SnapshotRecord:
     id: str
     session_id: str
-    token_ids: array  # array("q"), a private copy
+    token_ids: array  # array("i"), a private copy
     mask: array  # array("b")
     num_cached: int
     table: PageTable  # holds one reference on each of its blocks
@@ -79,9 +79,7 @@ class SnapshotTable:
         k = self.kernel
         p = k.idle_proc(pid)
         rec = self.get(snap_id)
-        table = k.vm.fork(rec.table)  # take the new references before dropping the old
-        k.vm.free(p.table)
-        p.table = table
+        k.vm.remap(p.table, rec.table)
         p.token_ids = rec.token_ids[:]
         p.mask = rec.mask[:]
         p.num_cached = rec.num_cached

@@ -87,3 +87,19 @@ def test_random_operations_keep_refcounts_exact(ops):
     for t in tables:
         vm.free(t)
     assert vm.kalloc.num_used == 0
+
+
+def test_remap_moves_only_the_differing_tail():
+    vm = make()
+    t = PageTable()
+    vm.prepare_write(t, 0, 10)
+    snap = vm.fork(t)
+    vm.prepare_write(t, 10, 20)  # copies the shared tail, adds blocks
+    vm.remap(t, snap)
+    assert np.array_equal(t.block_ids, snap.block_ids)
+    vm.check([t, snap])
+    other = PageTable()
+    vm.prepare_write(other, 0, 30)
+    vm.remap(t, other)  # nothing in common
+    assert np.array_equal(t.block_ids, other.block_ids)
+    vm.check([t, snap, other])
