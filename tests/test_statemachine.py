@@ -51,7 +51,8 @@ _reference: list[GreedyReference] = []
 
 
 def shared_engine(name: str, **options) -> Engine:
-    """One engine per machine class, kept across examples (loading the model takes ~1 s)."""
+    """One engine per machine class, kept across examples (each example then also reuses
+    blocks that earlier ones freed, in whatever order they were freed)."""
     if name not in _engines:
         _engines[name] = Engine("tiny", block_size=BLOCK_SIZE, **options)
     return _engines[name]
