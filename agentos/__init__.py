@@ -1,35 +1,52 @@
 """AgentOS: agent sessions as processes, the KV cache as paged virtual memory.
 
 `import agentos` stays light (no torch): the engine's heavy imports happen when an
-`Engine` is created.
+`Engine` is created, and `Client` needs only httpx.
 """
 
 from agentos.kernel.errors import (
     AgentOSError,
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
     ConflictError,
     ContextLengthError,
     EngineClosedError,
+    InternalServerError,
     InvalidRequestError,
     NotFoundError,
     OutOfCapacityError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    RateLimitError,
+    UnprocessableEntityError,
 )
-from agentos.kernel.process import Generation
+from agentos.kernel.process import Generation, GenerationChunk
 from agentos.kernel.sampling_params import SamplingParams
 from agentos.session import AsyncSession, Session, Snapshot
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AgentOSError", "AsyncEngine", "AsyncSession", "ConflictError", "ContextLengthError",
-    "Engine", "EngineClosedError", "Generation", "InvalidRequestError", "NotFoundError",
-    "OutOfCapacityError", "SamplingParams", "Session", "Snapshot",
+    "APIConnectionError", "APIStatusError", "APITimeoutError", "AgentOSError", "AsyncClient",
+    "AsyncEngine", "AsyncSession", "AuthenticationError", "BadRequestError", "Client",
+    "ConflictError", "ContextLengthError", "Engine", "EngineClosedError", "Generation",
+    "GenerationChunk", "InternalServerError", "InvalidRequestError", "NotFoundError",
+    "OutOfCapacityError", "PayloadTooLargeError", "PermissionDeniedError", "RateLimitError",
+    "SamplingParams", "Session", "Snapshot", "UnprocessableEntityError",
 ]
 
 
 def __getattr__(name: str):
-    # Engine pulls in torch; import it only when asked for
+    # Engine pulls in torch, Client pulls in httpx: import them only when asked for
     if name in ("Engine", "AsyncEngine"):
         from agentos import engine
 
         return getattr(engine, name)
+    if name in ("Client", "AsyncClient"):
+        from agentos import client
+
+        return getattr(client, name)
     raise AttributeError(f"module 'agentos' has no attribute {name!r}")

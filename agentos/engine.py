@@ -8,12 +8,14 @@ coroutines' generate calls run batched together in the same steps.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import queue
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
 from agentos.kernel.config import Config
 from agentos.kernel.errors import InvalidRequestError
+from agentos.kernel.process import GenerationChunk
 from agentos.kernel.sampling_params import SamplingParams
 from agentos.session import Session, Snapshot
 
@@ -67,8 +69,23 @@ class _EngineBase:
 
     # -- syscalls ---------------------------------------------------------------------
 
-    def _prepare(self, name: str, *args) -> tuple[Callable, tuple, Callable[[Any], Any]]:
-        """Maps an operation to (syscall, args, post-processing of its result)."""
+    def _prepare(self, name: str, *args) -> tuple[Callable, tuple, Callable[[Any], Any], bool]:
+        """Maps an operation to (syscall, args, post-processing of its result, waits): with
+        `waits` the syscall returns a Future (a generate call) whose result is awaited
+        before post-processing."""
+        if name == "generate":
+            pid, params, stream = args
+            if not isinstance(params, SamplingParams):
+                raise InvalidRequestError("params must be a SamplingParams")
+            if not stream:
+                return self.kernel.sys_generate, (pid, params), _identity, True
+            sink = self._sink()
+            return (self.kernel.sys_generate, (pid, params, sink.on_token),
+                    lambda fut: sink.iterate(fut, lambda: self.kernel.call(self.kernel.sys_abort, pid)),
+                    False)
+        return (*self._prepare_plain(name, *args), False)
+
+    def _prepare_plain(self, name: str, *args) -> tuple[Callable, tuple, Callable[[Any], Any]]:
         k, snaps = self.kernel, self.snapshots
         same = _identity
         if name == "create":
@@ -78,11 +95,6 @@ class _EngineBase:
         if name == "append":
             pid, text, tokens = args
             return k.sys_append, (pid, self._tokens(text, tokens, add_special_tokens=False)), same
-        if name == "generate":
-            pid, params = args
-            if not isinstance(params, SamplingParams):
-                raise InvalidRequestError("params must be a SamplingParams")
-            return k.sys_generate, (pid, params), same
         if name == "fork":
             pid, n = args
             return k.sys_fork, (pid, n), lambda ids: [Session(self, c, pid) for c in ids]
@@ -141,11 +153,14 @@ class Engine(_EngineBase):
     """
 
     def _op(self, name: str, *args):
-        fn, call_args, post = self._prepare(name, *args)
+        fn, call_args, post, waits = self._prepare(name, *args)
         result = self.kernel.call(fn, *call_args).result()
-        if isinstance(result, Future):  # generate: the call's own completion
+        if waits:  # generate: the call's own completion
             result = result.result()
         return post(result)
+
+    def _sink(self) -> _QueueSink:
+        return _QueueSink()
 
     def close(self) -> None:
         self.kernel.shutdown()
@@ -167,9 +182,9 @@ class AsyncEngine(_EngineBase):
         return self._run(name, *args)
 
     async def _run(self, name: str, *args):
-        fn, call_args, post = self._prepare(name, *args)
+        fn, call_args, post, waits = self._prepare(name, *args)
         result = await asyncio.wrap_future(self.kernel.call(fn, *call_args))
-        if isinstance(result, Future):
+        if waits:
             try:
                 result = await asyncio.wrap_future(result)
             except asyncio.CancelledError:
@@ -177,6 +192,9 @@ class AsyncEngine(_EngineBase):
                 self.kernel.call(self.kernel.sys_abort, call_args[0])
                 raise
         return post(result)
+
+    def _sink(self) -> _AsyncSink:
+        return _AsyncSink(asyncio.get_running_loop())
 
     async def close(self) -> None:
         await asyncio.to_thread(self.kernel.shutdown)
@@ -190,3 +208,56 @@ class AsyncEngine(_EngineBase):
 
 def _identity(x):
     return x
+
+
+_END = object()
+
+
+class _QueueSink:
+    """Carries a streamed generate's tokens from the loop thread to a blocking iterator."""
+
+    def __init__(self):
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+
+    def on_token(self, token: int | None, delta: str, logprob: float | None) -> None:
+        if token is not None or delta:
+            self.queue.put(GenerationChunk(token, delta, logprob))
+
+    def iterate(self, fut: Future, abort: Callable[[], Any]) -> Iterator[GenerationChunk]:
+        fut.add_done_callback(lambda _: self.queue.put(_END))
+        return self._events(fut, abort)
+
+    def _events(self, fut: Future, abort) -> Iterator[GenerationChunk]:
+        try:
+            while (item := self.queue.get()) is not _END:
+                yield item
+            yield GenerationChunk(None, "", None, fut.result().finish_reason)
+        finally:
+            if not fut.done():  # the consumer stopped early: end the call, keep its tokens
+                abort()
+
+
+class _AsyncSink(_QueueSink):
+    """The same for an async iterator: tokens are handed to the event loop's queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def on_token(self, token: int | None, delta: str, logprob: float | None) -> None:
+        if token is not None or delta:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait,
+                                           GenerationChunk(token, delta, logprob))
+
+    def iterate(self, fut: Future, abort: Callable[[], Any]) -> AsyncIterator[GenerationChunk]:
+        fut.add_done_callback(lambda _: self.loop.call_soon_threadsafe(self.queue.put_nowait, _END))
+        return self._aevents(fut, abort)
+
+    async def _aevents(self, fut: Future, abort) -> AsyncIterator[GenerationChunk]:
+        try:
+            while (item := await self.queue.get()) is not _END:
+                yield item
+            yield GenerationChunk(None, "", None, fut.result().finish_reason)
+        finally:
+            if not fut.done():
+                abort()

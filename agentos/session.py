@@ -33,20 +33,25 @@ class Session:
     def generate(self, max_tokens: int = 16, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop: list[str] | str | None = None,
                  stop_token_ids: list[int] | None = None, ignore_eos: bool = False,
-                 logprobs: bool = True, params: SamplingParams | None = None):
+                 logprobs: bool = True, params: SamplingParams | None = None,
+                 stream: bool = False):
         """Generates up to max_tokens tokens at the end of the session and appends them.
 
         Returns a Generation (tokens, text, logprobs, finish_reason: "stop", "length" or
         "abort"). `seed` reseeds the session's RNG first; without it the session's own
         random stream continues (and is restored by rollback). Raises InvalidRequestError
         for bad parameters, ConflictError if the session is already generating.
+
+        With stream=True returns an iterator (an async iterator on async backends) of
+        GenerationChunk: one per token, then one with finish_reason. Leaving the iteration
+        early ends the call; the tokens made so far stay in the session.
         """
         if params is None:
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
                                     top_p=top_p, top_k=top_k, seed=seed, stop=stop or [],
                                     stop_token_ids=stop_token_ids or [],
                                     ignore_eos=ignore_eos, logprobs=logprobs)
-        return self._backend._op("generate", self.id, params)
+        return self._backend._op("generate", self.id, params, stream)
 
     def append(self, text: str | None = None, tokens: list[int] | None = None):
         """Appends given tokens (mask 0: tool output, user turns). Returns the token count."""

@@ -36,6 +36,17 @@ class Generation:
 
 
 @dataclass(slots=True)
+class GenerationChunk:
+    """One event of a streamed generate: a token with its text delta and logprob, or (the
+    last event) finish_reason with token None."""
+
+    token: int | None
+    text: str  # text delta (held back while it could still become a stop string)
+    logprob: float | None = None
+    finish_reason: str | None = None
+
+
+@dataclass(slots=True)
 class GenerateCall:
     """A generate call in flight on one process."""
 

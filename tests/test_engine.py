@@ -246,3 +246,47 @@ def test_half_precision_runs(dtype):
         g = s.generate(max_tokens=8, temperature=0.0, ignore_eos=True)
         assert len(g.tokens) == 8 and all(lp <= 0 for lp in g.logprobs)
         assert engine.kernel.runner.kv.dtype == getattr(torch, dtype)
+
+
+def test_stream_equals_plain_generate(tiny):
+    s = tiny.create_session(prompt="stream me")
+    snap = s.snapshot()
+    plain = s.generate(max_tokens=12, temperature=0.7, seed=3, ignore_eos=True)
+    s.rollback(snap)
+    chunks = list(s.generate(max_tokens=12, temperature=0.7, seed=3, ignore_eos=True, stream=True))
+    assert [c.token for c in chunks[:-1]] == plain.tokens
+    assert "".join(c.text for c in chunks) == plain.text
+    assert [c.logprob for c in chunks[:-1]] == plain.logprobs
+    assert chunks[-1].token is None and chunks[-1].finish_reason == "length"
+    assert s.tokens == snap_tokens(tiny, snap) + plain.tokens
+    with pytest.raises(InvalidRequestError):  # bad parameters raise at the call, not later
+        s.generate(max_tokens=0, stream=True)
+    s.close()
+
+
+def test_stream_stopped_early_keeps_tokens(tiny):
+    s = tiny.create_session(tokens=[1, 2, 3])
+    it = s.generate(max_tokens=10_000, ignore_eos=True, stream=True)
+    got = [next(it).token for _ in range(3)]
+    it.close()  # the consumer walks away: the call ends, the tokens stay
+    tokens = s.tokens
+    assert tokens[:6] == [1, 2, 3, *got] and len(tokens) < 3 + 10_000
+    assert s.generate(max_tokens=2, ignore_eos=True).finish_reason == "length"  # usable
+    s.close()
+
+
+async def test_async_stream():
+    async with AsyncEngine("tiny", kv_blocks=256) as engine:
+        s = await engine.create_session(tokens=[5, 6, 7])
+        chunks = [c async for c in await s.generate(max_tokens=5, temperature=0, stream=True,
+                                                       ignore_eos=True)]
+        assert len(chunks) == 6 and chunks[-1].finish_reason == "length"
+        assert (await s.tokens)[3:] == [c.token for c in chunks[:-1]]
+        await s.close()
+
+
+def snap_tokens(engine, snap):
+    t = engine.restore(snap)
+    tokens = t.tokens
+    t.close()
+    return tokens
