@@ -46,6 +46,32 @@ def _parser() -> argparse.ArgumentParser:
                      "tiny model, whose EOS means nothing; off otherwise)")
     run.set_defaults(func=_cmd_run)
 
+    serve = commands.add_parser("serve", help="the REST API (and OpenAI-compatible routes)",
+                                description="Serves sessions over HTTP: FastAPI under uvicorn.")
+    _model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--kv-blocks", type=int, default=None,
+                       help="device KV blocks (default: sized from free memory)")
+    serve.add_argument("--block-size", type=int, default=16)
+    serve.add_argument("--max-batch-tokens", type=int, default=2048)
+    serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--api-keys", default=None, metavar="FILE",
+                       help='JSON {"keys": {key: tenant}, "tenants": {tenant: limits}}; '
+                       "AGENTOS_API_KEYS='key=tenant,...' is read too")
+    serve.add_argument("--allow-open", action="store_true",
+                       help="serve without API keys on a non-loopback address")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name of the OpenAI routes (default: the folder's name)")
+    serve.add_argument("--max-body-bytes", type=int, default=16 << 20)
+    serve.add_argument("--max-tokens-cap", type=int, default=4096,
+                       help="max_tokens of one generate call at most (0: the context length)")
+    serve.add_argument("--max-sessions-per-tenant", type=int, default=None)
+    serve.add_argument("--max-tokens-per-tenant", type=int, default=None)
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=_cmd_serve)
+
     bench = commands.add_parser("bench", help="benchmarks against HF transformers")
     scenarios = bench.add_subparsers(dest="scenario", required=True)
 
@@ -108,6 +134,23 @@ def _options(args: argparse.Namespace, names: Sequence[str]) -> dict:
 
 
 _COMMON = ("model", "device", "dtype", "repeats", "block_size", "seed", "peer", "threads")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from agentos.api.app import ServerSettings, create_app
+
+    names = ("model", "device", "dtype", "block_size", "kv_blocks", "max_batch_tokens",
+             "max_model_len", "seed", "host", "port", "api_keys", "allow_open",
+             "served_model_name", "max_body_bytes", "max_tokens_cap",
+             "max_sessions_per_tenant", "max_tokens_per_tenant")
+    settings = ServerSettings(**{n: getattr(args, n) for n in names})
+    settings.max_tokens_cap = settings.max_tokens_cap or None
+    app = create_app(settings)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=5)
+    return 0
 
 
 def _cmd_bench_fork(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ class _EngineBase:
         self.kernel = Kernel(self.config)
         self.snapshots = SnapshotTable(self.kernel)
         self.tokenizer = self.kernel.tokenizer
+        self.max_model_len = self.kernel.max_model_len  # context limit in tokens
 
     # -- public operations (results, or awaitables on AsyncEngine) ---------------------
 
@@ -42,9 +43,14 @@ class _EngineBase:
         """Returns the handle of a live session (NotFoundError if there is none)."""
         return self._op("get", session_id)
 
-    def list_sessions(self):
-        """Returns a dict per live session (id, state, level, tokens, blocks, parent)."""
-        return self._op("list")
+    def list_sessions(self, ids: list[str] | None = None):
+        """Returns a dict per live session (id, state, level, tokens, blocks, parent): all of
+        them, or those of `ids` that are live."""
+        return self._op("list", ids)
+
+    def num_tokens(self, ids: list[str]):
+        """Returns the tokens held by those of the sessions `ids` that are live."""
+        return self._op("num_tokens", ids)
 
     def restore(self, snapshot: Snapshot | str):
         """Returns a new Session equal to the snapshot."""
@@ -116,12 +122,16 @@ class _EngineBase:
             return k.sys_tokens, args, lambda r: r[0]
         if name == "mask":
             return k.sys_tokens, args, lambda r: r[1]
+        if name == "tokens_and_mask":
+            return k.sys_tokens, args, same
         if name == "info":
             return k.sys_info, args, same
         if name == "get":
             return k.sys_info, args, lambda i: Session(self, i["id"], i["parent_id"])
         if name == "list":
             return k.sys_list, args, same
+        if name == "num_tokens":
+            return k.sys_num_tokens, args, same
         if name == "stats":
             return self._sys_stats, args, same
         if name == "check":
@@ -134,7 +144,8 @@ class _EngineBase:
         return st
 
     def _snapshot_handle(self, info: dict) -> Snapshot:
-        return Snapshot(self, info["id"], info["session_id"], info["num_tokens"])
+        return Snapshot(self, info["id"], info["session_id"], info["num_tokens"],
+                        info["device_blocks"], info["created_at"])
 
     def _tokens(self, text: str | None, tokens: list[int] | None, add_special_tokens: bool):
         if (text is None) == (tokens is None):

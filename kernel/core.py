@@ -315,7 +315,7 @@ class Kernel:
             self.policy.add(p)
             if p.state is not ProcState.EMBRYO:
                 p.state = ProcState.RUNNABLE
-        elif p.state is not ProcState.EMBRYO:
+        else:  # its tokens are cached (a fork, a restore, a rollback): idle
             p.state = ProcState.SLEEPING
 
     def rng_for(self, seed: int | None) -> torch.Generator:
@@ -411,8 +411,15 @@ class Kernel:
             "created_at": p.created_at, "last_active": p.last_active,
         }
 
-    def sys_list(self) -> list[dict[str, Any]]:
-        return [self.info(p) for p in self.procs.values()]
+    def sys_list(self, pids: list[str] | None = None) -> list[dict[str, Any]]:
+        """Info of every live session, or of those of `pids` that are live."""
+        if pids is None:
+            return [self.info(p) for p in self.procs.values()]
+        return [self.info(self.procs[pid]) for pid in pids if pid in self.procs]
+
+    def sys_num_tokens(self, pids: list[str]) -> int:
+        """Tokens held by those of `pids` that are live."""
+        return sum(len(self.procs[pid].token_ids) for pid in pids if pid in self.procs)
 
     def sys_stats(self) -> dict[str, Any]:
         by_state: dict[str, int] = {}

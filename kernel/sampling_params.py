@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from agentos.kernel.errors import InvalidRequestError
@@ -26,11 +27,14 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
-        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        _check(isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+               and self.temperature >= 0, f"temperature must be a finite number >= 0, got {self.temperature}")
+        _check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
+               f"top_p must be in (0, 1], got {self.top_p}")
         _check(isinstance(self.top_k, int) and self.top_k >= 0,
                f"top_k must be an integer >= 0, got {self.top_k!r}")
-        _check(self.seed is None or isinstance(self.seed, int), "seed must be an integer")
+        _check(self.seed is None or isinstance(self.seed, int) and 0 <= self.seed < 2**63,
+               f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty")
 
     @property

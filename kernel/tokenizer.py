@@ -27,6 +27,7 @@ class Tokenizer(ABC):
     vocab_size: int
     bos_token_id: int | None
     eos_token_ids: list[int]
+    chat_template: str | None = None  # jinja2 source from the model folder, if it has one
 
     @abstractmethod
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -105,7 +106,9 @@ class HFTokenizer(Tokenizer):
         conf = json.loads(conf_path.read_text()) if conf_path.is_file() else {}
         bos = _token_id(tok, conf.get("bos_token"), "bos_token")
         eos = _token_id(tok, conf.get("eos_token"), "eos_token")
-        return cls(tok, bos, [] if eos is None else [eos], bool(conf.get("add_bos_token", False)))
+        out = cls(tok, bos, [] if eos is None else [eos], bool(conf.get("add_bos_token", False)))
+        out.chat_template = _chat_template(folder, conf)
+        return out
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Returns the ids of text; with add_special_tokens, tokenizer.json's post-processor
@@ -200,3 +203,16 @@ class IncrementalDetokenizer:
         if delta:
             self._parts.append(delta)
         return delta
+
+
+def _chat_template(folder: Path, conf: dict) -> str | None:
+    # transformers >= 4.47 writes chat_template.jinja; older folders keep it in the config,
+    # as a string or as a list of named templates
+    path = folder / "chat_template.jinja"
+    if path.is_file():
+        return path.read_text()
+    template = conf.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template if isinstance(template, str) else None

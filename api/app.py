@@ -1,0 +1,165 @@
+"""The FastAPI app over one AsyncEngine: settings, lifespan, error mapping, routers.
+
+`create_app(settings)` builds the app; its lifespan handler starts the engine (or uses
+the one passed in) and closes it on shutdown. Every error leaves as
+`{"error": {"type", "message", "code"}}` with its status, mapped here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+
+from agentos.api.routes import openai, sessions, snapshots, system
+from agentos.api.tenants import Tenants, load_tenants
+from agentos.api.wire import AuthMiddleware, BodyMiddleware, WireResponse, error_response
+from agentos.kernel.errors import (
+    AgentOSError,
+    APIStatusError,
+    InternalServerError,
+    InvalidRequestError,
+    NotFoundError,
+    UnprocessableEntityError,
+)
+
+log = logging.getLogger("agentos.api")
+
+
+@dataclass
+class ServerSettings:
+    # engine (the names of Config)
+    model: str = "tiny"  # "tiny" or a HF model folder
+    device: str = "cpu"
+    dtype: str | None = None
+    block_size: int = 16
+    kv_blocks: int | None = None
+    host_blocks: int = 0
+    max_batch_tokens: int = 2048
+    max_model_len: int | None = None
+    seed: int = 0
+    # server
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: str | None = None  # JSON file of keys and tenants; AGENTOS_API_KEYS also read
+    allow_open: bool = False  # serve without keys on a non-loopback address
+    served_model_name: str | None = None  # the `model` of OpenAI routes (default: folder name)
+    max_body_bytes: int = 16 << 20  # request bodies over this are refused (413)
+    max_tokens_cap: int | None = 4096  # max_tokens per generate call at most (None: context)
+    max_sessions_per_tenant: int | None = None  # default limit of live sessions per tenant
+    max_tokens_per_tenant: int | None = None  # default limit of tokens held per tenant
+    started_at: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model).name or self.model
+
+    def engine_options(self) -> dict:
+        names = ("device", "dtype", "block_size", "kv_blocks", "host_blocks",
+                 "max_batch_tokens", "max_model_len", "seed")
+        return {k: v for k, v in asdict(self).items() if k in names}
+
+    def tenants(self) -> Tenants:
+        """The tenants from the keys file and environment. Raises ValueError when the
+        server would be open (no keys) on a non-loopback address without allow_open."""
+        tenants = load_tenants(self.api_keys, None, self.max_sessions_per_tenant,
+                               self.max_tokens_per_tenant)
+        if tenants.open and not self.allow_open and not _is_loopback(self.host):
+            raise ValueError(f"no API keys configured: refusing to serve on {self.host} "
+                             "(give --api-keys or AGENTOS_API_KEYS, or --allow-open)")
+        return tenants
+
+
+def create_app(settings: ServerSettings | None = None, engine=None,
+               tenants: Tenants | None = None) -> FastAPI:
+    """The app. Without `engine`, the lifespan handler creates an AsyncEngine from the
+    settings (and closes it at shutdown); a given engine is left open."""
+    settings = settings or ServerSettings()
+    tenants = tenants or settings.tenants()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from agentos.engine import AsyncEngine
+
+        own = engine is None
+        app.state.engine = engine or await asyncio.to_thread(
+            AsyncEngine, settings.model, **settings.engine_options())
+        try:
+            yield
+        finally:
+            if own:
+                await app.state.engine.close()
+
+    app = FastAPI(title="AgentOS", version=_version(), lifespan=lifespan,
+                  default_response_class=WireResponse,
+                  description="Agent sessions as processes: create, append, generate, fork, "
+                  "snapshot, roll back. JSON, or msgpack with Content-Type / Accept "
+                  "application/msgpack.")
+    app.state.settings = settings
+    app.state.tenants = tenants
+    for r in (sessions.router, snapshots.router, openai.router, system.router):
+        app.include_router(r)
+    _error_handlers(app)
+    # the last added runs first: keys are checked before the body is read
+    app.add_middleware(BodyMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(AuthMiddleware, tenants=tenants)
+    return app
+
+
+def _error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIStatusError)
+    async def status_error(request: Request, exc: APIStatusError):
+        return error_response(exc)
+
+    @app.exception_handler(AgentOSError)
+    async def other_error(request: Request, exc: AgentOSError):
+        log.exception("unexpected engine error", exc_info=exc)
+        return error_response(InternalServerError(str(exc)))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error_response(InvalidRequestError("request body is not valid JSON"))
+        return error_response(UnprocessableEntityError("; ".join(_describe(e) for e in errors[:8])))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        cls = NotFoundError if exc.status_code == 404 else APIStatusError
+        err = cls(str(exc.detail), status_code=exc.status_code)
+        if exc.status_code != 404:
+            err.type = "http_error"
+        return error_response(err)
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, exc: Exception):
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(InternalServerError(f"internal error: {type(exc).__name__}"))
+
+
+def _describe(e: dict) -> str:
+    where = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+    return f"{where}: {e.get('msg', 'invalid')}"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _version() -> str:
+    from agentos import __version__
+
+    return __version__

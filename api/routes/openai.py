@@ -1,0 +1,332 @@
+"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions.
+
+Each request runs on a session: a fresh one (closed afterwards unless `keep_session`), or
+the one named by the extra field `session`, which the prompt / messages are appended to
+so an agent continues its conversation without re-sending it. With n > 1 the prompt is
+prefilled once and forked n ways. Extra fields: session, keep_session, top_k,
+ignore_eos, stop_token_ids. Logprobs are those of the chosen tokens (top_logprobs lists
+only the chosen token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from agentos.api import deps
+from agentos.api.routes.sessions import sampling_params
+from agentos.api.schemas import ERRORS, TokenId
+from agentos.api.tenants import Tenant
+from agentos.api.wire import error_body
+from agentos.chat import render_chat
+from agentos.kernel.errors import AgentOSError, APIStatusError, InvalidRequestError, NotFoundError
+from agentos.session import Session
+
+router = APIRouter(prefix="/v1", tags=["openai"], responses=ERRORS)
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    n: int = Field(1, ge=1, le=128)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    user: str | None = None
+    # extra fields
+    session: str | None = None  # continue this session (appending the new prompt)
+    keep_session: bool = False  # keep the new session open and return its id
+    top_k: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[TokenId] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[TokenId]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+    def flat(self) -> dict[str, Any]:
+        content = self.content if not isinstance(self.content, list) else "".join(
+            p.text for p in self.content)
+        out = {"role": self.role, "content": content or ""}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class ChatRequest(_Sampling):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "agentos"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+@router.get("/models", response_model=ModelList)
+async def models(t: Tenant = Depends(deps.tenant), engine=Depends(deps.engine),
+                 settings=Depends(deps.settings)):
+    return {"data": [{"id": settings.model_name, "created": settings.started_at,
+                      "max_model_len": engine.max_model_len}]}
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, t: Tenant = Depends(deps.tenant),
+                      engine=Depends(deps.engine), settings=Depends(deps.settings)):
+    _check_model(body, settings)
+    if isinstance(body.prompt, str):
+        ids = engine.encode(body.prompt, body.session is None)
+    else:
+        ids = list(body.prompt)
+    run = _Run(engine, t, settings, body, ids, "cmpl-", "text_completion")
+    return await run.respond(chat=False)
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatRequest, t: Tenant = Depends(deps.tenant),
+                           engine=Depends(deps.engine), settings=Depends(deps.settings)):
+    _check_model(body, settings)
+    text = render_chat([m.flat() for m in body.messages], engine.tokenizer)
+    # a model's own template writes its BOS text; the default template needs one added
+    fresh = body.session is None and engine.tokenizer.chat_template is None
+    ids = engine.encode(text, fresh)
+    if body.max_completion_tokens is not None:
+        body.max_tokens = body.max_completion_tokens
+    run = _Run(engine, t, settings, body, ids, "chatcmpl-", "chat.completion")
+    return await run.respond(chat=True)
+
+
+def _check_model(body: _Sampling, settings) -> None:
+    if body.model is not None and body.model not in (settings.model_name, settings.model):
+        raise NotFoundError(f"the model {body.model!r} does not exist; this server serves "
+                            f"{settings.model_name!r}")
+    if body.presence_penalty or body.frequency_penalty:
+        raise InvalidRequestError("presence_penalty and frequency_penalty are not supported")
+    if body.session is not None and body.n > 1:
+        raise InvalidRequestError("n > 1 cannot continue a session: fork it first")
+
+
+class _Run:
+    """One OpenAI-style request: its sessions, their generations, the response."""
+
+    def __init__(self, engine, tenant: Tenant, settings, body, ids: list[int], prefix: str,
+                 object_name: str):
+        self.engine, self.tenant, self.settings, self.body = engine, tenant, settings, body
+        self.ids = ids
+        self.id = prefix + uuid.uuid4().hex[:24]
+        self.object = object_name
+        self.created = int(time.time())
+        max_tokens = body.max_tokens
+        if max_tokens is None:  # as much as the context allows, within the server's cap
+            max_tokens = settings.max_tokens_cap or engine.max_model_len
+        fields = {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
+                  "top_k": body.top_k, "seed": body.seed, "stop": body.stop,
+                  "stop_token_ids": body.stop_token_ids, "ignore_eos": body.ignore_eos,
+                  "logprobs": bool(body.logprobs)}
+        self.params = sampling_params(fields, settings.max_tokens_cap)
+        self.sessions: list[Session] = []
+        self.temporary: list[Session] = []
+        self.prompt_len = 0
+
+    async def respond(self, chat: bool):
+        n = self.body.n
+        release = await self.tenant.reserve(
+            self.engine, sessions=0 if self.body.session else n + (n > 1),
+            tokens=(n + 1) * len(self.ids) + n * self.params.max_tokens)
+        streaming = False
+        try:
+            await self._open()
+            if not self.body.stream:
+                gens = await asyncio.gather(*(s.generate(params=self.params) for s in self.sessions))
+                return self._response(gens, chat)
+            streams = [await s.generate(params=self.params, stream=True) for s in self.sessions]
+            streaming = True
+        finally:
+            if not streaming:  # else the stream closes them when it ends
+                await self._close(release)
+        return StreamingResponse(self._events(streams, chat, release), media_type="text/event-stream")
+
+    async def _open(self) -> None:
+        """Finds or creates the session(s); forks n ways when n > 1. Marks the sessions
+        to close at the end (all new ones, unless keep_session keeps those that generate)."""
+        t, engine, n = self.tenant, self.engine, self.body.n
+        if self.body.session is not None:
+            s = Session(engine, t.session(self.body.session))
+            self.prompt_len = await s.append(tokens=self.ids) if self.ids else len(await s.tokens)
+            self.sessions = [s]
+            return
+        if not self.ids:
+            raise InvalidRequestError("the prompt is empty")
+        s = await engine.create_session(tokens=self.ids, seed=self.body.seed)
+        t.sessions.add(s.id)
+        self.prompt_len = len(self.ids)
+        self.temporary = [s]
+        self.sessions = [s] if n == 1 else await s.fork(n=n)
+        t.sessions.update(c.id for c in self.sessions)
+        if n > 1:
+            self.temporary += self.sessions
+        if self.body.keep_session:
+            self.temporary = [c for c in self.temporary if c not in self.sessions]
+
+    async def _close(self, release) -> None:
+        for s in self.temporary:
+            try:
+                await s.close()
+            except AgentOSError:
+                pass
+            self.tenant.sessions.discard(s.id)
+        self.temporary = []
+        release()
+
+    def _kept(self, i: int) -> str | None:
+        s = self.sessions[i]
+        return None if s in self.temporary else s.id
+
+    def _usage(self, num_generated: list[int]) -> dict:
+        completion = sum(num_generated)
+        return {"prompt_tokens": self.prompt_len, "completion_tokens": completion,
+                "total_tokens": self.prompt_len + completion}
+
+    def _logprobs(self, tokens: list[int], logprobs: list[float] | None, chat: bool):
+        if not self.body.logprobs or logprobs is None:
+            return None
+        pieces = [self.engine.decode([t]) for t in tokens]
+        if chat:
+            return {"content": [{"token": p, "logprob": lp, "bytes": list(p.encode()),
+                                 "top_logprobs": [{"token": p, "logprob": lp, "bytes": list(p.encode())}]
+                                 if self.body.top_logprobs else []}
+                                for p, lp in zip(pieces, logprobs)]}
+        offsets, pos = [], 0
+        for p in pieces:
+            offsets.append(pos)
+            pos += len(p)
+        return {"tokens": pieces, "token_logprobs": logprobs,
+                "top_logprobs": [{p: lp} for p, lp in zip(pieces, logprobs)], "text_offset": offsets}
+
+    def _response(self, gens, chat: bool) -> dict:
+        choices = []
+        for i, g in enumerate(gens):
+            choice: dict[str, Any] = {"index": i, "finish_reason": g.finish_reason,
+                                      "logprobs": self._logprobs(g.tokens, g.logprobs, chat)}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": g.text}
+            else:
+                prefix = self.engine.decode(self.ids) if self.body.echo else ""
+                choice["text"] = prefix + g.text
+            if (kept := self._kept(i)) is not None:
+                choice["session_id"] = kept
+            choices.append(choice)
+        out = {"id": self.id, "object": self.object, "created": self.created,
+               "model": self.settings.model_name, "choices": choices, "usage": self._usage([len(g.tokens) for g in gens])}
+        if len(self.sessions) == 1 and (kept := self._kept(0)) is not None:
+            out["session_id"] = kept
+        return out
+
+    def _chunk(self, i: int, chat: bool, text: str | None, finish_reason: str | None,
+               token: int | None = None, logprob: float | None = None, first: bool = False) -> str:
+        choice: dict[str, Any] = {"index": i, "finish_reason": finish_reason, "logprobs": None}
+        if token is not None and logprob is not None:
+            choice["logprobs"] = self._logprobs([token], [logprob], chat)
+        if chat:
+            choice["delta"] = ({"role": "assistant", "content": text or ""} if first
+                               else {} if text is None else {"content": text})
+        else:
+            choice["text"] = text or ""
+        if finish_reason is not None and (kept := self._kept(i)) is not None:
+            choice["session_id"] = kept
+        return self._event([choice], chat)
+
+    def _event(self, choices: list[dict], chat: bool, **extra) -> str:
+        chunk = {"id": self.id, "object": self.object + ".chunk" if chat else self.object,
+                 "created": self.created, "model": self.settings.model_name, "choices": choices,
+                 **extra}
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+    async def _events(self, streams, chat: bool, release):
+        """Interleaves the n streams' chunks as they come; ends with [DONE]."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, stream) -> None:
+            try:
+                async for c in stream:
+                    await queue.put((i, c))
+            except AgentOSError as e:
+                await queue.put((i, e))
+            finally:
+                await queue.put((i, None))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        num_generated = [0] * len(streams)
+        try:
+            if chat:
+                for i in range(len(streams)):
+                    yield self._chunk(i, chat, "", None, first=True)
+            if not chat and self.body.echo:
+                for i in range(len(streams)):
+                    yield self._chunk(i, chat, self.engine.decode(self.ids), None)
+            live = len(streams)
+            while live:
+                i, item = await queue.get()
+                if item is None:
+                    live -= 1
+                elif isinstance(item, AgentOSError):
+                    err = item if isinstance(item, APIStatusError) else APIStatusError(str(item), 500)
+                    yield f"data: {json.dumps(error_body(err))}\n\n"
+                elif item.finish_reason is not None:
+                    yield self._chunk(i, chat, None if chat else "", item.finish_reason)
+                else:
+                    num_generated[i] += item.token is not None
+                    yield self._chunk(i, chat, item.text, None, item.token, item.logprob)
+            if (self.body.stream_options or {}).get("include_usage"):
+                yield self._event([], chat, usage=self._usage(num_generated))
+            yield "data: [DONE]\n\n"
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for s in streams:
+                await s.aclose()
+            await self._close(release)

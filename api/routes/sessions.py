@@ -1,0 +1,136 @@
+"""Sessions as resources: create, inspect, append, generate (plain or streamed), fork,
+tokens, close."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import StreamingResponse
+
+from agentos.api import deps
+from agentos.api.schemas import (
+    ERRORS,
+    Append,
+    CreateSession,
+    Deleted,
+    Fork,
+    Generate,
+    GenerationOut,
+    SessionInfo,
+    SessionLength,
+    SessionList,
+    SessionTokens,
+)
+from agentos.api.tenants import Tenant
+from agentos.api.wire import error_body
+from agentos.kernel.errors import AgentOSError, APIStatusError, InvalidRequestError, NotFoundError
+from agentos.kernel.sampling_params import SamplingParams
+from agentos.session import Session
+
+router = APIRouter(prefix="/v1", tags=["sessions"], responses=ERRORS)
+
+
+async def session_info(engine, sid: str) -> dict:
+    infos = await engine.list_sessions([sid])
+    if not infos:
+        raise NotFoundError(f"no session {sid!r}")
+    return infos[0]
+
+
+@router.post("/sessions", status_code=201, response_model=SessionInfo)
+async def create_session(body: CreateSession, t: Tenant = Depends(deps.tenant),
+                         engine=Depends(deps.engine)):
+    ids = body.tokens if body.tokens is not None else engine.encode(body.prompt, True)
+    async with t.admit(engine, sessions=1, tokens=len(ids)):
+        s = await engine.create_session(tokens=ids, seed=body.seed)
+        t.sessions.add(s.id)
+    return await session_info(engine, s.id)
+
+
+@router.get("/sessions", response_model=SessionList)
+async def list_sessions(t: Tenant = Depends(deps.tenant), engine=Depends(deps.engine)):
+    return {"data": await engine.list_sessions(sorted(t.sessions))}
+
+
+@router.get("/sessions/{sid}", response_model=SessionInfo)
+async def get_session(sid: str, t: Tenant = Depends(deps.tenant), engine=Depends(deps.engine)):
+    return await session_info(engine, t.session(sid))
+
+
+@router.delete("/sessions/{sid}", response_model=Deleted)
+async def close_session(sid: str, t: Tenant = Depends(deps.tenant), engine=Depends(deps.engine)):
+    await Session(engine, t.session(sid)).close()
+    t.sessions.discard(sid)
+    return {"id": sid, "object": "session.deleted"}
+
+
+@router.post("/sessions/{sid}/append", response_model=SessionLength)
+async def append(sid: str, body: Append, t: Tenant = Depends(deps.tenant),
+                 engine=Depends(deps.engine)):
+    s = Session(engine, t.session(sid))
+    ids = body.tokens if body.tokens is not None else engine.encode(body.text, False)
+    async with t.admit(engine, tokens=len(ids)):
+        num_tokens = await s.append(tokens=ids)
+    return {"id": sid, "num_tokens": num_tokens}
+
+
+@router.post("/sessions/{sid}/generate", response_model=GenerationOut,
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "the Generation, or with stream: server-sent "
+                              "events, one per token, then one with finish_reason"}})
+async def generate(sid: str, body: Generate, t: Tenant = Depends(deps.tenant),
+                   engine=Depends(deps.engine), settings=Depends(deps.settings)):
+    s = Session(engine, t.session(sid))
+    params = sampling_params(body.model_dump(exclude={"stream"}), settings.max_tokens_cap)
+    release = await t.reserve(engine, tokens=params.max_tokens)
+    try:
+        if not body.stream:
+            return await s.generate(params=params)
+        chunks = await s.generate(params=params, stream=True)
+    except BaseException:
+        release()
+        raise
+    return StreamingResponse(sse(chunks, release), media_type="text/event-stream")
+
+
+def sampling_params(fields: dict, max_tokens_cap: int | None) -> SamplingParams:
+    """SamplingParams from request fields; max_tokens over the server's cap is a 400."""
+    if max_tokens_cap is not None and fields["max_tokens"] > max_tokens_cap:
+        raise InvalidRequestError(f"max_tokens is {fields['max_tokens']}; this server allows "
+                                  f"at most {max_tokens_cap} per call")
+    fields = {k: v for k, v in fields.items() if v is not None}
+    return SamplingParams(**fields)
+
+
+async def sse(chunks, release):
+    """Server-sent events of a streamed generate: one `data:` line per GenerationChunk; an
+    error after the stream began is an `event: error`. A client that goes away ends the
+    call (cancelling this generator closes `chunks`); its tokens so far stay."""
+    try:
+        async for chunk in chunks:
+            yield f"data: {json.dumps(asdict(chunk), ensure_ascii=False)}\n\n"
+    except AgentOSError as e:
+        err = e if isinstance(e, APIStatusError) else APIStatusError(str(e), 500)
+        yield f"event: error\ndata: {json.dumps(error_body(err))}\n\n"
+    finally:
+        await chunks.aclose()
+        release()
+
+
+@router.post("/sessions/{sid}/fork", status_code=201, response_model=SessionList)
+async def fork(sid: str, body: Fork, t: Tenant = Depends(deps.tenant),
+               engine=Depends(deps.engine)):
+    s = Session(engine, t.session(sid))
+    tokens = await engine.num_tokens([sid]) * body.n if t.max_tokens is not None else 0
+    async with t.admit(engine, sessions=body.n, tokens=tokens):
+        children = await s.fork(n=body.n)
+        t.sessions.update(c.id for c in children)
+    return {"data": await engine.list_sessions([c.id for c in children])}
+
+
+@router.get("/sessions/{sid}/tokens", response_model=SessionTokens)
+async def tokens(sid: str, t: Tenant = Depends(deps.tenant), engine=Depends(deps.engine)):
+    ids, mask = await Session(engine, t.session(sid)).get_tokens_and_mask()
+    return {"id": sid, "tokens": ids, "mask": mask, "text": engine.decode(ids)}

@@ -1,0 +1,81 @@
+"""The machine: liveness, state, invariants, Prometheus metrics, tokenizer."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from agentos.api import deps
+from agentos.api.schemas import ERRORS, Detokenize, Text, Tokenize, TokenList
+from agentos.api.tenants import Tenant
+
+router = APIRouter(tags=["system"], responses=ERRORS)
+
+
+@router.get("/health")
+async def health(engine=Depends(deps.engine)) -> dict:
+    await engine.stats()  # answers only if the kernel loop is alive
+    return {"status": "ok"}
+
+
+@router.get("/v1/system")
+async def system(t: Tenant = Depends(deps.tenant), engine=Depends(deps.engine),
+                 settings=Depends(deps.settings)) -> dict:
+    """Engine stats (KV blocks, sessions by state, steps, tokens), the model and the
+    server's limits."""
+    return {"model": settings.model_name, "config": settings.engine_options(),
+            "limits": {"max_tokens_cap": settings.max_tokens_cap,
+                       "max_body_bytes": settings.max_body_bytes,
+                       "max_sessions": t.max_sessions, "max_tokens": t.max_tokens},
+            "tenant": {"name": t.name, "sessions": len(t.sessions), "snapshots": len(t.snapshots)},
+            "stats": await engine.stats()}
+
+
+@router.post("/v1/system/check")
+async def check(t: Tenant = Depends(deps.tenant), engine=Depends(deps.engine)) -> dict:
+    """Asserts the memory invariants (refcounts equal page-table entries plus snapshot
+    holds); a failure is a 500."""
+    await engine.check()
+    return {"ok": True}
+
+
+@router.post("/v1/tokenize", response_model=TokenList)
+async def tokenize(body: Tokenize, t: Tenant = Depends(deps.tenant), engine=Depends(deps.engine)):
+    return {"tokens": engine.encode(body.text, body.add_special_tokens)}
+
+
+@router.post("/v1/detokenize", response_model=Text)
+async def detokenize(body: Detokenize, t: Tenant = Depends(deps.tenant),
+                     engine=Depends(deps.engine)):
+    return {"text": engine.decode(body.tokens)}
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(engine=Depends(deps.engine)) -> PlainTextResponse:
+    registry = CollectorRegistry()
+    registry.register(_StatsCollector(await engine.stats()))
+    return PlainTextResponse(generate_latest(registry),
+                             media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+class _StatsCollector:
+    """One scrape's worth of engine stats as Prometheus metrics."""
+
+    def __init__(self, stats: dict):
+        self.stats = stats
+
+    def collect(self):
+        st = self.stats
+        for name, value in st["kv"].items():
+            yield GaugeMetricFamily(f"agentos_kv_{name}", f"KV cache: {name}", value=value)
+        g = GaugeMetricFamily("agentos_sessions", "live sessions by state", labels=["state"])
+        for state, n in st["sessions"]["by_state"].items():
+            g.add_metric([state], n)
+        yield g
+        yield GaugeMetricFamily("agentos_snapshots", "live snapshots", value=st["snapshots"])
+        for name in ("steps", "tokens_generated", "tokens_prefilled", "forks", "cow_copies"):
+            yield CounterMetricFamily(f"agentos_{name}", f"engine {name}", value=st[name])
+        yield CounterMetricFamily("agentos_step_time_seconds", "time spent in steps",
+                                  value=st["step_time_s"])

@@ -1,0 +1,135 @@
+"""Wire formats and request guards, as plain ASGI middleware around the FastAPI app.
+
+- `AuthMiddleware` resolves the API key of every `/v1/` request to a tenant (401
+  otherwise) before anything else reads the request.
+- `BodyMiddleware` reads the request body once, refuses one over the size limit (413),
+  and turns an `application/msgpack` body into JSON for FastAPI's validation. A client
+  that sends `Accept: application/msgpack` gets msgpack back: `WireResponse`, the app's
+  default response class, renders to what the request asked for.
+
+Errors raised here are answered here, in the same `{"error": {"type", "message"}}` shape
+as the app's exception handlers.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+from typing import Any
+
+import msgpack
+from fastapi.responses import JSONResponse
+
+from agentos.kernel.errors import APIStatusError, InvalidRequestError, PayloadTooLargeError
+
+MSGPACK = "application/msgpack"
+_wants_msgpack: contextvars.ContextVar[bool] = contextvars.ContextVar("wants_msgpack", default=False)
+
+
+class WireResponse(JSONResponse):
+    """JSON, or msgpack when the request's Accept header asks for it."""
+
+    def render(self, content: Any) -> bytes:
+        if _wants_msgpack.get():
+            self.media_type = MSGPACK
+            return msgpack.packb(content, use_bin_type=True)
+        return json.dumps(content, ensure_ascii=False, allow_nan=False,
+                          separators=(",", ":")).encode()
+
+
+def error_body(err: APIStatusError) -> dict:
+    return {"error": {"type": err.type, "message": err.message, "code": err.status_code}}
+
+
+def error_response(err: APIStatusError) -> WireResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if err.status_code == 401 else None
+    return WireResponse(error_body(err), status_code=err.status_code, headers=headers)
+
+
+def _header(scope: dict, name: bytes) -> str:
+    for k, v in scope["headers"]:
+        if k == name:
+            return v.decode("latin-1")
+    return ""
+
+
+class AuthMiddleware:
+    """Puts the request's tenant in `scope["state"]["tenant"]` for paths under /v1/."""
+
+    def __init__(self, app, tenants):
+        self.app = app
+        self.tenants = tenants
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        _wants_msgpack.set(MSGPACK in _header(scope, b"accept"))
+        try:
+            tenant = self.tenants.authenticate(_header(scope, b"authorization"),
+                                               _header(scope, b"x-api-key"))
+        except APIStatusError as e:
+            return await error_response(e)(scope, receive, send)
+        scope.setdefault("state", {})["tenant"] = tenant
+        await self.app(scope, receive, send)
+
+
+class BodyMiddleware:
+    """Bounds request bodies and decodes msgpack ones; sets the response format."""
+
+    def __init__(self, app, max_body_bytes: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        _wants_msgpack.set(MSGPACK in _header(scope, b"accept"))
+        try:
+            body = await self._read(scope, receive)
+            if body and _header(scope, b"content-type").split(";")[0].strip() == MSGPACK:
+                body = _msgpack_to_json(body)
+                scope["headers"] = [(k, v) for k, v in scope["headers"]
+                                    if k not in (b"content-type", b"content-length")]
+                scope["headers"] += [(b"content-type", b"application/json"),
+                                     (b"content-length", str(len(body)).encode())]
+        except APIStatusError as e:
+            return await error_response(e)(scope, receive, send)
+
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:  # the body was handed over; what follows is the client going away
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _read(self, scope, receive) -> bytes:
+        declared = _header(scope, b"content-length")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise PayloadTooLargeError(f"request body of {declared} bytes is over the limit "
+                                       f"of {self.max_body_bytes}")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise PayloadTooLargeError(f"request body is over the limit of "
+                                           f"{self.max_body_bytes} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+
+def _msgpack_to_json(body: bytes) -> bytes:
+    try:
+        data = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        return json.dumps(data, allow_nan=False).encode()
+    except (ValueError, TypeError, msgpack.UnpackException) as e:
+        raise InvalidRequestError(f"request body is not valid msgpack: {e}") from None
