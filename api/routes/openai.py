@@ -11,6 +11,7 @@ only the chosen token).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -213,10 +214,8 @@ class _Run:
 
     async def _close(self, release) -> None:
         for s in self.temporary:
-            try:
+            with contextlib.suppress(AgentOSError):
                 await s.close()
-            except AgentOSError:
-                pass
             self.tenant.sessions.discard(s.id)
         self.temporary = []
         release()
@@ -260,7 +259,8 @@ class _Run:
                 choice["session_id"] = kept
             choices.append(choice)
         out = {"id": self.id, "object": self.object, "created": self.created,
-               "model": self.settings.model_name, "choices": choices, "usage": self._usage([len(g.tokens) for g in gens])}
+               "model": self.settings.model_name, "choices": choices,
+               "usage": self._usage([len(g.tokens) for g in gens])}
         if len(self.sessions) == 1 and (kept := self._kept(0)) is not None:
             out["session_id"] = kept
         return out
