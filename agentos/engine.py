@@ -17,10 +17,10 @@ from agentos.kernel.config import Config
 from agentos.kernel.errors import InvalidRequestError
 from agentos.kernel.process import GenerationChunk
 from agentos.kernel.sampling_params import SamplingParams
-from agentos.session import Session, Snapshot
+from agentos.session import Backend, Session, Snapshot
 
 
-class _EngineBase:
+class _EngineBase(Backend):
     def __init__(self, model: str = "tiny", **options: Any):
         from agentos.kernel.core import Kernel
         from agentos.snapshot.snapshot import SnapshotTable
@@ -31,41 +31,11 @@ class _EngineBase:
         self.tokenizer = self.kernel.tokenizer
         self.max_model_len = self.kernel.max_model_len  # context limit in tokens
 
-    # -- public operations (results, or awaitables on AsyncEngine) ---------------------
-
-    def create_session(self, prompt: str | None = None, tokens: list[int] | None = None,
-                       seed: int | None = None):
-        """Creates a session from a prompt (tokenized with special tokens, e.g. BOS) or
-        token ids, and starts prefilling it in the background. Returns a Session."""
-        return self._op("create", prompt, tokens, seed)
-
-    def session(self, session_id: str):
-        """Returns the handle of a live session (NotFoundError if there is none)."""
-        return self._op("get", session_id)
-
-    def list_sessions(self, ids: list[str] | None = None):
-        """Returns a dict per live session (id, state, level, tokens, blocks, parent): all of
-        them, or those of `ids` that are live."""
-        return self._op("list", ids)
+    # the public operations come from Backend; these run here
 
     def num_tokens(self, ids: list[str]):
         """Returns the tokens held by those of the sessions `ids` that are live."""
         return self._op("num_tokens", ids)
-
-    def restore(self, snapshot: Snapshot | str):
-        """Returns a new Session equal to the snapshot."""
-        return self._op("restore", snapshot.id if isinstance(snapshot, Snapshot) else snapshot)
-
-    def get_snapshot(self, snapshot_id: str):
-        return self._op("get_snapshot", snapshot_id)
-
-    def stats(self):
-        """Returns {"kv": {device_blocks_total, device_blocks_used, ...}, "sessions": ...}."""
-        return self._op("stats")
-
-    def check(self):
-        """Asserts the memory invariants (refcounts equal mapped entries plus snapshot holds)."""
-        return self._op("check")
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)

@@ -128,3 +128,42 @@ class Snapshot:
 
 
 AsyncSession = Session  # the same handle; its methods return awaitables on async backends
+
+
+class Backend:
+    """The operations every backend offers (Engine, AsyncEngine, Client, AsyncClient):
+    each is `self._op(name, ...)`, a result or an awaitable as the backend goes."""
+
+    def _op(self, name: str, *args):
+        raise NotImplementedError
+
+    def create_session(self, prompt: str | None = None, tokens: list[int] | None = None,
+                       seed: int | None = None):
+        """Creates a session from a prompt (tokenized with special tokens, e.g. BOS) or
+        token ids, and starts prefilling it in the background. Returns a Session."""
+        return self._op("create", prompt, tokens, seed)
+
+    def session(self, session_id: str):
+        """Returns the handle of a live session (NotFoundError if there is none)."""
+        return self._op("get", session_id)
+
+    def list_sessions(self, ids: list[str] | None = None):
+        """Returns a dict per live session (id, state, level, tokens, blocks, parent): all of
+        them, or those of `ids` that are live."""
+        return self._op("list", ids)
+
+    def restore(self, snapshot: Snapshot | str):
+        """Returns a new Session equal to the snapshot."""
+        return self._op("restore", snapshot.id if isinstance(snapshot, Snapshot) else snapshot)
+
+    def get_snapshot(self, snapshot_id: str):
+        """Returns the Snapshot handle of a live snapshot (NotFoundError if there is none)."""
+        return self._op("get_snapshot", snapshot_id)
+
+    def stats(self):
+        """Returns {"kv": {device_blocks_total, device_blocks_used, ...}, "sessions": ...}."""
+        return self._op("stats")
+
+    def check(self):
+        """Asserts the memory invariants (refcounts equal mapped entries plus snapshot holds)."""
+        return self._op("check")
