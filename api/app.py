@@ -105,6 +105,7 @@ def create_app(settings: ServerSettings | None = None, engine=None,
                   "application/msgpack.")
     app.state.settings = settings
     app.state.tenants = tenants
+    app.state.engine = engine  # None until the lifespan handler starts one
     for r in (sessions.router, snapshots.router, openai.router, system.router):
         app.include_router(r)
     _error_handlers(app)
