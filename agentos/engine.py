@@ -41,6 +41,12 @@ class _EngineBase(Backend):
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, token_ids: list[int]) -> str:
+        """Returns the text of token ids. Raises InvalidRequestError for an id outside the
+        model's vocabulary."""
+        bad = [t for t in token_ids if not 0 <= t < self.kernel.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary "
+                                      f"[0, {self.kernel.vocab_size})")
         return self.tokenizer.decode(token_ids)
 
     # -- syscalls ---------------------------------------------------------------------

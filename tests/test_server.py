@@ -213,7 +213,7 @@ async def one_agent(url: str, seed: int, until: float, errors: list, live: dict)
             s = rng.choice(list(want)) if want else None
             try:
                 if s is None or op == "create":
-                    s = await client.create_session(prompt="agent %d" % seed)
+                    s = await client.create_session(prompt=f"agent {seed}")
                     want[s] = await s.tokens
                 elif op == "generate":
                     g = await s.generate(max_tokens=rng.randint(1, 6), temperature=0.7)

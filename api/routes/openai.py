@@ -114,7 +114,11 @@ async def models(t: Tenant = Depends(deps.tenant), engine=Depends(deps.engine),
                       "max_model_len": engine.max_model_len}]}
 
 
-@router.post("/completions")
+_STREAMS = {200: {"content": {"application/json": {}, "text/event-stream": {}},
+                  "description": "the completion, or with stream: server-sent events"}}
+
+
+@router.post("/completions", responses=_STREAMS)
 async def completions(body: CompletionRequest, t: Tenant = Depends(deps.tenant),
                       engine=Depends(deps.engine), settings=Depends(deps.settings)):
     _check_model(body, settings)
@@ -126,7 +130,7 @@ async def completions(body: CompletionRequest, t: Tenant = Depends(deps.tenant),
     return await run.respond(chat=False)
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=_STREAMS)
 async def chat_completions(body: ChatRequest, t: Tenant = Depends(deps.tenant),
                            engine=Depends(deps.engine), settings=Depends(deps.settings)):
     _check_model(body, settings)
