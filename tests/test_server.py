@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import msgpack
@@ -19,6 +20,8 @@ import pytest
 
 import agentos
 from agentos import AsyncClient, Client, Engine
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def free_port() -> int:
@@ -263,3 +266,10 @@ async def test_64_concurrent_clients(url):
         stats = await client.stats()
         assert stats["kv"]["device_blocks_used"] == 0 and stats["sessions"]["total"] == 0
         assert stats["tokens_generated"] > 0
+
+
+def test_sdk_example_runs_against_the_server(url):
+    out = subprocess.run([sys.executable, str(EXAMPLES / "sdk_quickstart.py"), url], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "KV blocks in use after closing: 0" in out.stdout
