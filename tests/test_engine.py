@@ -229,14 +229,15 @@ def test_async_engine_batches_concurrent_generates():
 
 def test_import_agentos_does_not_import_torch():
     code = ("import sys, agentos; from agentos import Session, SamplingParams, NotFoundError; "
+            "from agentos import Client, AsyncClient; Client('http://127.0.0.1:9').close(); "
             "assert 'torch' not in sys.modules, 'torch imported'; "
             "assert 'numpy' not in sys.modules, 'numpy imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_public_names():
-    for name in ("Engine", "AsyncEngine", "Session", "Snapshot", "SamplingParams", "Generation"):
-        assert hasattr(agentos, name)
+    for name in agentos.__all__:
+        assert getattr(agentos, name) is not None
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
