@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_cmd_serve)
 
-    bench = commands.add_parser("bench", help="benchmarks against HF transformers")
+    bench = commands.add_parser("bench", help="benchmarks against HF transformers (fork, "
+                                "decode) or in-process calls (api)")
     scenarios = bench.add_subparsers(dest="scenario", required=True)
 
     fork = scenarios.add_parser("fork", help="fork/snapshot/rollback cost vs session length")
@@ -97,6 +98,25 @@ def _parser() -> argparse.ArgumentParser:
                         help="skip the one-session case")
     decode.add_argument("--max-batch-tokens", type=int, default=None)
     decode.set_defaults(func=_cmd_bench_decode)
+
+    api = scenarios.add_parser("api", help="REST latency of fork/snapshot/rollback/generate "
+                               "vs in-process", description="Starts `agentos serve` in a "
+                               "subprocess and times fork, snapshot, rollback and a 1-token "
+                               "generate over HTTP (JSON and msgpack) against the same ops on "
+                               "an in-process Engine.")
+    _model_options(api)
+    api.add_argument("--tokens", dest="num_tokens", type=int, default=None, metavar="N",
+                     help="session length (default 2048)")
+    api.add_argument("--repeats", type=int, default=None,
+                     help="timed repeats of each op (default 200)")
+    api.add_argument("--warmup", type=int, default=None, help="untimed repeats (default 10)")
+    api.add_argument("--port", type=int, default=None,
+                     help="the server's loopback port (default: a free one)")
+    api.add_argument("--block-size", type=int, default=None)
+    api.add_argument("--seed", type=int, default=None, help="seeds the random prompt")
+    api.add_argument("--json", metavar="PATH", default=None, help="also write results here")
+    api.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
+    api.set_defaults(func=_cmd_bench_api)
     return parser
 
 
@@ -167,6 +187,14 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
     bench = decode.DecodeBench(**_options(args, (*_COMMON, "sessions", "prompt_len",
                                                  "new_tokens", "single", "max_batch_tokens")))
     return _report(decode.run(bench), decode.render, args)
+
+
+def _cmd_bench_api(args: argparse.Namespace) -> int:
+    from agentos.bench import api
+
+    bench = api.ApiBench(**_options(args, ("model", "device", "dtype", "repeats", "warmup",
+                                           "num_tokens", "port", "block_size", "seed")))
+    return _report(api.run(bench), api.render, args)
 
 
 def _report(result: dict, render, args: argparse.Namespace) -> int:

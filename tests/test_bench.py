@@ -4,6 +4,7 @@ the JSON they promise. No timing is asserted (the machine may be busy)."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -88,3 +89,37 @@ def test_import_cli_stays_light():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=60)
     assert r.stdout.strip() == "False", r.stderr
+
+
+API_ARGS = ["--tokens", "40", "--repeats", "3", "--warmup", "1"]
+
+
+def test_bench_api_json(tmp_path, capsys):
+    path = tmp_path / "api.json"
+    assert main(["bench", "api", *API_ARGS, "--json", str(path)]) == 0
+    out = json.loads(path.read_text())
+    assert out["bench"] == "api"
+    assert {"config", "ops", "server_log", "checks", "passed"} <= out.keys()
+    assert (out["config"]["num_tokens"], out["config"]["repeats"]) == (40, 3)
+    assert [r["op"] for r in out["ops"]] == ["fork", "snapshot", "rollback", "generate"]
+    for row in out["ops"]:
+        for transport in ("json", "msgpack", "inprocess"):
+            s = row[transport]
+            assert 0 < s["p50_us"] <= s["p99_us"] and s["mean_us"] > 0, (row["op"], transport)
+        assert row["json_ratio"] > 0 and row["msgpack_ratio"] > 0
+    assert [c["name"] for c in out["checks"]] == ["fork p50 over HTTP < 3 ms",
+                                                  "rollback p50 over HTTP < 3 ms"]
+    assert all(isinstance(c["passed"], bool) for c in out["checks"])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "HTTP msgpack" in printed and "in-process" in printed and "workload" in printed
+    # the server is gone: its port can be listened on again
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", out["config"]["port"]))
+        sock.listen()
+
+
+def test_bench_api_bad_arguments_exit_2():
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "api", "--tokens", "1"])
+    assert e.value.code == 2

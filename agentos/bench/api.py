@@ -1,0 +1,376 @@
+"""`agentos bench api`: what the REST layer adds to fork, snapshot, rollback and a
+one-token generate.
+
+The server is `agentos serve` in a subprocess on a loopback port. One keep-alive httpx
+client times each request from the caller (encoding the body and decoding the answer
+included), in JSON and in msgpack. The peer is the same ops on an in-process Engine with
+the same model and session length, timed the same way, so HTTP p50 / in-process p50 is the
+price of the REST layer: the HTTP round trip, routing, validation and the wire format.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+from agentos.bench.common import (
+    check,
+    dtype_name,
+    median,
+    new_console,
+    print_checks,
+    print_table,
+    random_prompt,
+    ratio,
+    timed,
+)
+
+US = 1e6
+OPS = ("fork", "snapshot", "rollback", "generate")
+WIRES = ("json", "msgpack")
+MSGPACK = "application/msgpack"
+TARGET_US = 3000  # fork and rollback p50 over HTTP
+
+
+@dataclass(slots=True)
+class ApiBench:
+    model: str = "tiny"  # "tiny" or a HF model folder
+    device: str = "cpu"
+    dtype: str | None = None  # None: the engine's default for the device
+    repeats: int = 200  # timed repeats of each op, per wire format and in-process
+    warmup: int = 10  # untimed repeats before the timed ones
+    num_tokens: int = 2048  # session length
+    append_tokens: int = 8  # appended (untimed) before each rollback, so it drops written KV
+    block_size: int = 16
+    port: int | None = None  # the server's loopback port; None: a free one
+    seed: int = 0  # seeds the random prompt
+    startup_timeout_s: float = 120.0  # for the server to answer /health
+
+    def __post_init__(self):
+        if self.num_tokens < 2 or self.append_tokens < 1:
+            raise ValueError("the session needs >= 2 tokens and append_tokens >= 1")
+        if self.repeats < 1 or self.warmup < 0:
+            raise ValueError("repeats must be >= 1, warmup >= 0")
+        if self.port is not None and not 0 < self.port < 65536:
+            raise ValueError(f"port {self.port} is not a TCP port")
+
+
+def run(bench: ApiBench) -> dict:
+    """Runs the in-process peer, then the server and both wire formats; returns the
+    JSON-ready results (see `render`). The server is stopped whatever happens.
+
+    Raises ValueError when the session does not fit the model's context or the port is
+    taken, RuntimeError when the server does not start or answers an op with an error.
+    """
+    from agentos import Engine
+
+    port = bench.port or _free_port()
+    if not _is_free(port):  # else /health could be answered by whatever listens there
+        raise ValueError(f"port {port} on 127.0.0.1 is in use")
+    need = bench.num_tokens + bench.append_tokens + 1
+    kv_blocks = 2 * (-(-need // bench.block_size)) + 64
+    with Engine(model=bench.model, device=bench.device, dtype=bench.dtype,
+                block_size=bench.block_size, kv_blocks=kv_blocks) as engine:
+        kernel = engine.kernel
+        if need > kernel.max_model_len:
+            raise ValueError(f"a session of {bench.num_tokens} tokens (+{bench.append_tokens} "
+                             f"appended) exceeds the context limit of {kernel.max_model_len}")
+        prompt = random_prompt(bench.num_tokens, kernel.vocab_size,
+                               kernel.model_config.bos_token_id, random.Random(bench.seed))
+        dtype, threads = dtype_name(kernel.dtype), _torch_threads()
+        times = {"inprocess": _measure(_InProcess(engine), prompt, bench)}
+    server_log: list[str] = []  # its last lines, read once it has stopped
+    with _server(bench, port, kv_blocks, server_log) as url:
+        import httpx
+
+        with httpx.Client(base_url=url, timeout=60.0, trust_env=False) as client:
+            for wire in WIRES:
+                times[wire] = _measure(_Http(client, wire), prompt, bench)
+    config = {**asdict(bench), "port": port, "kv_blocks": kv_blocks, "dtype": dtype,
+              "threads": threads}
+    return _summarize(config, times, server_log)
+
+
+# -- the ops, in-process and over HTTP -------------------------------------------------
+
+
+class _InProcess:
+    """The ops on an Engine, by session and snapshot id."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.sessions: dict = {}
+        self.snapshots: dict = {}
+
+    def create(self, tokens: list[int]) -> str:
+        s = self.engine.create_session(tokens=tokens)
+        self.sessions[s.id] = s
+        return s.id
+
+    def state(self, sid: str) -> str:
+        return self.sessions[sid].info()["state"]
+
+    def fork(self, sid: str) -> str:
+        kid = self.sessions[sid].fork(n=1)[0]
+        self.sessions[kid.id] = kid
+        return kid.id
+
+    def close(self, sid: str) -> None:
+        self.sessions.pop(sid).close()
+
+    def snapshot(self, sid: str) -> str:
+        snap = self.sessions[sid].snapshot()
+        self.snapshots[snap.id] = snap
+        return snap.id
+
+    def delete_snapshot(self, snap_id: str) -> None:
+        self.snapshots.pop(snap_id).delete()
+
+    def append(self, sid: str, tokens: list[int]) -> None:
+        self.sessions[sid].append(tokens=tokens)
+
+    def rollback(self, sid: str, snap_id: str) -> None:
+        self.sessions[sid].rollback(snap_id)
+
+    def generate(self, sid: str) -> None:
+        self.sessions[sid].generate(max_tokens=1, temperature=0.0, ignore_eos=True)
+
+
+class _Http:
+    """The same ops as REST calls over one keep-alive httpx.Client, in JSON or msgpack."""
+
+    def __init__(self, client, wire: str):
+        import msgpack
+
+        self.client = client
+        self.msgpack = msgpack if wire == "msgpack" else None
+        self.headers = {"Content-Type": MSGPACK, "Accept": MSGPACK} if self.msgpack else {}
+
+    def call(self, method: str, path: str, body: dict | None = None) -> dict:
+        """Returns the decoded answer. Raises ValueError for a 400 (the caller's input,
+        like an InvalidRequestError in-process), RuntimeError for any other error."""
+        if self.msgpack:
+            content = None if body is None else self.msgpack.packb(body)
+            r = self.client.request(method, path, content=content, headers=self.headers)
+        else:
+            r = self.client.request(method, path, json=body)
+        if r.status_code >= 400:
+            error = ValueError if r.status_code == 400 else RuntimeError
+            raise error(f"{method} {path}: HTTP {r.status_code} {r.content[:300]!r}")
+        return self.msgpack.unpackb(r.content) if self.msgpack else r.json()
+
+    def create(self, tokens: list[int]) -> str:
+        return self.call("POST", "/v1/sessions", {"tokens": tokens})["id"]
+
+    def state(self, sid: str) -> str:
+        return self.call("GET", f"/v1/sessions/{sid}")["state"]
+
+    def fork(self, sid: str) -> str:
+        return self.call("POST", f"/v1/sessions/{sid}/fork", {"n": 1})["data"][0]["id"]
+
+    def close(self, sid: str) -> None:
+        self.call("DELETE", f"/v1/sessions/{sid}")
+
+    def snapshot(self, sid: str) -> str:
+        return self.call("POST", f"/v1/sessions/{sid}/snapshots")["id"]
+
+    def delete_snapshot(self, snap_id: str) -> None:
+        self.call("DELETE", f"/v1/snapshots/{snap_id}")
+
+    def append(self, sid: str, tokens: list[int]) -> None:
+        self.call("POST", f"/v1/sessions/{sid}/append", {"tokens": tokens})
+
+    def rollback(self, sid: str, snap_id: str) -> None:
+        self.call("POST", f"/v1/sessions/{sid}/rollback", {"snapshot_id": snap_id})
+
+    def generate(self, sid: str) -> None:
+        self.call("POST", f"/v1/sessions/{sid}/generate",
+                  {"max_tokens": 1, "temperature": 0.0, "ignore_eos": True})
+
+
+def _measure(ops, prompt: list[int], bench: ApiBench) -> dict[str, list[float]]:
+    """Times each op warmup + repeats times on one session holding the prompt; returns
+    the timed seconds per op. Between ops the session is back at the prompt (rolled back
+    to a snapshot of it, untimed), so every repeat does the same work."""
+    sid = ops.create(prompt)
+    _wait_idle(ops, sid)  # the prompt prefilled
+    base = ops.snapshot(sid)
+    extra = prompt[1:1 + bench.append_tokens]  # ordinary ids (prompt[0] is BOS)
+    times: dict[str, list[float]] = {op: [] for op in OPS}
+    for i in range(bench.warmup + bench.repeats):
+        kid, t_fork = timed(lambda: ops.fork(sid))
+        ops.close(kid)
+        snap, t_snapshot = timed(lambda: ops.snapshot(sid))
+        ops.delete_snapshot(snap)
+        ops.append(sid, extra)
+        # NOTE: rolled back mid-prefill, a rollback would wait for the running step
+        _wait_idle(ops, sid)
+        _, t_rollback = timed(lambda: ops.rollback(sid, base))
+        _, t_generate = timed(lambda: ops.generate(sid))
+        ops.rollback(sid, base)
+        if i >= bench.warmup:
+            for op, t in zip(OPS, (t_fork, t_snapshot, t_rollback, t_generate)):
+                times[op].append(t)
+    ops.close(sid)
+    ops.delete_snapshot(base)
+    return times
+
+
+def _wait_idle(ops, sid: str, timeout_s: float = 60.0) -> None:
+    """Returns once the session sleeps (no prefill left); RuntimeError after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while ops.state(sid) != "sleeping":
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"session {sid} still busy after {timeout_s:.0f} s")
+        time.sleep(0.0005)
+
+
+# -- the server ------------------------------------------------------------------------
+
+
+@contextmanager
+def _server(bench: ApiBench, port: int, kv_blocks: int, log_lines: list[str]):
+    """Runs `agentos serve` on 127.0.0.1:port until the block exits (terminated, killed
+    if it lingers), then puts the last lines of its output in log_lines; yields its URL.
+    Raises RuntimeError when it exits or stays silent before answering /health."""
+    cmd = [sys.executable, "-m", "agentos.cli", "serve", "--host", "127.0.0.1",
+           "--port", str(port), "--model", bench.model, "--device", bench.device,
+           "--block-size", str(bench.block_size), "--kv-blocks", str(kv_blocks),
+           "--log-level", "warning"]
+    if bench.dtype is not None:
+        cmd += ["--dtype", bench.dtype]
+    # an open loopback server: keys from the environment would turn every call into a 401
+    env = {k: v for k, v in os.environ.items() if k != "AGENTOS_API_KEYS"}
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env)
+        try:
+            _wait_healthy(proc, url, log, bench.startup_timeout_s)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log_lines.extend(_tail(log))
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, log, timeout_s: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            lines = "\n".join(_tail(log))
+            raise RuntimeError(f"the server exited with status {proc.returncode}:\n{lines}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1.0, trust_env=False).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass  # not listening yet
+        time.sleep(0.1)
+    raise RuntimeError(f"the server did not answer {url}/health within {timeout_s:.0f} s")
+
+
+def _tail(log, num_lines: int = 20) -> list[str]:
+    log.flush()
+    log.seek(0)
+    return log.read().decode(errors="replace").splitlines()[-num_lines:]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+# -- results ---------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The nearest-rank q-th percentile (0 < q <= 100); NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def _stats(seconds: Sequence[float]) -> dict:
+    return {"p50_us": median(seconds) * US, "p99_us": percentile(seconds, 99) * US,
+            "mean_us": statistics.fmean(seconds) * US if seconds else float("nan")}
+
+
+def _summarize(config: dict, times: dict, server_log: list[str]) -> dict:
+    rows = []
+    for op in OPS:
+        row = {"op": op, **{t: _stats(times[t][op]) for t in ("inprocess", *WIRES)}}
+        for wire in WIRES:
+            row[f"{wire}_ratio"] = ratio(row[wire]["p50_us"], row["inprocess"]["p50_us"])
+        rows.append(row)
+    by_op = {r["op"]: r for r in rows}
+    checks = []
+    for op in ("fork", "rollback"):
+        p50 = {wire: by_op[op][wire]["p50_us"] for wire in WIRES}
+        checks.append(check(f"{op} p50 over HTTP < {TARGET_US / 1000:g} ms",
+                            max(p50.values()) < TARGET_US,
+                            ", ".join(f"{w} {us:.0f} us" for w, us in p50.items())))
+    return {"bench": "api", "config": config, "ops": rows, "server_log": server_log,
+            "checks": checks, "passed": all(c["passed"] for c in checks)}
+
+
+def render(result: dict, console=None) -> None:
+    """Prints the workload, a latency table (one row per op and transport) and one
+    PASS/FAIL line per target."""
+    console = console or new_console()
+    cfg = result["config"]
+    console.print(f"workload: one session of {cfg['num_tokens']} tokens; model {cfg['model']}, "
+                  f"{cfg['device']}, {cfg['dtype']}, block size {cfg['block_size']}, "
+                  f"{cfg['kv_blocks']} KV blocks; {cfg['repeats']} timed repeats after "
+                  f"{cfg['warmup']} warm-up; fork n=1 (child deleted, untimed), snapshot "
+                  f"(deleted, untimed), rollback after appending {cfg['append_tokens']} "
+                  "tokens (untimed), generate max_tokens=1 greedy ignore_eos; server "
+                  f"`agentos serve` on 127.0.0.1:{cfg['port']}, one keep-alive httpx "
+                  f"client; in-process peer: Engine, {cfg['threads']} torch threads")
+    rows = []
+    for r in result["ops"]:
+        for t, name in (("json", "HTTP json"), ("msgpack", "HTTP msgpack"),
+                        ("inprocess", "in-process")):
+            s = r[t]
+            rows.append([r["op"] if t == "json" else "", name, s["p50_us"], s["p99_us"],
+                         s["mean_us"], r.get(f"{t}_ratio")])
+    print_table("latency from the caller; x = p50 / in-process p50",
+                ["op", "transport", "p50 us", "p99 us", "mean us", "x"], rows, console)
+    if result["server_log"]:
+        console.print("server log (last lines):")
+        for line in result["server_log"]:
+            console.print(f"  {line}", markup=False, highlight=False)
+    print_checks(result["checks"], console)
