@@ -219,6 +219,91 @@ class _SSE:
         return None
 
 
+class _EventStream:
+    """The chunks of a streamed generate, read off the server's events: an iterator.
+    Closing it early drops the connection, which ends the call on the server (its tokens
+    so far stay in the session)."""
+
+    def __init__(self, response: httpx.Response):
+        self._response = response
+        self._lines = response.iter_lines()
+        self._sse = _SSE()
+        self._closed = False
+
+    def __iter__(self) -> Iterator[GenerationChunk]:
+        return self
+
+    def __next__(self) -> GenerationChunk:
+        if self._closed:
+            raise StopIteration
+        try:
+            for line in self._lines:
+                if (chunk := self._sse.feed(line)) is not None:
+                    return chunk
+        except httpx.HTTPError as e:
+            self.close()
+            raise _connection_error(e) from e
+        except BaseException:
+            self.close()
+            raise
+        self.close()
+        raise StopIteration
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._response.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+class _AsyncEventStream:
+    """The same as an async iterator."""
+
+    def __init__(self, response: httpx.Response):
+        self._response = response
+        self._lines = response.aiter_lines()
+        self._sse = _SSE()
+        self._closed = False
+
+    def __aiter__(self) -> AsyncIterator[GenerationChunk]:
+        return self
+
+    async def __anext__(self) -> GenerationChunk:
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            async for line in self._lines:
+                if (chunk := self._sse.feed(line)) is not None:
+                    return chunk
+        except httpx.HTTPError as e:
+            await self.aclose()
+            raise _connection_error(e) from e
+        except BaseException:
+            await self.aclose()
+            raise
+        await self.aclose()
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._response.aclose()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+
 def _session_info(d: dict) -> dict:
     return {k: v for k, v in d.items() if k != "object"}
 
@@ -244,7 +329,7 @@ class Client(_ClientBase):
         call = self._route(name, *args)
         response = self._send(call)
         if call.stream:
-            return self._events(response)
+            return _EventStream(response)
         return call.post(_decode(response))
 
     def _send(self, call: _Call) -> httpx.Response:
@@ -267,19 +352,6 @@ class Client(_ClientBase):
                     _raise_for(response)
                 time.sleep(self._retry_delay(attempt, response))
             attempt += 1
-
-    def _events(self, response: httpx.Response) -> Iterator[GenerationChunk]:
-        # closing the response early (the caller stops iterating) ends the call on the
-        # server; its tokens so far stay in the session
-        sse = _SSE()
-        try:
-            for line in response.iter_lines():
-                if (chunk := sse.feed(line)) is not None:
-                    yield chunk
-        except httpx.HTTPError as e:
-            raise _connection_error(e) from e
-        finally:
-            response.close()
 
     def close(self) -> None:
         self._http.close()
@@ -309,7 +381,7 @@ class AsyncClient(_ClientBase):
         call = self._route(name, *args)
         response = await self._send(call)
         if call.stream:
-            return self._events(response)
+            return _AsyncEventStream(response)
         return call.post(_decode(response))
 
     async def _send(self, call: _Call) -> httpx.Response:
@@ -332,17 +404,6 @@ class AsyncClient(_ClientBase):
                     _raise_for(response)
                 await asyncio.sleep(self._retry_delay(attempt, response))
             attempt += 1
-
-    async def _events(self, response: httpx.Response) -> AsyncIterator[GenerationChunk]:
-        sse = _SSE()
-        try:
-            async for line in response.aiter_lines():
-                if (chunk := sse.feed(line)) is not None:
-                    yield chunk
-        except httpx.HTTPError as e:
-            raise _connection_error(e) from e
-        finally:
-            await response.aclose()
 
     async def close(self) -> None:
         await self._http.aclose()

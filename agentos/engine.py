@@ -61,9 +61,9 @@ class _EngineBase(Backend):
                 raise InvalidRequestError("params must be a SamplingParams")
             if not stream:
                 return self.kernel.sys_generate, (pid, params), _identity, True
-            sink = self._sink()
-            return (self.kernel.sys_generate, (pid, params, sink.on_token),
-                    lambda fut: sink.iterate(fut, lambda: self.kernel.call(self.kernel.sys_abort, pid)),
+            stream = self._stream()
+            return (self.kernel.sys_generate, (pid, params, stream.on_token),
+                    lambda fut: stream.attach(fut, lambda: self.kernel.call(self.kernel.sys_abort, pid)),
                     False)
         return (*self._prepare_plain(name, *args), False)
 
@@ -146,8 +146,8 @@ class Engine(_EngineBase):
             result = result.result()
         return post(result)
 
-    def _sink(self) -> _QueueSink:
-        return _QueueSink()
+    def _stream(self) -> _Stream:
+        return _Stream()
 
     def close(self) -> None:
         self.kernel.shutdown()
@@ -180,8 +180,8 @@ class AsyncEngine(_EngineBase):
                 raise
         return post(result)
 
-    def _sink(self) -> _AsyncSink:
-        return _AsyncSink(asyncio.get_running_loop())
+    def _stream(self) -> _AsyncStream:
+        return _AsyncStream(asyncio.get_running_loop())
 
     async def close(self) -> None:
         await asyncio.to_thread(self.kernel.shutdown)
@@ -200,51 +200,83 @@ def _identity(x):
 _END = object()
 
 
-class _QueueSink:
-    """Carries a streamed generate's tokens from the loop thread to a blocking iterator."""
+class _Stream:
+    """The chunks of a streamed generate call, handed over from the loop thread as they
+    come: an iterator. Closing it (or dropping it) before the call ends aborts the call;
+    the tokens made so far stay in the session. Closing is idempotent."""
 
     def __init__(self):
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: Any = queue.SimpleQueue()
+        self._fut: Future | None = None
+        self._abort: Callable[[], Any] | None = None
+        self._finished = False
 
     def on_token(self, token: int | None, delta: str, logprob: float | None) -> None:
-        if token is not None or delta:
-            self.queue.put(GenerationChunk(token, delta, logprob))
+        if token is not None or delta:  # runs in the loop thread
+            self._put(GenerationChunk(token, delta, logprob))
 
-    def iterate(self, fut: Future, abort: Callable[[], Any]) -> Iterator[GenerationChunk]:
-        fut.add_done_callback(lambda _: self.queue.put(_END))
-        return self._events(fut, abort)
+    def _put(self, item) -> None:
+        self._queue.put(item)
 
-    def _events(self, fut: Future, abort) -> Iterator[GenerationChunk]:
-        try:
-            while (item := self.queue.get()) is not _END:
-                yield item
-            yield GenerationChunk(None, "", None, fut.result().finish_reason)
-        finally:
-            if not fut.done():  # the consumer stopped early: end the call, keep its tokens
-                abort()
+    def attach(self, fut: Future, abort: Callable[[], Any]) -> _Stream:
+        self._fut, self._abort = fut, abort
+        fut.add_done_callback(lambda _: self._put(_END))
+        return self
+
+    def _chunk(self, item) -> GenerationChunk:
+        if item is not _END:
+            return item
+        self._finished = True
+        return GenerationChunk(None, "", None, self._fut.result().finish_reason)  # or raises
+
+    def __iter__(self) -> Iterator[GenerationChunk]:
+        return self
+
+    def __next__(self) -> GenerationChunk:
+        if self._finished:
+            raise StopIteration
+        return self._chunk(self._queue.get())
+
+    def close(self) -> None:
+        if not self._finished and self._fut is not None:
+            self._finished = True
+            if not self._fut.done():
+                self._abort()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
 
 
-class _AsyncSink(_QueueSink):
-    """The same for an async iterator: tokens are handed to the event loop's queue."""
+class _AsyncStream(_Stream):
+    """The same as an async iterator: chunks go through the event loop's queue."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
+        super().__init__()
+        self._loop = loop
+        self._queue = asyncio.Queue()
 
-    def on_token(self, token: int | None, delta: str, logprob: float | None) -> None:
-        if token is not None or delta:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait,
-                                           GenerationChunk(token, delta, logprob))
+    def _put(self, item) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
-    def iterate(self, fut: Future, abort: Callable[[], Any]) -> AsyncIterator[GenerationChunk]:
-        fut.add_done_callback(lambda _: self.loop.call_soon_threadsafe(self.queue.put_nowait, _END))
-        return self._aevents(fut, abort)
+    def __aiter__(self) -> AsyncIterator[GenerationChunk]:
+        return self
 
-    async def _aevents(self, fut: Future, abort) -> AsyncIterator[GenerationChunk]:
-        try:
-            while (item := await self.queue.get()) is not _END:
-                yield item
-            yield GenerationChunk(None, "", None, fut.result().finish_reason)
-        finally:
-            if not fut.done():
-                abort()
+    async def __anext__(self) -> GenerationChunk:
+        if self._finished:
+            raise StopAsyncIteration
+        return self._chunk(await self._queue.get())
+
+    async def aclose(self) -> None:
+        self.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.close()

@@ -78,9 +78,14 @@ class Tenant:
             self.reserved_tokens += tokens
             self.reserved_sessions += sessions
 
-        def release() -> None:
-            self.reserved_tokens -= tokens
-            self.reserved_sessions -= sessions
+        released = False
+
+        def release() -> None:  # idempotent
+            nonlocal released
+            if not released:
+                released = True
+                self.reserved_tokens -= tokens
+                self.reserved_sessions -= sessions
 
         return release
 

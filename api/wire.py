@@ -18,7 +18,7 @@ import json
 from typing import Any
 
 import msgpack
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from agentos.kernel.errors import APIStatusError, InvalidRequestError, PayloadTooLargeError
 
@@ -35,6 +35,28 @@ class WireResponse(JSONResponse):
             return msgpack.packb(content, use_bin_type=True)
         return json.dumps(content, ensure_ascii=False, allow_nan=False,
                           separators=(",", ":")).encode()
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events. `on_close` runs however the response ends: finished, or the
+    client gone before or during the stream (so a generate call is never left running)."""
+
+    def __init__(self, events, on_close):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.on_close()
+
+
+def sse(data: Any, event: str | None = None) -> str:
+    """One server-sent event with compact JSON data."""
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
 def error_body(err: APIStatusError) -> dict:

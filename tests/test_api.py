@@ -4,6 +4,7 @@ session is untouched afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import msgpack
@@ -258,3 +259,38 @@ def test_openai_completions_and_session_continuation(client):
     error_of(client.post("/v1/chat/completions", json={"model": "tiny", "messages": []}), 422)
     client.delete(f"/v1/sessions/{sid}")
     assert client.get("/v1/sessions").json()["data"] == []  # temporary sessions closed
+
+
+async def test_client_gone_before_stream_starts_ends_the_call(engine):
+    import asyncio
+
+    import httpx
+
+    app = create_app(ServerSettings(), engine=engine)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        sid = (await c.post("/v1/sessions", json={"tokens": [1, 2, 3]})).json()["id"]
+    body = json.dumps({"max_tokens": 4000, "ignore_eos": True, "stream": True}).encode()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        raise OSError("client went away")  # before even the response start
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": f"/v1/sessions/{sid}/generate",
+             "raw_path": f"/v1/sessions/{sid}/generate".encode(), "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"application/json"), (b"host", b"t")],
+             "client": ("127.0.0.1", 1), "server": ("t", 80), "state": {}}
+    with contextlib.suppress(Exception):
+        await app(scope, receive, send)
+    s = await engine.session(sid)
+    for _ in range(100):  # the abort lands at the next step
+        info = await s.info()
+        if info["state"] == "sleeping":
+            break
+        await asyncio.sleep(0.02)
+    assert info["state"] == "sleeping" and info["num_tokens"] < 1000
+    assert (await s.generate(max_tokens=1)).finish_reason == "length"  # not busy
+    await s.close()

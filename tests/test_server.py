@@ -273,3 +273,27 @@ def test_sdk_example_runs_against_the_server(url):
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "KV blocks in use after closing: 0" in out.stdout
+
+
+async def test_async_client_stream_and_early_close(url):
+    async with AsyncClient(url, wire="msgpack") as client:
+        s = await client.create_session(tokens=[9, 8, 7], seed=4)
+        snap = await s.snapshot()
+        chunks = [c async for c in await s.generate(max_tokens=6, temperature=0.9, stream=True)]
+        await s.rollback(snap)
+        plain = await s.generate(max_tokens=6, temperature=0.9)
+        assert [c.token for c in chunks[:-1]] == plain.tokens
+        assert chunks[-1].finish_reason == plain.finish_reason
+        stream = await s.generate(max_tokens=500, ignore_eos=True, stream=True)
+        first = await stream.__anext__()
+        await stream.aclose()
+        for _ in range(200):
+            try:
+                await s.append(tokens=[1])
+                break
+            except agentos.ConflictError:
+                await asyncio.sleep(0.05)
+        tokens = await s.tokens
+        assert tokens[9] == first.token and tokens[-1] == 1 and len(tokens) < 9 + 500
+        await s.close()
+        await snap.delete()

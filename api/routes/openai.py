@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from agentos.api import deps
 from agentos.api.routes.sessions import sampling_params
 from agentos.api.schemas import ERRORS, TokenId
 from agentos.api.tenants import Tenant
-from agentos.api.wire import error_body
+from agentos.api.wire import EventStream, error_body, sse
 from agentos.chat import render_chat
 from agentos.kernel.errors import AgentOSError, APIStatusError, InvalidRequestError, NotFoundError
 from agentos.session import Session
@@ -192,7 +190,13 @@ class _Run:
         finally:
             if not streaming:  # else the stream closes them when it ends
                 await self._close(release)
-        return StreamingResponse(self._events(streams, chat, release), media_type="text/event-stream")
+
+        async def on_close():  # however the stream ends, even before it began
+            for s in streams:
+                await s.aclose()
+            await self._close(release)
+
+        return EventStream(self._events(streams, chat), on_close)
 
     async def _open(self) -> None:
         """Finds or creates the session(s); forks n ways when n > 1. Marks the sessions
@@ -287,9 +291,9 @@ class _Run:
         chunk = {"id": self.id, "object": self.object + ".chunk" if chat else self.object,
                  "created": self.created, "model": self.settings.model_name, "choices": choices,
                  **extra}
-        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        return sse(chunk)
 
-    async def _events(self, streams, chat: bool, release):
+    async def _events(self, streams, chat: bool):
         """Interleaves the n streams' chunks as they come; ends with [DONE]."""
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -318,7 +322,7 @@ class _Run:
                     live -= 1
                 elif isinstance(item, AgentOSError):
                     err = item if isinstance(item, APIStatusError) else APIStatusError(str(item), 500)
-                    yield f"data: {json.dumps(error_body(err))}\n\n"
+                    yield sse(error_body(err))
                 elif item.finish_reason is not None:
                     yield self._chunk(i, chat, None if chat else "", item.finish_reason)
                 else:
@@ -331,6 +335,3 @@ class _Run:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            for s in streams:
-                await s.aclose()
-            await self._close(release)

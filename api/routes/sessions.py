@@ -3,11 +3,9 @@ tokens, close."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import StreamingResponse
 
 from agentos.api import deps
 from agentos.api.schemas import (
@@ -24,7 +22,7 @@ from agentos.api.schemas import (
     SessionTokens,
 )
 from agentos.api.tenants import Tenant
-from agentos.api.wire import error_body
+from agentos.api.wire import EventStream, error_body, sse
 from agentos.kernel.errors import AgentOSError, APIStatusError, InvalidRequestError, NotFoundError
 from agentos.kernel.sampling_params import SamplingParams
 from agentos.session import Session
@@ -92,7 +90,11 @@ async def generate(sid: str, body: Generate, t: Tenant = Depends(deps.tenant),
     except BaseException:
         release()
         raise
-    return StreamingResponse(sse(chunks, release), media_type="text/event-stream")
+    async def on_close():
+        await chunks.aclose()
+        release()
+
+    return EventStream(events(chunks), on_close)
 
 
 def sampling_params(fields: dict, max_tokens_cap: int | None) -> SamplingParams:
@@ -104,19 +106,15 @@ def sampling_params(fields: dict, max_tokens_cap: int | None) -> SamplingParams:
     return SamplingParams(**fields)
 
 
-async def sse(chunks, release):
+async def events(chunks):
     """Server-sent events of a streamed generate: one `data:` line per GenerationChunk; an
-    error after the stream began is an `event: error`. A client that goes away ends the
-    call (cancelling this generator closes `chunks`); its tokens so far stay."""
+    error after the stream began is an `event: error`."""
     try:
         async for chunk in chunks:
-            yield f"data: {json.dumps(asdict(chunk), ensure_ascii=False)}\n\n"
+            yield sse(asdict(chunk))
     except AgentOSError as e:
         err = e if isinstance(e, APIStatusError) else APIStatusError(str(e), 500)
-        yield f"event: error\ndata: {json.dumps(error_body(err))}\n\n"
-    finally:
-        await chunks.aclose()
-        release()
+        yield sse(error_body(err), "error")
 
 
 @router.post("/sessions/{sid}/fork", status_code=201, response_model=SessionList)
