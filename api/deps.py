@@ -1,4 +1,7 @@
-"""FastAPI dependencies: the engine, the settings and the request's tenant."""
+"""FastAPI dependencies: the engine, the settings and the request's tenant.
+
+NOTE: async on purpose: FastAPI runs a plain `def` dependency in a worker thread, a
+thread handoff per dependency per request."""
 
 from __future__ import annotations
 
@@ -7,15 +10,15 @@ from fastapi import Request
 from agentos.api.tenants import Tenant
 
 
-def engine(request: Request):
+async def engine(request: Request):
     """The app's AsyncEngine (created by the lifespan handler)."""
     return request.app.state.engine
 
 
-def settings(request: Request):
+async def settings(request: Request):
     return request.app.state.settings
 
 
-def tenant(request: Request) -> Tenant:
+async def tenant(request: Request) -> Tenant:
     """The tenant AuthMiddleware found for this request's key."""
     return request.state.tenant
