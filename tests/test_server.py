@@ -5,10 +5,8 @@ concurrent clients."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -20,42 +18,14 @@ import pytest
 
 import agentos
 from agentos import AsyncClient, Client, Engine
+from agentos.bench.api import free_port, run_server
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
 def serve(*args: str):
-    """Runs `agentos serve` on a free port; yields its base URL."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "agentos.cli", "serve", "--port", str(port),
-                             "--log-level", "warning", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stdout.read().decode()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            if time.time() > deadline:
-                raise TimeoutError("server did not start")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    """Runs `agentos serve` on a free loopback port; yields its base URL."""
+    return run_server([*args, "--log-level", "warning"])
 
 
 @pytest.fixture(scope="module")

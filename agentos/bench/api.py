@@ -74,7 +74,7 @@ def run(bench: ApiBench) -> dict:
     """
     from agentos import Engine
 
-    port = bench.port or _free_port()
+    port = bench.port or free_port()
     if not _is_free(port):  # else /health could be answered by whatever listens there
         raise ValueError(f"port {port} on 127.0.0.1 is in use")
     need = bench.num_tokens + bench.append_tokens + 1
@@ -240,15 +240,24 @@ def _wait_idle(ops, sid: str, timeout_s: float = 60.0) -> None:
 
 @contextmanager
 def _server(bench: ApiBench, port: int, kv_blocks: int, log_lines: list[str]):
-    """Runs `agentos serve` on 127.0.0.1:port until the block exits (terminated, killed
-    if it lingers), then puts the last lines of its output in log_lines; yields its URL.
-    Raises RuntimeError when it exits or stays silent before answering /health."""
-    cmd = [sys.executable, "-m", "agentos.cli", "serve", "--host", "127.0.0.1",
-           "--port", str(port), "--model", bench.model, "--device", bench.device,
-           "--block-size", str(bench.block_size), "--kv-blocks", str(kv_blocks),
-           "--log-level", "warning"]
+    args = ["--model", bench.model, "--device", bench.device, "--block-size", str(bench.block_size),
+            "--kv-blocks", str(kv_blocks), "--log-level", "warning"]
     if bench.dtype is not None:
-        cmd += ["--dtype", bench.dtype]
+        args += ["--dtype", bench.dtype]
+    with run_server(args, port, log_lines, bench.startup_timeout_s) as url:
+        yield url
+
+
+@contextmanager
+def run_server(args: Sequence[str], port: int | None = None, log_lines: list[str] | None = None,
+               startup_timeout_s: float = 60.0):
+    """Runs `agentos serve --host 127.0.0.1 --port PORT *args` (a free port by default)
+    until the block exits (terminated, killed if it lingers), then puts the last lines of
+    its output in log_lines; yields its URL. Raises RuntimeError when it exits or stays
+    silent before answering /health."""
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "agentos.cli", "serve", "--host", "127.0.0.1",
+           "--port", str(port), *args]
     # an open loopback server: keys from the environment would turn every call into a 401
     env = {k: v for k, v in os.environ.items() if k != "AGENTOS_API_KEYS"}
     url = f"http://127.0.0.1:{port}"
@@ -256,7 +265,7 @@ def _server(bench: ApiBench, port: int, kv_blocks: int, log_lines: list[str]):
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env)
         try:
-            _wait_healthy(proc, url, log, bench.startup_timeout_s)
+            _wait_healthy(proc, url, log, startup_timeout_s)
             yield url
         finally:
             proc.terminate()
@@ -265,7 +274,8 @@ def _server(bench: ApiBench, port: int, kv_blocks: int, log_lines: list[str]):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            log_lines.extend(_tail(log))
+            if log_lines is not None:
+                log_lines.extend(_tail(log))
 
 
 def _wait_healthy(proc: subprocess.Popen, url: str, log, timeout_s: float) -> None:
@@ -291,7 +301,7 @@ def _tail(log, num_lines: int = 20) -> list[str]:
     return log.read().decode(errors="replace").splitlines()[-num_lines:]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
