@@ -53,7 +53,7 @@ def _top_k_top_p(x: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> tor
     sorted_x, order = x.sort(dim=-1, descending=True)
     V = x.shape[1]
     ranks = torch.arange(V, device=x.device)[None, :]
-    ks = torch.tensor([k if k > 0 else V for k in top_ks], device=x.device)
+    ks = torch.tensor([k if 0 < k < V else V for k in top_ks], device=x.device)  # k >= V: off
     drop = ranks >= ks[:, None]
     ps = torch.tensor(top_ps, device=x.device, dtype=x.dtype)
     probs = torch.softmax(sorted_x.masked_fill(drop, float("-inf")), dim=-1)

@@ -291,3 +291,15 @@ def snap_tokens(engine, snap):
     tokens = t.tokens
     t.close()
     return tokens
+
+
+def test_top_k_beyond_the_vocabulary_means_off(tiny):
+    # a huge top_k once overflowed inside the step and failed every running call
+    s = tiny.create_session(tokens=[1, 2, 3])
+    snap = s.snapshot()
+    off = s.generate(max_tokens=4, temperature=0.9, seed=5, top_k=0)
+    s.rollback(snap)
+    huge = s.generate(max_tokens=4, temperature=0.9, seed=5, top_k=2**63)
+    assert huge.tokens == off.tokens
+    s.close()
+    snap.delete()
