@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--kv-blocks", type=int, default=None,
                        help="device KV blocks (default: sized from free memory)")
+    serve.add_argument("--host-blocks", type=int, default=None,
+                       help="host swap blocks (default: sized from available RAM; 0: no swap, "
+                       "pages that do not fit are dropped and recomputed)")
+    serve.add_argument("--scheduler", choices=("mlfq", "fcfs"), default="mlfq",
+                       help="multi-level feedback queue over sessions, or first come first served")
     serve.add_argument("--block-size", type=int, default=16)
     serve.add_argument("--max-batch-tokens", type=int, default=2048)
     serve.add_argument("--max-model-len", type=int, default=None)

@@ -42,8 +42,9 @@ class ServerSettings:
     dtype: str | None = None
     block_size: int = 16
     kv_blocks: int | None = None
-    host_blocks: int = 0
+    host_blocks: int | None = None  # None: sized from available RAM
     max_batch_tokens: int = 2048
+    scheduler: str = "mlfq"
     max_model_len: int | None = None
     seed: int = 0
     # server
@@ -64,7 +65,7 @@ class ServerSettings:
 
     def engine_options(self) -> dict:
         names = ("device", "dtype", "block_size", "kv_blocks", "host_blocks",
-                 "max_batch_tokens", "max_model_len", "seed")
+                 "max_batch_tokens", "max_model_len", "scheduler", "seed")
         return {k: v for k, v in asdict(self).items() if k in names}
 
     def tenants(self) -> Tenants:

@@ -1,9 +1,10 @@
 """Paged attention in plain torch: the reference path that runs everywhere.
 
 The KV cache of one layer is `[num_blocks, block_size, num_kv_heads, head_dim]` for K and
-the same for V. A step's new tokens are flattened into one batch: decode tokens (one
-query per session) first, then prefill chunks (several queries per session, each
-attending to the session's cached tokens and causally to each other).
+the same for V (views into the block-major pool, so strided between blocks). A step's new
+tokens are flattened into one batch: decode tokens (one query per session) first, then
+prefill chunks (several queries per session, each attending to the session's cached
+tokens and causally to each other).
 """
 
 from __future__ import annotations
@@ -39,10 +40,14 @@ def write_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Stores the new tokens' K and V at their slots. k, v: [T, KVH, D]."""
-    num_blocks, block_size = k_cache.shape[:2]
-    k_cache.view(num_blocks * block_size, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(num_blocks * block_size, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+    """Stores the new tokens' K and V at their slots. k, v: [T, KVH, D].
+
+    The caches are per-layer views of the block-major pool, strided between blocks, so
+    the slots are addressed as (block, offset) pairs."""
+    block_size = k_cache.shape[1]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    k_cache.index_put_((blocks, offsets), k)
+    v_cache.index_put_((blocks, offsets), v)
 
 
 def paged_attention(

@@ -12,11 +12,11 @@ class Config:
     dtype: str | None = None  # "float32", "bfloat16", "float16"; None: fp32 on CPU, bf16 on CUDA
     block_size: int = 16  # tokens per KV block (page)
     kv_blocks: int | None = None  # device KV blocks; None: sized from free memory
-    host_blocks: int = 0  # host swap blocks
+    host_blocks: int | None = None  # host swap tier; None: sized from available RAM, 0: no swap
     max_batch_tokens: int = 2048  # token budget of one step (decodes + prefill chunks)
     max_batch_size: int = 256  # sessions in one step at most
     max_model_len: int | None = None  # context limit; None: the model's max positions
-    scheduler: str = "fcfs"  # "fcfs" (MLFQ arrives with the scheduler work)
+    scheduler: str = "mlfq"  # "mlfq" (multi-level feedback queue) or "fcfs"
     deterministic: bool = False  # batch-invariant results
     store: str | None = None  # None (in memory) or a redis:// URL
     seed: int = 0  # seeds session RNGs that are not given a seed
@@ -30,11 +30,11 @@ class Config:
             raise ValueError("block_size must be a power of two")
         if self.kv_blocks is not None and self.kv_blocks < 1:
             raise ValueError("kv_blocks must be >= 1")
-        if self.host_blocks < 0:
+        if self.host_blocks is not None and self.host_blocks < 0:
             raise ValueError("host_blocks must be >= 0")
         if self.max_batch_tokens < 1 or self.max_batch_size < 1:
             raise ValueError("max_batch_tokens and max_batch_size must be >= 1")
-        if self.scheduler not in ("fcfs",):
+        if self.scheduler not in ("mlfq", "fcfs"):
             raise ValueError(f"unknown scheduler {self.scheduler!r}")
         if self.store is not None:
             raise ValueError("only the in-memory store is available (store=None)")

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+import numpy as np
 import psutil
 import torch
 
@@ -31,13 +32,13 @@ from agentos.kernel.errors import (
     NotFoundError,
     OutOfCapacityError,
 )
-from agentos.kernel.kalloc import BlockAllocator
+from agentos.kernel.kalloc import DEVICE, HOST, ROOT_DIGEST, BlockAllocator, block_digest
 from agentos.kernel.loader import load_model
 from agentos.kernel.process import GenerateCall, Generation, Process, ProcState
 from agentos.kernel.runner import ModelRunner
 from agentos.kernel.sampler import new_rng
 from agentos.kernel.sampling_params import SamplingParams
-from agentos.kernel.sched import FCFS, form_batch
+from agentos.kernel.sched import form_batch, make_policy, victim_order
 from agentos.kernel.tokenizer import IncrementalDetokenizer
 from agentos.kernel.vm import VM, PageTable
 
@@ -58,19 +59,29 @@ class Kernel:
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
         self.block_size = config.block_size
+        self.block_bytes = ModelRunner.block_bytes(self.model, self.block_size, self.dtype)
         num_blocks = config.kv_blocks or self._auto_kv_blocks()
-        self.kalloc = BlockAllocator(num_blocks)
+        host_blocks = config.host_blocks if config.host_blocks is not None else self._auto_host_blocks()
+        self.kalloc = BlockAllocator(num_blocks, host_blocks)
         self.vm = VM(self.kalloc, config.block_size)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.device, self.dtype)
-        self.policy = FCFS()
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.device, self.dtype,
+                                  host_blocks)
+        self.policy = make_policy(config.scheduler)
         self.procs: dict[str, Process] = {}
+        self.snapshots = None  # the SnapshotTable, once one is attached: its pages can be swapped
         self.eos_ids = frozenset(mc.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.vocab_size = mc.vocab_size
         self.stats = {"steps": 0, "tokens_generated": 0, "tokens_prefilled": 0, "forks": 0,
-                      "cow_copies": 0, "step_time_s": 0.0}
+                      "cow_copies": 0, "step_time_s": 0.0, "swap_out_blocks": 0,
+                      "swap_in_blocks": 0, "dropped_blocks": 0, "prefix_hit_tokens": 0}
         self._arrivals = itertools.count()
         self._seeds = new_rng(config.seed)
-        self._pending_copies: list[tuple[int, int]] = []
+        # per-step memory work: block copies in the order decided, pins on the pages of the
+        # batch (never victims), victims not yet tried, blocks being computed this step
+        self._copies: list[tuple[str, list[tuple[int, int]]]] = []
+        self._pins = np.zeros(len(self.kalloc.refcount), dtype=np.int32)
+        self._victims: list | None = None
+        self._inflight: set[bytes] = set()
         self._calls: deque[tuple[Callable, tuple, Future]] = deque()
         self._deferred: list[tuple[Callable, tuple, Future]] = []
         self._cv = threading.Condition()
@@ -79,13 +90,20 @@ class Kernel:
         self._thread.start()
 
     def _auto_kv_blocks(self) -> int:
-        per_block = ModelRunner.block_bytes(self.model, self.block_size, self.dtype)
+        per_block = self.block_bytes
         if self.config.device.startswith("cuda"):
             free, _ = torch.cuda.mem_get_info(torch.device(self.config.device))
             budget = int(free * 0.85)
         else:
             budget = min(2 << 30, psutil.virtual_memory().available // 4)
         return max(16, budget // per_block)
+
+    def _auto_host_blocks(self) -> int:
+        """Host swap tier from available RAM: a quarter of it, at most 16 GiB on CUDA
+        (pinned memory is taken up front) and 4 GiB on CPU (where the device tier is RAM
+        too, and both are touched lazily)."""
+        cap = (16 << 30) if self.config.device.startswith("cuda") else (4 << 30)
+        return min(cap, psutil.virtual_memory().available // 4) // self.block_bytes
 
     # -- syscall plumbing ---------------------------------------------------------------
 
@@ -156,13 +174,147 @@ class Kernel:
 
     # -- the step -----------------------------------------------------------------------
 
-    def reserve(self, proc: Process, start: int, end: int) -> bool:
-        """MemoryView for the scheduler: make [start, end) of proc writable."""
-        copies = self.vm.prepare_write(proc.table, start, end)
-        if copies is None:
+    # -- memory for the scheduler (MemoryView) ----------------------------------------
+
+    def match_prefix(self, p: Process) -> bool:
+        """Maps prefix-cache pages for p's next full blocks of tokens (see MemoryView)."""
+        bs, table = self.block_size, p.table
+        i = table.num_blocks
+        if p.num_cached != i * bs or not self.kalloc.cached:
+            return True
+        prev = ROOT_DIGEST if i == 0 else self.kalloc.digest.get(int(table.block_ids[-1]))
+        if prev is None:
+            return True
+        hits: list[int] = []
+        wait = False
+        tokens = p.token_ids
+        while (i + 1) * bs <= len(tokens):
+            digest = block_digest(prev, tokens[i * bs : (i + 1) * bs])
+            page = self.kalloc.lookup(digest)
+            if page is None:
+                wait = digest in self._inflight
+                break
+            hits.append(page)
+            prev = digest
+            i += 1
+        if hits:
+            for page in hits:
+                self.kalloc.revive(page)
+            table.push(hits)
+            cached = min(i * bs, p.num_tokens - 1 if p.call is not None else p.num_tokens)
+            self.stats["prefix_hit_tokens"] += cached - p.num_cached
+            p.num_cached = cached
+        return not wait
+
+    def reserve(self, p: Process, start: int, end: int) -> bool:
+        """Makes [start, end) of p writable with all its pages on the device (see
+        MemoryView): frees room by evicting cached pages, then swapping out or dropping
+        victims; swaps p's host pages in; copies shared pages it will write."""
+        self._pin(p.table.block_ids, 1)
+        if not self._make_room(self.vm.blocks_needed(p.table, start, end)):
+            self._pin(p.table.block_ids, -1)
             return False
-        self._pending_copies.extend(copies)
+        host = self.vm.nonresident(p.table)
+        if len(host):
+            self._copy("in", self.kalloc.swap_in(host.tolist()))
+            self.stats["swap_in_blocks"] += len(host)
+        self._pin(p.table.block_ids, -1)
+        copies = self.vm.prepare_write(p.table, start, end)
+        assert copies is not None, "room was made"
+        self._pin(p.table.block_ids, 1)  # with its new pages, and not the pages it copied
+        if copies:
+            slot = self.kalloc.slot
+            self._copy("cow", [(int(slot[s]), int(slot[d])) for s, d in copies])
+            self.stats["cow_copies"] += len(copies)
+        if end - start > 1:  # a prefill: later prompts with the same blocks wait for these
+            self._inflight.update(self._digests(p, start // self.block_size, end // self.block_size))
         return True
+
+    def _pin(self, pages: np.ndarray, delta: int) -> None:
+        self._pins[pages] += delta  # page table ids are distinct
+
+    def _copy(self, kind: str, pairs: list[tuple[int, int]]) -> None:
+        if not pairs:
+            return
+        if self._copies and self._copies[-1][0] == kind:
+            self._copies[-1][1].extend(pairs)
+        else:
+            self._copies.append((kind, pairs))
+
+    def _make_room(self, need: int) -> bool:
+        """Frees device pages until `need` can be allocated: victims' unpinned pages are
+        swapped to the host tier while it has room, then victims are dropped (their KV is
+        recomputed from tokens when they next run)."""
+        k = self.kalloc
+        if k.num_free >= need:
+            return True
+        if self._victims is None:
+            self._victims = self._victim_list()
+        for drop in (False, True):
+            for holder in self._victims:
+                if k.num_free >= need:
+                    return True
+                self._evict(holder, drop)
+        return k.num_free >= need
+
+    def _victim_list(self) -> list:
+        """Holders of pages in eviction order: snapshots first (their pages that no live
+        session maps, oldest snapshot first), then sessions by `victim_order`."""
+        snaps = []
+        if self.snapshots is not None:
+            snaps = sorted(self.snapshots.records.values(), key=lambda r: r.created_at)
+        procs = victim_order(p for p in self.procs.values() if p.state is not ProcState.RUNNING)
+        return snaps + procs
+
+    def _evict(self, holder, drop: bool) -> None:
+        """Moves holder's unpinned device pages to the host tier (as many as fit), or with
+        drop, releases its pages and leaves its tokens to be recomputed."""
+        k = self.kalloc
+        pages = holder.table.block_ids
+        if not isinstance(holder, Process) and not drop:
+            live = np.zeros(len(k.refcount), dtype=bool)
+            for p in self.procs.values():
+                live[p.table.block_ids] = True
+            pages = pages[~live[pages]]  # a snapshot's pages that only snapshots hold
+        movable = pages[(k.tier[pages] == DEVICE) & (self._pins[pages] == 0)]
+        if not len(movable):
+            return
+        if drop:
+            # NOTE: a page shared with other holders is freed once the last of them is
+            # dropped; shared pages that stay (a running fork's prefix) come back through
+            # the prefix cache when this holder runs again
+            self.stats["dropped_blocks"] += self.vm.free(holder.table)
+            holder.num_cached = 0
+        else:
+            room = min(len(movable), k.host.num_free)
+            if not room:
+                return
+            self._copy("out", k.swap_out(movable[:room].tolist()))
+            self.stats["swap_out_blocks"] += room
+        if isinstance(holder, Process):
+            holder.state = ProcState.SWAPPED
+
+    def _digests(self, p: Process, lo: int, hi: int) -> list[bytes]:
+        """Chained digests of p's token blocks lo..hi-1 (page lo-1 must be hashed)."""
+        if hi <= lo:
+            return []
+        bs = self.block_size
+        prev = ROOT_DIGEST if lo == 0 else self.kalloc.digest.get(int(p.table.block_ids[lo - 1]))
+        out = []
+        for i in range(lo, hi):
+            if prev is None:
+                break
+            prev = block_digest(prev, p.token_ids[i * bs : (i + 1) * bs])
+            out.append(prev)
+        return out
+
+    def _register_full(self, p: Process, start: int, end: int) -> None:
+        """Enters the pages that [start, end) completed into the prefix cache."""
+        lo, hi = start // self.block_size, end // self.block_size
+        for i, digest in enumerate(self._digests(p, lo, hi), lo):
+            self.kalloc.register(int(p.table.block_ids[i]), digest)
+
+    # -- the step -----------------------------------------------------------------------
 
     def _step(self) -> None:
         for p in [p for p in self.policy.order() if p.call is not None and p.call.aborted]:
@@ -170,20 +322,28 @@ class Kernel:
         if not self.policy.has_work():
             return
         t0 = time.perf_counter()
-        chunks, blocked = form_batch(self.policy, self, self.config.max_batch_tokens,
-                                     self.config.max_batch_size)
+        self._pins.fill(0)
+        self._victims = None
+        self._inflight.clear()
+        try:
+            chunks, blocked = form_batch(self.policy, self, self.config.max_batch_tokens,
+                                         self.config.max_batch_size)
+        finally:
+            copies, self._copies = self._copies, []
+            self.runner.run_copies(copies)  # decided swaps must happen even if no chunk runs
+        for p in [p for p in self.policy.order() if not p.has_work()]:
+            self.policy.remove(p)  # its tokens came from the prefix cache
+            p.state = self._rest_state(p)
         if not chunks:
             self._unblock(blocked)
             return
-        copies, self._pending_copies = self._pending_copies, []
-        self.runner.copy_blocks(copies)
-        self.stats["cow_copies"] += len(copies)
-        token_ids, logprobs = self.runner.execute(chunks)
+        token_ids, logprobs = self.runner.execute(chunks, self.kalloc.slot)
         sampled = iter(zip(token_ids, logprobs))
         for c in chunks:
             p = c.proc
             p.num_cached = c.end
             p.last_active = time.time()
+            self._register_full(p, c.start, c.end)
             if c.sample:
                 self.stats["tokens_generated"] += 1
                 token, logprob = next(sampled)
@@ -203,6 +363,15 @@ class Kernel:
         self.stats["steps"] += 1
         self.stats["step_time_s"] += time.perf_counter() - t0
 
+    def _rest_state(self, p: Process) -> ProcState:
+        """The state of a process that is not running: EMBRYO until it first ran, SWAPPED
+        while some of its KV is on the host or dropped, else RUNNABLE or SLEEPING."""
+        if p.state is ProcState.EMBRYO and p.num_cached == 0:
+            return ProcState.EMBRYO
+        if p.num_cached == 0 or len(self.vm.nonresident(p.table)):
+            return ProcState.SWAPPED
+        return ProcState.RUNNABLE if p.has_work() else ProcState.SLEEPING
+
     def _unblock(self, blocked: list[Process]) -> None:
         # NOTE: nothing could run and nothing is running, so no memory will come back by
         # waiting: fail the oldest generate call, park pure prefills until asked again.
@@ -213,15 +382,14 @@ class Kernel:
                     f"{self.kalloc.num_free} free of {self.kalloc.num_blocks}"))
                 return
             self.policy.remove(p)
-            p.state = ProcState.SLEEPING
+            p.state = self._rest_state(p)
 
     def _fail_running(self, error: Exception) -> None:
-        self._pending_copies = []
         for p in list(self.policy.order()):
             if p.call is not None:
                 self._finish(p, None, error)
             self.policy.remove(p)
-            p.state = ProcState.SLEEPING
+            p.state = self._rest_state(p)
 
     def _on_token(self, p: Process, token: int, logprob: float) -> None:
         call = p.call
@@ -260,7 +428,7 @@ class Kernel:
             self.policy.add(p)
         else:
             self.policy.remove(p)
-            p.state = ProcState.SLEEPING
+        p.state = self._rest_state(p)
         if error is not None:
             call.future.set_exception(error)
             return
@@ -313,10 +481,7 @@ class Kernel:
         if p.has_work():
             p.arrival = next(self._arrivals)
             self.policy.add(p)
-            if p.state is not ProcState.EMBRYO:
-                p.state = ProcState.RUNNABLE
-        else:  # its tokens are cached (a fork, a restore, a rollback): idle
-            p.state = ProcState.SLEEPING
+        p.state = self._rest_state(p)
 
     def rng_for(self, seed: int | None) -> torch.Generator:
         if seed is None:
@@ -404,11 +569,12 @@ class Kernel:
         return self.info(self.proc(pid))
 
     def info(self, p: Process) -> dict[str, Any]:
+        host = int((self.kalloc.tier[p.table.block_ids] == HOST).sum())
         return {
             "id": p.pid, "parent_id": p.parent_id, "state": p.state.value, "level": p.level,
             "num_tokens": p.num_tokens, "num_cached": p.num_cached,
-            "num_generated": p.num_generated, "device_blocks": p.table.num_blocks,
-            "created_at": p.created_at, "last_active": p.last_active,
+            "num_generated": p.num_generated, "device_blocks": p.table.num_blocks - host,
+            "host_blocks": host, "created_at": p.created_at, "last_active": p.last_active,
         }
 
     def sys_list(self, pids: list[str] | None = None) -> list[dict[str, Any]]:
@@ -425,13 +591,19 @@ class Kernel:
         by_state: dict[str, int] = {}
         for p in self.procs.values():
             by_state[p.state.value] = by_state.get(p.state.value, 0) + 1
+        by_level: dict[str, int] = {}
+        for p in self.policy.order():
+            by_level[str(p.level)] = by_level.get(str(p.level), 0) + 1
+        k = self.kalloc
         return {
-            "kv": {"device_blocks_total": self.kalloc.num_blocks,
-                   "device_blocks_used": self.kalloc.num_used,
-                   "host_blocks_total": self.config.host_blocks, "host_blocks_used": 0,
-                   "block_size": self.block_size},
+            "kv": {"device_blocks_total": k.num_blocks, "device_blocks_used": k.num_used,
+                   "device_blocks_cached": len(k.lru), "host_blocks_total": k.host.num_slots,
+                   "host_blocks_used": k.host.num_used, "block_size": self.block_size,
+                   "block_bytes": self.block_bytes, "prefix_cache_blocks": len(k.cached),
+                   "prefix_cache_evictions": k.evictions},
             "sessions": {"total": len(self.procs), "by_state": by_state},
             "scheduler": self.policy.name,
+            "queue": {"runnable": sum(1 for _ in self.policy.order()), "by_level": by_level},
             **{k: v for k, v in self.stats.items()},
         }
 

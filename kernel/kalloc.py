@@ -1,29 +1,47 @@
-"""Physical memory: a pool of fixed-size KV blocks with a free list and reference counts.
+"""Physical memory: KV pages with reference counts, living in the slots of two tiers.
 
-Plain numpy over block ids (no tensors): the KV bytes themselves live in `KVPool`.
+A page is what a page table maps (one block of `block_size` token positions). Each live
+page sits in one slot of the device tier (where attention reads it) or of the host tier
+(swapped out). Swapping moves a page between tiers without changing its id, so every
+page table that maps it (forks, snapshots) follows at once and nothing is rewritten.
+
+The allocator also holds the prefix cache's bookkeeping: the chained digest of each full
+page, the canonical page of each digest, and an LRU of cached device pages that no table
+maps any more (kept until their slot is needed).
+
+Plain numpy and dicts over ids (no tensors): the KV bytes live in the model runner.
 Reference counts are vectorised so that forking or freeing a page table of thousands of
-blocks is a handful of array operations, not a Python loop.
+pages is a handful of array operations, not a Python loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+DEVICE, HOST, FREE = 0, 1, -1  # tier of a page
+ROOT_DIGEST = b"agentos/prefix/v1"  # the chain's seed: the digest "before" a session's first block
+
+
+def block_digest(prev: bytes, tokens) -> bytes:
+    """The digest of a full block given its tokens (an array("i") slice) and the digest of
+    the block before it: equal digests mean equal prefixes, hence equal KV."""
+    return hashlib.blake2b(prev + tokens.tobytes(), digest_size=16).digest()
+
 
 class OutOfBlocks(Exception):
-    """Raised by alloc when the pool cannot satisfy a request (nothing was changed)."""
+    """Raised by alloc when the device tier cannot satisfy a request (nothing changed)."""
 
 
-class BlockAllocator:
-    def __init__(self, num_blocks: int):
-        if num_blocks < 1:
-            raise ValueError("num_blocks must be >= 1")
-        self.num_blocks = num_blocks
-        self.refcount = np.zeros(num_blocks, dtype=np.int32)
-        # NOTE: a stack; low ids are handed out first so tests and dumps read naturally
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+class Tier:
+    """The slots of one memory tier: a free list. Low slots are handed out first."""
+
+    def __init__(self, num_slots: int):
+        self.num_slots = num_slots
+        self._free: list[int] = list(range(num_slots - 1, -1, -1))
 
     @property
     def num_free(self) -> int:
@@ -31,54 +49,218 @@ class BlockAllocator:
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
-
-    def can_alloc(self, n: int) -> bool:
-        """True when n blocks can be allocated now. Changes nothing."""
-        return n <= len(self._free)
+        return self.num_slots - len(self._free)
 
     def alloc(self, n: int) -> list[int]:
-        """Returns n fresh block ids, each with reference count 1.
-
-        Raises OutOfBlocks (and changes nothing) when fewer than n are free.
-        """
-        if n > len(self._free):
-            raise OutOfBlocks(f"need {n} blocks, {len(self._free)} free")
+        assert n <= len(self._free), "tier overcommitted"
         if n == 0:
             return []
-        ids = self._free[-n:]
+        slots = self._free[-n:]
         del self._free[-n:]
-        ids.reverse()
-        self.refcount[ids] = 1
-        return ids
+        slots.reverse()
+        return slots
 
-    def incref(self, block_ids: Sequence[int] | np.ndarray) -> None:
-        """Adds one reference to each block. The ids must be distinct (as in a page table)."""
-        ids = np.asarray(block_ids, dtype=np.int64)
+    def free(self, slots: Iterable[int]) -> None:
+        self._free.extend(slots)
+
+
+class BlockAllocator:
+    """Pages over a device tier of `num_blocks` slots and a host tier of `num_host_blocks`.
+
+    `alloc` hands out device pages with reference count 1; `incref`/`decref` count table
+    entries; a page reaching zero frees its slot, unless it is the prefix cache's copy of
+    its digest and sits on the device: then it waits in the LRU until a slot is needed.
+    """
+
+    def __init__(self, num_blocks: int, num_host_blocks: int = 0):
+        if num_blocks < 1 or num_host_blocks < 0:
+            raise ValueError("need num_blocks >= 1 and num_host_blocks >= 0")
+        self.device = Tier(num_blocks)
+        self.host = Tier(num_host_blocks)
+        n = num_blocks + num_host_blocks  # every live page holds a slot: ids never run out
+        self.refcount = np.zeros(n, dtype=np.int32)
+        self.tier = np.full(n, FREE, dtype=np.int8)
+        self.slot = np.zeros(n, dtype=np.int64)
+        self._free_pages: list[int] = list(range(n - 1, -1, -1))
+        self.digest: dict[int, bytes] = {}  # full page -> chained digest of its tokens
+        self.cached: dict[bytes, int] = {}  # digest -> the page new sessions share
+        self.lru: OrderedDict[int, None] = OrderedDict()  # unmapped cached device pages, oldest first
+        self.evictions = 0
+
+    # -- capacity -----------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return self.device.num_slots
+
+    @property
+    def num_free(self) -> int:
+        """Device pages that can be allocated now (free slots plus evictable cached pages)."""
+        return self.device.num_free + len(self.lru)
+
+    @property
+    def num_used(self) -> int:
+        """Device slots held by mapped pages."""
+        return self.device.num_used - len(self.lru)
+
+    def can_alloc(self, n: int) -> bool:
+        """True when n device pages can be allocated now. Changes nothing."""
+        return n <= self.num_free
+
+    # -- pages --------------------------------------------------------------------------
+
+    def alloc(self, n: int) -> list[int]:
+        """Returns n fresh device pages, each with reference count 1, evicting the least
+        recently used cached pages if the free slots fall short.
+
+        Raises OutOfBlocks (and changes nothing) when fewer than n can be had.
+        """
+        if n > self.num_free:
+            raise OutOfBlocks(f"need {n} blocks, {self.num_free} free")
+        self._make_free(n)
+        pages = self._new_pages(n, DEVICE, self.device.alloc(n))
+        self.refcount[pages] = 1
+        return pages
+
+    def incref(self, pages: Sequence[int] | np.ndarray) -> None:
+        """Adds one reference to each page. The ids must be distinct (as in a page table)."""
+        ids = np.asarray(pages, dtype=np.int64)
         if ids.size == 0:
             return
         rc = self.refcount[ids]
-        assert (rc > 0).all(), "incref of a free block"
+        assert (rc > 0).all(), "incref of an unmapped page"
         # NOTE: fancy-index assignment, ~20x faster than np.add.at; needs distinct ids
         self.refcount[ids] = rc + 1
 
-    def decref(self, block_ids: Sequence[int] | np.ndarray) -> int:
-        """Drops one reference from each block (distinct ids); blocks reaching zero return
-        to the free list.
+    def decref(self, pages: Sequence[int] | np.ndarray) -> int:
+        """Drops one reference from each page (distinct ids); returns how many reached zero.
 
-        Blocks are pushed so that the first id in `block_ids` is reused last: callers pass
-        page tables head-first, so prefixes stay in memory longest. Returns the number freed.
+        Callers pass page tables head-first; the last pages of a table are reused first
+        (the tail is pushed last onto the free stack, and enters the LRU first), so
+        prefixes stay in memory longest.
         """
-        ids = np.asarray(block_ids, dtype=np.int64)
+        ids = np.asarray(pages, dtype=np.int64)
         if ids.size == 0:
             return 0
         rc = self.refcount[ids] - 1
-        assert (rc >= 0).all(), "decref of a free block"
+        assert (rc >= 0).all(), "decref of an unmapped page"
         self.refcount[ids] = rc
-        freed = ids[rc == 0]
-        # pushed head-first, so the tail sits on top of the stack and is reused first
-        self._free.extend(freed.tolist())
-        return int(freed.size)
+        dead = ids[rc == 0]
+        if dead.size:
+            keep = [p for p in dead[::-1].tolist() if self.tier[p] == DEVICE
+                    and self.cached.get(self.digest.get(p, b"")) == p]
+            if keep:
+                self.lru.update(dict.fromkeys(keep))
+                dead = dead[~np.isin(dead, keep)]
+            self._release(dead)
+        return int((rc == 0).sum())
 
-    def is_shared(self, block_id: int) -> bool:
-        return bool(self.refcount[block_id] > 1)
+    def revive(self, page: int) -> None:
+        """Maps a cached page again (a prefix-cache hit): one reference, out of the LRU."""
+        if self.refcount[page] == 0:
+            del self.lru[page]
+        self.refcount[page] += 1
+
+    def is_shared(self, page: int) -> bool:
+        return bool(self.refcount[page] > 1)
+
+    def _new_pages(self, n: int, tier: int, slots: list[int]) -> list[int]:
+        pages = self._free_pages[-n:] if n else []
+        del self._free_pages[len(self._free_pages) - n :]
+        pages.reverse()
+        self.tier[pages] = tier
+        self.slot[pages] = slots
+        return pages
+
+    def _release(self, pages: np.ndarray) -> None:
+        """Frees unreferenced pages and their slots (forgetting their digests)."""
+        if not pages.size:
+            return
+        tiers = self.tier[pages]
+        self.device.free(self.slot[pages[tiers == DEVICE]].tolist())
+        self.host.free(self.slot[pages[tiers == HOST]].tolist())
+        self.tier[pages] = FREE
+        ids = pages.tolist()
+        if self.digest:
+            for p in ids:
+                self.forget(p)
+        self._free_pages.extend(ids)
+
+    def _make_free(self, n: int) -> None:
+        """Evicts LRU cached pages until n device slots are free."""
+        while self.device.num_free < n:
+            page, _ = self.lru.popitem(last=False)
+            self.evictions += 1
+            self._release(np.array([page], dtype=np.int64))
+
+    # -- swap ---------------------------------------------------------------------------
+
+    def swap_out(self, pages: Sequence[int]) -> list[tuple[int, int]]:
+        """Moves mapped device pages to the host tier. Returns the (device slot, host slot)
+        copies to make, in order, before either slot is reused."""
+        if len(pages) > self.host.num_free:
+            raise OutOfBlocks(f"need {len(pages)} host blocks, {self.host.num_free} free")
+        ids = np.asarray(pages, dtype=np.int64)
+        assert (self.tier[ids] == DEVICE).all() and (self.refcount[ids] > 0).all()
+        src = self.slot[ids].tolist()
+        dst = self.host.alloc(len(src))
+        self.device.free(src)
+        self.tier[ids] = HOST
+        self.slot[ids] = dst
+        return list(zip(src, dst))
+
+    def swap_in(self, pages: Sequence[int]) -> list[tuple[int, int]]:
+        """Moves host pages to the device tier (evicting cached pages if needed). Returns
+        the (host slot, device slot) copies to make."""
+        if len(pages) > self.num_free:
+            raise OutOfBlocks(f"need {len(pages)} blocks, {self.num_free} free")
+        ids = np.asarray(pages, dtype=np.int64)
+        assert (self.tier[ids] == HOST).all()
+        self._make_free(len(ids))
+        src = self.slot[ids].tolist()
+        dst = self.device.alloc(len(src))
+        self.host.free(src)
+        self.tier[ids] = DEVICE
+        self.slot[ids] = dst
+        return list(zip(src, dst))
+
+    # -- prefix cache -------------------------------------------------------------------
+
+    def register(self, page: int, digest: bytes) -> None:
+        """Records a full page's digest; it becomes the cached copy if there is none."""
+        self.digest[page] = digest
+        self.cached.setdefault(digest, page)
+
+    def forget(self, page: int) -> None:
+        """Drops a page's digest (before it is overwritten or freed)."""
+        digest = self.digest.pop(page, None)
+        if digest is not None and self.cached.get(digest) == page:
+            del self.cached[digest]
+
+    def lookup(self, digest: bytes) -> int | None:
+        return self.cached.get(digest)
+
+    # -- invariants ---------------------------------------------------------------------
+
+    def check(self, mapped: np.ndarray) -> None:
+        """Asserts every invariant given how many table entries map each page."""
+        rc = self.refcount.astype(np.int64)
+        bad = np.nonzero(mapped != rc)[0]
+        assert not len(bad), f"refcount mismatch at pages {bad[:8].tolist()}: " \
+            f"mapped {mapped[bad[:8]].tolist()} counted {rc[bad[:8]].tolist()}"
+        live = rc > 0
+        lru = np.zeros(len(rc), dtype=bool)
+        lru[list(self.lru)] = True
+        assert not (lru & live).any(), "a mapped page is in the LRU"
+        assert (self.tier[live] != FREE).all(), "a mapped page has no slot"
+        assert (self.tier[lru] == DEVICE).all(), "an LRU page is not on the device"
+        held = live | lru
+        assert (self.tier[~held] == FREE).all(), "an unmapped page holds a slot"
+        for tier, t in ((DEVICE, self.device), (HOST, self.host)):
+            slots = self.slot[held & (self.tier == tier)]
+            assert len(np.unique(slots)) == len(slots), "two pages share a slot"
+            assert len(slots) == t.num_used, "tier free list out of sync"
+            assert len(set(t._free)) == t.num_free and not set(t._free) & set(slots.tolist())
+        assert len(self._free_pages) == int((~held).sum()), "page free list out of sync"
+        for digest, page in self.cached.items():
+            assert self.digest.get(page) == digest and held[page], "stale prefix-cache entry"

@@ -180,13 +180,13 @@ class LlamaModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMeta,
         kv: torch.Tensor, logits_indices: torch.Tensor,
     ) -> torch.Tensor:
-        """input_ids, positions: [T]; kv: [L, 2, N, bs, KVH, D]; returns fp32 logits [S, V]
+        """input_ids, positions: [T]; kv: [N, L, 2, bs, KVH, D]; returns fp32 logits [S, V]
         for the tokens at logits_indices [S]."""
         x = self.embed_tokens(input_ids)  # [T, hidden]
         cos = self.cos_table[positions].to(x.dtype)[:, None, :]  # [T, 1, D]
         sin = self.sin_table[positions].to(x.dtype)[:, None, :]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv[i, 0], kv[i, 1], meta)
+            x = layer(x, cos, sin, kv[:, i, 0], kv[:, i, 1], meta)
         x = self.norm(x[logits_indices])
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, w).float()

@@ -21,7 +21,7 @@ class ProcState(enum.Enum):
     RUNNABLE = "runnable"  # has work queued: a prefill to finish or a generate call
     RUNNING = "running"  # in the batch of the current step
     SLEEPING = "sleeping"  # idle, waiting for its client (tool call, next turn)
-    SWAPPED = "swapped"  # pages on the host tier
+    SWAPPED = "swapped"  # pages on the host tier, or dropped (to recompute from tokens)
     ZOMBIE = "zombie"  # closed, its pages being released
 
 
@@ -90,10 +90,13 @@ class Process:
         return len(self.token_ids)
 
     def prefill_target(self) -> int:
-        """Tokens that should be cached before the next step of this process: all when it
-        must sample (the last one's logits are needed), else all but the last, which is left
-        for the next generate call to compute."""
-        return self.num_tokens if self.call is not None else self.num_tokens - 1
+        """Tokens that should be cached before this process sleeps: all of them when it
+        must sample (the last one's logits are needed) or when they were all given (a
+        prompt or tool output is cached eagerly, so forks and the prefix cache share it);
+        all but a sampled last token otherwise, whose KV the next call computes."""
+        if self.call is None and self.mask and self.mask[-1] == 1:
+            return self.num_tokens - 1
+        return self.num_tokens
 
     def has_work(self) -> bool:
         return self.num_cached < self.prefill_target()

@@ -1,4 +1,4 @@
-"""Virtual memory: page tables over the block allocator, fork and copy-on-write.
+"""Virtual memory: page tables over the page allocator, fork and copy-on-write.
 
 A page table maps a session's token positions to physical blocks: position p lives in
 block `ids[p // block_size]` at offset `p % block_size`. Fork copies the table and adds a
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agentos.kernel.kalloc import BlockAllocator
+from agentos.kernel.kalloc import DEVICE, BlockAllocator
 
 
 class PageTable:
@@ -96,23 +96,32 @@ class VM:
         if keep < table.num_blocks:
             self.kalloc.decref(table.pop_to(keep))
 
+    def nonresident(self, table: PageTable) -> np.ndarray:
+        """The table's pages that are not on the device tier (to swap in before it runs)."""
+        ids = table.block_ids
+        return ids[self.kalloc.tier[ids] != DEVICE]
+
     def blocks_needed(self, table: PageTable, start: int, end: int) -> int:
-        """Blocks that writing positions [start, end) would allocate: new blocks past the
-        table's end plus copies of shared blocks in the range. Changes nothing."""
+        """Device pages that running the table over [start, end) would take: its pages on
+        the host, new pages past its end and copies of shared pages in the range. Changes
+        nothing."""
+        need = len(self.nonresident(table))
         if end <= start:
-            return 0
+            return need
         first = start // self.block_size
         new = max(0, self.blocks_for(end) - table.num_blocks)
         mapped = table.block_ids[first : min(table.num_blocks, self.blocks_for(end))]
         shared = int((self.kalloc.refcount[mapped] > 1).sum()) if len(mapped) else 0
-        return new + shared
+        return need + new + shared
 
     def prepare_write(self, table: PageTable, start: int, end: int) -> list[tuple[int, int]] | None:
-        """Makes positions [start, end) writable by this table alone.
+        """Makes positions [start, end) writable by this table alone. Its pages must be on
+        the device.
 
-        Allocates missing blocks and replaces shared ones with private copies. Returns the
-        (src, dst) block copies the caller must perform on the KV pool before writing, or
-        None when there are not enough free blocks (then nothing changed).
+        Allocates missing pages and replaces shared ones with private copies; a private
+        page about to be overwritten leaves the prefix cache. Returns the (src, dst) page
+        copies the caller must perform before writing, or None when there are not enough
+        free pages (then nothing changed).
         """
         need = self.blocks_needed(table, start, end)
         if not self.kalloc.can_alloc(need):
@@ -128,18 +137,17 @@ class VM:
                     self.kalloc.decref([src])
                     ids[i] = dst
                     copies.append((src, dst))
+                elif src in self.kalloc.digest:
+                    self.kalloc.forget(src)
             missing = self.blocks_for(end) - table.num_blocks
             if missing > 0:
                 table.push(self.kalloc.alloc(missing))
         return copies
 
     def check(self, tables: list[PageTable]) -> None:
-        """Asserts the invariant: each block's count equals the number of tables mapping it."""
-        expected = np.zeros(self.kalloc.num_blocks, dtype=np.int64)
+        """Asserts the invariants: each page's count equals the number of tables mapping
+        it, and both tiers' free lists agree with the pages that hold slots."""
+        mapped = np.zeros(len(self.kalloc.refcount), dtype=np.int64)
         for t in tables:
-            np.add.at(expected, t.block_ids, 1)
-        actual = self.kalloc.refcount.astype(np.int64)
-        bad = np.nonzero(expected != actual)[0]
-        assert not len(bad), f"refcount mismatch at blocks {bad[:8].tolist()}: " \
-            f"mapped {expected[bad[:8]].tolist()} counted {actual[bad[:8]].tolist()}"
-        assert self.kalloc.num_used == int((expected > 0).sum()), "free list out of sync"
+            np.add.at(mapped, t.block_ids, 1)
+        self.kalloc.check(mapped)

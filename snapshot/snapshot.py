@@ -19,6 +19,7 @@ import torch
 
 from agentos.kernel.core import Defer, Kernel
 from agentos.kernel.errors import NotFoundError
+from agentos.kernel.kalloc import HOST
 from agentos.kernel.vm import PageTable
 
 
@@ -28,8 +29,8 @@ class SnapshotRecord:
     session_id: str
     token_ids: array  # array("i"), a private copy
     mask: array  # array("b")
-    num_cached: int
-    table: PageTable  # holds one reference on each of its blocks
+    num_cached: int  # leading tokens with KV in the table (0 once the pages were dropped)
+    table: PageTable  # holds one reference on each of its pages (on either tier)
     rng_state: torch.Tensor
     created_at: float = field(default_factory=time.time)
 
@@ -37,9 +38,11 @@ class SnapshotRecord:
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
-    def info(self) -> dict:
+    def info(self, kalloc) -> dict:
+        host = int((kalloc.tier[self.table.block_ids] == HOST).sum())
         return {"id": self.id, "session_id": self.session_id, "num_tokens": self.num_tokens,
-                "device_blocks": self.table.num_blocks, "created_at": self.created_at}
+                "device_blocks": self.table.num_blocks - host, "host_blocks": host,
+                "created_at": self.created_at}
 
 
 class SnapshotTable:
@@ -48,6 +51,7 @@ class SnapshotTable:
     def __init__(self, kernel: Kernel):
         self.kernel = kernel
         self.records: dict[str, SnapshotRecord] = {}
+        kernel.snapshots = self  # under memory pressure, pages only snapshots hold go first
 
     def get(self, snap_id: str) -> SnapshotRecord:
         rec = self.records.get(snap_id)
@@ -68,7 +72,7 @@ class SnapshotTable:
             rng_state=p.rng.get_state(),
         )
         self.records[rec.id] = rec
-        return rec.info()
+        return rec.info(k.kalloc)
 
     def sys_rollback(self, pid: str, snap_id: str) -> int:
         """Makes the session equal to the snapshot (tokens, masks, pages, RNG).
@@ -105,10 +109,11 @@ class SnapshotTable:
         del self.records[snap_id]
 
     def sys_info(self, snap_id: str) -> dict:
-        return self.get(snap_id).info()
+        return self.get(snap_id).info(self.kernel.kalloc)
 
     def sys_list(self, pid: str | None = None) -> list[dict]:
-        return [r.info() for r in self.records.values() if pid is None or r.session_id == pid]
+        kalloc = self.kernel.kalloc
+        return [r.info(kalloc) for r in self.records.values() if pid is None or r.session_id == pid]
 
     def sys_check(self) -> None:
         """Asserts refcounts equal mapped entries of live sessions plus snapshot holds."""

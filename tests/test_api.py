@@ -162,7 +162,10 @@ def test_msgpack_matches_json(client):
             toks = client.get(f"/v1/sessions/{sid}/tokens", headers=mp)
             assert len(toks.content) < len(client.get(f"/v1/sessions/{sid}/tokens").content)
         client.delete(f"/v1/sessions/{sid}")
-    assert results[0] == results[1]
+    # the second session reuses the first one's prompt pages (prefix cache), computed in
+    # other chunks, so logprobs agree to float rounding; everything else exactly
+    lp = [r.pop("logprobs") for r in results]
+    assert results[0] == results[1] and lp[0] == pytest.approx(lp[1], abs=1e-5)
 
 
 def test_stream_events(client):

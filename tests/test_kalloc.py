@@ -40,7 +40,7 @@ def test_counts_stack_across_tables():
     assert a.refcount[ids[0]] == 3
     assert a.decref(ids) == 1  # ids[1] reached zero
     assert a.decref(ids[:1]) == 0 and a.decref(ids[:1]) == 1
-    assert a.num_free == 4 and sorted(a._free) == [0, 1, 2, 3]
+    assert a.num_free == 4 and sorted(a.device._free) == [0, 1, 2, 3]
 
 
 def test_tail_is_reused_first():

@@ -39,7 +39,7 @@ class Pages:
 
     def __init__(self, cfg, num_blocks: int = 48, block_size: int = 4):
         self.block_size = block_size
-        self.kv = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads,
+        self.kv = torch.zeros(num_blocks, cfg.num_layers, 2, block_size, cfg.num_kv_heads,
                               cfg.head_dim)
         self.free_ids = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(7))
         self.free_ids = self.free_ids.tolist()
