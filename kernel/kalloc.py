@@ -228,6 +228,8 @@ class BlockAllocator:
 
     def register(self, page: int, digest: bytes) -> None:
         """Records a full page's digest; it becomes the cached copy if there is none."""
+        if self.digest.get(page, digest) != digest:
+            self.forget(page)
         self.digest[page] = digest
         self.cached.setdefault(digest, page)
 
