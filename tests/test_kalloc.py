@@ -159,7 +159,7 @@ def test_digest_chain_depends_on_the_whole_prefix():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from("alloc incref decref out in reg".split()),
+@given(st.lists(st.tuples(st.sampled_from(["alloc", "incref", "decref", "out", "in", "reg"]),
                           st.integers(0, 7)), max_size=60))
 def test_random_operations_keep_every_invariant(ops):
     """Any sequence of allocator operations keeps the tiers, LRU and counts consistent."""
