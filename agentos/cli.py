@@ -78,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_cmd_serve)
 
     bench = commands.add_parser("bench", help="benchmarks against HF transformers (fork, "
-                                "decode) or in-process calls (api)")
+                                "decode), in-process calls (api), plain copies (swap) or the "
+                                "other scheduler (agents)")
     scenarios = bench.add_subparsers(dest="scenario", required=True)
 
     fork = scenarios.add_parser("fork", help="fork/snapshot/rollback cost vs session length")
@@ -103,6 +104,58 @@ def _parser() -> argparse.ArgumentParser:
                         help="skip the one-session case")
     decode.add_argument("--max-batch-tokens", type=int, default=None)
     decode.set_defaults(func=_cmd_bench_decode)
+
+    swap = scenarios.add_parser("swap", help="swap bandwidth vs plain copy; an oversubscribed "
+                                "multi-turn run vs an unconstrained one",
+                                description="Times swap_out/swap_in of KV blocks (contiguous "
+                                "and scattered slots) against a plain copy of the same bytes, "
+                                "then runs a concurrent multi-turn workload unconstrained, in a "
+                                "device pool of a fraction of its working set with a host tier "
+                                "(swap), and in that pool without one (drop and recompute).")
+    _bench_options(swap, peer=False)
+    swap.add_argument("--blocks", type=int, default=None,
+                      help="blocks moved by each timed swap and copy (default 256)")
+    swap.add_argument("--warmup", type=int, default=None, help="untimed copies (default 2)")
+    swap.add_argument("--sessions", type=int, default=None,
+                      help="concurrent sessions of the workload (default 24)")
+    swap.add_argument("--prompt-len", type=int, default=None,
+                      help="mean prompt tokens (default 200)")
+    swap.add_argument("--turns", type=int, default=None,
+                      help="generate calls per session (default 3)")
+    swap.add_argument("--new-tokens", type=int, default=None,
+                      help="greedy tokens per turn (default 32)")
+    swap.add_argument("--min-tool-tokens", type=int, default=None,
+                      help="fewest tool tokens appended between turns (default 1)")
+    swap.add_argument("--max-tool-tokens", type=int, default=None,
+                      help="most tool tokens appended between turns (default 40)")
+    swap.add_argument("--oversubscribe", type=int, default=None,
+                      help="the small device pool holds the working set / this (default 4)")
+    swap.set_defaults(func=_cmd_bench_swap)
+
+    agents = scenarios.add_parser("agents", help="turn latency of an agent workload, MLFQ vs FCFS",
+                                  description="Runs one seeded multi-turn agent workload "
+                                  "(Poisson arrivals, tool pauses, heavy-tailed generation "
+                                  "lengths) on an engine with each scheduler and reports turn "
+                                  "latency (mean, p50, p99, max), tokens/s and the ratios.")
+    _model_options(agents)
+    for flag, kind, text in (
+            ("--sessions", int, "agent sessions (default 48)"),
+            ("--turns", int, "generate calls per session (default 4)"),
+            ("--arrival-rate", float, "sessions arriving per second (default 4)"),
+            ("--prompt-median", int, "first prompt length, log-normal median (default 256)"),
+            ("--tool-median", int, "tool output per turn, log-normal median (default 32)"),
+            ("--gen-median", int, "tokens per turn, log-normal median (default 24)"),
+            ("--gen-sigma", float, "log-normal sigma of generation lengths (default 1.3)"),
+            ("--gen-max", int, "cap of one turn's generation (default 768)"),
+            ("--pause-ms", float, "mean tool pause between turns (default 100)"),
+            ("--max-batch-size", int, "seats per step (default 8)"),
+            ("--max-batch-tokens", int, "token budget per step (default 2048)"),
+            ("--block-size", int, None), ("--seed", int, "seeds the workload"),
+            ("--threads", int, "torch intra-op threads")):
+        agents.add_argument(flag, type=kind, default=None, help=text)
+    agents.add_argument("--json", metavar="PATH", default=None, help="also write results here")
+    agents.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
+    agents.set_defaults(func=_cmd_bench_agents)
 
     api = scenarios.add_parser("api", help="REST latency of fork/snapshot/rollback/generate "
                                "vs in-process", description="Starts `agentos serve` in a "
@@ -132,13 +185,14 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="default: float32 on cpu, bfloat16 on cuda")
 
 
-def _bench_options(p: argparse.ArgumentParser) -> None:
+def _bench_options(p: argparse.ArgumentParser, peer: bool = True) -> None:
     _model_options(p)
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (medians)")
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=None, help="seeds the random prompts")
-    p.add_argument("--no-peer", dest="peer", action="store_false", default=None,
-                   help="skip the transformers peer")
+    if peer:  # a benchmark whose peer is not transformers has nothing to skip
+        p.add_argument("--no-peer", dest="peer", action="store_false", default=None,
+                       help="skip the transformers peer")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's, one per core)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write results here")
@@ -192,6 +246,26 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
     bench = decode.DecodeBench(**_options(args, (*_COMMON, "sessions", "prompt_len",
                                                  "new_tokens", "single", "max_batch_tokens")))
     return _report(decode.run(bench), decode.render, args)
+
+
+def _cmd_bench_swap(args: argparse.Namespace) -> int:
+    from agentos.bench import swap
+
+    bench = swap.SwapBench(**_options(args, (
+        "model", "device", "dtype", "repeats", "block_size", "seed", "threads", "blocks",
+        "warmup", "sessions", "prompt_len", "turns", "new_tokens", "min_tool_tokens",
+        "max_tool_tokens", "oversubscribe")))
+    return _report(swap.run(bench), swap.render, args)
+
+
+def _cmd_bench_agents(args: argparse.Namespace) -> int:
+    from agentos.bench import agents
+
+    bench = agents.AgentsBench(**_options(args, (
+        "model", "device", "dtype", "sessions", "turns", "arrival_rate", "prompt_median",
+        "tool_median", "gen_median", "gen_sigma", "gen_max", "pause_ms", "max_batch_size",
+        "max_batch_tokens", "block_size", "seed", "threads")))
+    return _report(agents.run(bench), agents.render, args)
 
 
 def _cmd_bench_api(args: argparse.Namespace) -> int:

@@ -139,7 +139,7 @@ class _ClientBase(Backend):
 
     def _snapshot_handle(self, info: dict) -> Snapshot:
         return Snapshot(self, info["id"], info["session_id"], info["num_tokens"],
-                        info.get("device_blocks"), info.get("created_at"))
+                        info.get("device_blocks"), info.get("created_at"), info.get("host_blocks"))
 
     # -- wire ---------------------------------------------------------------------------
 

@@ -121,7 +121,7 @@ class _EngineBase(Backend):
 
     def _snapshot_handle(self, info: dict) -> Snapshot:
         return Snapshot(self, info["id"], info["session_id"], info["num_tokens"],
-                        info["device_blocks"], info["created_at"])
+                        info["device_blocks"], info["created_at"], info["host_blocks"])
 
     def _tokens(self, text: str | None, tokens: list[int] | None, add_special_tokens: bool):
         if (text is None) == (tokens is None):

@@ -105,12 +105,14 @@ class Snapshot:
     """An immutable capture of a session."""
 
     def __init__(self, backend: Any, id: str, session_id: str, num_tokens: int,
-                 device_blocks: int | None = None, created_at: float | None = None):
+                 device_blocks: int | None = None, created_at: float | None = None,
+                 host_blocks: int | None = None):
         self._backend = backend
         self.id = id
         self.session_id = session_id
         self.num_tokens = num_tokens
-        self.device_blocks = device_blocks  # KV blocks it holds (shared with sessions)
+        self.device_blocks = device_blocks  # KV blocks it holds on the device (shared with sessions)
+        self.host_blocks = host_blocks  # of those, swapped out to host memory
         self.created_at = created_at
 
     def __repr__(self) -> str:

@@ -77,11 +77,12 @@ class SessionInfo(BaseModel):
     object: Literal["session"] = "session"
     parent_id: str | None
     state: str  # embryo, runnable, running, sleeping, swapped, zombie
-    level: int  # scheduler level
+    level: int  # MLFQ level (0 = highest priority)
     num_tokens: int
     num_cached: int  # tokens whose KV is cached
     num_generated: int
-    device_blocks: int  # KV blocks in its page table (shared ones included)
+    device_blocks: int  # KV blocks of its page table on the device (shared ones included)
+    host_blocks: int  # KV blocks of its page table swapped out to host memory
     created_at: float
     last_active: float
 
@@ -116,6 +117,7 @@ class SnapshotInfo(BaseModel):
     session_id: str
     num_tokens: int
     device_blocks: int
+    host_blocks: int
     created_at: float
 
 

@@ -81,6 +81,7 @@ class Kernel:
         self._copies: list[tuple[str, list[tuple[int, int]]]] = []
         self._pins = np.zeros(len(self.kalloc.refcount), dtype=np.int32)
         self._victims: list | None = None
+        self._reserved = 0  # chunks granted memory in the step being formed
         self._inflight: set[bytes] = set()
         self._calls: deque[tuple[Callable, tuple, Future]] = deque()
         self._deferred: list[tuple[Callable, tuple, Future]] = []
@@ -211,9 +212,14 @@ class Kernel:
         MemoryView): frees room by evicting cached pages, then swapping out or dropping
         victims; swaps p's host pages in; copies shared pages it will write."""
         self._pin(p.table.block_ids, 1)
-        if not self._make_room(self.vm.blocks_needed(p.table, start, end)):
+        # NOTE: only the first chunk of a step may evict sessions that have work queued;
+        # later ones would push out sessions that need their pages back a step later
+        # (thrashing), so they wait until a session sleeps
+        if not self._make_room(self.vm.blocks_needed(p.table, start, end),
+                               evict_queued=not self._reserved):
             self._pin(p.table.block_ids, -1)
             return False
+        self._reserved += 1
         host = self.vm.nonresident(p.table)
         if len(host):
             self._copy("in", self.kalloc.swap_in(host.tolist()))
@@ -241,10 +247,11 @@ class Kernel:
         else:
             self._copies.append((kind, pairs))
 
-    def _make_room(self, need: int) -> bool:
+    def _make_room(self, need: int, evict_queued: bool) -> bool:
         """Frees device pages until `need` can be allocated: victims' unpinned pages are
         swapped to the host tier while it has room, then victims are dropped (their KV is
-        recomputed from tokens when they next run)."""
+        recomputed from tokens when they next run). Sessions with queued work are victims
+        only with `evict_queued`."""
         k = self.kalloc
         if k.num_free >= need:
             return True
@@ -254,6 +261,8 @@ class Kernel:
             for holder in self._victims:
                 if k.num_free >= need:
                     return True
+                if not evict_queued and isinstance(holder, Process) and holder.has_work():
+                    break  # victim_order puts queued sessions last
                 self._evict(holder, drop)
         return k.num_free >= need
 
@@ -324,6 +333,7 @@ class Kernel:
         t0 = time.perf_counter()
         self._pins.fill(0)
         self._victims = None
+        self._reserved = 0
         self._inflight.clear()
         try:
             chunks, blocked = form_batch(self.policy, self, self.config.max_batch_tokens,

@@ -123,3 +123,36 @@ def test_bench_api_bad_arguments_exit_2():
     with pytest.raises(SystemExit) as e:
         main(["bench", "api", "--tokens", "1"])
     assert e.value.code == 2
+
+
+SWAP_ARGS = ["--blocks", "8", "--repeats", "1", "--warmup", "0", "--sessions", "6",
+             "--prompt-len", "40", "--turns", "2", "--new-tokens", "4", "--max-tool-tokens", "8"]
+
+
+def test_bench_swap_json(tmp_path, capsys):
+    path = tmp_path / "swap.json"
+    assert main(["bench", "swap", *SWAP_ARGS, "--json", str(path)]) == 0
+    out = json.loads(path.read_text())
+    assert out["bench"] == "swap"
+    assert {"config", "bandwidth", "workload", "runs", "checks", "passed"} <= out.keys()
+    assert [(r["direction"], r["layout"]) for r in out["bandwidth"]] == [
+        ("out", "contiguous"), ("out", "scattered"), ("in", "contiguous"), ("in", "scattered")]
+    for row in out["bandwidth"]:
+        assert row["bytes"] == 8 * out["config"]["block_bytes"]
+        assert row["swap_gb_s"] > 0 and row["plain_gb_s"] > 0 and row["ratio"] > 0
+    wl = out["workload"]
+    assert (wl["sessions"], wl["turns"], wl["new_tokens"], wl["tool_tokens"]) == (6, 2, 4, [1, 8])
+    ref, swap, drop = out["runs"]
+    assert [r["name"] for r in out["runs"]] == ["unconstrained", "swap", "drop"]
+    assert swap["kv_blocks"] == drop["kv_blocks"] == -(-wl["working_set_blocks"] // 4)
+    assert ref["host_blocks"] == drop["host_blocks"] == 0 < swap["host_blocks"]
+    for r in out["runs"]:
+        assert r["generated_tokens"] == 6 * 2 * 4 and r["failed"] == 0 and r["tok_s"] > 0
+    # a quarter of the working set on the device: pages went to host (or were dropped) and
+    # came back, and greedy outputs do not depend on where they lived
+    assert swap["swap_out_blocks"] > 0 and swap["swap_in_blocks"] > 0
+    assert swap["dropped_blocks"] == 0 < drop["dropped_blocks"]
+    assert swap["identical"] == drop["identical"] == 6 and ref["identical"] is None
+    assert len(out["checks"]) == 6 and all(isinstance(c["passed"], bool) for c in out["checks"])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "swap bandwidth >= 0.5x plain copy" in printed and "workload: 6 concurrent" in printed

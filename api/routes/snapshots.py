@@ -23,7 +23,8 @@ router = APIRouter(prefix="/v1", tags=["snapshots"], responses=ERRORS)
 
 def snapshot_info(snap: Snapshot) -> dict:
     return {"id": snap.id, "session_id": snap.session_id, "num_tokens": snap.num_tokens,
-            "device_blocks": snap.device_blocks, "created_at": snap.created_at}
+            "device_blocks": snap.device_blocks, "host_blocks": snap.host_blocks,
+            "created_at": snap.created_at}
 
 
 @router.post("/sessions/{sid}/snapshots", status_code=201, response_model=SnapshotInfo)
