@@ -139,16 +139,18 @@ def _parser() -> argparse.ArgumentParser:
                                   "latency (mean, p50, p99, max), tokens/s and the ratios.")
     _model_options(agents)
     for flag, kind, text in (
-            ("--sessions", int, "agent sessions (default 48)"),
-            ("--turns", int, "generate calls per session (default 4)"),
-            ("--arrival-rate", float, "sessions arriving per second (default 4)"),
+            ("--sessions", int, "agent sessions (default 64)"),
+            ("--turns", int, "generate calls per session (default 2)"),
+            ("--arrival-rate", float, "sessions arriving per second (default 3.5)"),
             ("--prompt-median", int, "first prompt length, log-normal median (default 256)"),
             ("--tool-median", int, "tool output per turn, log-normal median (default 32)"),
-            ("--gen-median", int, "tokens per turn, log-normal median (default 24)"),
-            ("--gen-sigma", float, "log-normal sigma of generation lengths (default 1.3)"),
-            ("--gen-max", int, "cap of one turn's generation (default 768)"),
-            ("--pause-ms", float, "mean tool pause between turns (default 100)"),
-            ("--max-batch-size", int, "seats per step (default 8)"),
+            ("--gen-median", int, "tool-call turn length, log-normal median (default 8)"),
+            ("--gen-sigma", float, "log-normal sigma of tool-call lengths (default 1.0)"),
+            ("--long-fraction", float, "share of turns writing a long answer (default 0.06)"),
+            ("--long-median", int, "long answer length, log-normal median (default 768)"),
+            ("--gen-max", int, "cap of one turn's generation (default 2048)"),
+            ("--pause-ms", float, "mean tool pause between turns, ms (default 500)"),
+            ("--max-batch-size", int, "seats per step (default 2)"),
             ("--max-batch-tokens", int, "token budget per step (default 2048)"),
             ("--block-size", int, None), ("--seed", int, "seeds the workload"),
             ("--threads", int, "torch intra-op threads")):
@@ -263,7 +265,8 @@ def _cmd_bench_agents(args: argparse.Namespace) -> int:
 
     bench = agents.AgentsBench(**_options(args, (
         "model", "device", "dtype", "sessions", "turns", "arrival_rate", "prompt_median",
-        "tool_median", "gen_median", "gen_sigma", "gen_max", "pause_ms", "max_batch_size",
+        "tool_median", "gen_median", "gen_sigma", "long_fraction", "long_median", "gen_max",
+        "pause_ms", "max_batch_size",
         "max_batch_tokens", "block_size", "seed", "threads")))
     return _report(agents.run(bench), agents.render, args)
 

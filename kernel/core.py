@@ -79,9 +79,10 @@ class Kernel:
         # per-step memory work: block copies in the order decided, pins on the pages of the
         # batch (never victims), victims not yet tried, blocks being computed this step
         self._copies: list[tuple[str, list[tuple[int, int]]]] = []
+        self._batch: list[Process] = []  # processes granted memory in the step being formed
+        self._pinned = False  # whether _pins is kept for this step (memory ran short)
         self._pins = np.zeros(len(self.kalloc.refcount), dtype=np.int32)
         self._victims: list | None = None
-        self._reserved = 0  # chunks granted memory in the step being formed
         self._inflight: set[bytes] = set()
         self._calls: deque[tuple[Callable, tuple, Future]] = deque()
         self._deferred: list[tuple[Callable, tuple, Future]] = []
@@ -211,23 +212,27 @@ class Kernel:
         """Makes [start, end) of p writable with all its pages on the device (see
         MemoryView): frees room by evicting cached pages, then swapping out or dropping
         victims; swaps p's host pages in; copies shared pages it will write."""
-        self._pin(p.table.block_ids, 1)
-        # NOTE: only the first chunk of a step may evict sessions that have work queued;
-        # later ones would push out sessions that need their pages back a step later
-        # (thrashing), so they wait until a session sleeps
-        if not self._make_room(self.vm.blocks_needed(p.table, start, end),
-                               evict_queued=not self._reserved):
+        need = self.vm.blocks_needed(p.table, start, end)
+        if need > self.kalloc.num_free:
+            self._pin_batch()
+            self._pin(p.table.block_ids, 1)
+            # NOTE: only the first chunk of a step may evict sessions that have work
+            # queued; later ones would push out sessions that need their pages back a
+            # step later (thrashing), so they wait until a session sleeps
+            made = self._make_room(need, evict_queued=not self._batch)
             self._pin(p.table.block_ids, -1)
-            return False
-        self._reserved += 1
-        host = self.vm.nonresident(p.table)
-        if len(host):
-            self._copy("in", self.kalloc.swap_in(host.tolist()))
-            self.stats["swap_in_blocks"] += len(host)
-        self._pin(p.table.block_ids, -1)
+            if not made:
+                return False
+        if need:
+            host = self.vm.nonresident(p.table)
+            if len(host):
+                self._copy("in", self.kalloc.swap_in(host.tolist()))
+                self.stats["swap_in_blocks"] += len(host)
         copies = self.vm.prepare_write(p.table, start, end)
         assert copies is not None, "room was made"
-        self._pin(p.table.block_ids, 1)  # with its new pages, and not the pages it copied
+        self._batch.append(p)
+        if self._pinned:
+            self._pin(p.table.block_ids, 1)  # with its new pages, not the ones it copied
         if copies:
             slot = self.kalloc.slot
             self._copy("cow", [(int(slot[s]), int(slot[d])) for s, d in copies])
@@ -235,6 +240,15 @@ class Kernel:
         if end - start > 1:  # a prefill: later prompts with the same blocks wait for these
             self._inflight.update(self._digests(p, start // self.block_size, end // self.block_size))
         return True
+
+    def _pin_batch(self) -> None:
+        """Pins the pages of the step's chunks so far (they are never victims); from now
+        on until the step ends, reserve pins each new chunk's pages too."""
+        if not self._pinned:
+            self._pinned = True
+            self._pins.fill(0)
+            for q in self._batch:
+                self._pin(q.table.block_ids, 1)
 
     def _pin(self, pages: np.ndarray, delta: int) -> None:
         self._pins[pages] += delta  # page table ids are distinct
@@ -270,8 +284,11 @@ class Kernel:
         """Holders of pages in eviction order: snapshots first (their pages that no live
         session maps, oldest snapshot first), then sessions by `victim_order`."""
         snaps = []
-        if self.snapshots is not None:
+        if self.snapshots is not None and self.snapshots.records:
             snaps = sorted(self.snapshots.records.values(), key=lambda r: r.created_at)
+            self._live = np.zeros(len(self.kalloc.refcount), dtype=bool)
+            for p in self.procs.values():
+                self._live[p.table.block_ids] = True
         procs = victim_order(p for p in self.procs.values() if p.state is not ProcState.RUNNING)
         return snaps + procs
 
@@ -281,10 +298,7 @@ class Kernel:
         k = self.kalloc
         pages = holder.table.block_ids
         if not isinstance(holder, Process) and not drop:
-            live = np.zeros(len(k.refcount), dtype=bool)
-            for p in self.procs.values():
-                live[p.table.block_ids] = True
-            pages = pages[~live[pages]]  # a snapshot's pages that only snapshots hold
+            pages = pages[~self._live[pages]]  # a snapshot's pages that only snapshots hold
         movable = pages[(k.tier[pages] == DEVICE) & (self._pins[pages] == 0)]
         if not len(movable):
             return
@@ -331,9 +345,9 @@ class Kernel:
         if not self.policy.has_work():
             return
         t0 = time.perf_counter()
-        self._pins.fill(0)
+        self._batch: list[Process] = []
+        self._pinned = False
         self._victims = None
-        self._reserved = 0
         self._inflight.clear()
         try:
             chunks, blocked = form_batch(self.policy, self, self.config.max_batch_tokens,

@@ -95,8 +95,10 @@ class MLFQ:
     create, or a generate after sleeping on a tool call) joins the first level whose
     quantum covers its prefill cost (skip-join: a long prompt does not take the top level
     only to be demoted at once). A process that spends its quantum is demoted and goes to
-    the back of the next level (round robin at the last). Every `boost_steps` steps all
-    queued processes return to level 0, so none starves.
+    the back of the next level (round robin at the last). Every `boost_steps` steps, the
+    processes that have not run for that long return to level 0, so none starves. (Only
+    those: boosting everyone would put every long job ahead of the next short turns at
+    once, which is the head-of-line blocking MLFQ exists to avoid.)
 
     Cost of a chunk: decode tokens count 1 each, prefill tokens `prefill_weight` each (a
     prefill token costs a fraction of a decode step's time).
@@ -113,6 +115,7 @@ class MLFQ:
         self.prefill_weight = prefill_weight
         self._levels: list[dict[str, Process]] = [{} for _ in range(levels)]
         self._used: dict[str, float] = {}  # tokens spent at the current level
+        self._ran: dict[str, int] = {}  # step a process last ran (or was queued)
         self._steps = 0
 
     def skip_join_level(self, prefill_tokens: int) -> int:
@@ -128,10 +131,12 @@ class MLFQ:
         proc.level = self.skip_join_level(proc.num_tokens - proc.num_cached)
         self._levels[proc.level][proc.pid] = proc
         self._used[proc.pid] = 0.0
+        self._ran[proc.pid] = self._steps
 
     def remove(self, proc: Process) -> None:
         if self._used.pop(proc.pid, None) is not None:
             del self._levels[proc.level][proc.pid]
+            del self._ran[proc.pid]
 
     def order(self) -> Iterable[Process]:
         return [p for level in self._levels for p in level.values()]
@@ -148,6 +153,7 @@ class MLFQ:
             p = c.proc
             if p.pid not in self._used:  # finished in this step
                 continue
+            self._ran[p.pid] = self._steps
             cost = c.num_tokens if c.num_tokens == 1 else c.num_tokens * self.prefill_weight
             used = self._used[p.pid] + cost
             if used >= self.quanta[p.level]:
@@ -161,13 +167,15 @@ class MLFQ:
             self.boost()
 
     def boost(self) -> None:
-        """Moves every queued process to the top level, keeping their relative order."""
-        everyone = self.order()
-        self._levels = [{} for _ in self.quanta]
-        for p in everyone:
+        """Moves the processes that waited `boost_steps` steps without running to the back
+        of the top level, in their priority order."""
+        starved = [p for p in self.order() if self._steps - self._ran[p.pid] >= self.boost_steps]
+        for p in starved:
+            del self._levels[p.level][p.pid]
             p.level = 0
             self._levels[0][p.pid] = p
             self._used[p.pid] = 0.0
+            self._ran[p.pid] = self._steps
 
 
 def make_policy(name: str) -> Policy:

@@ -99,6 +99,8 @@ class VM:
     def nonresident(self, table: PageTable) -> np.ndarray:
         """The table's pages that are not on the device tier (to swap in before it runs)."""
         ids = table.block_ids
+        if not self.kalloc.host.num_used:  # nothing is swapped out
+            return ids[:0]
         return ids[self.kalloc.tier[ids] != DEVICE]
 
     def blocks_needed(self, table: PageTable, start: int, end: int) -> int:

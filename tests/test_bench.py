@@ -156,3 +156,26 @@ def test_bench_swap_json(tmp_path, capsys):
     assert len(out["checks"]) == 6 and all(isinstance(c["passed"], bool) for c in out["checks"])
     printed = " ".join(capsys.readouterr().out.split())
     assert "swap bandwidth >= 0.5x plain copy" in printed and "workload: 6 concurrent" in printed
+
+
+def test_bench_agents_json(tmp_path, capsys):
+    """Both policies run the same seeded agent workload; the report carries the workload,
+    per-policy latencies and the ratios (no timing is asserted)."""
+    path = tmp_path / "agents.json"
+    args = ["bench", "agents", "--sessions", "6", "--turns", "2", "--arrival-rate", "50",
+            "--prompt-median", "16", "--tool-median", "4", "--gen-median", "3",
+            "--long-fraction", "0.3", "--long-median", "40", "--gen-max", "64", "--pause-ms", "5",
+            "--max-batch-size", "2", "--json", str(path)]
+    assert main(args) == 0
+    out = json.loads(path.read_text())
+    assert out["bench"] == "agents" and set(out["policies"]) == {"fcfs", "mlfq"}
+    wl = out["workload"]
+    assert (wl["sessions"], wl["turns"], wl["max_batch_size"], wl["turns_total"]) == (6, 2, 2, 12)
+    for p in out["policies"].values():
+        assert p["tokens"] == wl["tokens_to_generate"]  # ignore_eos: the same work on both
+        assert sum(c["turns"] for c in p["by_length"].values()) == 12
+        assert 0 < p["p50_s"] <= p["max_s"] and p["tokens_per_s"] > 0
+    assert set(out["ratios"]) >= {"mean_latency_fcfs_over_mlfq", "tokens_per_s_mlfq_over_fcfs"}
+    assert len(out["checks"]) == 3 and isinstance(out["passed"], bool)
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "workload (seed 0): 6 sessions x 2 turns" in printed and "MLFQ mean turn latency" in printed

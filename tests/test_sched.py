@@ -11,7 +11,7 @@ import pytest
 
 from agentos.kernel.process import GenerateCall, Process, ProcState
 from agentos.kernel.sampling_params import SamplingParams
-from agentos.kernel.sched import FCFS, MLFQ, form_batch, make_policy, victim_order
+from agentos.kernel.sched import FCFS, MLFQ, Chunk, form_batch, make_policy, victim_order
 from agentos.kernel.vm import PageTable
 
 
@@ -116,27 +116,32 @@ def test_mlfq_round_robin_at_the_last_level():
     assert order == ["a", "b", "a", "b"]
 
 
-def test_mlfq_boost_returns_everyone_to_the_top_in_order():
-    m = MLFQ(levels=3, quantum=1, growth=1, boost_steps=3)
+def test_mlfq_boost_lifts_only_the_starved():
+    m = MLFQ(levels=3, quantum=1, growth=1, boost_steps=4)
     a, b = decoding("a"), decoding("b")
     m.add(a)
     m.add(b)
-    seen = []
-    for _ in range(3):
-        chunks, _ = form_batch(m, Memory(), 100, max_seqs=2)
-        m.on_step(chunks)
-        seen.append((a.level, b.level))
-    assert seen[:2] == [(1, 1), (2, 2)] and seen[2] == (0, 0)  # the third step boosted
-    assert [p.pid for p in m.order()] == ["a", "b"]
+
+    def ran(*procs):
+        m.on_step([Chunk(p, 9, 10, sample=True) for p in procs])
+
+    ran(a, b)  # both spend level 0's quantum
+    assert (a.level, b.level) == (1, 1)
+    ran(a)
+    ran(a)
+    ran(a)  # the fourth step boosts: b has not run for 4 steps, a ran just now
+    assert (a.level, b.level) == (2, 0)
+    assert [p.pid for p in m.order()] == ["b", "a"]
 
 
 def test_mlfq_no_starvation_under_a_stream_of_short_turns():
-    """A demoted long job keeps getting seats: every boost brings it back to the top."""
+    """A demoted long job keeps getting seats: a boost lifts it whenever it has waited
+    `boost_steps` steps without running, so it never waits much more than twice that."""
     m = MLFQ(levels=3, quantum=1, boost_steps=20)
     long_job = decoding("long")
     m.add(long_job)
-    ran = 0
-    for step in range(200):
+    runs = []
+    for step in range(400):
         turn = decoding(f"t{step}")
         m.add(turn)  # a new short turn every step, always at the top
         chunks, _ = form_batch(m, Memory(), 100, max_seqs=1)
@@ -144,8 +149,10 @@ def test_mlfq_no_starvation_under_a_stream_of_short_turns():
         for c in chunks:
             if c.proc is not long_job:
                 m.remove(c.proc)  # a short turn finishes in one step
-        ran += "long" in pids(chunks)
-    assert ran >= 200 // 20 - 1
+        if "long" in pids(chunks):
+            runs.append(step)
+    gaps = [b - a for a, b in zip(runs, runs[1:])]
+    assert len(runs) >= 400 // 40 - 1 and max(gaps) <= 2 * 20 + 1
 
 
 def test_policy_names():

@@ -3,9 +3,10 @@
 A seeded workload of many agent sessions, each a few turns long. A session arrives (Poisson
 arrivals), sends its prompt and generates; then, like an agent waiting on a tool, it
 pauses, appends the tool's output (length drawn per turn) and generates again. Generation
-lengths are heavy-tailed (log-normal, capped): most turns are short, a few are long. The
-arrival rate is set so the engine's seats (`max_batch_size`) are oversubscribed: runnable
-sessions queue, which is when the scheduling policy matters.
+lengths are heavy-tailed: most turns are short tool calls (log-normal), and a few write a
+long answer (a report, a file: `long_fraction` of turns, hundreds to thousands of tokens).
+The arrival rate is set so the engine's seats (`max_batch_size`) are oversubscribed:
+runnable sessions queue, which is when the scheduling policy matters.
 
 The same workload (same arrival times, prompts, tool outputs, lengths and pauses) runs on
 two engines that differ only in the scheduler, one after the other in the same process.
@@ -32,16 +33,18 @@ class AgentsBench:
     model: str = "tiny"  # "tiny" or a HF model folder
     device: str = "cpu"
     dtype: str | None = None
-    sessions: int = 48  # agent sessions in the run
-    turns: int = 4  # generate calls per session
-    arrival_rate: float = 4.0  # sessions arriving per second (Poisson)
+    sessions: int = 64  # agent sessions in the run
+    turns: int = 2  # generate calls per session
+    arrival_rate: float = 3.5  # sessions arriving per second (Poisson)
     prompt_median: int = 256  # first turn's prompt length (log-normal median, tokens)
     tool_median: int = 32  # appended tool output per later turn (log-normal median, tokens)
-    gen_median: int = 24  # tokens generated per turn (log-normal median)
-    gen_sigma: float = 1.3  # log-normal sigma of generation lengths: the heavy tail
-    gen_max: int = 768  # cap of one turn's generation
-    pause_ms: float = 100.0  # mean tool pause between turns (exponential)
-    max_batch_size: int = 8  # seats per step: fewer than the sessions that want one
+    gen_median: int = 8  # tokens generated per tool-call turn (log-normal median)
+    gen_sigma: float = 1.0  # log-normal sigma of those lengths
+    long_fraction: float = 0.06  # share of turns that write a long answer (report, code)
+    long_median: int = 768  # tokens of a long answer (log-normal median, sigma 0.5)
+    gen_max: int = 2048  # cap of one turn's generation
+    pause_ms: float = 500.0  # mean tool pause between turns (exponential)
+    max_batch_size: int = 2  # seats per step: fewer than the sessions that want one
     max_batch_tokens: int = 2048
     block_size: int = 16
     schedulers: tuple[str, ...] = ("fcfs", "mlfq")
@@ -76,8 +79,10 @@ def make_workload(b: AgentsBench) -> list[tuple[float, list[Turn]]]:
         for i in range(b.turns):
             n = lognormal(b.prompt_median, 0.5, 8, 4 * b.prompt_median) if i == 0 else \
                 lognormal(b.tool_median, 1.0, 1, 16 * b.tool_median)
-            turns.append(Turn(tokens=[rng.randrange(1, 256) for _ in range(n)],
-                              max_tokens=lognormal(b.gen_median, b.gen_sigma, 1, b.gen_max),
+            long = rng.random() < b.long_fraction
+            gen = lognormal(b.long_median, 0.5, 1, b.gen_max) if long else \
+                lognormal(b.gen_median, b.gen_sigma, 1, b.gen_max)
+            turns.append(Turn(tokens=[rng.randrange(1, 256) for _ in range(n)], max_tokens=gen,
                               pause_s=0.0 if i == 0 else rng.expovariate(1000.0 / b.pause_ms)))
         work.append((t, turns))
     return work
@@ -108,8 +113,8 @@ async def _run_policy(b: AgentsBench, scheduler: str, work) -> dict:
         wall = time.perf_counter() - start - work[0][0]
         stats = await engine.stats()
     latencies = [lat for session in per_session for lat, _ in session]
-    tokens = sum(n for session in per_session for _, n in session)
-    return {"latencies": latencies, "tokens": tokens, "wall_s": wall,
+    lengths = [n for session in per_session for _, n in session]
+    return {"latencies": latencies, "lengths": lengths, "tokens": sum(lengths), "wall_s": wall,
             "steps": stats["steps"], "tokens_prefilled": stats["tokens_prefilled"]}
 
 
@@ -131,6 +136,9 @@ async def _agent(engine, start: float, arrival: float, turns: list[Turn]) -> lis
     return out
 
 
+_CLASSES = (("<= 32 tokens", 0, 32), ("33-256", 33, 256), ("> 256", 257, 1 << 30))
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -149,12 +157,17 @@ def _summarize(b: AgentsBench, threads: int, work, runs: dict) -> dict:
     policies = {}
     for name, r in runs.items():
         lat = r["latencies"]
+        by_len = {}  # mean latency by the turn's generation length
+        for label, lo, hi in _CLASSES:
+            sel = [x for x, n in zip(lat, r["lengths"]) if lo <= n <= hi]
+            by_len[label] = {"turns": len(sel), "mean_s": statistics.fmean(sel) if sel else None}
         policies[name] = {
             "mean_s": statistics.fmean(lat), "p50_s": statistics.median(lat),
             "p99_s": _pct(lat, 0.99), "max_s": max(lat), "tokens": r["tokens"],
             "wall_s": r["wall_s"], "tokens_per_s": r["tokens"] / r["wall_s"], "steps": r["steps"],
+            "by_length": by_len,
         }
-    result = {"workload": workload, "policies": policies, "checks": []}
+    result = {"bench": "agents", "workload": workload, "policies": policies, "checks": []}
     if {"fcfs", "mlfq"} <= runs.keys():
         f, m = policies["fcfs"], policies["mlfq"]
         ratios = {"mean_latency_fcfs_over_mlfq": ratio(f["mean_s"], m["mean_s"]),
@@ -184,15 +197,19 @@ def render(result: dict, console=None) -> None:
         f"workload (seed {w['seed']}): {w['sessions']} sessions x {w['turns']} turns, Poisson "
         f"arrivals {w['arrival_rate']}/s over {w['arrival_span_s']:.1f} s; prompt median "
         f"{w['prompt_median']} tokens, tool output median {w['tool_len_p50']:.0f}, tool pause "
-        f"mean {w['pause_ms']:.0f} ms; generation log-normal median {w['gen_median']} sigma "
-        f"{w['gen_sigma']} (p50 {w['gen_len_p50']:.0f}, p99 {w['gen_len_p99']}, max "
+        f"mean {w['pause_ms']:.0f} ms; generation: tool calls log-normal median "
+        f"{w['gen_median']} sigma {w['gen_sigma']}, {w['long_fraction']:.0%} long answers of "
+        f"median {w['long_median']} (p50 {w['gen_len_p50']:.0f}, p99 {w['gen_len_p99']}, max "
         f"{w['gen_len_max']}), {w['tokens_to_generate']} tokens in {w['turns_total']} turns; "
         f"engine: {w['max_batch_size']} seats, {w['max_batch_tokens']} tokens per step, "
         f"{w['threads']} threads")
-    rows = [[name, p["mean_s"], p["p50_s"], p["p99_s"], p["max_s"], p["tokens_per_s"], p["wall_s"]]
+    rows = [[name, p["mean_s"], p["p50_s"], p["p99_s"], p["max_s"], p["tokens_per_s"], p["wall_s"],
+             *(p["by_length"][c]["mean_s"] for c, _, _ in _CLASSES)]
             for name, p in result["policies"].items()]
-    print_table("turn latency (s) and throughput", ["policy", "mean", "p50", "p99", "max", "tok/s",
-                                                    "wall s"], rows, console)
+    counts = next(iter(result["policies"].values()))["by_length"]
+    print_table("turn latency (s) and throughput", [
+        "policy", "mean", "p50", "p99", "max", "tok/s", "wall s",
+        *(f"mean, {c} ({counts[c]['turns']} turns)" for c, _, _ in _CLASSES)], rows, console)
     if "ratios" in result:
         r = result["ratios"]
         console.print(f"FCFS/MLFQ latency: mean {r['mean_latency_fcfs_over_mlfq']:.2f}x, p50 "
