@@ -594,8 +594,11 @@ class Kernel:
 
     def info(self, p: Process) -> dict[str, Any]:
         host = int((self.kalloc.tier[p.table.block_ids] == HOST).sum())
+        state = p.state
+        if host and state in (ProcState.SLEEPING, ProcState.RUNNABLE):
+            state = ProcState.SWAPPED  # pages it shares went out with another session's
         return {
-            "id": p.pid, "parent_id": p.parent_id, "state": p.state.value, "level": p.level,
+            "id": p.pid, "parent_id": p.parent_id, "state": state.value, "level": p.level,
             "num_tokens": p.num_tokens, "num_cached": p.num_cached,
             "num_generated": p.num_generated, "device_blocks": p.table.num_blocks - host,
             "host_blocks": host, "created_at": p.created_at, "last_active": p.last_active,
