@@ -297,3 +297,27 @@ async def test_client_gone_before_stream_starts_ends_the_call(engine):
     assert info["state"] == "sleeping" and info["num_tokens"] < 1000
     assert (await s.generate(max_tokens=1)).finish_reason == "length"  # not busy
     await s.close()
+
+
+def test_swapped_session_over_rest():
+    """A pool too small for two sessions: the idle one is swapped to host memory, shows as
+    such over REST, and comes back when it generates; the counters reach /metrics."""
+    engine = AsyncEngine("tiny", kv_blocks=8, host_blocks=64)
+    app = create_app(ServerSettings(), engine=engine)
+    with contextlib.ExitStack() as stack:
+        stack.callback(engine.kernel.shutdown)
+        c = stack.enter_context(TestClient(app))
+        a = create(c, tokens=list(range(1, 100)))  # 7 blocks of 16
+        assert c.post(f"/v1/sessions/{a}/generate", json={"max_tokens": 1}).status_code == 200
+        b = create(c, tokens=list(range(2, 101)))
+        assert c.post(f"/v1/sessions/{b}/generate", json={"max_tokens": 1}).status_code == 200
+        info = c.get(f"/v1/sessions/{a}").json()
+        assert info["state"] == "swapped" and info["host_blocks"] > 0 and info["level"] >= 0
+        system = c.get("/v1/system").json()["stats"]
+        assert system["scheduler"] == "mlfq" and system["kv"]["host_blocks_used"] == info["host_blocks"]
+        assert c.post(f"/v1/sessions/{a}/generate", json={"max_tokens": 1}).status_code == 200
+        info = c.get(f"/v1/sessions/{a}").json()
+        assert info["state"] == "sleeping" and info["host_blocks"] == 0
+        metrics = c.get("/metrics").text
+        assert "agentos_swap_out_blocks_total" in metrics and "agentos_swap_in_blocks_total" in metrics
+        assert c.post("/v1/system/check").status_code == 200
