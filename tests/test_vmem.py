@@ -155,3 +155,24 @@ def test_states_and_levels_are_reported():
         a.close()
         b.close()
         engine.check()
+
+
+@pytest.mark.parametrize("layout", ["both runs", "dst run", "src run", "scattered"])
+def test_block_copies_match_a_reference_in_every_layout(layout):
+    import torch
+
+    from agentos.kernel.runner import _copy_runs
+
+    rng = random.Random(layout)
+    src = torch.randn(32, 2, 3, 4)
+    dst = torch.zeros(24, 2, 3, 4)
+    n = 9
+    runs = {"both runs": (range(5, 5 + n), range(2, 2 + n)),
+            "dst run": (rng.sample(range(32), n), range(10, 10 + n)),
+            "src run": (range(20, 20 + n), rng.sample(range(24), n)),
+            "scattered": (rng.sample(range(32), n), rng.sample(range(24), n))}
+    s_idx, d_idx = map(list, runs[layout])
+    expected = dst.clone()
+    expected[d_idx] = src[s_idx]
+    _copy_runs(src, dst, list(zip(s_idx, d_idx)))
+    assert torch.equal(dst, expected)
