@@ -222,8 +222,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from agentos.api.app import ServerSettings, create_app
 
-    names = ("model", "device", "dtype", "block_size", "kv_blocks", "max_batch_tokens",
-             "max_model_len", "seed", "host", "port", "api_keys", "allow_open",
+    names = ("model", "device", "dtype", "block_size", "kv_blocks", "host_blocks",
+             "max_batch_tokens", "max_model_len", "scheduler", "seed", "host", "port",
+             "api_keys", "allow_open",
              "served_model_name", "max_body_bytes", "max_tokens_cap",
              "max_sessions_per_tenant", "max_tokens_per_tenant")
     settings = ServerSettings(**{n: getattr(args, n) for n in names})

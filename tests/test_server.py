@@ -267,3 +267,20 @@ async def test_async_client_stream_and_early_close(url):
         assert tokens[9] == first.token and tokens[-1] == 1 and len(tokens) < 9 + 500
         await s.close()
         await snap.delete()
+
+
+def test_serve_flags_reach_the_engine():
+    """--scheduler, --kv-blocks and --host-blocks configure the served engine: a pool of 8
+    blocks swaps an idle session to its host tier."""
+    with serve("--scheduler", "fcfs", "--kv-blocks", "8", "--host-blocks", "32") as u, Client(u) as c:
+        stats = c.stats()
+        assert stats["scheduler"] == "fcfs"
+        assert (stats["kv"]["device_blocks_total"], stats["kv"]["host_blocks_total"]) == (8, 32)
+        a = c.create_session(tokens=list(range(1, 100)))
+        a.generate(max_tokens=1, temperature=0.0)
+        b = c.create_session(tokens=list(range(2, 101)))
+        b.generate(max_tokens=1, temperature=0.0)
+        assert {i["id"]: i["state"] for i in c.list_sessions()}[a.id] == "swapped"
+        assert len(a.generate(max_tokens=2, temperature=0.0).tokens) == 2  # swapped back in
+        assert c.stats()["swap_in_blocks"] > 0
+        c.check()
