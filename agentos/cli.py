@@ -152,7 +152,9 @@ def _parser() -> argparse.ArgumentParser:
             ("--pause-ms", float, "mean tool pause between turns, ms (default 500)"),
             ("--max-batch-size", int, "seats per step (default 2)"),
             ("--max-batch-tokens", int, "token budget per step (default 2048)"),
-            ("--block-size", int, None), ("--seed", int, "seeds the workload"),
+            ("--block-size", int, None), ("--seed", int, "seeds the workload (default 0)"),
+            ("--seeds", _int_list, "several workloads, comma-separated; targets apply to the "
+             "median ratios"),
             ("--threads", int, "torch intra-op threads")):
         agents.add_argument(flag, type=kind, default=None, help=text)
     agents.add_argument("--json", metavar="PATH", default=None, help="also write results here")
@@ -267,8 +269,8 @@ def _cmd_bench_agents(args: argparse.Namespace) -> int:
     bench = agents.AgentsBench(**_options(args, (
         "model", "device", "dtype", "sessions", "turns", "arrival_rate", "prompt_median",
         "tool_median", "gen_median", "gen_sigma", "long_fraction", "long_median", "gen_max",
-        "pause_ms", "max_batch_size",
-        "max_batch_tokens", "block_size", "seed", "threads")))
+        "pause_ms", "max_batch_size", "max_batch_tokens", "block_size", "seed", "seeds",
+        "threads")))
     return _report(agents.run(bench), agents.render, args)
 
 

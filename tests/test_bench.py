@@ -179,3 +179,17 @@ def test_bench_agents_json(tmp_path, capsys):
     assert len(out["checks"]) == 3 and isinstance(out["passed"], bool)
     printed = " ".join(capsys.readouterr().out.split())
     assert "workload (seed 0): 6 sessions x 2 turns" in printed and "MLFQ mean turn latency" in printed
+
+
+def test_bench_agents_several_seeds(tmp_path, capsys):
+    """--seeds runs one workload per seed; the targets apply to the median ratios."""
+    path = tmp_path / "agents.json"
+    args = ["bench", "agents", "--sessions", "3", "--turns", "1", "--arrival-rate", "50",
+            "--prompt-median", "8", "--gen-median", "2", "--gen-max", "8", "--seeds", "0,1,2",
+            "--json", str(path)]
+    assert main(args) == 0
+    out = json.loads(path.read_text())
+    assert out["seeds"] == [0, 1, 2] and [r["workload"]["seed"] for r in out["per_seed"]] == [0, 1, 2]
+    means = sorted(r["ratios"]["mean_latency_fcfs_over_mlfq"] for r in out["per_seed"])
+    assert out["ratios"]["mean_latency_fcfs_over_mlfq"] == means[1]
+    assert "median over seeds [0, 1, 2]" in " ".join(capsys.readouterr().out.split())
