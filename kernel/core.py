@@ -80,6 +80,7 @@ class Kernel:
         # batch (never victims), victims not yet tried, blocks being computed this step
         self._copies: list[tuple[str, list[tuple[int, int]]]] = []
         self._batch: list[Process] = []  # processes granted memory in the step being formed
+        self._satisfied: list[Process] = []  # queued processes the prefix cache left no work
         self._pinned = False  # whether _pins is kept for this step (memory ran short)
         self._pins = np.zeros(len(self.kalloc.refcount), dtype=np.int32)
         self._victims: list | None = None
@@ -206,6 +207,8 @@ class Kernel:
             cached = min(i * bs, p.num_tokens - 1 if p.call is not None else p.num_tokens)
             self.stats["prefix_hit_tokens"] += cached - p.num_cached
             p.num_cached = cached
+            if not p.has_work():
+                self._satisfied.append(p)
         return not wait
 
     def reserve(self, p: Process, start: int, end: int) -> bool:
@@ -345,7 +348,8 @@ class Kernel:
         if not self.policy.has_work():
             return
         t0 = time.perf_counter()
-        self._batch: list[Process] = []
+        self._batch = []
+        self._satisfied = []
         self._pinned = False
         self._victims = None
         self._inflight.clear()
@@ -355,8 +359,8 @@ class Kernel:
         finally:
             copies, self._copies = self._copies, []
             self.runner.run_copies(copies)  # decided swaps must happen even if no chunk runs
-        for p in [p for p in self.policy.order() if not p.has_work()]:
-            self.policy.remove(p)  # its tokens came from the prefix cache
+        for p in self._satisfied:  # all its tokens came from the prefix cache
+            self.policy.remove(p)
             p.state = self._rest_state(p)
         if not chunks:
             self._unblock(blocked)
@@ -630,7 +634,7 @@ class Kernel:
                    "prefix_cache_evictions": k.evictions},
             "sessions": {"total": len(self.procs), "by_state": by_state},
             "scheduler": self.policy.name,
-            "queue": {"runnable": sum(1 for _ in self.policy.order()), "by_level": by_level},
+            "queue": {"runnable": sum(by_level.values()), "by_level": by_level},
             **{k: v for k, v in self.stats.items()},
         }
 

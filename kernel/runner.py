@@ -29,8 +29,8 @@ class ModelRunner:
         self.kv = _zeros((num_blocks, *shape), dtype, self.device)
         self.host_kv = _zeros((num_host_blocks, *shape), dtype, torch.device("cpu"),
                               pin=self.device.type == "cuda")
-        # NOTE: on CUDA, swaps run on a side stream; compute waits on its event before
-        # the step that needs the pages (swap-ins) or reuses their slots (swap-outs)
+        # NOTE: on CUDA, swaps run on a side stream that starts after the compute queued
+        # before them; the next step's compute waits for the stream (see run_copies)
         self._swap_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     @staticmethod

@@ -208,11 +208,7 @@ def render(result: dict, console=None) -> None:
     for one in result.get("per_seed", [result]):
         _render_one(one, console)
     if "per_seed" in result:
-        r = result["ratios"]
-        console.print(f"median over seeds {result['seeds']}: FCFS/MLFQ mean latency "
-                      f"{r['mean_latency_fcfs_over_mlfq']:.2f}x, MLFQ/FCFS max "
-                      f"{r['max_latency_mlfq_over_fcfs']:.2f}x, "
-                      f"tok/s {r['tokens_per_s_mlfq_over_fcfs']:.2f}x")
+        console.print(f"median over seeds {result['seeds']}: {_ratio_line(result['ratios'])}")
     print_checks(result["checks"], console)
 
 
@@ -236,8 +232,11 @@ def _render_one(result: dict, console) -> None:
         "policy", "mean", "p50", "p99", "max", "tok/s", "wall s",
         *(f"mean, {c} ({counts[c]['turns']} turns)" for c, _, _ in _CLASSES)], rows, console)
     if "ratios" in result:
-        r = result["ratios"]
-        console.print(f"FCFS/MLFQ latency: mean {r['mean_latency_fcfs_over_mlfq']:.2f}x, p50 "
-                      f"{r['p50_latency_fcfs_over_mlfq']:.2f}x, p99 {r['p99_latency_fcfs_over_mlfq']:.2f}x; "
-                      f"MLFQ/FCFS max {r['max_latency_mlfq_over_fcfs']:.2f}x, tok/s "
-                      f"{r['tokens_per_s_mlfq_over_fcfs']:.2f}x")
+        console.print(_ratio_line(result["ratios"]))
+
+
+def _ratio_line(r: dict) -> str:
+    return (f"FCFS/MLFQ latency: mean {r['mean_latency_fcfs_over_mlfq']:.2f}x, p50 "
+            f"{r['p50_latency_fcfs_over_mlfq']:.2f}x, p99 {r['p99_latency_fcfs_over_mlfq']:.2f}x; "
+            f"MLFQ/FCFS max {r['max_latency_mlfq_over_fcfs']:.2f}x, tok/s "
+            f"{r['tokens_per_s_mlfq_over_fcfs']:.2f}x")
