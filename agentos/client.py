@@ -27,7 +27,7 @@ import httpx
 import msgpack
 
 from agentos.kernel.errors import APIConnectionError, APITimeoutError, error_from_status
-from agentos.kernel.process import Generation, GenerationChunk
+from agentos.kernel.process import Generation, GenerationChunk, NextTokenLogprobs
 from agentos.kernel.sampling_params import SamplingParams
 from agentos.session import Backend, Session, Snapshot
 
@@ -44,6 +44,8 @@ class _Call:
     body: dict | None = None
     post: Callable[[Any], Any] = lambda body: body
     stream: bool = False
+    content: bytes | None = None  # a raw body (application/octet-stream) instead of `body`
+    params: dict | None = None  # query string
 
     @property
     def idempotent(self) -> bool:
@@ -122,6 +124,24 @@ class _ClientBase(Backend):
             pick = {"tokens": lambda b: b["tokens"], "mask": lambda b: b["mask"],
                     "tokens_and_mask": lambda b: (b["tokens"], b["mask"])}[name]
             return _Call("GET", f"/v1/sessions/{args[0]}/tokens", None, pick)
+        if name == "score":
+            pid, text, tokens = args
+            body = {"text": text} if tokens is None else {"tokens": list(tokens)}
+            return _Call("POST", f"/v1/sessions/{pid}/score", body, lambda b: b["logprobs"])
+        if name == "next_token_logprobs":
+            pid, top_k, candidates = args
+            body = _drop_none({"top_k": top_k, "candidates": candidates})
+            return _Call("POST", f"/v1/sessions/{pid}/next_token_logprobs", body,
+                         lambda b: NextTokenLogprobs(**b))
+        if name == "update_weights":
+            weights, version, kv_policy = args
+            return _Call("POST", "/v1/weights", None, lambda b: b["version"],
+                         content=_safetensors(weights),
+                         params=_drop_none({"version": version, "kv_policy": kv_policy}))
+        if name in ("pause", "resume", "abort", "sleep", "wake_up"):
+            body = {"level": args[0]} if name == "sleep" else None
+            post = (lambda b: b["aborted"]) if name == "abort" else _none
+            return _Call("POST", f"/v1/engine/{name}", body, post)
         if name == "stats":
             return _Call("GET", "/v1/system", None, lambda b: b["stats"])
         if name == "check":
@@ -147,15 +167,18 @@ class _ClientBase(Backend):
         headers = dict(self.headers)
         if call.stream:
             headers["Accept"] = "text/event-stream"
-        content = None
-        if call.body is not None:
+        content = call.content
+        if content is not None:
+            headers["Content-Type"] = "application/octet-stream"
+        elif call.body is not None:
             if self.wire == "msgpack":
                 content = msgpack.packb(call.body, use_bin_type=True)
                 headers["Content-Type"] = MSGPACK
             else:
                 content = json.dumps(call.body).encode()
                 headers["Content-Type"] = "application/json"
-        return http.build_request(call.method, call.path, content=content, headers=headers)
+        return http.build_request(call.method, call.path, content=content, headers=headers,
+                                  params=call.params)
 
     def _retry_delay(self, attempt: int, response: httpx.Response | None) -> float:
         after = response.headers.get("retry-after") if response is not None else None
@@ -306,6 +329,15 @@ class _AsyncEventStream:
 
 def _session_info(d: dict) -> dict:
     return {k: v for k, v in d.items() if k != "object"}
+
+
+def _safetensors(weights) -> bytes:
+    """Named tensors (a dict or pairs) as one safetensors file (needs torch, as a trainer
+    has)."""
+    from safetensors.torch import save
+
+    items = weights.items() if hasattr(weights, "items") else weights
+    return save({name: t.detach().contiguous().cpu() for name, t in items})
 
 
 def _drop_none(d: dict) -> dict:

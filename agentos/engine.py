@@ -65,6 +65,13 @@ class _EngineBase(Backend):
             return (self.kernel.sys_generate, (pid, params, stream.on_token),
                     lambda fut: stream.attach(fut, lambda: self.kernel.call(self.kernel.sys_abort, pid)),
                     False)
+        if name in ("score", "next_token_logprobs"):
+            if name == "score":
+                pid, text, tokens = args
+                call_args = (pid, self._tokens(text, tokens, add_special_tokens=False))
+                return self.kernel.sys_score, call_args, lambda r: r[0], True
+            pid, top_k, candidates = args
+            return self.kernel.sys_score, (pid, [], top_k, candidates), lambda r: r[1], True
         return (*self._prepare_plain(name, *args), False)
 
     def _prepare_plain(self, name: str, *args) -> tuple[Callable, tuple, Callable[[Any], Any]]:
@@ -112,6 +119,14 @@ class _EngineBase(Backend):
             return self._sys_stats, args, same
         if name == "check":
             return snaps.sys_check, args, same
+        if name == "update_weights":
+            weights, version, kv_policy = args
+            items = list(weights.items() if hasattr(weights, "items") else weights)
+            return k.sys_update_weights, (items, version, kv_policy), same
+        if name in ("pause", "resume", "abort", "sleep", "wake_up"):
+            fn = {"pause": k.sys_pause, "resume": k.sys_resume, "abort": k.sys_abort_all,
+                  "sleep": k.sys_sleep, "wake_up": k.sys_wake_up}[name]
+            return fn, args, same
         raise AssertionError(f"unknown operation {name}")
 
     def _sys_stats(self) -> dict:
@@ -175,8 +190,10 @@ class AsyncEngine(_EngineBase):
             try:
                 result = await asyncio.wrap_future(result)
             except asyncio.CancelledError:
-                # the caller went away: stop generating, keep the tokens made so far
-                self.kernel.call(self.kernel.sys_abort, call_args[0])
+                # the caller went away: stop generating, keep the tokens made so far (a
+                # score call just runs out)
+                if name == "generate":
+                    self.kernel.call(self.kernel.sys_abort, call_args[0])
                 raise
         return post(result)
 

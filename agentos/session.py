@@ -53,6 +53,18 @@ class Session:
                                     ignore_eos=ignore_eos, logprobs=logprobs)
         return self._backend._op("generate", self.id, params, stream)
 
+    def score(self, text: str | None = None, tokens: list[int] | None = None):
+        """Returns the logprob of each token of a continuation (text, tokenized without
+        special tokens, or token ids) given the session's tokens, under the model's
+        distribution. The session is unchanged; its cached KV is used (not prefilled again).
+        Raises InvalidRequestError, ContextLengthError, ConflictError (generating)."""
+        return self._backend._op("score", self.id, text, tokens)
+
+    def next_token_logprobs(self, top_k: int = 20, candidates: list[int] | None = None):
+        """Returns NextTokenLogprobs: the `top_k` most likely next tokens with their
+        logprobs, and the logprob of each of `candidates` (token ids). Changes nothing."""
+        return self._backend._op("next_token_logprobs", self.id, top_k, candidates)
+
     def append(self, text: str | None = None, tokens: list[int] | None = None):
         """Appends given tokens (mask 0: tool output, user turns). Returns the token count."""
         return self._backend._op("append", self.id, text, tokens)
@@ -161,6 +173,36 @@ class Backend:
     def get_snapshot(self, snapshot_id: str):
         """Returns the Snapshot handle of a live snapshot (NotFoundError if there is none)."""
         return self._op("get_snapshot", snapshot_id)
+
+    def update_weights(self, named_tensors, version: int | None = None,
+                       kv_policy: str = "recompute"):
+        """Loads new weights (HF names: a dict or (name, tensor) pairs, all or some of the
+        model's) into the running engine between steps; returns the new weight version.
+
+        kv_policy "recompute" makes every cached page stale (sessions keep their tokens; no
+        token is ever sampled from KV of old weights); "keep" goes on with the KV sessions
+        have. Every generated token records the weight version that sampled it."""
+        return self._op("update_weights", named_tensors, version, kv_policy)
+
+    def pause(self):
+        """Stops stepping: calls in flight wait (nothing is lost) until resume()."""
+        return self._op("pause")
+
+    def resume(self):
+        return self._op("resume")
+
+    def abort(self):
+        """Ends every generate call in flight with finish_reason "abort"; their tokens and
+        KV stay in the sessions, so they can be continued. Returns how many were ended."""
+        return self._op("abort")
+
+    def sleep(self, level: int = 1):
+        """Releases the KV pool (sessions survive as tokens, or on the host tier); level 2
+        also moves the weights off the accelerator. Calls wait until wake_up()."""
+        return self._op("sleep", level)
+
+    def wake_up(self):
+        return self._op("wake_up")
 
     def stats(self):
         """Returns {"kv": {device_blocks_total, device_blocks_used, ...}, "sessions": ...}."""

@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
+from agentos.api.routes import engine as engine_routes
 from agentos.api.routes import openai, sessions, snapshots, system
 from agentos.api.tenants import Tenants, load_tenants
 from agentos.api.wire import AuthMiddleware, BodyMiddleware, WireResponse, error_response
@@ -45,6 +46,7 @@ class ServerSettings:
     host_blocks: int | None = None  # None: sized from available RAM
     max_batch_tokens: int = 2048
     scheduler: str = "mlfq"
+    deterministic: bool = False  # batch-invariant results
     max_model_len: int | None = None
     seed: int = 0
     # server
@@ -54,6 +56,7 @@ class ServerSettings:
     allow_open: bool = False  # serve without keys on a non-loopback address
     served_model_name: str | None = None  # the `model` of OpenAI routes (default: folder name)
     max_body_bytes: int = 16 << 20  # request bodies over this are refused (413)
+    max_weights_bytes: int = 64 << 30  # a weight update's body (POST /v1/weights) at most
     max_tokens_cap: int | None = 4096  # max_tokens per generate call at most (None: context)
     max_sessions_per_tenant: int | None = None  # default limit of live sessions per tenant
     max_tokens_per_tenant: int | None = None  # default limit of tokens held per tenant
@@ -65,7 +68,7 @@ class ServerSettings:
 
     def engine_options(self) -> dict:
         names = ("device", "dtype", "block_size", "kv_blocks", "host_blocks",
-                 "max_batch_tokens", "max_model_len", "scheduler", "seed")
+                 "max_batch_tokens", "max_model_len", "scheduler", "deterministic", "seed")
         return {k: v for k, v in asdict(self).items() if k in names}
 
     def tenants(self) -> Tenants:
@@ -107,11 +110,12 @@ def create_app(settings: ServerSettings | None = None, engine=None,
     app.state.settings = settings
     app.state.tenants = tenants
     app.state.engine = engine  # None until the lifespan handler starts one
-    for r in (sessions.router, snapshots.router, openai.router, system.router):
+    for r in (sessions.router, snapshots.router, openai.router, system.router, engine_routes.router):
         app.include_router(r)
     _error_handlers(app)
     # the last added runs first: keys are checked before the body is read
-    app.add_middleware(BodyMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyMiddleware, max_body_bytes=settings.max_body_bytes,
+                       large={"/v1/weights": settings.max_weights_bytes})
     app.add_middleware(AuthMiddleware, tenants=tenants)
     return app
 

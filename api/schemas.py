@@ -55,6 +55,25 @@ class Generate(Request):
     stream: bool = False
 
 
+class Score(Request):
+    text: str | None = None  # tokenized without special tokens
+    tokens: list[TokenId] | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        _one_of(self.text, self.tokens, "text")
+        return self
+
+
+class NextTokenLogprobsRequest(Request):
+    top_k: int = Field(20, ge=0, le=1 << 20)
+    candidates: list[TokenId] | None = None
+
+
+class Sleep(Request):
+    level: int = Field(1, ge=1, le=2)
+
+
 class Fork(Request):
     n: int = Field(1, ge=1, le=256)
 
@@ -85,6 +104,7 @@ class SessionInfo(BaseModel):
     host_blocks: int  # KV blocks of its page table swapped out to host memory
     created_at: float
     last_active: float
+    kv_version: int = 0  # the oldest weight version its cached KV was computed with
 
 
 class SessionList(BaseModel):
@@ -109,6 +129,29 @@ class GenerationOut(BaseModel):
     text: str
     logprobs: list[float] | None
     finish_reason: Literal["stop", "length", "abort"]
+    weight_versions: list[int] | None = None  # per token: the weights that sampled it
+
+
+class ScoreOut(BaseModel):
+    id: str
+    tokens: list[int]  # the scored continuation
+    logprobs: list[float]  # of each of its tokens
+
+
+class NextTokenLogprobsOut(BaseModel):
+    top_ids: list[int]
+    top_logprobs: list[float]
+    candidate_logprobs: list[float] | None
+
+
+class WeightsOut(BaseModel):
+    version: int
+    kv_policy: str
+
+
+class EngineState(BaseModel):
+    ok: bool = True
+    aborted: int | None = None  # abort: generate calls ended
 
 
 class SnapshotInfo(BaseModel):

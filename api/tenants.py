@@ -7,10 +7,11 @@ leak nothing across tenants. Without keys configured every request is the tenant
 Keys come from a JSON file,
 
     {"keys": {"sk-alice-1": "alice", "sk-bob": "bob"},
-     "tenants": {"alice": {"max_sessions": 100, "max_tokens": 1000000}}}
+     "tenants": {"alice": {"max_sessions": 100, "max_tokens": 1000000, "admin": true}}}
 
 or from AGENTOS_API_KEYS="sk-alice-1=alice,sk-bob=bob" (a key without "=name" is its own
-tenant). Limits not given per tenant take the server's defaults.
+tenant). Limits not given per tenant take the server's defaults. Only an `admin` tenant
+(every request of an open server) may act on the whole engine: weights, pause, sleep.
 """
 
 from __future__ import annotations
@@ -24,7 +25,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agentos.kernel.errors import AuthenticationError, NotFoundError, RateLimitError
+from agentos.kernel.errors import (
+    AuthenticationError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+)
 
 
 @dataclass(slots=True, eq=False)
@@ -37,6 +43,12 @@ class Tenant:
     reserved_tokens: int = 0  # admitted but not yet in a session (generate calls in flight)
     reserved_sessions: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    admin: bool = False  # may act on the whole engine (weights, pause, sleep)
+
+    def require_admin(self) -> None:
+        if not self.admin:
+            raise PermissionDeniedError(f"tenant {self.name!r} may not act on the engine "
+                                        "(needs \"admin\": true in the keys file)")
 
     def session(self, sid: str) -> str:
         if sid not in self.sessions:
@@ -102,7 +114,9 @@ class Tenants:
         names = set(self.keys.values()) or {"default"}
         self.by_name = {
             n: Tenant(n, limits.get(n, {}).get("max_sessions", max_sessions),
-                      limits.get(n, {}).get("max_tokens", max_tokens)) for n in names}
+                      limits.get(n, {}).get("max_tokens", max_tokens),
+                      admin=bool(limits.get(n, {}).get("admin", not self.keys)))
+            for n in names}
 
     @property
     def open(self) -> bool:

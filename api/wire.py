@@ -98,9 +98,10 @@ class AuthMiddleware:
 class BodyMiddleware:
     """Bounds request bodies and decodes msgpack ones; sets the response format."""
 
-    def __init__(self, app, max_body_bytes: int):
+    def __init__(self, app, max_body_bytes: int, large: dict[str, int] | None = None):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.large = large or {}  # path -> its own limit (weight uploads)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -129,10 +130,11 @@ class BodyMiddleware:
         await self.app(scope, replay, send)
 
     async def _read(self, scope, receive) -> bytes:
+        limit = self.large.get(scope.get("path", ""), self.max_body_bytes)
         declared = _header(scope, b"content-length")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
+        if declared.isdigit() and int(declared) > limit:
             raise PayloadTooLargeError(f"request body of {declared} bytes is over the limit "
-                                       f"of {self.max_body_bytes}")
+                                       f"of {limit}")
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -140,9 +142,8 @@ class BodyMiddleware:
                 break
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body_bytes:
-                raise PayloadTooLargeError(f"request body is over the limit of "
-                                           f"{self.max_body_bytes} bytes")
+            if size > limit:
+                raise PayloadTooLargeError(f"request body is over the limit of {limit} bytes")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break

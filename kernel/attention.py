@@ -34,6 +34,7 @@ class AttnMeta:
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] int64, padded with 0
     decode_ctx_lens: torch.Tensor | None = None  # [B] int64, cache length incl. the new token
     prefills: list[PrefillChunk] = field(default_factory=list)
+    deterministic: bool = False  # batch-invariant attention (see batch_invariant.py)
 
 
 def write_kv(
@@ -57,6 +58,10 @@ def paged_attention(
 
     q: [T, H, D] -> returns [T, H, D].
     """
+    if meta.deterministic:
+        from agentos.kernel.batch_invariant import attention
+
+        return attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     if meta.num_decodes:
         out[: meta.num_decodes] = _decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale)

@@ -34,7 +34,7 @@ from agentos.kernel.errors import (
 )
 from agentos.kernel.kalloc import DEVICE, HOST, ROOT_DIGEST, BlockAllocator, block_digest
 from agentos.kernel.loader import load_model
-from agentos.kernel.process import GenerateCall, Generation, Process, ProcState
+from agentos.kernel.process import GenerateCall, Generation, Process, ProcState, ScoreCall
 from agentos.kernel.runner import ModelRunner
 from agentos.kernel.sampler import new_rng
 from agentos.kernel.sampling_params import SamplingParams
@@ -64,16 +64,25 @@ class Kernel:
         host_blocks = config.host_blocks if config.host_blocks is not None else self._auto_host_blocks()
         self.kalloc = BlockAllocator(num_blocks, host_blocks)
         self.vm = VM(self.kalloc, config.block_size)
+        if config.deterministic:
+            from agentos.kernel.batch_invariant import make_batch_invariant
+
+            make_batch_invariant(self.model)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.device, self.dtype,
-                                  host_blocks)
+                                  host_blocks, config.deterministic)
         self.policy = make_policy(config.scheduler)
         self.procs: dict[str, Process] = {}
+        self._scratch: dict[str, Process] = {}  # score calls' forks of sessions, never listed
+        self.weight_version = 0  # of the weights loaded now; recorded per generated token
+        self._paused = False  # no steps run (pause, sleep); syscalls still apply
+        self._asleep = False  # the KV pool is released
         self.snapshots = None  # the SnapshotTable, once one is attached: its pages can be swapped
         self.eos_ids = frozenset(mc.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.vocab_size = mc.vocab_size
         self.stats = {"steps": 0, "tokens_generated": 0, "tokens_prefilled": 0, "forks": 0,
                       "cow_copies": 0, "step_time_s": 0.0, "swap_out_blocks": 0,
-                      "swap_in_blocks": 0, "dropped_blocks": 0, "prefix_hit_tokens": 0}
+                      "swap_in_blocks": 0, "dropped_blocks": 0, "prefix_hit_tokens": 0,
+                      "tokens_scored": 0}
         self._arrivals = itertools.count()
         self._seeds = new_rng(config.seed)
         # per-step memory work: block copies in the order decided, pins on the pages of the
@@ -133,7 +142,8 @@ class Kernel:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._calls and not self.policy.has_work() and not self._closed:
+                while not self._calls and not self._closed and (
+                        self._paused or not self.policy.has_work()):
                     self._cv.wait()
                 if self._closed:
                     break
@@ -142,7 +152,8 @@ class Kernel:
             for fn, args, fut in calls:
                 self._apply(fn, args, fut)
             try:
-                self._step()
+                if not self._paused:
+                    self._step()
             except Exception as e:  # a failed step must not leave callers hanging
                 self._fail_running(e)
             if self._deferred:
@@ -171,7 +182,7 @@ class Kernel:
         for _, _, fut in pending:
             if not fut.done():
                 fut.set_exception(error)
-        for p in self.procs.values():
+        for p in [*self.procs.values(), *self._scratch.values()]:
             if p.call is not None and not p.call.future.done():
                 p.call.future.set_exception(error)
 
@@ -191,7 +202,10 @@ class Kernel:
         hits: list[int] = []
         wait = False
         tokens = p.token_ids
-        while (i + 1) * bs <= len(tokens):
+        # a score call needs the logits of every position from the one before its first
+        # scored token, so those are computed, never taken from the cache
+        end = p.call.start - 1 if isinstance(p.call, ScoreCall) else len(tokens)
+        while (i + 1) * bs <= end:
             digest = block_digest(prev, tokens[i * bs : (i + 1) * bs])
             page = self.kalloc.lookup(digest)
             if page is None:
@@ -365,18 +379,22 @@ class Kernel:
         if not chunks:
             self._unblock(blocked)
             return
-        token_ids, logprobs = self.runner.execute(chunks, self.kalloc.slot)
-        sampled = iter(zip(token_ids, logprobs))
-        for c in chunks:
+        outs = self.runner.execute(chunks, self.kalloc.slot)
+        for c, out in zip(chunks, outs):
             p = c.proc
+            if p.num_cached == 0:
+                p.kv_version = self.weight_version
             p.num_cached = c.end
             p.last_active = time.time()
             self._register_full(p, c.start, c.end)
-            if c.sample:
+            if isinstance(p.call, ScoreCall):
+                self.stats["tokens_scored"] += c.num_tokens
+                if out is not None:
+                    self._on_score(p, *out)
+            elif c.sample:
                 self.stats["tokens_generated"] += 1
-                token, logprob = next(sampled)
                 try:
-                    self._on_token(p, token, logprob)
+                    self._on_token(p, *out)
                 except Exception as e:  # e.g. a streaming callback that broke: this call only
                     if p.call is not None:
                         self._finish(p, None, e)
@@ -387,6 +405,8 @@ class Kernel:
             else:
                 self.policy.remove(p)
                 p.state = ProcState.SLEEPING
+                if isinstance(p.call, ScoreCall):
+                    self._end_score(p)
         self.policy.on_step(chunks)
         self.stats["steps"] += 1
         self.stats["step_time_s"] += time.perf_counter() - t0
@@ -425,6 +445,7 @@ class Kernel:
         p.mask.append(1)
         p.num_generated += 1
         call.tokens.append(token)
+        call.weight_versions.append(self.weight_version)
         if call.params.logprobs:
             call.logprobs.append(logprob)
         searched = len(call.text)
@@ -444,6 +465,9 @@ class Kernel:
     def _finish(self, p: Process, reason: str | None, error: Exception | None = None) -> None:
         """Ends p's generate call with reason, waking its caller. With an error the call
         is undone instead (its tokens dropped, the RNG restored) and the caller gets it."""
+        if isinstance(p.call, ScoreCall):
+            self._end_score(p, error)
+            return
         call, p.call = p.call, None
         if error is not None:
             del p.token_ids[call.start_len :]
@@ -465,7 +489,8 @@ class Kernel:
             if call.on_token is not None:
                 call.on_token(None, _emit(call, final=True), None)
         logprobs = list(call.logprobs) if call.params.logprobs else None
-        call.future.set_result(Generation(list(call.tokens), call.text, logprobs, reason))
+        call.future.set_result(Generation(list(call.tokens), call.text, logprobs, reason,
+                                          list(call.weight_versions)))
 
     # -- syscalls (run in the loop thread) ---------------------------------------------
 
@@ -561,6 +586,145 @@ class Kernel:
         if p is not None and p.call is not None:
             p.call.aborted = True
 
+    def sys_score(self, pid: str, token_ids: list[int], top_k: int = 0,
+                  candidates: list[int] | None = None) -> Future:
+        """Scores a continuation of the session without changing it: a scratch fork of the
+        session (sharing its pages; its own tokens past them) computes the continuation's
+        KV and logits, then is freed. Returns a Future of (logprob of each given token,
+        NextTokenLogprobs after them or None). Waits (Defer) for the session's prefill.
+        Raises InvalidRequestError / ContextLengthError / ConflictError; changes nothing."""
+        p = self.idle_proc(pid)
+        token_ids = self.check_tokens(token_ids, p.num_tokens)
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+            raise InvalidRequestError(f"top_k must be an integer >= 0, got {top_k!r}")
+        if candidates is not None:
+            candidates = self.check_tokens(candidates)
+        if not token_ids and not top_k and candidates is None:
+            raise InvalidRequestError("nothing to score: give tokens, or top_k or candidates")
+        if p.has_work() and p in self.policy:
+            raise Defer  # share the session's prefilled pages
+        fut: Future = Future()
+        # NOTE: logits are not kept, so the session's last position is computed again (into
+        # a copy of its block when it is cached)
+        s = Process(pid="score_" + uuid.uuid4().hex[:16], token_ids=p.token_ids + array("i", token_ids),
+                    mask=p.mask + array("b", bytes(len(token_ids))), table=self.vm.fork(p.table),
+                    rng=p.rng, parent_id=p.pid, num_cached=min(p.num_cached, p.num_tokens - 1),
+                    kv_version=p.kv_version)
+        s.call = ScoreCall(fut, p.num_tokens, top_k, candidates)
+        self._scratch[s.pid] = s
+        self.wake(s)
+        return fut
+
+    def _on_score(self, p: Process, logprobs: list[float], dist) -> None:
+        p.call.logprobs.extend(logprobs)
+        if dist is not None:
+            p.call.dist = dist
+
+    def _end_score(self, p: Process, error: Exception | None = None) -> None:
+        """Ends a score call: frees its scratch process and wakes the caller."""
+        call, p.call = p.call, None
+        self.policy.remove(p)
+        p.state = ProcState.ZOMBIE
+        self.vm.free(p.table)
+        del self._scratch[p.pid]
+        if error is not None:
+            call.future.set_exception(error)
+        else:
+            call.future.set_result((call.logprobs, call.dist))
+
+    def sys_pause(self) -> None:
+        """Stops running steps: generate and score calls wait where they are (their state is
+        kept); other syscalls still apply. Idempotent."""
+        self._paused = True
+
+    def sys_resume(self) -> None:
+        """Runs steps again after pause (not while asleep: wake_up does)."""
+        if self._asleep:
+            raise ConflictError("the engine is asleep; wake_up() first")
+        self._paused = False
+
+    def sys_abort_all(self) -> int:
+        """Ends every generate call in flight now with finish_reason "abort"; the tokens made
+        so far, and their KV, stay in the sessions. Returns how many were ended."""
+        calls = [p for p in self.procs.values() if isinstance(p.call, GenerateCall)]
+        for p in calls:
+            self._finish(p, "abort")
+        return len(calls)
+
+    def sys_update_weights(self, weights: list[tuple[str, torch.Tensor]], version: int | None,
+                           kv_policy: str = "recompute") -> int:
+        """Loads HF-named tensors (all or some of the model's) between steps. Returns the new
+        weight version (`version`, or the current one plus one).
+
+        kv_policy "recompute": every cached page is stale: sessions and snapshots keep their
+        tokens and their KV is recomputed with the new weights when they next run, so no
+        token is sampled from KV of old weights. "keep": sessions go on with the KV they
+        have (their `kv_version` tells), only the prefix cache is emptied so new sessions
+        never share old KV. Raises InvalidRequestError (changing nothing) for an unknown
+        name, a wrong shape or a bad policy."""
+        if kv_policy not in ("recompute", "keep"):
+            raise InvalidRequestError(f"kv_policy must be 'recompute' or 'keep', got {kv_policy!r}")
+        if version is not None and (not isinstance(version, int) or version < 0):
+            raise InvalidRequestError(f"version must be an integer >= 0, got {version!r}")
+        try:
+            self.model.update_hf_weights(weights)
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from None
+        self.weight_version = self.weight_version + 1 if version is None else version
+        if kv_policy == "recompute":
+            self._drop_all_kv()
+        self.kalloc.flush_cache()
+        return self.weight_version
+
+    def _drop_all_kv(self) -> None:
+        """Frees every page of every session, snapshot and score call: their KV is
+        recomputed from tokens when they next run."""
+        holders = [*self.procs.values(), *self._scratch.values()]
+        if self.snapshots is not None:
+            holders += list(self.snapshots.records.values())
+        for h in holders:
+            self.stats["dropped_blocks"] += self.vm.free(h.table)
+            h.num_cached = 0
+            if isinstance(h, Process) and h.state is not ProcState.RUNNABLE:
+                h.state = self._rest_state(h)
+
+    def sys_sleep(self, level: int = 1) -> None:
+        """Releases the device KV pool: pages move to the host tier while it has room, the
+        rest are dropped (recomputed from tokens later); steps stop until wake_up. Level 2
+        also moves the weights to host memory (on an accelerator). Idempotent."""
+        if level not in (1, 2):
+            raise InvalidRequestError(f"level must be 1 or 2, got {level!r}")
+        self._paused = self._asleep = True
+        k = self.kalloc
+        holders = [*self.procs.values(), *self._scratch.values()]
+        if self.snapshots is not None:
+            holders += list(self.snapshots.records.values())
+        k.flush_cache()
+        for h in holders:
+            pages = h.table.block_ids
+            pages = pages[k.tier[pages] == DEVICE]
+            if not len(pages):
+                continue
+            if len(pages) <= k.host.num_free:
+                self._copy("out", k.swap_out(pages.tolist()))
+                self.stats["swap_out_blocks"] += len(pages)
+            else:
+                self.stats["dropped_blocks"] += self.vm.free(h.table)
+                h.num_cached = 0
+            if isinstance(h, Process):
+                h.state = self._rest_state(h)
+        copies, self._copies = self._copies, []
+        self.runner.run_copies(copies)
+        self.runner.release_kv(weights=level == 2)
+
+    def sys_wake_up(self) -> None:
+        """Allocates the KV pool again (and brings the weights back) and resumes steps;
+        sessions swap in or recompute as they run. Idempotent."""
+        if self._asleep:
+            self.runner.restore_kv()
+            self._asleep = False
+        self._paused = False
+
     def sys_fork(self, pid: str, n: int) -> list[str]:
         if not isinstance(n, int) or n < 1:
             raise InvalidRequestError(f"n must be an integer >= 1, got {n!r}")
@@ -606,6 +770,7 @@ class Kernel:
             "num_tokens": p.num_tokens, "num_cached": p.num_cached,
             "num_generated": p.num_generated, "device_blocks": p.table.num_blocks - host,
             "host_blocks": host, "created_at": p.created_at, "last_active": p.last_active,
+            "kv_version": p.kv_version if p.num_cached else self.weight_version,
         }
 
     def sys_list(self, pids: list[str] | None = None) -> list[dict[str, Any]]:

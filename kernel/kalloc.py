@@ -242,6 +242,14 @@ class BlockAllocator:
     def lookup(self, digest: bytes) -> int | None:
         return self.cached.get(digest)
 
+    def flush_cache(self) -> None:
+        """Empties the prefix cache: frees the LRU's pages and forgets every digest (mapped
+        pages stay mapped, but no new session will share them)."""
+        self._release(np.fromiter(self.lru, dtype=np.int64, count=len(self.lru)))
+        self.lru.clear()
+        self.digest.clear()
+        self.cached.clear()
+
     # -- invariants ---------------------------------------------------------------------
 
     def check(self, mapped: np.ndarray) -> None:

@@ -174,6 +174,7 @@ class LlamaModel(nn.Module):
         cos, sin = rope_table(inv_freq, cfg.max_position_embeddings, scaling)
         self.register_buffer("cos_table", cos, persistent=False)  # [P, D] fp32
         self.register_buffer("sin_table", sin, persistent=False)
+        self.linear = F.linear  # batch_invariant.make_batch_invariant swaps in its own
 
     @torch.inference_mode()
     def forward(
@@ -189,7 +190,46 @@ class LlamaModel(nn.Module):
             x = layer(x, cos, sin, kv[:, i, 0], kv[:, i, 1], meta)
         x = self.norm(x[logits_indices])
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, w).float()
+        return self.linear(x, w).float()
+
+    def dense_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The trainer's view: logits [T, V] (fp32) of every position of one sequence
+        input_ids [T], by a plain causal forward with no KV cache, differentiable (no
+        inference mode). After make_batch_invariant it uses the same batch-invariant
+        kernels as the engine, so it reproduces the engine's logprobs bit for bit."""
+        T = input_ids.shape[0]
+        positions = torch.arange(T, device=input_ids.device)
+        x = self.embed_tokens(input_ids)
+        cos = self.cos_table[positions].to(x.dtype)[:, None, :]
+        sin = self.sin_table[positions].to(x.dtype)[:, None, :]
+        for layer in self.layers:
+            a = layer.self_attn
+            h = layer.input_layernorm(x)
+            q, k, v = a.qkv_proj(h).split([a.q_size, a.kv_size, a.kv_size], dim=-1)
+            q = _rotate(q.view(T, a.num_heads, a.head_dim), cos, sin)
+            k = _rotate(k.view(T, a.num_kv_heads, a.head_dim), cos, sin)
+            v = v.view(T, a.num_kv_heads, a.head_dim)
+            o = _dense_attention(q, k, v, a.scale, self.linear is not F.linear)
+            x = x + a.o_proj(o.reshape(T, a.q_size))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = self.norm(x)
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return self.linear(x, w).float()
+
+    def hf_named_tensors(self) -> dict[str, torch.Tensor]:
+        """The weights under their HF names (q/k/v and gate/up split again): what
+        `update_hf_weights` and a HF checkpoint take. Views, not copies."""
+        out = {}
+        for name, p in self.named_parameters():
+            if "qkv_proj" in name or "gate_up_proj" in name:
+                for part, (whole, start, size) in _fusions(self.cfg).items():
+                    if whole in name:
+                        out["model." + name.replace(whole, part)] = p[start : start + size]
+            elif name.startswith("lm_head"):
+                out[name] = p
+            else:
+                out["model." + name] = p
+        return out
 
     def load_hf_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copies HF-named tensors into the model, fusing q/k/v and gate/up.
@@ -225,16 +265,60 @@ class LlamaModel(nn.Module):
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}")
 
 
-def _fused_target(name: str, cfg: ModelConfig) -> tuple[str, tuple[int, int] | None]:
+    def update_hf_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copies some or all HF-named tensors into the model (a trainer's update). Every
+        name and shape is checked before anything is copied: on ValueError the model is
+        unchanged."""
+        params = dict(self.named_parameters())
+        plan = []
+        for name, t in weights:
+            name = name.removeprefix("model.")
+            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.lm_head is None):
+                continue
+            target, offset = _fused_target(name, self.cfg)
+            p = params.get(target)
+            if p is None:
+                raise ValueError(f"unexpected weight {name!r}")
+            shape = tuple(p.shape) if offset is None else (offset[1], *p.shape[1:])
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name}: shape {tuple(t.shape)} != {shape}")
+            plan.append((p, offset, t))
+        with torch.no_grad():
+            for p, offset, t in plan:
+                (p if offset is None else p[offset[0] : offset[0] + offset[1]]).copy_(t)
+
+
+def _fusions(cfg: ModelConfig) -> dict[str, tuple[str, int, int]]:
+    """HF tensor -> (fused tensor, first row, rows)."""
     q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
-    fused = {
+    return {
         "self_attn.q_proj": ("self_attn.qkv_proj", 0, q),
         "self_attn.k_proj": ("self_attn.qkv_proj", q, kv),
         "self_attn.v_proj": ("self_attn.qkv_proj", q + kv, kv),
         "mlp.gate_proj": ("mlp.gate_up_proj", 0, inter),
         "mlp.up_proj": ("mlp.gate_up_proj", inter, inter),
     }
-    for part, (whole, start, size) in fused.items():
+
+
+def _dense_attention(q, k, v, scale: float, batch_invariant: bool) -> torch.Tensor:
+    # q: [T, H, D], k, v: [T, KVH, D] of one whole sequence; causal; returns [T, H, D]
+    T, H, D = q.shape
+    KVH = k.shape[1]
+    if batch_invariant:
+        from agentos.kernel.batch_invariant import session_attention
+
+        # the sequence as a cache of one block holding every position
+        table = torch.zeros(1, dtype=torch.long, device=q.device)
+        return session_attention(q, k[None], v[None], table, T, scale)
+    k = k.repeat_interleave(H // KVH, dim=1)
+    v = v.repeat_interleave(H // KVH, dim=1)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                         v.transpose(0, 1)[None], is_causal=True, scale=scale)
+    return out[0].transpose(0, 1)
+
+
+def _fused_target(name: str, cfg: ModelConfig) -> tuple[str, tuple[int, int] | None]:
+    for part, (whole, start, size) in _fusions(cfg).items():
         if f".{part}." in name:
             return name.replace(part, whole), (start, size)
     return name, None

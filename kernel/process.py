@@ -33,6 +33,16 @@ class Generation:
     text: str
     logprobs: list[float] | None
     finish_reason: str  # "stop", "length" or "abort"
+    weight_versions: list[int] | None = None  # per token: the weights that sampled it
+
+
+@dataclass(slots=True)
+class NextTokenLogprobs:
+    """The model's distribution over the token after a session's end."""
+
+    top_ids: list[int]  # the top_k most likely token ids, most likely first
+    top_logprobs: list[float]
+    candidate_logprobs: list[float] | None = None  # of the requested candidate ids, in order
 
 
 @dataclass(slots=True)
@@ -63,6 +73,26 @@ class GenerateCall:
     emitted: int = 0  # characters of text already streamed to on_token
     stopped_by_string: bool = False
     aborted: bool = False
+    weight_versions: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ScoreCall:
+    """A score call in flight on a scratch process (a fork of the scored session, never
+    listed): the logprobs of its tokens from position `start` on, each given what precedes
+    it, and with `top_k` or `candidates` the distribution after its last token."""
+
+    future: Future
+    start: int  # first scored position (>= 1)
+    top_k: int = 0
+    candidates: list[int] | None = None
+    logprobs: list[float] = field(default_factory=list)
+    dist: NextTokenLogprobs | None = None
+    aborted: bool = False  # unused: a score call runs to its end
+
+    @property
+    def wants_dist(self) -> bool:
+        return self.top_k > 0 or self.candidates is not None
 
 
 @dataclass(slots=True, eq=False)
@@ -79,11 +109,12 @@ class Process:
     num_cached: int = 0  # leading tokens whose KV is in the page table
     state: ProcState = ProcState.EMBRYO
     level: int = 0  # MLFQ level
-    call: GenerateCall | None = None
+    call: GenerateCall | ScoreCall | None = None
     arrival: int = 0  # FCFS order: sequence number of the last time it became runnable
     created_at: float = field(default_factory=time.time)
     last_active: float = field(default_factory=time.time)
     num_generated: int = 0  # tokens generated over the session's life
+    kv_version: int = 0  # the oldest weight version its cached KV was computed with
 
     @property
     def num_tokens(self) -> int:

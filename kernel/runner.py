@@ -11,15 +11,17 @@ import torch
 
 from agentos.kernel.attention import AttnMeta, PrefillChunk
 from agentos.kernel.model import LlamaModel
-from agentos.kernel.sampler import sample
+from agentos.kernel.process import ScoreCall
+from agentos.kernel.sampler import sample, score
 from agentos.kernel.sched import Chunk
 
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, device, dtype,
-                 num_host_blocks: int = 0):
+                 num_host_blocks: int = 0, deterministic: bool = False):
         cfg = model.cfg
         self.model = model
+        self.deterministic = deterministic  # batch-invariant kernels (see batch_invariant.py)
         self.block_size = block_size
         self.device = torch.device(device)
         # NOTE: block-major, so one block of every layer is one contiguous run of bytes and
@@ -38,6 +40,21 @@ class ModelRunner:
         cfg = model.cfg
         itemsize = torch.empty((), dtype=dtype).element_size()
         return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+    def release_kv(self, weights: bool = False) -> None:
+        """Frees the device KV pool (its contents are lost: the kernel swapped out or
+        dropped every page first); with `weights`, moves the weights to host memory too."""
+        self._kv_shape = tuple(self.kv.shape)
+        self.kv = self.kv.new_empty(0)
+        if weights and self.device.type != "cpu":
+            self.model.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def restore_kv(self) -> None:
+        """Allocates the device KV pool again (zeroed) and brings the weights back."""
+        self.model.to(self.device)
+        self.kv = _zeros(self._kv_shape, self.kv.dtype, self.device)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copies whole device blocks src -> dst (copy-on-write)."""
@@ -81,18 +98,21 @@ class ModelRunner:
             _copy_runs(src, dst, pairs)
 
     @torch.inference_mode()
-    def execute(self, chunks: list[Chunk], page_slots: np.ndarray) -> tuple[list[int], list[float]]:
-        """Runs one step: writes every chunk's KV and samples for chunks with `sample`.
+    def execute(self, chunks: list[Chunk], page_slots: np.ndarray) -> list:
+        """Runs one step: writes every chunk's KV, samples for generate chunks that reach
+        their session's end and scores the positions score calls ask for.
 
         Decode chunks (one token) must come first; every page of their tables must be on
-        the device, at `page_slots[page]`. Returns (token ids, logprobs) in the order of
-        the sampling chunks.
+        the device, at `page_slots[page]`. Returns one entry per chunk: None, (token id,
+        logprob) for a sampled token, or (logprobs, NextTokenLogprobs | None) for a score
+        call's positions in the chunk.
         """
         bs = self.block_size
         ids: list[int] = []
         pos_parts: list[np.ndarray] = []
         slot_parts: list[np.ndarray] = []
         logits_idx: list[int] = []
+        spans: list[tuple[int, int] | None] = []  # per chunk: its positions that need logits
         prefills: list[PrefillChunk] = []
         num_decodes = 0
         dec_tables: list[np.ndarray] = []
@@ -113,12 +133,14 @@ class ModelRunner:
             else:
                 prefills.append(PrefillChunk(q_start, c.num_tokens, c.end,
                                              torch.from_numpy(table[:nb]).to(self.device)))
-            if c.sample:
-                logits_idx.append(len(ids) - 1)
+            span = _logit_span(c)
+            spans.append(span)
+            if span is not None:
+                logits_idx.extend(range(q_start + span[0] - c.start, q_start + span[1] - c.start))
         dev = self.device
         meta = AttnMeta(
             slot_mapping=torch.from_numpy(np.concatenate(slot_parts)).to(dev),
-            num_decodes=num_decodes, prefills=prefills,
+            num_decodes=num_decodes, prefills=prefills, deterministic=self.deterministic,
         )
         if num_decodes:
             width = max(len(t) for t in dec_tables)
@@ -129,13 +151,48 @@ class ModelRunner:
             meta.decode_ctx_lens = torch.tensor(dec_lens, device=dev)
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         positions = torch.from_numpy(np.concatenate(pos_parts)).to(dev)
-        if not logits_idx:
-            self.model(input_ids, positions, meta, self.kv, input_ids[:0])
-            return [], []
         logits = self.model(input_ids, positions, meta, self.kv,
-                            torch.tensor(logits_idx, device=dev))
-        sampled = [c for c in chunks if c.sample]
-        return sample(logits, [c.proc.call.params for c in sampled], [c.proc.rng for c in sampled])
+                            torch.tensor(logits_idx, dtype=torch.long, device=dev))
+        return self._outputs(chunks, spans, logits)
+
+    def _outputs(self, chunks: list[Chunk], spans: list, logits: torch.Tensor) -> list:
+        # logits: [S, V] fp32, the rows of every chunk's span in chunk order
+        outs: list = [None] * len(chunks)
+        rows: list[int] = []  # rows to sample, with their chunks
+        sampled: list[int] = []
+        r = 0
+        for i, (c, span) in enumerate(zip(chunks, spans)):
+            if span is None:
+                continue
+            n = span[1] - span[0]
+            call = c.proc.call
+            if isinstance(call, ScoreCall):
+                outs[i] = score(logits[r : r + n], c.proc.token_ids, span, call)
+            else:
+                rows.append(r)
+                sampled.append(i)
+            r += n
+        if rows:
+            procs = [chunks[i].proc for i in sampled]
+            picked = logits if len(rows) == len(logits) else logits[rows]
+            token_ids, logprobs = sample(picked, [p.call.params for p in procs],
+                                         [p.rng for p in procs])
+            for i, t, lp in zip(sampled, token_ids, logprobs):
+                outs[i] = (t, lp)
+        return outs
+
+
+def _logit_span(c: Chunk) -> tuple[int, int] | None:
+    """The positions [lo, hi) of chunk c whose logits the step needs: the last one for a
+    generate call that samples; for a score call, those predicting a scored token (and the
+    last position when the call wants the next-token distribution)."""
+    call = c.proc.call
+    if isinstance(call, ScoreCall):
+        n = c.proc.num_tokens
+        lo = max(c.start, call.start - 1)
+        hi = c.end if call.wants_dist else min(c.end, n - 1)
+        return (lo, hi) if lo < hi else None
+    return (c.end - 1, c.end) if c.sample else None
 
 
 def _copy_runs(src: torch.Tensor, dst: torch.Tensor, pairs: list[tuple[int, int]]) -> None:

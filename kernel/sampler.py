@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from agentos.kernel.process import NextTokenLogprobs, ScoreCall
 from agentos.kernel.sampling_params import SamplingParams
 
 
@@ -62,3 +63,30 @@ def _top_k_top_p(x: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> tor
     drop |= mass_before >= ps[:, None]
     sorted_x = sorted_x.masked_fill(drop, float("-inf"))
     return torch.empty_like(x).scatter_(1, order, sorted_x)
+
+
+def score(logits: torch.Tensor, token_ids, span: tuple[int, int], call: ScoreCall) -> tuple[
+        list[float], NextTokenLogprobs | None]:
+    """Logprobs at positions span = [lo, hi) of a process's tokens, from their logits
+    [hi - lo, V] (fp32): of each next token that exists, and at the last position of the
+    process (when the call wants it) the top-k and candidate logprobs. The same
+    log-softmax of the raw logits as `sample` reports."""
+    lo, hi = span
+    logprobs = torch.log_softmax(logits, dim=-1)
+    n = len(token_ids)
+    num_next = min(hi, n - 1) - lo
+    lps: list[float] = []
+    if num_next > 0:
+        nxt = torch.tensor(token_ids[lo + 1 : lo + 1 + num_next], device=logits.device)
+        lps = logprobs[:num_next].gather(1, nxt[:, None]).squeeze(1).tolist()
+    dist = None
+    if hi == n and call.wants_dist:
+        last = logprobs[-1]
+        k = min(call.top_k, last.shape[0])
+        top = last.topk(k) if k else None
+        cands = None
+        if call.candidates is not None:
+            cands = last[torch.tensor(call.candidates, dtype=torch.long, device=last.device)].tolist()
+        dist = NextTokenLogprobs(top.indices.tolist() if top is not None else [],
+                                 top.values.tolist() if top is not None else [], cands)
+    return lps, dist

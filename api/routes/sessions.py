@@ -16,6 +16,10 @@ from agentos.api.schemas import (
     Fork,
     Generate,
     GenerationOut,
+    NextTokenLogprobsOut,
+    NextTokenLogprobsRequest,
+    Score,
+    ScoreOut,
     SessionInfo,
     SessionLength,
     SessionList,
@@ -132,3 +136,22 @@ async def fork(sid: str, body: Fork, t: Tenant = Depends(deps.tenant),
 async def tokens(sid: str, t: Tenant = Depends(deps.tenant), engine=Depends(deps.engine)):
     ids, mask = await Session(engine, t.session(sid)).get_tokens_and_mask()
     return {"id": sid, "tokens": ids, "mask": mask, "text": engine.decode(ids)}
+
+
+@router.post("/sessions/{sid}/score", response_model=ScoreOut)
+async def score(sid: str, body: Score, t: Tenant = Depends(deps.tenant),
+                engine=Depends(deps.engine)):
+    """Logprobs of a continuation given the session; the session is unchanged."""
+    s = Session(engine, t.session(sid))
+    ids = body.tokens if body.tokens is not None else engine.encode(body.text, False)
+    async with t.admit(engine, tokens=len(ids)):
+        logprobs = await s.score(tokens=ids)
+    return {"id": sid, "tokens": ids, "logprobs": logprobs}
+
+
+@router.post("/sessions/{sid}/next_token_logprobs", response_model=NextTokenLogprobsOut)
+async def next_token_logprobs(sid: str, body: NextTokenLogprobsRequest,
+                              t: Tenant = Depends(deps.tenant), engine=Depends(deps.engine)):
+    """The distribution over the session's next token: top_k and the given candidates."""
+    dist = await Session(engine, t.session(sid)).next_token_logprobs(body.top_k, body.candidates)
+    return asdict(dist)
