@@ -138,8 +138,8 @@ class RolloutWorker:
         self._async = inspect.iscoroutinefunction(getattr(backend, "_run", None))
 
     async def _do(self, fn: Callable, *args, **kwargs):
-        if self._async:
-            return await fn(*args, **kwargs)
+        if self._async:  # (an async engine's encode/decode answer at once)
+            return await _maybe_await(fn(*args, **kwargs))
         return await asyncio.to_thread(fn, *args, **kwargs)
 
     async def generate_group(self, prompt: str | list[int], n: int,
