@@ -363,3 +363,17 @@ def test_engine_routes_need_an_admin_tenant():
         http.post("/v1/engine/resume", headers={"Authorization": "Bearer sk-root"})
         r = http.post("/v1/weights", content=b"x", headers={"Authorization": "Bearer sk-a"})
         assert r.status_code == 403 and r.json()["error"]["type"]
+
+
+# -- examples -----------------------------------------------------------------------------
+
+
+def test_grpo_example_raises_the_mean_reward(capsys):
+    import runpy
+    from pathlib import Path
+
+    example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "grpo_rollouts.py"))
+    assert example["main"](["--iterations", "6", "--group-size", "8"]) == 0
+    out = capsys.readouterr().out
+    drifts = [float(line.split("drift ")[1].split()[0]) for line in out.splitlines() if "drift" in line]
+    assert len(drifts) == 6 and max(drifts) < 1e-5  # trainer and rollout logprobs agree
