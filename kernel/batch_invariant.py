@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROWS = 64  # matmul row counts are padded to a multiple of this
+ROWS = 16  # matmul row counts are padded to a multiple of this
 SPLIT = 128  # keys per attention split
 
 
@@ -48,60 +48,86 @@ def make_batch_invariant(model: nn.Module) -> None:
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta,
               scale: float) -> torch.Tensor:
-    """paged_attention's contract (q: [T, H, D] -> [T, H, D]), batch-invariant."""
+    """paged_attention's contract (q: [T, H, D] -> [T, H, D]), batch-invariant. The step's
+    decodes run together (one query each); each prefill chunk runs on its own."""
     out = torch.empty_like(q)
-    for i in range(meta.num_decodes):
-        ctx = int(meta.decode_ctx_lens[i])
-        table = meta.decode_block_tables[i]
-        out[i : i + 1] = session_attention(q[i : i + 1], k_cache, v_cache, table, ctx, scale)
+    B = meta.num_decodes
+    if B:
+        ctx = meta.decode_ctx_lens
+        pos = (ctx - 1)[:, None]  # [B, 1]
+        k = _keys(k_cache, meta.decode_block_tables)
+        v = _keys(v_cache, meta.decode_block_tables)
+        out[:B] = attend(q[:B, None], k, v, pos, scale)[:, 0]
     for c in meta.prefills:
-        out[c.q_start : c.q_start + c.q_len] = session_attention(
-            q[c.q_start : c.q_start + c.q_len], k_cache, v_cache, c.block_table, c.ctx_len, scale)
+        pos = torch.arange(c.ctx_len - c.q_len, c.ctx_len, device=q.device)[None]
+        k = _keys(k_cache, c.block_table[None])
+        v = _keys(v_cache, c.block_table[None])
+        out[c.q_start : c.q_start + c.q_len] = attend(
+            q[None, c.q_start : c.q_start + c.q_len], k, v, pos, scale)[0]
     return out
 
 
-def session_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      table: torch.Tensor, ctx_len: int, scale: float) -> torch.Tensor:
-    """Attention of one session's n queries (positions ctx_len - n .. ctx_len - 1) over
-    its first ctx_len cached keys. q: [n, H, D]; caches [N, bs, KVH, D]; returns [n, H, D]."""
-    n, H, D = q.shape
-    bs, KVH = k_cache.shape[1], k_cache.shape[2]
-    G = H // KVH
-    L = -(-ctx_len // SPLIT) * SPLIT
-    nb = -(-ctx_len // bs)
-    k = _keys(k_cache, table[:nb], L)  # [KVH, L, D]
-    v = _keys(v_cache, table[:nb], L)
-    # queries of one kv head are rows of one matmul: [KVH, G * n_pad, D]
+def session_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of one whole sequence (the dense forward): q [T, H, D], k, v
+    [T, KVH, D] -> [T, H, D]; the same arithmetic per query as the paged path."""
+    T = q.shape[0]
+    pos = torch.arange(T, device=q.device)[None]
+    return attend(q[None], _pad_keys(k[None]), _pad_keys(v[None]), pos, scale)[0]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+           scale: float) -> torch.Tensor:
+    """q: [B, n, H, D] at positions pos [B, n]; k, v: [B, L, KVH, D] with L a multiple of
+    SPLIT (keys past a query's position are masked). Returns [B, n, H, D].
+
+    Each split of SPLIT keys gets its own max, exp-sum and weighted sum of values; the
+    splits are then combined in order under the query's overall max. A split past the
+    query's position has weight exp(-inf) = 0 and adds exact zeros, so the result does not
+    depend on L, on B, or on the other queries: only on the query and its keys."""
+    B, n, H, D = q.shape
+    L, KVH = k.shape[1], k.shape[2]
+    G, ns = H // KVH, L // SPLIT
     n_pad = -(-n // ROWS) * ROWS
-    qg = q.new_zeros(n_pad, KVH, G, D)
-    qg[:n] = q.view(n, KVH, G, D)
-    qg = qg.permute(1, 2, 0, 3).reshape(KVH, G * n_pad, D)
-    pos = torch.arange(n_pad, device=q.device) + (ctx_len - n)
-    pos[n:] = 0  # padding rows see key 0 only (finite, discarded)
-    rows_pos = pos.repeat(G)  # [G * n_pad], row r is query r % n_pad of head group r // n_pad
-    m = torch.full((KVH, G * n_pad, 1), float("-inf"), device=q.device)
-    l_sum = torch.zeros((KVH, G * n_pad, 1), device=q.device)
-    o = torch.zeros((KVH, G * n_pad, D), device=q.device)
-    keys = torch.arange(SPLIT, device=q.device)
-    for start in range(0, L, SPLIT):
-        s = torch.matmul(qg, k[:, start : start + SPLIT].transpose(1, 2)).float() * scale
-        visible = (keys[None, :] + start) <= rows_pos[:, None]  # [G * n_pad, SPLIT]
-        s = s.masked_fill(~visible, float("-inf"))
-        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
-        # NOTE: a split past every query's position leaves m unchanged: alpha is exp(0) = 1
-        # and p is 0, so it adds exact zeros and the result does not depend on L
-        alpha = torch.exp(m - m_new)
-        p = torch.exp(s - m_new)
-        l_sum = l_sum * alpha + p.sum(-1, keepdim=True)
-        o = o * alpha + torch.matmul(p.to(v.dtype), v[:, start : start + SPLIT]).float()
-        m = m_new
-    o = (o / l_sum).to(q.dtype).view(KVH, G, n_pad, D)[:, :, :n]
-    return o.permute(2, 0, 1, 3).reshape(n, H, D)
+    qg = q.new_zeros(B, n_pad, KVH, G, D)
+    qg[:, :n] = q.view(B, n, KVH, G, D)
+    M = G * n_pad  # rows: head group major, query minor
+    qg = qg.permute(0, 2, 3, 1, 4).reshape(B, KVH, M, D)
+    rows_pos = torch.zeros(B, n_pad, dtype=torch.long, device=q.device)
+    rows_pos[:, :n] = pos  # padding rows see key 0 only (finite, discarded)
+    rows_pos = rows_pos.repeat(1, G)  # [B, M]
+    # every matmul has a fixed inner size (D, then SPLIT) and fixed columns per split
+    ks = k.view(B, ns, SPLIT, KVH, D).permute(0, 3, 1, 4, 2)  # [B, KVH, ns, D, SPLIT]
+    vs = v.view(B, ns, SPLIT, KVH, D).permute(0, 3, 1, 2, 4)  # [B, KVH, ns, SPLIT, D]
+    s = torch.matmul(qg[:, :, None], ks).float() * scale  # [B, KVH, ns, M, SPLIT]
+    keys = torch.arange(L, device=q.device).view(ns, 1, SPLIT)
+    visible = keys[None] <= rows_pos[:, None, :, None]  # [B, ns, M, SPLIT]
+    s = s.masked_fill(~visible[:, None], float("-inf"))
+    m = s.amax(-1, keepdim=True)  # [B, KVH, ns, M, 1]; -inf for a split with no visible key
+    p = torch.exp(s - torch.where(m == float("-inf"), 0.0, m))
+    l_split = p.sum(-1).transpose(2, 3)  # [B, KVH, M, ns]
+    o_split = torch.matmul(p.to(v.dtype), vs).float()  # [B, KVH, ns, M, D]
+    m = m[..., 0].transpose(2, 3)  # [B, KVH, M, ns]
+    w = torch.exp(m - m.amax(-1, keepdim=True))  # [B, KVH, M, ns]: 0 for empty splits
+    # NOTE: a sequential sum over splits, so trailing empty splits add exact zeros
+    l_sum = torch.zeros(B, KVH, M, device=q.device)
+    o = torch.zeros(B, KVH, M, D, device=q.device)
+    for i in range(ns):
+        l_sum = l_sum + w[..., i] * l_split[..., i]
+        o = o + w[..., i, None] * o_split[:, :, i]
+    o = (o / l_sum[..., None]).to(q.dtype).view(B, KVH, G, n_pad, D)[:, :, :, :n]
+    return o.permute(0, 3, 1, 2, 4).reshape(B, n, H, D)
 
 
-def _keys(cache: torch.Tensor, table: torch.Tensor, L: int) -> torch.Tensor:
-    # the session's blocks as [KVH, L, D], zero past the blocks (masked anyway)
-    rows = cache.index_select(0, table).flatten(0, 1)  # [nb * bs, KVH, D]
-    if rows.shape[0] < L:
-        rows = torch.cat([rows, rows.new_zeros(L - rows.shape[0], *rows.shape[1:])])
-    return rows[:L].transpose(0, 1)
+def _keys(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """The blocks of tables [B, nb] from cache [N, bs, KVH, D] as [B, L, KVH, D], L a
+    multiple of SPLIT (zero past the blocks; masked anyway)."""
+    B, nb = tables.shape
+    rows = cache.index_select(0, tables.reshape(-1)).view(B, nb * cache.shape[1], *cache.shape[2:])
+    return _pad_keys(rows)
+
+
+def _pad_keys(rows: torch.Tensor) -> torch.Tensor:
+    pad = -rows.shape[1] % SPLIT
+    if pad:
+        rows = torch.cat([rows, rows.new_zeros(rows.shape[0], pad, *rows.shape[2:])], dim=1)
+    return rows

@@ -307,9 +307,7 @@ def _dense_attention(q, k, v, scale: float, batch_invariant: bool) -> torch.Tens
     if batch_invariant:
         from agentos.kernel.batch_invariant import session_attention
 
-        # the sequence as a cache of one block holding every position
-        table = torch.zeros(1, dtype=torch.long, device=q.device)
-        return session_attention(q, k[None], v[None], table, T, scale)
+        return session_attention(q, k, v, scale)
     k = k.repeat_interleave(H // KVH, dim=1)
     v = v.repeat_interleave(H // KVH, dim=1)
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
