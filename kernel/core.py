@@ -800,6 +800,7 @@ class Kernel:
             "sessions": {"total": len(self.procs), "by_state": by_state},
             "scheduler": self.policy.name,
             "queue": {"runnable": sum(by_level.values()), "by_level": by_level},
+            "weight_version": self.weight_version, "paused": self._paused, "asleep": self._asleep,
             **{k: v for k, v in self.stats.items()},
         }
 

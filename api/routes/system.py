@@ -76,12 +76,15 @@ class _StatsCollector:
         yield g
         yield GaugeMetricFamily("agentos_snapshots", "live snapshots", value=st["snapshots"])
         for name in ("steps", "tokens_generated", "tokens_prefilled", "forks", "cow_copies",
-                     "swap_out_blocks", "swap_in_blocks", "dropped_blocks", "prefix_hit_tokens"):
+                     "swap_out_blocks", "swap_in_blocks", "dropped_blocks", "prefix_hit_tokens",
+                     "tokens_scored"):
             yield CounterMetricFamily(f"agentos_{name}", f"engine {name}", value=st[name])
         q = GaugeMetricFamily("agentos_queue_sessions", "queued sessions by MLFQ level",
                               labels=["level"])
         for level, n in st["queue"]["by_level"].items():
             q.add_metric([level], n)
         yield q
+        yield GaugeMetricFamily("agentos_weight_version", "version of the loaded weights",
+                                value=st["weight_version"])
         yield CounterMetricFamily("agentos_step_time_seconds", "time spent in steps",
                                   value=st["step_time_s"])
