@@ -78,8 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_cmd_serve)
 
     bench = commands.add_parser("bench", help="benchmarks against HF transformers (fork, "
-                                "decode), in-process calls (api), plain copies (swap) or the "
-                                "other scheduler (agents)")
+                                "decode, tree), in-process calls (api), plain copies (swap) or "
+                                "the other scheduler (agents)")
     scenarios = bench.add_subparsers(dest="scenario", required=True)
 
     fork = scenarios.add_parser("fork", help="fork/snapshot/rollback cost vs session length")
@@ -131,6 +131,27 @@ def _parser() -> argparse.ArgumentParser:
     swap.add_argument("--oversubscribe", type=int, default=None,
                       help="the small device pool holds the working set / this (default 4)")
     swap.set_defaults(func=_cmd_bench_swap)
+
+    tree = scenarios.add_parser("tree", help="beam search and MCTS over forks vs HF deepcopy and "
+                                "no-fork re-sends", description="Runs beam search and MCTS "
+                                "three ways doing the same work: branches as fork() children "
+                                "on the engine, as deep copies of a transformers DynamicCache, "
+                                "and as fresh engine sessions re-sent their whole prefix; "
+                                "reports wall time, tokens/s, peak KV memory and the ratios.")
+    _bench_options(tree)
+    for flag, kind, text in (
+            ("--prompt-len", int, "prompt tokens (default 2048)"),
+            ("--width", int, "beams kept (default 8)"),
+            ("--depth", int, "beam steps (default 8)"),
+            ("--expand", int, "children per live beam at each step (default 2)"),
+            ("--step-tokens", int, "tokens sampled by each branch (default 16)"),
+            ("--mcts-iterations", int, "MCTS expansions (default 32)"),
+            ("--mcts-expand", int, "children per MCTS expansion (default 4)"),
+            ("--mcts-depth", int, "MCTS depth limit (default 4)"),
+            ("--temperature", float, "sampling temperature of every branch (default 1.0)"),
+            ("--max-batch-tokens", int, "token budget per engine step (default 2048)")):
+        tree.add_argument(flag, type=kind, default=None, help=text)
+    tree.set_defaults(func=_cmd_bench_tree)
 
     agents = scenarios.add_parser("agents", help="turn latency of an agent workload, MLFQ vs FCFS",
                                   description="Runs one seeded multi-turn agent workload "
@@ -261,6 +282,15 @@ def _cmd_bench_swap(args: argparse.Namespace) -> int:
         "warmup", "sessions", "prompt_len", "turns", "new_tokens", "min_tool_tokens",
         "max_tool_tokens", "oversubscribe")))
     return _report(swap.run(bench), swap.render, args)
+
+
+def _cmd_bench_tree(args: argparse.Namespace) -> int:
+    from agentos.bench import tree
+
+    bench = tree.TreeBench(**_options(args, (
+        *_COMMON, "prompt_len", "width", "depth", "expand", "step_tokens", "mcts_iterations",
+        "mcts_expand", "mcts_depth", "temperature", "max_batch_tokens")))
+    return _report(tree.run(bench), tree.render, args)
 
 
 def _cmd_bench_agents(args: argparse.Namespace) -> int:

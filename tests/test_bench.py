@@ -193,3 +193,64 @@ def test_bench_agents_several_seeds(tmp_path, capsys):
     means = sorted(r["ratios"]["mean_latency_fcfs_over_mlfq"] for r in out["per_seed"])
     assert out["ratios"]["mean_latency_fcfs_over_mlfq"] == means[1]
     assert "median over seeds [0, 1, 2]" in " ".join(capsys.readouterr().out.split())
+
+
+TREE_ARGS = ["--prompt-len", "64", "--width", "2", "--depth", "2", "--mcts-iterations", "3",
+             "--mcts-depth", "2", "--repeats", "1"]
+
+
+def test_bench_tree_json(tmp_path, capsys):
+    """Beam search and MCTS run on all three systems with equal work; the report carries
+    per-system wall time, tokens/s, peak KV and the ratios (no timing is asserted)."""
+    path = tmp_path / "tree.json"
+    assert main(["bench", "tree", *TREE_ARGS, "--json", str(path)]) == 0
+    out = json.loads(path.read_text())
+    assert out["bench"] == "tree"
+    assert {"config", "workloads", "notes", "checks", "passed"} <= out.keys()
+    assert (out["config"]["prompt_len"], out["config"]["width"], out["config"]["depth"]) == (64, 2, 2)
+    beam, mcts = out["workloads"]["beam"], out["workloads"]["mcts"]
+    # beam: the prompt becomes 2 beams, then each of the 2 beams gets 2 children
+    assert (beam["branches"], beam["tokens"]) == (6, 6 * 16)
+    assert mcts["expansions"] == 3 and mcts["branches"] == 3 * 4 and mcts["nodes"] == 13
+    for wl in (beam, mcts):
+        assert set(wl["systems"]) == {"ours", "hf", "nofork"}
+        for s in wl["systems"].values():
+            assert {"wall_s", "runs_s", "tok_s", "peak_kv_bytes", "prefix_hit_tokens"} <= s.keys()
+            assert s["wall_s"] > 0 and len(s["runs_s"]) == 1 and s["peak_kv_bytes"] > 0
+        assert set(wl["ratios"]) == {"time_hf_over_ours", "time_nofork_over_ours",
+                                     "kv_hf_over_ours", "kv_nofork_over_ours"}
+        assert all(x > 0 for x in wl["ratios"].values())
+    assert wl["systems"]["hf"]["prefix_hit_tokens"] is None
+    assert [c["name"] for c in out["checks"]] == [
+        "beam search >= 5x faster than HF deepcopy", "beam search >= 3x faster than no-fork",
+        "beam search peak KV < HF deepcopy's", "beam search peak KV < no-fork's",
+        "every block free after the runs"]
+    assert out["checks"][-1]["passed"] is True
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "beam search: width 2, depth 2" in printed and "HF deepcopy" in printed
+
+
+def test_bench_tree_without_peer(tmp_path):
+    path = tmp_path / "tree.json"
+    args = [*TREE_ARGS, "--step-tokens", "4", "--no-peer"]
+    assert main(["bench", "tree", *args, "--json", str(path)]) == 0
+    beam = json.loads(path.read_text())["workloads"]["beam"]
+    assert beam["systems"]["hf"] is None and beam["ratios"]["time_hf_over_ours"] is None
+    assert beam["systems"]["nofork"]["tok_s"] > 0
+
+
+def test_bench_tree_transformers_missing(tmp_path, monkeypatch):
+    """Without transformers the HF peer is skipped with a note; the rest still runs."""
+    from agentos.bench import tree
+
+    def missing(*args, **kwargs):
+        raise ImportError("the transformers peer needs `pip install agentos[bench]`")
+
+    monkeypatch.setattr(tree, "load_peer", missing)
+    path = tmp_path / "tree.json"
+    args = [*TREE_ARGS, "--step-tokens", "4", "--mcts-iterations", "1"]
+    assert main(["bench", "tree", *args, "--json", str(path)]) == 0
+    out = json.loads(path.read_text())
+    assert out["workloads"]["mcts"]["systems"]["hf"] is None
+    assert out["notes"] and "transformers peer skipped" in out["notes"][0]
+    assert "beam search >= 5x faster than HF deepcopy" not in [c["name"] for c in out["checks"]]
