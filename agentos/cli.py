@@ -58,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
                        "pages that do not fit are dropped and recomputed)")
     serve.add_argument("--scheduler", choices=("mlfq", "fcfs"), default="mlfq",
                        help="multi-level feedback queue over sessions, or first come first served")
+    serve.add_argument("--deterministic", action="store_true",
+                       help="batch-invariant results: a session's tokens and logprobs do not "
+                       "depend on what else runs (slower)")
+    serve.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                       help="do not share KV blocks between sessions with the same prefix")
     serve.add_argument("--block-size", type=int, default=16)
     serve.add_argument("--max-batch-tokens", type=int, default=2048)
     serve.add_argument("--max-model-len", type=int, default=None)
@@ -182,6 +187,19 @@ def _parser() -> argparse.ArgumentParser:
     agents.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
     agents.set_defaults(func=_cmd_bench_agents)
 
+    det = scenarios.add_parser("determinism", help="what batch-invariant mode costs, and that "
+                               "it holds", description="Runs one seeded concurrent workload "
+                               "with deterministic off and on (alternating), times both, and "
+                               "checks that a session alone and inside the batch gives "
+                               "bit-identical tokens and logprobs.")
+    _bench_options(det, peer=False)
+    det.add_argument("--sessions", type=int, default=None, help="concurrent sessions (default 32)")
+    det.add_argument("--min-prompt", type=int, default=None, help="default 32")
+    det.add_argument("--max-prompt", type=int, default=None, help="default 512")
+    det.add_argument("--new-tokens", type=int, default=None, help="default 64")
+    det.add_argument("--max-batch-tokens", type=int, default=None, help="default 512")
+    det.set_defaults(func=_cmd_bench_determinism)
+
     api = scenarios.add_parser("api", help="REST latency of fork/snapshot/rollback/generate "
                                "vs in-process", description="Starts `agentos serve` in a "
                                "subprocess and times fork, snapshot, rollback and a 1-token "
@@ -246,7 +264,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from agentos.api.app import ServerSettings, create_app
 
     names = ("model", "device", "dtype", "block_size", "kv_blocks", "host_blocks",
-             "max_batch_tokens", "max_model_len", "scheduler", "seed", "host", "port",
+             "max_batch_tokens", "max_model_len", "scheduler", "deterministic", "prefix_cache",
+             "seed", "host", "port",
              "api_keys", "allow_open",
              "served_model_name", "max_body_bytes", "max_tokens_cap",
              "max_sessions_per_tenant", "max_tokens_per_tenant")
@@ -302,6 +321,15 @@ def _cmd_bench_agents(args: argparse.Namespace) -> int:
         "pause_ms", "max_batch_size", "max_batch_tokens", "block_size", "seed", "seeds",
         "threads")))
     return _report(agents.run(bench), agents.render, args)
+
+
+def _cmd_bench_determinism(args: argparse.Namespace) -> int:
+    from agentos.bench import determinism
+
+    bench = determinism.DeterminismBench(**_options(args, (
+        "model", "device", "dtype", "repeats", "seed", "threads", "sessions", "min_prompt",
+        "max_prompt", "new_tokens", "max_batch_tokens", "block_size")))
+    return _report(determinism.run(bench), determinism.render, args)
 
 
 def _cmd_bench_api(args: argparse.Namespace) -> int:

@@ -47,6 +47,7 @@ class ServerSettings:
     max_batch_tokens: int = 2048
     scheduler: str = "mlfq"
     deterministic: bool = False  # batch-invariant results
+    prefix_cache: bool = True
     max_model_len: int | None = None
     seed: int = 0
     # server
@@ -68,7 +69,8 @@ class ServerSettings:
 
     def engine_options(self) -> dict:
         names = ("device", "dtype", "block_size", "kv_blocks", "host_blocks",
-                 "max_batch_tokens", "max_model_len", "scheduler", "deterministic", "seed")
+                 "max_batch_tokens", "max_model_len", "scheduler", "deterministic", "prefix_cache",
+                 "seed")
         return {k: v for k, v in asdict(self).items() if k in names}
 
     def tenants(self) -> Tenants:

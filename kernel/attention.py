@@ -26,6 +26,15 @@ class PrefillChunk:
 
 
 @dataclass(slots=True)
+class SharedPrefix:
+    """Leading blocks that several of a step's decodes map (forks of one session, or
+    sessions sharing a prompt through the prefix cache): attended once for all of them."""
+
+    rows: torch.Tensor  # [n] int64: the decodes (rows of the batch) that share it
+    block_table: torch.Tensor  # [p] int64 physical block ids, every slot valid for all rows
+
+
+@dataclass(slots=True)
 class AttnMeta:
     """Where a step's tokens live in the paged cache and what each one may attend to."""
 
@@ -33,6 +42,9 @@ class AttnMeta:
     num_decodes: int  # the first num_decodes tokens are single-token decodes
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] int64, padded with 0
     decode_ctx_lens: torch.Tensor | None = None  # [B] int64, cache length incl. the new token
+    # with shared prefixes, decode_block_tables and decode_ctx_lens cover only what
+    # follows each row's shared prefix
+    shared: list[SharedPrefix] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
     deterministic: bool = False  # batch-invariant attention (see batch_invariant.py)
 
@@ -82,6 +94,8 @@ def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
 
 def _decode(q, k_cache, v_cache, meta: AttnMeta, scale: float) -> torch.Tensor:
     # q: [B, H, D]; one query per session at the end of its context.
+    if meta.shared:
+        return _decode_cascade(q, k_cache, v_cache, meta, scale)
     B, H, D = q.shape
     KVH = k_cache.shape[2]
     k = _gather(k_cache, meta.decode_block_tables).transpose(1, 2)  # [B, KVH, L, D]
@@ -93,6 +107,51 @@ def _decode(q, k_cache, v_cache, meta: AttnMeta, scale: float) -> torch.Tensor:
     qg = q.view(B, KVH, H // KVH, D)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=valid[:, None, None, :], scale=scale)
     return out.reshape(B, H, D)
+
+
+def _decode_cascade(q, k_cache, v_cache, meta: AttnMeta, scale: float) -> torch.Tensor:
+    """Decode attention in two parts merged by their softmax statistics: each shared
+    prefix once, as one matmul for all the rows that map it (its K/V gathered once, not
+    once per session), and each row's own suffix. q: [B, H, D] -> [B, H, D]."""
+    B, H, D = q.shape
+    KVH = k_cache.shape[2]
+    G = H // KVH
+    qg = q.view(B, KVH, G, D).float()
+    k = _gather(k_cache, meta.decode_block_tables).transpose(1, 2).float()  # [B, KVH, Ls, D]
+    v = _gather(v_cache, meta.decode_block_tables).transpose(1, 2).float()
+    Ls = k.shape[2]
+    s = torch.matmul(qg, k.transpose(2, 3)) * scale  # [B, KVH, G, Ls]
+    valid = torch.arange(Ls, device=q.device)[None, :] < meta.decode_ctx_lens[:, None]
+    # NOTE: never empty: a row's newest token sits in a block it writes, which is private
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    m = s.amax(-1)  # [B, KVH, G]
+    p = torch.exp(s - m[..., None])
+    l_sum = p.sum(-1)
+    o = torch.matmul(p, v)  # [B, KVH, G, D], not yet divided by l_sum
+    for sp in meta.shared:
+        n = len(sp.rows)
+        kp = _gather(k_cache, sp.block_table[None])[0].permute(1, 2, 0).float()  # [KVH, D, Lp]
+        vp = _gather(v_cache, sp.block_table[None])[0].transpose(0, 1).float()  # [KVH, Lp, D]
+        every = n == B  # one prefix shared by the whole batch: no row indexing
+        rows = slice(None) if every else sp.rows
+        qr = qg[rows].transpose(0, 1).reshape(KVH, n * G, D)
+        sc = torch.matmul(qr, kp) * scale  # [KVH, n * G, Lp]
+        mp = sc.amax(-1)
+        pp = torch.exp(sc - mp[..., None])
+        lp = pp.sum(-1).view(KVH, n, G).transpose(0, 1)  # [n, KVH, G]
+        op = torch.matmul(pp, vp).view(KVH, n, G, D).transpose(0, 1)
+        mp = mp.view(KVH, n, G).transpose(0, 1)
+        mr = m[rows]
+        m_new = torch.maximum(mr, mp)
+        a, b = torch.exp(mr - m_new), torch.exp(mp - m_new)
+        if every:
+            o = o * a[..., None] + op * b[..., None]
+            l_sum = l_sum * a + lp * b
+            continue
+        o[rows] = o[rows] * a[..., None] + op * b[..., None]
+        l_sum[rows] = l_sum[rows] * a + lp * b
+        m[rows] = m_new
+    return (o / l_sum[..., None]).to(q.dtype).reshape(B, H, D)
 
 
 def _prefill(q, k_cache, v_cache, c: PrefillChunk, scale: float) -> torch.Tensor:

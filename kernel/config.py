@@ -17,7 +17,8 @@ class Config:
     max_batch_size: int = 256  # sessions in one step at most
     max_model_len: int | None = None  # context limit; None: the model's max positions
     scheduler: str = "mlfq"  # "mlfq" (multi-level feedback queue) or "fcfs"
-    deterministic: bool = False  # batch-invariant results
+    deterministic: bool = False  # batch-invariant results (kernel/batch_invariant.py)
+    prefix_cache: bool = True  # share full KV blocks between sessions with the same prefix
     store: str | None = None  # None (in memory) or a redis:// URL
     seed: int = 0  # seeds session RNGs that are not given a seed
 

@@ -51,7 +51,36 @@ class Defer(Exception):
 
 class Kernel:
     def __init__(self, config: Config):
+        """Starts the loop thread, which loads the model and allocates the KV pools; waits
+        for it and re-raises what loading raised (FileNotFoundError, ValueError, ...).
+
+        NOTE: all of the engine's torch work happens in the loop thread. With OpenMP
+        (libgomp), every thread that runs a parallel op keeps its own pool of workers, and
+        once the pools hold more threads than there are cores, every parallel op pays a
+        sleep/wake handoff: small CPU ops ran 2-3x slower when the model was loaded in
+        the caller's thread and run in the loop thread."""
         self.config = config
+        self._calls: deque[tuple[Callable, tuple, Future]] = deque()
+        self._deferred: list[tuple[Callable, tuple, Future]] = []
+        self._cv = threading.Condition()
+        self._closed = False
+        ready: Future = Future()
+        self._thread = threading.Thread(target=self._main, args=(ready,), name="agentos-kernel",
+                                        daemon=True)
+        self._thread.start()
+        ready.result()  # raises the loading error, if any
+
+    def _main(self, ready: Future) -> None:
+        try:
+            self._init()
+        except BaseException as e:  # noqa: BLE001 - handed to the constructor
+            ready.set_exception(e)
+            return
+        ready.set_result(None)
+        self._loop()
+
+    def _init(self) -> None:
+        config = self.config
         dtype = _DTYPES[config.dtype] if config.dtype else None
         self.model, self.model_config, self.tokenizer = load_model(config.model, config.device, dtype)
         self.dtype = next(self.model.parameters()).dtype
@@ -94,12 +123,6 @@ class Kernel:
         self._pins = np.zeros(len(self.kalloc.refcount), dtype=np.int32)
         self._victims: list | None = None
         self._inflight: set[bytes] = set()
-        self._calls: deque[tuple[Callable, tuple, Future]] = deque()
-        self._deferred: list[tuple[Callable, tuple, Future]] = []
-        self._cv = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="agentos-kernel", daemon=True)
-        self._thread.start()
 
     def _auto_kv_blocks(self) -> int:
         per_block = self.block_bytes
@@ -194,7 +217,7 @@ class Kernel:
         """Maps prefix-cache pages for p's next full blocks of tokens (see MemoryView)."""
         bs, table = self.block_size, p.table
         i = table.num_blocks
-        if p.num_cached != i * bs or not self.kalloc.cached:
+        if p.num_cached != i * bs or not self.kalloc.cached or not self.config.prefix_cache:
             return True
         prev = ROOT_DIGEST if i == 0 else self.kalloc.digest.get(int(table.block_ids[-1]))
         if prev is None:
@@ -350,6 +373,8 @@ class Kernel:
 
     def _register_full(self, p: Process, start: int, end: int) -> None:
         """Enters the pages that [start, end) completed into the prefix cache."""
+        if not self.config.prefix_cache:
+            return
         lo, hi = start // self.block_size, end // self.block_size
         for i, digest in enumerate(self._digests(p, lo, hi), lo):
             self.kalloc.register(int(p.table.block_ids[i]), digest)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from agentos.kernel.attention import AttnMeta, PrefillChunk
+from agentos.kernel.attention import AttnMeta, PrefillChunk, SharedPrefix
 from agentos.kernel.model import LlamaModel
 from agentos.kernel.process import ScoreCall
 from agentos.kernel.sampler import sample, score
@@ -143,12 +143,18 @@ class ModelRunner:
             num_decodes=num_decodes, prefills=prefills, deterministic=self.deterministic,
         )
         if num_decodes:
-            width = max(len(t) for t in dec_tables)
+            starts = np.zeros(num_decodes, dtype=np.int64)
+            if not self.deterministic:
+                for rows, prefix in shared_prefixes(dec_tables, dec_lens, bs):
+                    starts[rows] = len(prefix)
+                    meta.shared.append(SharedPrefix(torch.tensor(rows, device=dev),
+                                                    torch.from_numpy(prefix).to(dev)))
+            width = max(len(t) - a for t, a in zip(dec_tables, starts))
             tables = np.zeros((num_decodes, width), dtype=np.int64)
             for i, t in enumerate(dec_tables):
-                tables[i, : len(t)] = t
+                tables[i, : len(t) - starts[i]] = t[starts[i] :]
             meta.decode_block_tables = torch.from_numpy(tables).to(dev)
-            meta.decode_ctx_lens = torch.tensor(dec_lens, device=dev)
+            meta.decode_ctx_lens = torch.tensor(np.asarray(dec_lens) - starts * bs, device=dev)
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         positions = torch.from_numpy(np.concatenate(pos_parts)).to(dev)
         logits = self.model(input_ids, positions, meta, self.kv,
@@ -180,6 +186,32 @@ class ModelRunner:
             for i, t, lp in zip(sampled, token_ids, logprobs):
                 outs[i] = (t, lp)
         return outs
+
+
+MIN_SHARED_BLOCKS = 4  # a shared prefix shorter than this is attended per session
+
+
+def shared_prefixes(tables: list[np.ndarray], ctx_lens: list[int], block_size: int,
+                    min_blocks: int = MIN_SHARED_BLOCKS) -> list[tuple[list[int], np.ndarray]]:
+    """Groups of decodes whose tables start with the same physical blocks: (rows, the
+    common leading blocks) for each group of two or more sharing at least min_blocks
+    blocks that are full for every row. Rows are grouped by their first block."""
+    by_head: dict[int, list[int]] = {}
+    for i, t in enumerate(tables):
+        by_head.setdefault(int(t[0]), []).append(i)
+    out = []
+    for rows in by_head.values():
+        if len(rows) < 2:
+            continue
+        n = min(min(ctx_lens[i] for i in rows) // block_size, min(len(tables[i]) for i in rows))
+        if n < min_blocks:
+            continue
+        head = np.stack([tables[i][:n] for i in rows])
+        same = (head == head[0]).all(axis=0)
+        common = n if same.all() else int(np.argmin(same))
+        if common >= min_blocks:
+            out.append((rows, head[0, :common].copy()))
+    return out
 
 
 def _logit_span(c: Chunk) -> tuple[int, int] | None:

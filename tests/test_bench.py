@@ -213,18 +213,22 @@ def test_bench_tree_json(tmp_path, capsys):
     assert (beam["branches"], beam["tokens"]) == (6, 6 * 16)
     assert mcts["expansions"] == 3 and mcts["branches"] == 3 * 4 and mcts["nodes"] == 13
     for wl in (beam, mcts):
-        assert set(wl["systems"]) == {"ours", "hf", "nofork"}
+        assert set(wl["systems"]) == {"ours", "hf", "nofork", "nocache"}
         for s in wl["systems"].values():
             assert {"wall_s", "runs_s", "tok_s", "peak_kv_bytes", "prefix_hit_tokens"} <= s.keys()
             assert s["wall_s"] > 0 and len(s["runs_s"]) == 1 and s["peak_kv_bytes"] > 0
-        assert set(wl["ratios"]) == {"time_hf_over_ours", "time_nofork_over_ours",
-                                     "kv_hf_over_ours", "kv_nofork_over_ours"}
+        assert set(wl["ratios"]) == {f"{m}_{p}_over_ours" for m in ("time", "kv")
+                                     for p in ("hf", "nofork", "nocache")}
         assert all(x > 0 for x in wl["ratios"].values())
     assert wl["systems"]["hf"]["prefix_hit_tokens"] is None
     assert [c["name"] for c in out["checks"]] == [
-        "beam search >= 5x faster than HF deepcopy", "beam search >= 3x faster than no-fork",
-        "beam search peak KV < HF deepcopy's", "beam search peak KV < no-fork's",
+        "beam search >= 5x faster than HF deepcopy",
+        "beam search >= 3x faster than no-fork re-prefilling (prefix cache off)",
+        "beam search peak KV < HF deepcopy's", "beam search peak KV < no-fork re-prefilling's",
         "every block free after the runs"]
+    # with the prefix cache off, the no-fork peer prefills every branch's whole prefix
+    assert beam["systems"]["nocache"]["prefix_hit_tokens"] == 0
+    assert beam["systems"]["nofork"]["prefix_hit_tokens"] > 0
     assert out["checks"][-1]["passed"] is True
     printed = " ".join(capsys.readouterr().out.split())
     assert "beam search: width 2, depth 2" in printed and "HF deepcopy" in printed
@@ -254,3 +258,14 @@ def test_bench_tree_transformers_missing(tmp_path, monkeypatch):
     assert out["workloads"]["mcts"]["systems"]["hf"] is None
     assert out["notes"] and "transformers peer skipped" in out["notes"][0]
     assert "beam search >= 5x faster than HF deepcopy" not in [c["name"] for c in out["checks"]]
+
+
+def test_bench_determinism_json(tmp_path):
+    path = tmp_path / "det.json"
+    assert main(["bench", "determinism", "--sessions", "3", "--new-tokens", "6", "--max-prompt",
+                 "40", "--repeats", "1", "--json", str(path), "--strict"]) == 0
+    out = json.loads(path.read_text())
+    det = out["modes"]["deterministic"]
+    assert det["alone_equals_batch_tokens"] and det["alone_equals_batch_logprobs"]
+    assert det["alone_vs_batch_max_logprob_diff"] == 0.0 and out["overhead"] > 0
+    assert out["passed"] and {c["name"] for c in out["checks"]}

@@ -174,3 +174,51 @@ def test_tiny_folder_loads_same_weights(tmp_path):
     assert type(tok_a) is type(tok_b)
     for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(p, q), name
+
+
+def test_cascade_decode_equals_per_session_attention():
+    """Decodes that share leading blocks attend to them once (cascade); the result equals
+    attending to each session's whole table."""
+    import numpy as np
+
+    from agentos.kernel.attention import paged_attention
+    from agentos.kernel.runner import shared_prefixes
+
+    torch.manual_seed(0)
+    bs, kvh, hd, h = 4, 2, 8, 4
+    k_cache, v_cache = torch.randn(64, bs, kvh, hd), torch.randn(64, bs, kvh, hd)
+    common = [3, 9, 4, 20, 21]
+    tables = [np.array(common + [30]), np.array(common + [31, 32]), np.array(common[:4] + [40]),
+              np.array([50, 51, 52, 53, 54]), np.array(common + [33])]
+    lens = [22, 27, 17, 19, 21]
+    groups = shared_prefixes(tables, lens, bs, min_blocks=2)
+    # rows 0, 1, 2, 4 start at block 3; row 2 ends within block 4, so 4 common full blocks
+    assert [(rows, p.tolist()) for rows, p in groups] == [([0, 1, 2, 4], common[:4])]
+    q = torch.randn(len(tables), h, hd)
+
+    def meta(tabs, ctx, shared=()):
+        width = max(len(t) for t in tabs)
+        padded = torch.zeros(len(tabs), width, dtype=torch.long)
+        for i, t in enumerate(tabs):
+            padded[i, : len(t)] = torch.as_tensor(t)
+        return AttnMeta(slot_mapping=torch.zeros(len(tabs), dtype=torch.long),
+                        num_decodes=len(tabs), decode_block_tables=padded,
+                        decode_ctx_lens=torch.tensor(ctx), shared=list(shared))
+
+    plain = paged_attention(q, k_cache, v_cache, meta(tables, lens), 0.3)
+    from agentos.kernel.attention import SharedPrefix
+
+    rows, prefix = groups[0]
+    start = [len(prefix) if i in rows else 0 for i in range(len(tables))]
+    cascade = paged_attention(q, k_cache, v_cache, meta(
+        [t[a:] for t, a in zip(tables, start)], [n - a * bs for n, a in zip(lens, start)],
+        [SharedPrefix(torch.tensor(rows), torch.as_tensor(prefix))]), 0.3)
+    assert torch.allclose(cascade, plain, atol=1e-5)
+    # a prefix shared by the whole batch takes the path without row indexing
+    everyone = [t for i, t in enumerate(tables) if i in rows]
+    sub = [lens[i] for i in rows]
+    plain = paged_attention(q[rows], k_cache, v_cache, meta(everyone, sub), 0.3)
+    cascade = paged_attention(q[rows], k_cache, v_cache, meta(
+        [t[4:] for t in everyone], [n - 4 * bs for n in sub],
+        [SharedPrefix(torch.arange(4), torch.as_tensor(prefix))]), 0.3)
+    assert torch.allclose(cascade, plain, atol=1e-5)

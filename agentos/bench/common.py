@@ -92,6 +92,20 @@ def load_peer(model: str, device: str, dtype: Any):
     return net.to(device).eval()
 
 
+def on_engine_thread(engine, fn: Callable, *args) -> Any:
+    """Runs fn(*args) on the engine's loop thread, between its steps, and returns the
+    result (an awaitable for an AsyncEngine). Peers run their torch work there so the
+    process has one OpenMP thread pool: with libgomp, while a second thread's pool is
+    alive every parallel op in both pays a sleep/wake handoff (2-3x on small CPU ops),
+    which would slow whichever system ran second."""
+    fut = engine.kernel.call(fn, *args)
+    if hasattr(engine, "_run"):  # AsyncEngine
+        import asyncio
+
+        return asyncio.wrap_future(fut)
+    return fut.result()
+
+
 def dtype_name(dtype: Any) -> str:
     """'float32' for torch.float32."""
     return str(dtype).removeprefix("torch.")

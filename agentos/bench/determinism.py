@@ -34,6 +34,7 @@ class DeterminismBench:
     new_tokens: int = 64  # tokens each session generates (end of sequence ignored)
     repeats: int = 3  # runs per mode (medians)
     max_batch_tokens: int = 512  # the step's token budget: prefills are chunked under load
+    block_size: int = 16
     seed: int = 0
     threads: int | None = None
 
@@ -44,10 +45,10 @@ class DeterminismBench:
             raise ValueError("max_prompt must be >= min_prompt")
 
 
-def _workload(b: DeterminismBench, vocab: int) -> list[list[int]]:
+def _workload(b: DeterminismBench) -> list[list[int]]:
+    # ids below 256: bytes for `tiny`, ordinary ids in any HF vocabulary
     rng = random.Random(b.seed)
-    top = min(vocab, 256)
-    return [[rng.randrange(3, top) for _ in range(rng.randint(b.min_prompt, b.max_prompt))]
+    return [[rng.randrange(3, 256) for _ in range(rng.randint(b.min_prompt, b.max_prompt))]
             for _ in range(b.sessions)]
 
 
@@ -56,8 +57,9 @@ async def _run(b: DeterminismBench, deterministic: bool, prompts: list[list[int]
     seconds)."""
     from agentos import AsyncEngine, SamplingParams
 
-    kv = sum(len(p) + b.new_tokens for p in prompts) // 16 + 4 * len(prompts) + 64
+    kv = sum(len(p) + b.new_tokens for p in prompts) // b.block_size + 4 * len(prompts) + 64
     async with AsyncEngine(b.model, device=b.device, dtype=b.dtype, kv_blocks=kv,
+                           block_size=b.block_size,
                            max_batch_tokens=b.max_batch_tokens, deterministic=deterministic) as e:
         sessions = [await e.create_session(tokens=p) for p in prompts]
         t0 = time.perf_counter()
@@ -69,11 +71,8 @@ async def _run(b: DeterminismBench, deterministic: bool, prompts: list[list[int]
 
 
 def run(b: DeterminismBench) -> dict:
-    from agentos.kernel.loader import load_model
-
     threads = set_threads(b.threads)
-    _, cfg, _ = load_model(b.model, "cpu", None) if b.model != "tiny" else (None, None, None)
-    prompts = _workload(b, cfg.vocab_size if cfg is not None else 260)
+    prompts = _workload(b)
     times: dict[bool, list[float]] = {False: [], True: []}
     outs: dict[bool, list] = {False: [], True: []}
     for _ in range(b.repeats):
