@@ -21,13 +21,13 @@ from agentos.bench.common import (
     load_peer,
     median,
     new_console,
+    on_engine_thread,
     print_checks,
     print_table,
     random_prompt,
     ratio,
     set_threads,
     sync,
-    timed,
 )
 
 
@@ -79,14 +79,17 @@ async def _run(bench: DecodeBench) -> dict:
             return [random_prompt(bench.prompt_len, kernel.vocab_size,
                                   kernel.model_config.bos_token_id, rng) for _ in range(n)]
 
-        net = load_peer(bench.model, bench.device, dtype) if bench.peer else None
+        # the peer runs on the engine's thread: one OpenMP pool (see on_engine_thread)
+        net = await on_engine_thread(engine, load_peer, bench.model, bench.device,
+                                     dtype) if bench.peer else None
         results = []
         for name, num_sessions in cases:
             # warm-up: both sides once at this batch size (a few tokens touch every path)
             warm = new_prompts(num_sessions)
             await _ours(engine, warm, min(bench.new_tokens, 4))
             if net is not None:
-                _hf(net, warm, min(bench.new_tokens, 4), bench.device)
+                await on_engine_thread(engine, _hf, net, warm, min(bench.new_tokens, 4),
+                                       bench.device)
             ours_s, hf_s, ours_tokens, hf_tokens = [], [], [], []  # tokens: all runs' rows
             for _ in range(bench.repeats):
                 batch = new_prompts(num_sessions)
@@ -94,8 +97,10 @@ async def _run(bench: DecodeBench) -> dict:
                 ours_s.append(t)
                 ours_tokens += tokens
                 if net is not None:
-                    tokens, t = timed(lambda b=batch: _hf(net, b, bench.new_tokens, bench.device))
-                    hf_s.append(t)
+                    t0 = time.perf_counter()
+                    tokens = await on_engine_thread(engine, _hf, net, batch, bench.new_tokens,
+                                                    bench.device)
+                    hf_s.append(time.perf_counter() - t0)
                     hf_tokens += tokens
             results.append(_case(name, num_sessions, bench, ours_s, hf_s, ours_tokens,
                                  hf_tokens if net is not None else None))
