@@ -110,48 +110,55 @@ def _decode(q, k_cache, v_cache, meta: AttnMeta, scale: float) -> torch.Tensor:
 
 
 def _decode_cascade(q, k_cache, v_cache, meta: AttnMeta, scale: float) -> torch.Tensor:
-    """Decode attention in two parts merged by their softmax statistics: each shared
-    prefix once, as one matmul for all the rows that map it (its K/V gathered once, not
-    once per session), and each row's own suffix. q: [B, H, D] -> [B, H, D]."""
+    """Decode attention in parts merged by their log-sum-exp: each shared prefix once, as
+    one attention for all the rows that map it (its K/V gathered once, not once per
+    session), and each row's own suffix. q: [B, H, D] -> [B, H, D]."""
     B, H, D = q.shape
     KVH = k_cache.shape[2]
     G = H // KVH
-    qg = q.view(B, KVH, G, D).float()
-    k = _gather(k_cache, meta.decode_block_tables).transpose(1, 2).float()  # [B, KVH, Ls, D]
-    v = _gather(v_cache, meta.decode_block_tables).transpose(1, 2).float()
+    qg = q.view(B, KVH, G, D)
+    k = _gather(k_cache, meta.decode_block_tables).transpose(1, 2)  # [B, KVH, Ls, D]
+    v = _gather(v_cache, meta.decode_block_tables).transpose(1, 2)
     Ls = k.shape[2]
-    s = torch.matmul(qg, k.transpose(2, 3)) * scale  # [B, KVH, G, Ls]
-    valid = torch.arange(Ls, device=q.device)[None, :] < meta.decode_ctx_lens[:, None]
     # NOTE: never empty: a row's newest token sits in a block it writes, which is private
-    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
-    m = s.amax(-1)  # [B, KVH, G]
-    p = torch.exp(s - m[..., None])
-    l_sum = p.sum(-1)
-    o = torch.matmul(p, v)  # [B, KVH, G, D], not yet divided by l_sum
+    hidden = torch.arange(Ls, device=q.device)[None, :] >= meta.decode_ctx_lens[:, None]
+    mask = torch.zeros(B, 1, 1, Ls, dtype=q.dtype, device=q.device).masked_fill_(
+        hidden[:, None, None, :], float("-inf"))
+    o, lse = _attention_lse(qg, k, v, mask, scale)  # [B, KVH, G, D] fp32, [B, KVH, G]
     for sp in meta.shared:
         n = len(sp.rows)
-        kp = _gather(k_cache, sp.block_table[None])[0].permute(1, 2, 0).float()  # [KVH, D, Lp]
-        vp = _gather(v_cache, sp.block_table[None])[0].transpose(0, 1).float()  # [KVH, Lp, D]
         every = n == B  # one prefix shared by the whole batch: no row indexing
         rows = slice(None) if every else sp.rows
-        qr = qg[rows].transpose(0, 1).reshape(KVH, n * G, D)
-        sc = torch.matmul(qr, kp) * scale  # [KVH, n * G, Lp]
-        mp = sc.amax(-1)
-        pp = torch.exp(sc - mp[..., None])
-        lp = pp.sum(-1).view(KVH, n, G).transpose(0, 1)  # [n, KVH, G]
-        op = torch.matmul(pp, vp).view(KVH, n, G, D).transpose(0, 1)
-        mp = mp.view(KVH, n, G).transpose(0, 1)
-        mr = m[rows]
-        m_new = torch.maximum(mr, mp)
-        a, b = torch.exp(mr - m_new), torch.exp(mp - m_new)
+        kp = _gather(k_cache, sp.block_table[None]).transpose(1, 2)  # [1, KVH, Lp, D]
+        vp = _gather(v_cache, sp.block_table[None]).transpose(1, 2)
+        qr = qg[rows].transpose(0, 1).reshape(1, KVH, n * G, D)
+        op, lp = _attention_lse(qr, kp, vp, None, scale)
+        op = op.view(KVH, n, G, D).transpose(0, 1)
+        lp = lp.view(KVH, n, G).transpose(0, 1)
+        lr = lse[rows]
+        merged = torch.logaddexp(lr, lp)
+        o_new = o[rows] * torch.exp(lr - merged)[..., None] + op * torch.exp(lp - merged)[..., None]
         if every:
-            o = o * a[..., None] + op * b[..., None]
-            l_sum = l_sum * a + lp * b
-            continue
-        o[rows] = o[rows] * a[..., None] + op * b[..., None]
-        l_sum[rows] = l_sum[rows] * a + lp * b
-        m[rows] = m_new
-    return (o / l_sum[..., None]).to(q.dtype).reshape(B, H, D)
+            o, lse = o_new, merged
+        else:
+            o[rows], lse[rows] = o_new, merged
+    return o.to(q.dtype).reshape(B, H, D)
+
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _attention_lse(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with its log-sum-exp: q [B, h, M, D], k, v [B, h, L, D], mask additive
+    [B, 1, 1, L] or None. Returns (out [B, h, M, D] fp32, lse [B, h, M] fp32)."""
+    if q.device.type == "cpu" and _FLASH_CPU is not None:
+        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        return out.float(), lse.float()
+    s = torch.matmul(q.float(), k.float().transpose(2, 3)) * scale
+    if mask is not None:
+        s = s + mask.float()
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.matmul(torch.exp(s - lse[..., None]), v.float()), lse
 
 
 def _prefill(q, k_cache, v_cache, c: PrefillChunk, scale: float) -> torch.Tensor:

@@ -176,10 +176,17 @@ def test_tiny_folder_loads_same_weights(tmp_path):
         assert torch.equal(p, q), name
 
 
-def test_cascade_decode_equals_per_session_attention():
+@pytest.mark.parametrize("fused", [True, False])
+def test_cascade_decode_equals_per_session_attention(fused, monkeypatch):
     """Decodes that share leading blocks attend to them once (cascade); the result equals
-    attending to each session's whole table."""
+    attending to each session's whole table. Both the fused CPU kernel and the plain torch
+    path of attention with log-sum-exp."""
     import numpy as np
+
+    from agentos.kernel import attention
+
+    if not fused:
+        monkeypatch.setattr(attention, "_FLASH_CPU", None)
 
     from agentos.kernel.attention import paged_attention
     from agentos.kernel.runner import shared_prefixes
