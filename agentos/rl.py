@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import inspect
 import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,14 +135,18 @@ RewardFn = Callable[[Trajectory], Any]
 class RolloutWorker:
     """Rollouts over a backend; see the module docstring."""
 
-    def __init__(self, backend):
+    def __init__(self, backend, max_threads: int = 256):
         self.backend = backend
         self._async = inspect.iscoroutinefunction(getattr(backend, "_run", None))
+        # NOTE: a blocking backend's calls each hold a thread while the engine batches
+        # them; asyncio's default executor (a handful of threads) would cap the batch
+        self._pool = None if self._async else ThreadPoolExecutor(max_threads, "agentos-rollout")
 
     async def _do(self, fn: Callable, *args, **kwargs):
         if self._async:  # (an async engine's encode/decode answer at once)
             return await _maybe_await(fn(*args, **kwargs))
-        return await asyncio.to_thread(fn, *args, **kwargs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
     async def generate_group(self, prompt: str | list[int], n: int,
                              sampling: SamplingParams | None = None, group_id: str | None = None,

@@ -377,3 +377,16 @@ def test_grpo_example_raises_the_mean_reward(capsys):
     out = capsys.readouterr().out
     drifts = [float(line.split("drift ")[1].split()[0]) for line in out.splitlines() if "drift" in line]
     assert len(drifts) == 6 and max(drifts) < 1e-5  # trainer and rollout logprobs agree
+
+
+def test_sync_backend_group_runs_in_one_batch():
+    """With a blocking Engine every repetition still reaches the engine at once: the
+    group's decode steps are about max_tokens, not n times that."""
+    sampling = SamplingParams(max_tokens=8, temperature=1.0, seed=3, ignore_eos=True)
+    with Engine("tiny", kv_blocks=1024) as e:
+        worker = RolloutWorker(e)
+        asyncio.run(worker.generate_group(PROMPT, 16, sampling))  # starts the threads
+        before = e.stats()["steps"]
+        group = asyncio.run(worker.generate_group(PROMPT, 16, sampling))
+        assert all(len(t.response_ids) == 8 for t in group)
+        assert e.stats()["steps"] - before <= 12  # a handful of threads would take ~27
