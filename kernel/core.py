@@ -238,6 +238,8 @@ class Kernel:
             prev = digest
             i += 1
         if hits:
+            if p.num_cached == 0:  # the cache holds pages of the current weights only
+                p.kv_version = self.weight_version
             for page in hits:
                 self.kalloc.revive(page)
             table.push(hits)
@@ -547,9 +549,13 @@ class Kernel:
         return list(token_ids)
 
     def new_process(self, token_ids: array, mask: array, table: PageTable,
-                    num_cached: int, rng: torch.Generator, parent_id: str | None) -> Process:
+                    num_cached: int, rng: torch.Generator, parent_id: str | None,
+                    kv_version: int | None = None) -> Process:
+        """A new process (given the KV of its first num_cached tokens, computed with weights
+        kv_version, default the current ones), queued if it has work."""
         p = Process(pid="sess_" + uuid.uuid4().hex[:16], token_ids=token_ids, mask=mask,
-                    table=table, rng=rng, parent_id=parent_id, num_cached=num_cached)
+                    table=table, rng=rng, parent_id=parent_id, num_cached=num_cached,
+                    kv_version=self.weight_version if kv_version is None else kv_version)
         self.procs[p.pid] = p
         self.wake(p)
         return p
@@ -764,7 +770,7 @@ class Kernel:
             # NOTE: children draw distinct random streams, derived from the parent's state
             rng.manual_seed(_derive_seed(rng, p.num_generated, self.stats["forks"] + i))
             c = self.new_process(p.token_ids[:], p.mask[:], self.vm.fork(p.table),
-                                 p.num_cached, rng, p.pid)
+                                 p.num_cached, rng, p.pid, p.kv_version)
             children.append(c.pid)
         self.stats["forks"] += n
         return children
@@ -777,6 +783,10 @@ class Kernel:
         p.state = ProcState.ZOMBIE
         self.vm.free(p.table)
         del self.procs[pid]
+
+    def page_tables(self) -> list[PageTable]:
+        """The page tables of every live session and score call (snapshots hold others)."""
+        return [p.table for p in self.procs.values()] + [p.table for p in self._scratch.values()]
 
     def sys_tokens(self, pid: str) -> tuple[list[int], list[int]]:
         p = self.proc(pid)

@@ -32,6 +32,7 @@ class SnapshotRecord:
     num_cached: int  # leading tokens with KV in the table (0 once the pages were dropped)
     table: PageTable  # holds one reference on each of its pages (on either tier)
     rng_state: torch.Tensor
+    kv_version: int = 0  # the weights its KV was computed with
     created_at: float = field(default_factory=time.time)
 
     @property
@@ -69,7 +70,7 @@ class SnapshotTable:
         rec = SnapshotRecord(
             id="snap_" + uuid.uuid4().hex[:16], session_id=pid, token_ids=p.token_ids[:],
             mask=p.mask[:], num_cached=p.num_cached, table=k.vm.fork(p.table),
-            rng_state=p.rng.get_state(),
+            rng_state=p.rng.get_state(), kv_version=p.kv_version,
         )
         self.records[rec.id] = rec
         return rec.info(k.kalloc)
@@ -87,6 +88,7 @@ class SnapshotTable:
         p.token_ids = rec.token_ids[:]
         p.mask = rec.mask[:]
         p.num_cached = rec.num_cached
+        p.kv_version = rec.kv_version
         p.rng.set_state(rec.rng_state)
         k.policy.remove(p)
         k.wake(p)
@@ -99,7 +101,7 @@ class SnapshotTable:
         rng = torch.Generator(device=k.config.device)
         rng.set_state(rec.rng_state)
         p = k.new_process(rec.token_ids[:], rec.mask[:], k.vm.fork(rec.table),
-                          rec.num_cached, rng, rec.session_id)
+                          rec.num_cached, rng, rec.session_id, rec.kv_version)
         return p.pid
 
     def sys_delete(self, snap_id: str) -> None:
@@ -118,4 +120,4 @@ class SnapshotTable:
     def sys_check(self) -> None:
         """Asserts refcounts equal mapped entries of live sessions plus snapshot holds."""
         k = self.kernel
-        k.vm.check([p.table for p in k.procs.values()] + [r.table for r in self.records.values()])
+        k.vm.check(k.page_tables() + [r.table for r in self.records.values()])

@@ -226,6 +226,23 @@ async def test_abort_keeps_kv_and_rollouts_continue_to_the_same_tokens():
         await e.check()
 
 
+def test_invariants_hold_with_a_score_in_flight(tiny_engine):
+    s = tiny_engine.create_session(tokens=PROMPT)
+    s.generate(max_tokens=2, temperature=0)
+    tiny_engine.pause()
+    box = {}
+    th = threading.Thread(target=lambda: box.update(lp=s.score(tokens=list(range(5, 60)))))
+    th.start()
+    time.sleep(0.2)
+    tiny_engine.check()  # the scratch fork's references are counted
+    tiny_engine.resume()
+    th.join(10)
+    assert len(box["lp"]) == 55
+    s.close()
+    tiny_engine.check()
+    assert tiny_engine.stats()["kv"]["device_blocks_used"] == 0
+
+
 def test_pause_holds_calls_and_resume_releases_them(tiny_engine):
     s = tiny_engine.create_session(tokens=PROMPT)
     tiny_engine.pause()
@@ -301,6 +318,11 @@ def test_update_weights_keep_and_bad_updates(tiny_engine):
     before = {k: v.clone() for k, v in model.hf_named_tensors().items()}
     v = tiny_engine.update_weights(_perturbed(model, 1), kv_policy="keep")
     assert s.info()["kv_version"] == v - 1  # it goes on with the KV it had
+    snap = s.snapshot()
+    (kid,) = s.fork(1)
+    old = [kid, tiny_engine.restore(snap)]
+    assert [x.info()["kv_version"] for x in old] == [v - 1, v - 1]
+    assert tiny_engine.create_session(tokens=PROMPT).info()["kv_version"] == v  # no old pages
     g = s.generate(max_tokens=3, temperature=0)
     assert g.weight_versions == [v] * 3
     now = {k: t.clone() for k, t in model.hf_named_tensors().items()}
@@ -314,6 +336,9 @@ def test_update_weights_keep_and_bad_updates(tiny_engine):
     after = model.hf_named_tensors()
     assert all(torch.equal(now[k], after[k]) for k in now)  # a refused update changed nothing
     tiny_engine.update_weights(before)
+    for x in old:
+        x.close()
+    snap.delete()
     s.close()
     tiny_engine.check()
 
