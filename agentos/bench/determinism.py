@@ -59,7 +59,7 @@ async def _run(b: DeterminismBench, deterministic: bool, prompts: list[list[int]
 
     kv = sum(len(p) + b.new_tokens for p in prompts) // b.block_size + 4 * len(prompts) + 64
     async with AsyncEngine(b.model, device=b.device, dtype=b.dtype, kv_blocks=kv,
-                           block_size=b.block_size,
+                           block_size=b.block_size, host_blocks=0,
                            max_batch_tokens=b.max_batch_tokens, deterministic=deterministic) as e:
         sessions = [await e.create_session(tokens=p) for p in prompts]
         t0 = time.perf_counter()
