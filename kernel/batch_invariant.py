@@ -9,12 +9,13 @@ Here every reduction has a shape that depends only on the token itself:
 
 - matmuls run on row counts padded to a multiple of `ROWS`, so the same kernel path
   serves every batch (rows are computed independently within it);
-- attention runs per session over its keys in fixed splits of `SPLIT` keys, combined in
-  order with an online softmax; splits past a query's position are exact no-ops, so a
-  query gives the same bits alone (decode), inside a prefill chunk of any size, or in a
-  dense forward of the whole sequence.
+- attention runs over each session's keys in fixed splits of `SPLIT` keys (every matmul
+  of a fixed shape per split), combined in order under the query's overall maximum;
+  splits past a query's position add exact zeros, so a query gives the same bits alone
+  (decode), beside other decodes, inside a prefill chunk of any size, or in a dense
+  forward of the whole sequence.
 
-It costs speed (padded rows, a loop over sessions and splits); `agentos bench
+It costs speed (padded rows and keys, one prefill chunk at a time); `agentos bench
 determinism` measures it. Correctness is checked by tests that compare a session alone
 and inside a batch bit for bit, rather than by any assumption about a library's kernels.
 """
