@@ -401,6 +401,8 @@ class AsyncClient(_ClientBase):
     `async with AsyncClient(url) as client: s = await client.create_session(...)`
     """
 
+    is_async = True
+
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None,
                  timeout: float = 600.0, max_retries: int = 2, wire: str = "json"):
         super().__init__(base_url, api_key, timeout, max_retries, wire)

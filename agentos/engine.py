@@ -180,6 +180,8 @@ class AsyncEngine(_EngineBase):
     `async with AsyncEngine(model="tiny") as engine: ...`
     """
 
+    is_async = True
+
     def _op(self, name: str, *args):
         return self._run(name, *args)
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
-import inspect
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +27,7 @@ from typing import Any
 
 from agentos.kernel.process import Generation
 from agentos.kernel.sampling_params import SamplingParams
-from agentos.session import Session
+from agentos.session import Session, call_op
 
 _STOP_REASONS = {"stop": "stop", "length": "length", "abort": "aborted"}
 
@@ -137,16 +135,12 @@ class RolloutWorker:
 
     def __init__(self, backend, max_threads: int = 256):
         self.backend = backend
-        self._async = inspect.iscoroutinefunction(getattr(backend, "_run", None))
         # NOTE: a blocking backend's calls each hold a thread while the engine batches
         # them; asyncio's default executor (a handful of threads) would cap the batch
-        self._pool = None if self._async else ThreadPoolExecutor(max_threads, "agentos-rollout")
+        self._pool = None if backend.is_async else ThreadPoolExecutor(max_threads, "agentos-rollout")
 
     async def _do(self, fn: Callable, *args, **kwargs):
-        if self._async:  # (an async engine's encode/decode answer at once)
-            return await _maybe_await(fn(*args, **kwargs))
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        return await call_op(fn, *args, pool=self._pool, **kwargs)
 
     async def generate_group(self, prompt: str | list[int], n: int,
                              sampling: SamplingParams | None = None, group_id: str | None = None,
@@ -180,7 +174,7 @@ class RolloutWorker:
                 else:
                     await agent_fn(rs)
                 if reward_fn is not None:
-                    t.reward = await _maybe_await(reward_fn(t))
+                    t.reward = await call_op(reward_fn, t)
             finally:
                 if not (keep_aborted and t.stop_reason == "aborted"):
                     t.session_id = None
@@ -202,7 +196,7 @@ class RolloutWorker:
                                                                      seed=None))
         await rs.generate()
         if reward_fn is not None:
-            trajectory.reward = await _maybe_await(reward_fn(trajectory))
+            trajectory.reward = await call_op(reward_fn, trajectory)
         if close and trajectory.stop_reason != "aborted":
             await self._do(s.close)
             trajectory.session_id = None
@@ -236,7 +230,3 @@ class RolloutWorker:
 
     async def wake_up(self) -> None:
         await self._do(self.backend.wake_up)
-
-
-async def _maybe_await(x):
-    return await x if inspect.isawaitable(x) else x

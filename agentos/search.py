@@ -24,8 +24,6 @@ so a value_fn may call session methods (e.g. `session.score(...)`) directly.
 from __future__ import annotations
 
 import asyncio
-import functools
-import inspect
 import math
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentos.kernel.process import Generation
-from agentos.session import Session, Snapshot
+from agentos.session import Session, Snapshot, call_op
 
 _MAX_THREADS = 256  # a sync backend's calls in flight, one thread each (started on demand)
 
@@ -179,7 +177,7 @@ def _dispatch(search: Callable, root: Session, **options: Any):
     """Returns search(runner, root, **options) awaited for a sync backend, as an awaitable
     for an async one."""
     backend = root._backend
-    if inspect.iscoroutinefunction(backend.close):  # AsyncEngine, AsyncClient
+    if backend.is_async:
         return search(_Runner(backend, None), root, **options)
 
     def run():
@@ -358,14 +356,7 @@ class _Runner:
     async def __call__(self, fn: Callable, *args, **kwargs):
         """Returns fn(*args, **kwargs) (run in a worker thread for a sync backend), awaited
         if it is awaitable."""
-        if self.pool is None:
-            result = fn(*args, **kwargs)
-        else:
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
-        if inspect.isawaitable(result):
-            result = await result
-        return result
+        return await call_op(fn, *args, pool=self.pool, **kwargs)
 
     async def fork(self, session: Session, n: int) -> list[Session]:
         kids = await self(session.fork, n)

@@ -8,6 +8,11 @@ synchronous backend and an awaitable for an asynchronous one, so one class serve
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import inspect
+from collections.abc import Callable
+from concurrent.futures import Executor
 from typing import Any
 
 from agentos.kernel.sampling_params import SamplingParams
@@ -144,9 +149,23 @@ class Snapshot:
 AsyncSession = Session  # the same handle; its methods return awaitables on async backends
 
 
+async def call_op(fn: Callable, *args, pool: Executor | None = None, **kwargs):
+    """fn(*args, **kwargs) from a coroutine: run in a thread of `pool` when one is given
+    (a blocking backend's operation, so many can wait on the engine at once), and awaited
+    when its result is awaitable (an async backend's operation, or an async callback)."""
+    if pool is None:
+        result = fn(*args, **kwargs)
+    else:
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(pool, functools.partial(fn, *args, **kwargs))
+    return await result if inspect.isawaitable(result) else result
+
+
 class Backend:
     """The operations every backend offers (Engine, AsyncEngine, Client, AsyncClient):
     each is `self._op(name, ...)`, a result or an awaitable as the backend goes."""
+
+    is_async = False  # True for AsyncEngine and AsyncClient: operations return awaitables
 
     def _op(self, name: str, *args):
         raise NotImplementedError

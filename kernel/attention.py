@@ -83,7 +83,7 @@ def paged_attention(
     return out
 
 
-def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+def gather_blocks(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     """The blocks named by tables [..., n] from cache [N, bs, KVH, D], as [..., n * bs, KVH, D].
 
     NOTE: index_select copies whole blocks at memcpy speed, about 1.6x faster on CPU than
@@ -98,8 +98,8 @@ def _decode(q, k_cache, v_cache, meta: AttnMeta, scale: float) -> torch.Tensor:
         return _decode_cascade(q, k_cache, v_cache, meta, scale)
     B, H, D = q.shape
     KVH = k_cache.shape[2]
-    k = _gather(k_cache, meta.decode_block_tables).transpose(1, 2)  # [B, KVH, L, D]
-    v = _gather(v_cache, meta.decode_block_tables).transpose(1, 2)  # L = max_blocks * bs
+    k = gather_blocks(k_cache, meta.decode_block_tables).transpose(1, 2)  # [B, KVH, L, D]
+    v = gather_blocks(v_cache, meta.decode_block_tables).transpose(1, 2)  # L = max_blocks * bs
     L = k.shape[2]
     valid = torch.arange(L, device=q.device)[None, :] < meta.decode_ctx_lens[:, None]  # [B, L]
     # NOTE: grouped-query heads become the query axis of their kv head ([B, KVH, G, D]), and
@@ -117,8 +117,8 @@ def _decode_cascade(q, k_cache, v_cache, meta: AttnMeta, scale: float) -> torch.
     KVH = k_cache.shape[2]
     G = H // KVH
     qg = q.view(B, KVH, G, D)
-    k = _gather(k_cache, meta.decode_block_tables).transpose(1, 2)  # [B, KVH, Ls, D]
-    v = _gather(v_cache, meta.decode_block_tables).transpose(1, 2)
+    k = gather_blocks(k_cache, meta.decode_block_tables).transpose(1, 2)  # [B, KVH, Ls, D]
+    v = gather_blocks(v_cache, meta.decode_block_tables).transpose(1, 2)
     Ls = k.shape[2]
     # NOTE: never empty: a row's newest token sits in a block it writes, which is private
     hidden = torch.arange(Ls, device=q.device)[None, :] >= meta.decode_ctx_lens[:, None]
@@ -129,8 +129,8 @@ def _decode_cascade(q, k_cache, v_cache, meta: AttnMeta, scale: float) -> torch.
         n = len(sp.rows)
         every = n == B  # one prefix shared by the whole batch: no row indexing
         rows = slice(None) if every else sp.rows
-        kp = _gather(k_cache, sp.block_table[None]).transpose(1, 2)  # [1, KVH, Lp, D]
-        vp = _gather(v_cache, sp.block_table[None]).transpose(1, 2)
+        kp = gather_blocks(k_cache, sp.block_table[None]).transpose(1, 2)  # [1, KVH, Lp, D]
+        vp = gather_blocks(v_cache, sp.block_table[None]).transpose(1, 2)
         qr = qg[rows].transpose(0, 1).reshape(1, KVH, n * G, D)
         op, lp = _attention_lse(qr, kp, vp, None, scale)
         op = op.view(KVH, n, G, D).transpose(0, 1)
@@ -165,8 +165,8 @@ def _prefill(q, k_cache, v_cache, c: PrefillChunk, scale: float) -> torch.Tensor
     # q: [n, H, D] at positions ctx_len - n .. ctx_len - 1.
     n, H, D = q.shape
     KVH = k_cache.shape[2]
-    k = _gather(k_cache, c.block_table)[: c.ctx_len]  # [ctx, KVH, D]
-    v = _gather(v_cache, c.block_table)[: c.ctx_len]
+    k = gather_blocks(k_cache, c.block_table)[: c.ctx_len]  # [ctx, KVH, D]
+    v = gather_blocks(v_cache, c.block_table)[: c.ctx_len]
     G = H // KVH
     if G > 1:
         k = k.repeat_interleave(G, dim=1)

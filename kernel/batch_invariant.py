@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agentos.kernel.attention import gather_blocks
+
 ROWS = 16  # matmul row counts are padded to a multiple of this
 SPLIT = 128  # keys per attention split
 
@@ -122,9 +124,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
 def _keys(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     """The blocks of tables [B, nb] from cache [N, bs, KVH, D] as [B, L, KVH, D], L a
     multiple of SPLIT (zero past the blocks; masked anyway)."""
-    B, nb = tables.shape
-    rows = cache.index_select(0, tables.reshape(-1)).view(B, nb * cache.shape[1], *cache.shape[2:])
-    return _pad_keys(rows)
+    return _pad_keys(gather_blocks(cache, tables))
 
 
 def _pad_keys(rows: torch.Tensor) -> torch.Tensor:

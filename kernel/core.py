@@ -384,7 +384,7 @@ class Kernel:
     # -- the step -----------------------------------------------------------------------
 
     def _step(self) -> None:
-        for p in [p for p in self.policy.order() if p.call is not None and p.call.aborted]:
+        for p in [p for p in self.policy.order() if isinstance(p.call, GenerateCall) and p.call.aborted]:
             self._finish(p, "abort")
         if not self.policy.has_work():
             return
@@ -707,13 +707,17 @@ class Kernel:
         self.kalloc.flush_cache()
         return self.weight_version
 
-    def _drop_all_kv(self) -> None:
-        """Frees every page of every session, snapshot and score call: their KV is
-        recomputed from tokens when they next run."""
+    def _kv_holders(self) -> list:
+        """Everything that maps pages: sessions, score calls' scratch forks, snapshots."""
         holders = [*self.procs.values(), *self._scratch.values()]
         if self.snapshots is not None:
             holders += list(self.snapshots.records.values())
-        for h in holders:
+        return holders
+
+    def _drop_all_kv(self) -> None:
+        """Frees every page of every session, snapshot and score call: their KV is
+        recomputed from tokens when they next run."""
+        for h in self._kv_holders():
             self.stats["dropped_blocks"] += self.vm.free(h.table)
             h.num_cached = 0
             if isinstance(h, Process) and h.state is not ProcState.RUNNABLE:
@@ -727,11 +731,8 @@ class Kernel:
             raise InvalidRequestError(f"level must be 1 or 2, got {level!r}")
         self._paused = self._asleep = True
         k = self.kalloc
-        holders = [*self.procs.values(), *self._scratch.values()]
-        if self.snapshots is not None:
-            holders += list(self.snapshots.records.values())
         k.flush_cache()
-        for h in holders:
+        for h in self._kv_holders():
             pages = h.table.block_ids
             pages = pages[k.tier[pages] == DEVICE]
             if not len(pages):

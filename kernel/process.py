@@ -88,7 +88,6 @@ class ScoreCall:
     candidates: list[int] | None = None
     logprobs: list[float] = field(default_factory=list)
     dist: NextTokenLogprobs | None = None
-    aborted: bool = False  # unused: a score call runs to its end
 
     @property
     def wants_dist(self) -> bool:

@@ -99,7 +99,7 @@ def on_engine_thread(engine, fn: Callable, *args) -> Any:
     alive every parallel op in both pays a sleep/wake handoff (2-3x on small CPU ops),
     which would slow whichever system ran second."""
     fut = engine.kernel.call(fn, *args)
-    if hasattr(engine, "_run"):  # AsyncEngine
+    if engine.is_async:
         import asyncio
 
         return asyncio.wrap_future(fut)
