@@ -11,6 +11,7 @@ from agentos.kernel.errors import (
     APITimeoutError,
     AuthenticationError,
     BadRequestError,
+    CodecError,
     ConflictError,
     ContextLengthError,
     EngineClosedError,
@@ -21,6 +22,7 @@ from agentos.kernel.errors import (
     PayloadTooLargeError,
     PermissionDeniedError,
     RateLimitError,
+    StoreUnavailableError,
     UnprocessableEntityError,
 )
 from agentos.kernel.process import Generation, GenerationChunk
@@ -31,11 +33,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "APIConnectionError", "APIStatusError", "APITimeoutError", "AgentOSError", "AsyncClient",
-    "AsyncEngine", "AsyncSession", "AuthenticationError", "BadRequestError", "Client",
+    "AsyncEngine", "AsyncSession", "AuthenticationError", "BadRequestError", "Client", "CodecError",
     "ConflictError", "ContextLengthError", "Engine", "EngineClosedError", "Generation",
     "GenerationChunk", "InternalServerError", "InvalidRequestError", "NotFoundError",
     "OutOfCapacityError", "PayloadTooLargeError", "PermissionDeniedError", "RateLimitError",
-    "SamplingParams", "Session", "Snapshot", "UnprocessableEntityError",
+    "SamplingParams", "Session", "Snapshot", "StoreUnavailableError", "UnprocessableEntityError",
 ]
 
 

@@ -79,6 +79,16 @@ def _parser() -> argparse.ArgumentParser:
                        help="max_tokens of one generate call at most (0: the context length)")
     serve.add_argument("--max-sessions-per-tenant", type=int, default=None)
     serve.add_argument("--max-tokens-per-tenant", type=int, default=None)
+    serve.add_argument("--redis", default=None, metavar="URL",
+                       help="redis:// URL: journal every change there and recover on restart")
+    serve.add_argument("--deployment", default="default",
+                       help="namespace of this deployment's keys in Redis")
+    serve.add_argument("--worker", action="store_true",
+                       help="register in Redis and heartbeat, to serve behind `agentos gateway`")
+    serve.add_argument("--worker-id", default=None,
+                       help="this server's id in Redis (default: main, or HOST:PORT with --worker)")
+    serve.add_argument("--advertise-url", default=None,
+                       help="the URL the gateway uses to reach this worker (default http://HOST:PORT)")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_cmd_serve)
 
@@ -268,7 +278,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
              "seed", "host", "port",
              "api_keys", "allow_open",
              "served_model_name", "max_body_bytes", "max_tokens_cap",
-             "max_sessions_per_tenant", "max_tokens_per_tenant")
+             "max_sessions_per_tenant", "max_tokens_per_tenant",
+             "redis", "deployment", "worker", "worker_id", "advertise_url")
+    if args.worker and not args.redis:
+        print("agentos serve: --worker needs --redis", file=sys.stderr)
+        return 2
     settings = ServerSettings(**{n: getattr(args, n) for n in names})
     settings.max_tokens_cap = settings.max_tokens_cap or None
     app = create_app(settings)

@@ -50,6 +50,12 @@ class ServerSettings:
     prefix_cache: bool = True
     max_model_len: int | None = None
     seed: int = 0
+    # durability and cluster
+    redis: str | None = None  # redis:// URL: journal every change, recover on restart
+    deployment: str = "default"  # namespace of the keys in Redis
+    worker: bool = False  # register in Redis and heartbeat, behind `agentos gateway`
+    worker_id: str | None = None  # default: "main", or host:port for a worker
+    advertise_url: str | None = None  # how the gateway reaches this worker (default http://host:port)
     # server
     host: str = "127.0.0.1"
     port: int = 8000
@@ -71,7 +77,21 @@ class ServerSettings:
         names = ("device", "dtype", "block_size", "kv_blocks", "host_blocks",
                  "max_batch_tokens", "max_model_len", "scheduler", "deterministic", "prefix_cache",
                  "seed")
-        return {k: v for k, v in asdict(self).items() if k in names}
+        options = {k: v for k, v in asdict(self).items() if k in names}
+        if self.redis:
+            options.update(store=self.redis, deployment=self.deployment,
+                           worker_id=self.resolved_worker_id)
+        return options
+
+    @property
+    def resolved_worker_id(self) -> str:
+        if self.worker_id:
+            return self.worker_id
+        return f"{self.host}:{self.port}" if self.worker else "main"
+
+    @property
+    def url(self) -> str:
+        return self.advertise_url or f"http://{self.host}:{self.port}"
 
     def tenants(self) -> Tenants:
         """The tenants from the keys file and environment. Raises ValueError when the
@@ -120,6 +140,17 @@ def create_app(settings: ServerSettings | None = None, engine=None,
                        large={"/v1/weights": settings.max_weights_bytes})
     app.add_middleware(AuthMiddleware, tenants=tenants)
     return app
+
+
+def claim(app: FastAPI, items: list[dict]) -> None:
+    """Gives each recovered or adopted item ({"id", "kind": "session" | "snapshot",
+    "owner"}) to its tenant, so the tenant's key reaches it. Items of owners unknown to
+    this server's keys stay in the engine, unreachable over HTTP."""
+    by_name = app.state.tenants.by_name
+    for item in items:
+        t = by_name.get(item["owner"])
+        if t is not None:
+            (t.sessions if item["kind"] == "session" else t.snapshots).add(item["id"])
 
 
 def _error_handlers(app: FastAPI) -> None:

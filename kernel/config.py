@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -19,7 +20,9 @@ class Config:
     scheduler: str = "mlfq"  # "mlfq" (multi-level feedback queue) or "fcfs"
     deterministic: bool = False  # batch-invariant results (kernel/batch_invariant.py)
     prefix_cache: bool = True  # share full KV blocks between sessions with the same prefix
-    store: str | None = None  # None (in memory) or a redis:// URL
+    store: Any = None  # None (no journal), "memory", a redis:// URL, or a snapshot.store.Store
+    deployment: str = "default"  # namespace of the store's keys
+    worker_id: str = "main"  # whose sessions in the store this engine recovers and journals
     seed: int = 0  # seeds session RNGs that are not given a seed
 
     def __post_init__(self):
@@ -37,5 +40,8 @@ class Config:
             raise ValueError("max_batch_tokens and max_batch_size must be >= 1")
         if self.scheduler not in ("mlfq", "fcfs"):
             raise ValueError(f"unknown scheduler {self.scheduler!r}")
-        if self.store is not None:
-            raise ValueError("only the in-memory store is available (store=None)")
+        if isinstance(self.store, str) and self.store != "memory" and not self.store.startswith(
+                ("redis://", "rediss://", "unix://")):
+            raise ValueError(f"store must be None, 'memory' or a redis:// URL, got {self.store!r}")
+        if not self.deployment or not self.worker_id:
+            raise ValueError("deployment and worker_id must be non-empty")

@@ -6,6 +6,7 @@ The tree:
     ├── APIStatusError              carries the HTTP status the API layer answers with
     │   ├── InvalidRequestError     400 (also a ValueError)
     │   │   ├── ContextLengthError  400
+    │   │   ├── CodecError          400 (a record is corrupted or of another format version)
     │   │   └── UnprocessableEntityError  422 (request body fails its schema)
     │   ├── AuthenticationError     401
     │   ├── PermissionDeniedError   403
@@ -15,7 +16,8 @@ The tree:
     │   ├── RateLimitError          429
     │   ├── InternalServerError     500
     │   └── OutOfCapacityError      503
-    │       └── EngineClosedError   503
+    │       ├── EngineClosedError   503
+    │       └── StoreUnavailableError  503 (the durable store, Redis, cannot be reached)
     └── APIConnectionError          the server could not be reached (SDK only)
         └── APITimeoutError
 
@@ -131,6 +133,20 @@ class EngineClosedError(OutOfCapacityError):
     type = "engine_closed"
 
 
+class StoreUnavailableError(OutOfCapacityError):
+    """The durable store (Redis) cannot be reached: a change that must be durable is
+    refused (or, if it was already applied in memory, not acknowledged). Retry later."""
+
+    type = "store_unavailable"
+
+
+class CodecError(InvalidRequestError):
+    """A session or snapshot record is corrupted (checksum), truncated, or written by an
+    incompatible format version; nothing was loaded from it."""
+
+    type = "invalid_record"
+
+
 class APIConnectionError(AgentOSError):
     """The server could not be reached, or the connection broke (SDK only)."""
 
@@ -142,7 +158,8 @@ class APITimeoutError(APIConnectionError):
 
 
 _BY_TYPE: dict[str, type[APIStatusError]] = {
-    c.type: c for c in (ContextLengthError, UnprocessableEntityError, EngineClosedError)}
+    c.type: c for c in (ContextLengthError, UnprocessableEntityError, EngineClosedError,
+                        StoreUnavailableError, CodecError)}
 _BY_STATUS: dict[int, type[APIStatusError]] = {
     c.status_code: c for c in (InvalidRequestError, AuthenticationError, PermissionDeniedError,
                                NotFoundError, ConflictError, PayloadTooLargeError,
