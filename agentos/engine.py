@@ -20,16 +20,44 @@ from agentos.kernel.sampling_params import SamplingParams
 from agentos.session import Backend, Session, Snapshot
 
 
+# operations that change sessions or snapshots: with a store they are acknowledged only
+# once the journal has made them durable
+_CHANGES = frozenset({"create", "append", "generate", "fork", "snapshot", "rollback", "restore",
+                      "close", "delete_snapshot", "import", "adopt"})
+
+
 class _EngineBase(Backend):
     def __init__(self, model: str = "tiny", **options: Any):
         from agentos.kernel.core import Kernel
         from agentos.snapshot.snapshot import SnapshotTable
+        from agentos.snapshot.store import open_store
 
         self.config = Config(model=model, **options)
+        self.store = open_store(self.config.store, self.config.deployment)
+        if self.store is not None:
+            self.store.ping()  # recovery needs it: fail now (StoreUnavailableError), not later
         self.kernel = Kernel(self.config)
         self.snapshots = SnapshotTable(self.kernel)
         self.tokenizer = self.kernel.tokenizer
         self.max_model_len = self.kernel.max_model_len  # context limit in tokens
+        self.journal = None
+        self.recovered: list[dict] = []  # what was loaded from the store at start
+        if self.store is not None:
+            from agentos.snapshot.journal import Journal
+
+            self.journal = Journal(self.store, self.config.worker_id)
+            try:
+                self.recovered = self.kernel.call(self._attach).result()
+            except BaseException:
+                self.kernel.shutdown()
+                self.journal.close()
+                raise
+
+    def _attach(self) -> list[dict]:
+        """Runs in the loop thread: journal every change from now on, after loading what
+        the store holds for this worker."""
+        self.kernel.journal = self.snapshots.journal = self.journal
+        return self.journal.recover(self.kernel, self.snapshots)
 
     # the public operations come from Backend; these run here
 
@@ -78,9 +106,16 @@ class _EngineBase(Backend):
         k, snaps = self.kernel, self.snapshots
         same = _identity
         if name == "create":
-            prompt, tokens, seed = args
+            prompt, tokens, seed, *owner = args
             ids = self._tokens(prompt, tokens, add_special_tokens=True)
-            return k.sys_create, (ids, seed), lambda pid: Session(self, pid)
+            return k.sys_create, (ids, seed, *owner), lambda pid: Session(self, pid)
+        if name == "export":
+            return snaps.sys_export, args, same
+        if name == "import":
+            data, owner = args
+            return snaps.sys_import, (_record(data), owner), lambda r: Session(self, r[0])
+        if name == "adopt":
+            return self._sys_adopt, args, same
         if name == "append":
             pid, text, tokens = args
             return k.sys_append, (pid, self._tokens(text, tokens, add_special_tokens=False)), same
@@ -132,7 +167,41 @@ class _EngineBase(Backend):
     def _sys_stats(self) -> dict:
         st = self.kernel.sys_stats()
         st["snapshots"] = len(self.snapshots.records)
+        if self.journal is not None:
+            st["store"] = {"worker_id": self.config.worker_id, "up": self.journal.error is None,
+                           "queued_writes": self.journal.recorded - self.journal.durable,
+                           "refused_records": len(self.journal.errors), **self.journal.stats}
         return st
+
+    def _sys_adopt(self, ids: list[str]) -> list[dict]:
+        if self.journal is None:
+            raise InvalidRequestError("this engine has no store to adopt sessions from")
+        return self.journal.load(self.kernel, self.snapshots, list(ids))
+
+    # -- engine-only operations (not over HTTP) --------------------------------------------
+
+    def create_session(self, prompt: str | None = None, tokens: list[int] | None = None,
+                       seed: int | None = None, owner: str = "default"):
+        """As Backend.create_session; `owner` (the tenant) keys its records in the store."""
+        return self._op("create", prompt, tokens, seed, owner)
+
+    def import_session(self, data: bytes, owner: str = "default"):
+        """As Backend.import_session; the new session belongs to `owner`."""
+        return self._op("import", data, owner)
+
+    def adopt(self, ids: list[str]):
+        """Loads sessions and snapshots by id from the store (a dead worker's, on re-homing):
+        their KV is recomputed from tokens when they run. Returns [{"id", "kind",
+        "owner"}] of those loaded."""
+        return self._op("adopt", ids)
+
+    def _durable(self, name: str):
+        """The journal when `name` changes state and there is one (checked first: while
+        the store is down, changes are refused before anything is done)."""
+        if self.journal is None or name not in _CHANGES:
+            return None
+        self.journal.check()
+        return self.journal
 
     def _snapshot_handle(self, info: dict) -> Snapshot:
         return Snapshot(self, info["id"], info["session_id"], info["num_tokens"],
@@ -156,16 +225,22 @@ class Engine(_EngineBase):
 
     def _op(self, name: str, *args):
         fn, call_args, post, waits = self._prepare(name, *args)
+        journal = self._durable(name)
         result = self.kernel.call(fn, *call_args).result()
         if waits:  # generate: the call's own completion
             result = result.result()
+        if journal is not None:
+            journal.sync().result()
         return post(result)
 
     def _stream(self) -> _Stream:
-        return _Stream()
+        return _Stream(self.journal)
 
     def close(self) -> None:
         self.kernel.shutdown()
+        if self.journal is not None:
+            self.journal.close()
+            self.store.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -187,6 +262,7 @@ class AsyncEngine(_EngineBase):
 
     async def _run(self, name: str, *args):
         fn, call_args, post, waits = self._prepare(name, *args)
+        journal = self._durable(name)
         result = await asyncio.wrap_future(self.kernel.call(fn, *call_args))
         if waits:
             try:
@@ -197,13 +273,18 @@ class AsyncEngine(_EngineBase):
                 if name == "generate":
                     self.kernel.call(self.kernel.sys_abort, call_args[0])
                 raise
+        if journal is not None:
+            await asyncio.wrap_future(journal.sync())
         return post(result)
 
     def _stream(self) -> _AsyncStream:
-        return _AsyncStream(asyncio.get_running_loop())
+        return _AsyncStream(asyncio.get_running_loop(), self.journal)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.kernel.shutdown)
+        if self.journal is not None:
+            await asyncio.to_thread(self.journal.close)
+            self.store.close()
 
     async def __aenter__(self) -> AsyncEngine:
         return self
@@ -216,6 +297,14 @@ def _identity(x):
     return x
 
 
+def _record(data: bytes):
+    from agentos.snapshot.codec import Record
+
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidRequestError("a session record is bytes (from export_session)")
+    return Record.unpack(bytes(data))
+
+
 _END = object()
 
 
@@ -224,8 +313,9 @@ class _Stream:
     come: an iterator. Closing it (or dropping it) before the call ends aborts the call;
     the tokens made so far stay in the session. Closing is idempotent."""
 
-    def __init__(self):
+    def __init__(self, journal=None):
         self._queue: Any = queue.SimpleQueue()
+        self._journal = journal  # chunks are handed out once their tokens are durable
         self._fut: Future | None = None
         self._abort: Callable[[], Any] | None = None
         self._finished = False
@@ -254,7 +344,10 @@ class _Stream:
     def __next__(self) -> GenerationChunk:
         if self._finished:
             raise StopIteration
-        return self._chunk(self._queue.get())
+        chunk = self._chunk(self._queue.get())
+        if self._journal is not None:
+            self._journal.sync().result()
+        return chunk
 
     def close(self) -> None:
         if not self._finished and self._fut is not None:
@@ -275,8 +368,8 @@ class _Stream:
 class _AsyncStream(_Stream):
     """The same as an async iterator: chunks go through the event loop's queue."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        super().__init__()
+    def __init__(self, loop: asyncio.AbstractEventLoop, journal=None):
+        super().__init__(journal)
         self._loop = loop
         self._queue = asyncio.Queue()
 
@@ -289,7 +382,10 @@ class _AsyncStream(_Stream):
     async def __anext__(self) -> GenerationChunk:
         if self._finished:
             raise StopAsyncIteration
-        return self._chunk(await self._queue.get())
+        chunk = self._chunk(await self._queue.get())
+        if self._journal is not None:
+            await asyncio.wrap_future(self._journal.sync())
+        return chunk
 
     async def aclose(self) -> None:
         self.close()

@@ -109,6 +109,12 @@ class Session:
         """Returns (token ids, mask), read together."""
         return self._backend._op("tokens_and_mask", self.id)
 
+    def export(self, kv: bool = False):
+        """Returns the session as a record (versioned, checksummed msgpack bytes): tokens,
+        masks, RNG state, weight versions, parent; with kv=True also the KV bytes of its
+        cached tokens. `backend.import_session(data)` makes a session of it anywhere."""
+        return self._backend._op("export", self.id, kv)
+
     def info(self):
         """Returns a dict: state, level, token counts, blocks, parent."""
         return self._backend._op("info", self.id)
@@ -184,6 +190,17 @@ class Backend:
         """Returns a dict per live session (id, state, level, tokens, blocks, parent): all of
         them, or those of `ids` that are live."""
         return self._op("list", ids)
+
+    def export_session(self, session_id: str, kv: bool = False):
+        """The session's record as bytes (see Session.export)."""
+        return self._op("export", session_id, kv)
+
+    def import_session(self, data: bytes):
+        """Returns a new Session from a record made by export (here or on another
+        deployment); its KV is used when it was made by the same weights and layout, else
+        its tokens are prefilled. Raises CodecError for a corrupted or unknown-version
+        record, InvalidRequestError when its tokens do not fit this model."""
+        return self._op("import", data)
 
     def restore(self, snapshot: Snapshot | str):
         """Returns a new Session equal to the snapshot."""

@@ -11,6 +11,7 @@ import asyncio
 import ipaddress
 import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
 from agentos.api.routes import engine as engine_routes
-from agentos.api.routes import openai, sessions, snapshots, system
+from agentos.api.routes import internal, openai, sessions, snapshots, system
 from agentos.api.tenants import Tenants, load_tenants
 from agentos.api.wire import AuthMiddleware, BodyMiddleware, WireResponse, error_response
 from agentos.kernel.errors import (
@@ -29,6 +30,7 @@ from agentos.kernel.errors import (
     InternalServerError,
     InvalidRequestError,
     NotFoundError,
+    OutOfCapacityError,
     UnprocessableEntityError,
 )
 
@@ -56,6 +58,7 @@ class ServerSettings:
     worker: bool = False  # register in Redis and heartbeat, behind `agentos gateway`
     worker_id: str | None = None  # default: "main", or host:port for a worker
     advertise_url: str | None = None  # how the gateway reaches this worker (default http://host:port)
+    heartbeat_s: float = 1.0  # a worker renews its lease this often (lease: 3 intervals)
     # server
     host: str = "127.0.0.1"
     port: int = 8000
@@ -118,9 +121,17 @@ def create_app(settings: ServerSettings | None = None, engine=None,
         own = engine is None
         app.state.engine = engine or await asyncio.to_thread(
             AsyncEngine, settings.model, **settings.engine_options())
+        heartbeat = None
         try:
+            if settings.worker:
+                heartbeat = await asyncio.to_thread(_start_heartbeat, app, settings,
+                                                    asyncio.get_running_loop())
+                app.state.heartbeat = heartbeat
             yield
         finally:
+            if heartbeat is not None:
+                await asyncio.to_thread(heartbeat.stop)
+                heartbeat.registry.client.close()
             if own:
                 await app.state.engine.close()
 
@@ -132,14 +143,68 @@ def create_app(settings: ServerSettings | None = None, engine=None,
     app.state.settings = settings
     app.state.tenants = tenants
     app.state.engine = engine  # None until the lifespan handler starts one
-    for r in (sessions.router, snapshots.router, openai.router, system.router, engine_routes.router):
+    app.state.heartbeat = None  # a worker's Heartbeat, from the lifespan handler
+    app.state.cluster_secret = None  # read from Redis by a worker
+    routers = (sessions.router, snapshots.router, openai.router, system.router,
+               engine_routes.router, internal.router)
+    for r in routers:
         app.include_router(r)
     _error_handlers(app)
     # the last added runs first: keys are checked before the body is read
     app.add_middleware(BodyMiddleware, max_body_bytes=settings.max_body_bytes,
                        large={"/v1/weights": settings.max_weights_bytes})
-    app.add_middleware(AuthMiddleware, tenants=tenants)
+    app.add_middleware(AuthMiddleware, tenants=tenants,
+                       cluster_secret=lambda: app.state.cluster_secret)
+    app.add_middleware(FenceMiddleware, fenced=lambda: bool(
+        app.state.heartbeat is not None and app.state.heartbeat.fenced))
     return app
+
+
+class FenceMiddleware:
+    """Answers /v1/ and /health with 503 once this worker is fenced (a gateway re-homed
+    its records to other workers), so two workers never serve one session."""
+
+    def __init__(self, app, fenced: Callable[[], bool]):
+        self.app = app
+        self.fenced = fenced
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path.startswith("/v1/") or path == "/health") and self.fenced():
+            err = OutOfCapacityError("this worker was fenced: its sessions moved to other "
+                                     "workers; send requests through the gateway")
+            return await error_response(err)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _start_heartbeat(app: FastAPI, settings: ServerSettings, loop: asyncio.AbstractEventLoop):
+    """Registers this worker in Redis and starts its Heartbeat (the load: live sessions
+    and their tokens, read from the engine on the app's loop). Reads the cluster secret."""
+    import redis
+
+    from agentos.snapshot.cluster import Heartbeat, WorkerRegistry
+
+    if not settings.redis:
+        raise ValueError("a worker needs a Redis URL (--redis)")
+    timeout = max(0.5, settings.heartbeat_s)
+    client = redis.Redis.from_url(settings.redis, socket_timeout=timeout,
+                                  socket_connect_timeout=timeout)
+    registry = WorkerRegistry(client, f"agentos:{settings.deployment}")
+    app.state.cluster_secret = registry.secret()
+
+    async def load() -> dict:
+        infos = await app.state.engine.list_sessions()
+        return {"sessions": len(infos), "tokens": sum(i["num_tokens"] for i in infos)}
+
+    def load_now() -> dict:
+        fut = asyncio.run_coroutine_threadsafe(load(), loop)
+        try:
+            return fut.result(timeout=settings.heartbeat_s)
+        finally:
+            fut.cancel()
+
+    return Heartbeat(registry, settings.resolved_worker_id, settings.url, load_now,
+                     settings.heartbeat_s).start()
 
 
 def claim(app: FastAPI, items: list[dict]) -> None:

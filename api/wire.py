@@ -1,7 +1,8 @@
 """Wire formats and request guards, as plain ASGI middleware around the FastAPI app.
 
 - `AuthMiddleware` resolves the API key of every `/v1/` request to a tenant (401
-  otherwise) before anything else reads the request.
+  otherwise) before anything else reads the request; `/v1/internal/` needs the cluster
+  secret instead (403 otherwise).
 - `BodyMiddleware` reads the request body once, refuses one over the size limit (413),
   and turns an `application/msgpack` body into JSON for FastAPI's validation. A client
   that sends `Accept: application/msgpack` gets msgpack back: `WireResponse`, the app's
@@ -14,13 +15,20 @@ as the app's exception handlers.
 from __future__ import annotations
 
 import contextvars
+import hmac
 import json
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from agentos.kernel.errors import APIStatusError, InvalidRequestError, PayloadTooLargeError
+from agentos.kernel.errors import (
+    APIStatusError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+)
 
 MSGPACK = "application/msgpack"
 _wants_msgpack: contextvars.ContextVar[bool] = contextvars.ContextVar("wants_msgpack", default=False)
@@ -76,16 +84,28 @@ def _header(scope: dict, name: bytes) -> str:
 
 
 class AuthMiddleware:
-    """Puts the request's tenant in `scope["state"]["tenant"]` for paths under /v1/."""
+    """Puts the request's tenant in `scope["state"]["tenant"]` for paths under /v1/.
 
-    def __init__(self, app, tenants):
+    Paths under /v1/internal/ (gateway to worker) take no tenant key: they need the
+    cluster secret in X-AgentOS-Cluster (`cluster_secret()`: None while there is none,
+    then every internal call is a 403)."""
+
+    def __init__(self, app, tenants, cluster_secret: Callable[[], str | None] | None = None):
         self.app = app
         self.tenants = tenants
+        self.cluster_secret = cluster_secret or (lambda: None)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
         _wants_msgpack.set(MSGPACK in _header(scope, b"accept"))
+        if scope["path"].startswith("/v1/internal/"):
+            secret = self.cluster_secret()
+            given = _header(scope, b"x-agentos-cluster")
+            if not (secret and given and hmac.compare_digest(secret.encode(), given.encode())):
+                err = PermissionDeniedError("internal calls need the cluster secret")
+                return await error_response(err)(scope, receive, send)
+            return await self.app(scope, receive, send)
         try:
             tenant = self.tenants.authenticate(_header(scope, b"authorization"),
                                                _header(scope, b"x-api-key"))

@@ -106,6 +106,8 @@ class Kernel:
         self._paused = False  # no steps run (pause, sleep); syscalls still apply
         self._asleep = False  # the KV pool is released
         self.snapshots = None  # the SnapshotTable, once one is attached: its pages can be swapped
+        self.journal = None  # the Journal, once one is attached: every change is recorded there
+        self._fingerprint: tuple[int, str] | None = None
         self.eos_ids = frozenset(mc.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.vocab_size = mc.vocab_size
         self.stats = {"steps": 0, "tokens_generated": 0, "tokens_prefilled": 0, "forks": 0,
@@ -174,6 +176,7 @@ class Kernel:
                 self._calls.clear()
             for fn, args, fut in calls:
                 self._apply(fn, args, fut)
+            self._commit()  # before the step, so a syscall's answer does not wait for it
             try:
                 if not self._paused:
                     self._step()
@@ -183,7 +186,12 @@ class Kernel:
                 retry, self._deferred = self._deferred, []
                 for fn, args, fut in retry:
                     self._apply(fn, args, fut)
+            self._commit()
         self._drain(EngineClosedError("engine is closed"))
+
+    def _commit(self) -> None:
+        if self.journal is not None:
+            self.journal.commit()
 
     def _apply(self, fn, args, fut: Future) -> None:
         if fut.cancelled():
@@ -471,8 +479,12 @@ class Kernel:
         p.token_ids.append(token)
         p.mask.append(1)
         p.num_generated += 1
+        if not p.weight_runs or p.weight_runs[-1][1] != self.weight_version:
+            p.weight_runs.append((p.num_tokens - 1, self.weight_version))
         call.tokens.append(token)
         call.weight_versions.append(self.weight_version)
+        if self.journal is not None:
+            self.journal.generated(p, token, not call.params.greedy, self.weight_version)
         if call.params.logprobs:
             call.logprobs.append(logprob)
         searched = len(call.text)
@@ -503,6 +515,10 @@ class Kernel:
             p.num_cached = min(p.num_cached, call.start_len - 1)
             self.vm.truncate(p.table, p.num_cached)
             p.rng.set_state(call.start_rng)
+            p.weight_runs = [r for r in p.weight_runs if r[0] < call.start_len]
+        if self.journal is not None:
+            self.journal.call_ended(p, sampled=not call.params.greedy and bool(call.tokens),
+                                    undone=error is not None)
         if p.has_work():
             self.policy.add(p)
         else:
@@ -550,15 +566,39 @@ class Kernel:
 
     def new_process(self, token_ids: array, mask: array, table: PageTable,
                     num_cached: int, rng: torch.Generator, parent_id: str | None,
-                    kv_version: int | None = None) -> Process:
+                    kv_version: int | None = None, owner: str = "default") -> Process:
         """A new process (given the KV of its first num_cached tokens, computed with weights
         kv_version, default the current ones), queued if it has work."""
         p = Process(pid="sess_" + uuid.uuid4().hex[:16], token_ids=token_ids, mask=mask,
                     table=table, rng=rng, parent_id=parent_id, num_cached=num_cached,
-                    kv_version=self.weight_version if kv_version is None else kv_version)
+                    kv_version=self.weight_version if kv_version is None else kv_version,
+                    owner=owner)
         self.procs[p.pid] = p
         self.wake(p)
         return p
+
+    def install(self, p: Process) -> None:
+        """Adds a recovered process as it is (its KV, if any, is recomputed when it next
+        runs: it is not queued until it has a call)."""
+        assert p.pid not in self.procs
+        self.procs[p.pid] = p
+
+    def fingerprint(self) -> str:
+        """A digest of the model's configuration and weights (a strided sample of every
+        tensor): KV bytes from another engine are used only when it matches."""
+        if self._fingerprint is None or self._fingerprint[0] != self.weight_version:
+            import dataclasses
+            import hashlib
+
+            h = hashlib.sha256(repr(sorted(dataclasses.asdict(self.model_config).items())).encode())
+            for name, t in self.model.state_dict().items():
+                flat = t.detach().reshape(-1)
+                step = max(1, flat.numel() // 4096)
+                h.update(name.encode())
+                h.update(repr(tuple(t.shape)).encode())
+                h.update(flat[::step].float().cpu().numpy().tobytes())
+            self._fingerprint = (self.weight_version, h.hexdigest()[:32])
+        return self._fingerprint[1]
 
     def wake(self, p: Process) -> None:
         """Queues p for the scheduler if it has work (a prefill or a generate call)."""
@@ -572,12 +612,14 @@ class Kernel:
             seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
         return new_rng(seed, self.config.device)
 
-    def sys_create(self, token_ids: list[int], seed: int | None) -> str:
+    def sys_create(self, token_ids: list[int], seed: int | None, owner: str = "default") -> str:
         token_ids = self.check_tokens(token_ids)
         if not token_ids:
             raise InvalidRequestError("a session needs at least one token")
         p = self.new_process(array("i", token_ids), array("b", bytes(len(token_ids))), PageTable(), 0,
-                             self.rng_for(seed), None)
+                             self.rng_for(seed), None, owner=owner)
+        if self.journal is not None:
+            self.journal.created(p)
         return p.pid
 
     def sys_append(self, pid: str, token_ids: list[int]) -> int:
@@ -585,6 +627,8 @@ class Kernel:
         token_ids = self.check_tokens(token_ids, p.num_tokens)
         p.token_ids.extend(token_ids)
         p.mask.extend(bytes(len(token_ids)))
+        if self.journal is not None:
+            self.journal.appended(p, token_ids)
         self.wake(p)
         return p.num_tokens
 
@@ -601,6 +645,8 @@ class Kernel:
         start_rng = p.rng.get_state()
         if params.seed is not None:
             p.rng.manual_seed(params.seed)
+            if self.journal is not None:
+                self.journal.reseeded(p)
         if p.num_cached >= p.num_tokens:  # the last token's logits are needed: recompute it
             p.num_cached = p.num_tokens - 1
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
@@ -771,10 +817,13 @@ class Kernel:
             # NOTE: children draw distinct random streams, derived from the parent's state
             rng.manual_seed(_derive_seed(rng, p.num_generated, self.stats["forks"] + i))
             c = self.new_process(p.token_ids[:], p.mask[:], self.vm.fork(p.table),
-                                 p.num_cached, rng, p.pid, p.kv_version)
-            children.append(c.pid)
+                                 p.num_cached, rng, p.pid, p.kv_version, p.owner)
+            c.weight_runs = p.weight_runs[:]
+            children.append(c)
         self.stats["forks"] += n
-        return children
+        if self.journal is not None:
+            self.journal.forked(p, children)
+        return [c.pid for c in children]
 
     def sys_close(self, pid: str) -> None:
         p = self.proc(pid)
@@ -784,6 +833,8 @@ class Kernel:
         p.state = ProcState.ZOMBIE
         self.vm.free(p.table)
         del self.procs[pid]
+        if self.journal is not None:
+            self.journal.closed(p)
 
     def page_tables(self) -> list[PageTable]:
         """The page tables of every live session and score call (snapshots hold others)."""
@@ -807,6 +858,7 @@ class Kernel:
             "num_generated": p.num_generated, "device_blocks": p.table.num_blocks - host,
             "host_blocks": host, "created_at": p.created_at, "last_active": p.last_active,
             "kv_version": p.kv_version if p.num_cached else self.weight_version,
+            "owner": p.owner,
         }
 
     def sys_list(self, pids: list[str] | None = None) -> list[dict[str, Any]]:

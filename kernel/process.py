@@ -114,6 +114,9 @@ class Process:
     last_active: float = field(default_factory=time.time)
     num_generated: int = 0  # tokens generated over the session's life
     kv_version: int = 0  # the oldest weight version its cached KV was computed with
+    owner: str = "default"  # the tenant it belongs to (its records are kept under it)
+    # per run of generated tokens: (index of its first token, weight version that sampled it)
+    weight_runs: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -18,9 +18,12 @@ from dataclasses import dataclass, field
 import torch
 
 from agentos.kernel.core import Defer, Kernel
-from agentos.kernel.errors import NotFoundError
-from agentos.kernel.kalloc import HOST
+from agentos.kernel.errors import InvalidRequestError, NotFoundError
+from agentos.kernel.kalloc import DEVICE, HOST
+from agentos.kernel.process import Process
 from agentos.kernel.vm import PageTable
+from agentos.snapshot.codec import Record
+from agentos.snapshot.journal import kv_layout, record_of, rng_from, tensor_bytes, tensor_from
 
 
 @dataclass(slots=True, eq=False)
@@ -34,6 +37,9 @@ class SnapshotRecord:
     rng_state: torch.Tensor
     kv_version: int = 0  # the weights its KV was computed with
     created_at: float = field(default_factory=time.time)
+    owner: str = "default"
+    weight_runs: list[tuple[int, int]] = field(default_factory=list)
+    num_generated: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -53,6 +59,7 @@ class SnapshotTable:
         self.kernel = kernel
         self.records: dict[str, SnapshotRecord] = {}
         kernel.snapshots = self  # under memory pressure, pages only snapshots hold go first
+        self.journal = None  # set with the kernel's, when the engine has a store
 
     def get(self, snap_id: str) -> SnapshotRecord:
         rec = self.records.get(snap_id)
@@ -70,9 +77,12 @@ class SnapshotTable:
         rec = SnapshotRecord(
             id="snap_" + uuid.uuid4().hex[:16], session_id=pid, token_ids=p.token_ids[:],
             mask=p.mask[:], num_cached=p.num_cached, table=k.vm.fork(p.table),
-            rng_state=p.rng.get_state(), kv_version=p.kv_version,
+            rng_state=p.rng.get_state(), kv_version=p.kv_version, owner=p.owner,
+            weight_runs=p.weight_runs[:], num_generated=p.num_generated,
         )
         self.records[rec.id] = rec
+        if self.journal is not None:
+            self.journal.snapshotted(p, rec)
         return rec.info(k.kalloc)
 
     def sys_rollback(self, pid: str, snap_id: str) -> int:
@@ -90,8 +100,11 @@ class SnapshotTable:
         p.num_cached = rec.num_cached
         p.kv_version = rec.kv_version
         p.rng.set_state(rec.rng_state)
+        p.weight_runs = rec.weight_runs[:]
         k.policy.remove(p)
         k.wake(p)
+        if self.journal is not None:
+            self.journal.rolled_back(p, rec)
         return p.num_tokens
 
     def sys_restore(self, snap_id: str) -> str:
@@ -101,7 +114,10 @@ class SnapshotTable:
         rng = torch.Generator(device=k.config.device)
         rng.set_state(rec.rng_state)
         p = k.new_process(rec.token_ids[:], rec.mask[:], k.vm.fork(rec.table),
-                          rec.num_cached, rng, rec.session_id, rec.kv_version)
+                          rec.num_cached, rng, rec.session_id, rec.kv_version, rec.owner)
+        p.weight_runs = rec.weight_runs[:]
+        if self.journal is not None:
+            self.journal.restored(rec, p)
         return p.pid
 
     def sys_delete(self, snap_id: str) -> None:
@@ -109,6 +125,8 @@ class SnapshotTable:
         rec = self.get(snap_id)
         self.kernel.vm.free(rec.table)
         del self.records[snap_id]
+        if self.journal is not None:
+            self.journal.deleted(rec)
 
     def sys_info(self, snap_id: str) -> dict:
         return self.get(snap_id).info(self.kernel.kalloc)
@@ -116,6 +134,66 @@ class SnapshotTable:
     def sys_list(self, pid: str | None = None) -> list[dict]:
         kalloc = self.kernel.kalloc
         return [r.info(kalloc) for r in self.records.values() if pid is None or r.session_id == pid]
+
+    def install(self, rec: Record, rng_state: torch.Tensor) -> None:
+        """Adds a recovered snapshot (no KV: its tokens are prefilled when it is used)."""
+        self.records[rec.id] = SnapshotRecord(
+            id=rec.id, session_id=rec.session_id or "", token_ids=rec.token_ids, mask=rec.mask,
+            num_cached=0, table=PageTable(), rng_state=rng_state,
+            kv_version=self.kernel.weight_version, created_at=rec.created_at, owner=rec.owner,
+            weight_runs=[tuple(r) for r in rec.weight_runs], num_generated=rec.num_generated)
+
+    def sys_export(self, pid: str, kv: bool = False) -> bytes:
+        """The session as a record blob (snapshot/codec.py), with the KV bytes of its cached
+        tokens when `kv` (and the pool is not asleep). Raises NotFoundError / ConflictError
+        (generating)."""
+        k = self.kernel
+        p = k.idle_proc(pid)
+        rec = record_of(p)
+        if kv and p.num_cached and not k._asleep:
+            nb = -(-p.num_cached // k.block_size)
+            pages = p.table.block_ids[:nb]
+            tiers, slots = k.kalloc.tier[pages], torch.from_numpy(k.kalloc.slot[pages])
+            on_dev = torch.from_numpy(tiers == DEVICE)
+            blocks = torch.empty((nb, *k.runner.kv.shape[1:]), dtype=k.runner.kv.dtype)
+            if on_dev.any():
+                blocks[on_dev] = k.runner.kv[slots[on_dev].to(k.runner.kv.device)].cpu()
+            if (~on_dev).any():
+                blocks[~on_dev] = k.runner.host_kv[slots[~on_dev]]
+            rec.kv = {"layout": kv_layout(k), "num_tokens": p.num_cached, "data": tensor_bytes(blocks)}
+        return rec.pack()
+
+    def sys_import(self, rec: Record, owner: str) -> tuple[str, bool]:
+        """A new session from a record (of a session or a snapshot), owned by `owner`,
+        with the record's KV when it was made by the same weights, dtype and block layout
+        and there is room (else its tokens are prefilled). Returns (session id, whether
+        the KV was used). Raises InvalidRequestError / ContextLengthError; changes nothing."""
+        k = self.kernel
+        k.check_tokens(rec.token_ids.tolist())
+        if not rec.token_ids:
+            raise InvalidRequestError("the record holds no tokens")
+        rng = rng_from(rec.rng_state, rec.rng_device, rec.draws, k.config.device, k.vocab_size)
+        table, num_cached = PageTable(), 0
+        kv = rec.kv
+        if kv and not k._asleep and kv.get("layout") == kv_layout(k):
+            n = min(int(kv["num_tokens"]), len(rec.token_ids))
+            nb = -(-n // k.block_size)
+            if 0 < nb <= k.kalloc.num_free:
+                blocks = tensor_from(kv["data"], k.runner.kv.dtype, [-1, *k.runner.kv.shape[1:]])
+                if len(blocks) >= nb:
+                    pages = k.kalloc.alloc(nb)
+                    slots = torch.from_numpy(k.kalloc.slot[pages]).to(k.runner.kv.device)
+                    k.runner.kv[slots] = blocks[:nb].to(k.runner.kv.device)
+                    table.push(pages)
+                    num_cached = n
+        p = k.new_process(rec.token_ids, rec.mask, table, num_cached, rng, None, owner=owner)
+        p.num_generated = rec.num_generated
+        p.weight_runs = [tuple(r) for r in rec.weight_runs]
+        if num_cached:
+            k._register_full(p, 0, num_cached - num_cached % k.block_size)
+        if k.journal is not None:
+            k.journal.created(p)
+        return p.pid, num_cached > 0
 
     def sys_check(self) -> None:
         """Asserts refcounts equal mapped entries of live sessions plus snapshot holds."""

@@ -1,0 +1,196 @@
+"""The record format: sessions and snapshots as versioned, checksummed msgpack.
+
+Every blob is an envelope `[MAGIC, FORMAT_VERSION, kind, crc32(payload), payload]` whose
+payload is the msgpack of a dict. `unpack` refuses (CodecError, loading nothing) a blob
+that is not an envelope, has another format version, or fails its checksum.
+
+A *record* (kind "record") is a whole session or snapshot: tokens (int32 little-endian
+bytes), masks, the sampler's RNG state, per-token weight versions (runs), parent links,
+metadata, and optionally the KV bytes of its cached tokens. The journal keeps a record as
+a base record plus *entries* (kind "entry"), each numbered (`n`), that `Record.apply`
+replays in order; an entry whose number is not past the record's is a duplicate (a retried
+write) and is skipped. Entries:
+
+    gen   t (tokens), s (1: sampled, each token drew one RNG vector), w (weight version)
+    add   t                                       given tokens (mask 0)
+    rng   state                                   the RNG state now (draws since: 0)
+    cut   len, state, num_generated               an undone generate call
+    who   id, kind, owner, parent_id / session_id, created_at, num_generated, state
+          (optional)                              identity, after a copy of another record
+"""
+
+from __future__ import annotations
+
+import sys
+import zlib
+from array import array
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from agentos.kernel.errors import CodecError
+
+MAGIC = "agentos"
+FORMAT_VERSION = 1
+
+
+def pack(kind: str, body: dict) -> bytes:
+    payload = msgpack.packb(body, use_bin_type=True)
+    return msgpack.packb([MAGIC, FORMAT_VERSION, kind, zlib.crc32(payload), payload], use_bin_type=True)
+
+
+def unpack(blob: bytes, kind: str) -> dict:
+    """The dict inside an envelope of `kind`. Raises CodecError for anything else."""
+    try:
+        env = msgpack.unpackb(blob, raw=False)
+    except Exception as e:  # noqa: BLE001 - any malformed input is the same refusal
+        raise CodecError(f"not an AgentOS record: malformed msgpack ({type(e).__name__})") from None
+    if not (isinstance(env, list) and len(env) == 5 and env[0] == MAGIC):
+        raise CodecError("not an AgentOS record (no envelope)")
+    _, version, got, crc, payload = env
+    if version != FORMAT_VERSION:
+        raise CodecError(f"record format version {version!r} cannot be read: this build reads "
+                         f"version {FORMAT_VERSION}")
+    if got != kind:
+        raise CodecError(f"expected a {kind}, got a {got!r}")
+    if not isinstance(payload, bytes) or zlib.crc32(payload) != crc:
+        raise CodecError("checksum mismatch: the record is corrupted")
+    body = msgpack.unpackb(payload, raw=False)
+    if not isinstance(body, dict):
+        raise CodecError("record body is not a map")
+    return body
+
+
+def tokens_to_bytes(ids: array) -> bytes:
+    if sys.byteorder == "big":
+        ids = array("i", ids)
+        ids.byteswap()
+    return ids.tobytes()
+
+
+def tokens_from_bytes(b: bytes) -> array:
+    if len(b) % 4:
+        raise CodecError("token bytes are not a whole number of int32")
+    ids = array("i")
+    ids.frombytes(b)
+    if sys.byteorder == "big":
+        ids.byteswap()
+    return ids
+
+
+@dataclass(slots=True)
+class Record:
+    """A session or snapshot as stored: tokens are the truth, RNG state plus `draws`
+    (vectors drawn since that state) is the sampler's state."""
+
+    id: str
+    kind: str  # "session" or "snapshot"
+    owner: str
+    token_ids: array
+    mask: array
+    rng_state: bytes
+    rng_device: str  # "cpu" or "cuda": generator states do not move between the two
+    created_at: float
+    parent_id: str | None = None  # a session's parent
+    session_id: str | None = None  # a snapshot's session
+    draws: int = 0
+    num_generated: int = 0
+    weight_runs: list[list[int]] = field(default_factory=list)  # [first token, version] per run
+    n: int = 0  # the number of the last entry applied
+    kv: dict | None = None  # optional KV of the first kv["num_tokens"] tokens
+
+    def to_body(self) -> dict:
+        body = {"id": self.id, "kind": self.kind, "owner": self.owner,
+                "tokens": tokens_to_bytes(self.token_ids), "mask": self.mask.tobytes(),
+                "rng": {"device": self.rng_device, "state": self.rng_state, "draws": self.draws},
+                "created_at": self.created_at, "parent_id": self.parent_id,
+                "session_id": self.session_id, "num_generated": self.num_generated,
+                "weight_runs": self.weight_runs, "n": self.n}
+        if self.kv is not None:
+            body["kv"] = self.kv
+        return body
+
+    def pack(self) -> bytes:
+        return pack("record", self.to_body())
+
+    @classmethod
+    def unpack(cls, blob: bytes) -> Record:
+        """Decodes and validates a record blob. Raises CodecError."""
+        return cls.from_body(unpack(blob, "record"))
+
+    @classmethod
+    def from_body(cls, b: dict) -> Record:
+        try:
+            rng = b["rng"]
+            rec = cls(id=str(b["id"]), kind=b["kind"], owner=str(b["owner"]),
+                      token_ids=tokens_from_bytes(b["tokens"]), mask=array("b", b["mask"]),
+                      rng_state=bytes(rng["state"]), rng_device=str(rng["device"]),
+                      created_at=float(b["created_at"]), parent_id=b.get("parent_id"),
+                      session_id=b.get("session_id"), draws=int(rng.get("draws", 0)),
+                      num_generated=int(b.get("num_generated", 0)),
+                      weight_runs=[list(map(int, r)) for r in b.get("weight_runs", [])],
+                      n=int(b.get("n", 0)), kv=b.get("kv"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CodecError(f"record is missing or has a malformed field: {e}") from None
+        if rec.kind not in ("session", "snapshot"):
+            raise CodecError(f"unknown record kind {rec.kind!r}")
+        if len(rec.mask) != len(rec.token_ids):
+            raise CodecError(f"record has {len(rec.token_ids)} tokens but {len(rec.mask)} mask flags")
+        return rec
+
+    def apply(self, blob: bytes) -> None:
+        """Replays one journal entry (skipped when already applied). Raises CodecError."""
+        e = unpack(blob, "entry")
+        try:
+            n, op = int(e["n"]), e["op"]
+            if n <= self.n:
+                return
+            if op == "gen":
+                ids = tokens_from_bytes(e["t"])
+                w = int(e.get("w", 0))
+                if not self.weight_runs or self.weight_runs[-1][1] != w:
+                    self.weight_runs.append([len(self.token_ids), w])
+                self.token_ids.extend(ids)
+                self.mask.extend(b"\x01" * len(ids))
+                self.num_generated += len(ids)
+                if e.get("s"):
+                    self.draws += len(ids)
+            elif op == "add":
+                ids = tokens_from_bytes(e["t"])
+                self.token_ids.extend(ids)
+                self.mask.extend(bytes(len(ids)))
+            elif op == "rng":
+                self.rng_state, self.draws = bytes(e["state"]), 0
+            elif op == "cut":
+                cut = int(e["len"])
+                del self.token_ids[cut:]
+                del self.mask[cut:]
+                self.weight_runs = [r for r in self.weight_runs if r[0] < cut]
+                self.rng_state, self.draws = bytes(e["state"]), 0
+                self.num_generated = int(e["num_generated"])
+            elif op == "who":
+                for name in ("id", "kind", "owner", "parent_id", "session_id", "created_at",
+                             "num_generated"):
+                    if name in e:
+                        setattr(self, name, e[name])
+                if e.get("state") is not None:
+                    self.rng_state, self.draws = bytes(e["state"]), 0
+            else:
+                raise CodecError(f"unknown journal entry {op!r}")
+        except (KeyError, TypeError, ValueError) as err:
+            raise CodecError(f"journal entry {e.get('n')!r} is malformed: {err}") from None
+        self.n = n
+        self.kv = None  # KV is never journaled: only a base from an export carries it
+
+
+def entry(n: int, op: str, **fields: Any) -> bytes:
+    return pack("entry", {"n": n, "op": op, **fields})
+
+
+def replay(base: bytes, entries: list[bytes]) -> Record:
+    """The record a base plus its journal entries describe. Raises CodecError."""
+    rec = Record.unpack(base)
+    for blob in entries:
+        rec.apply(blob)
+    return rec

@@ -1,0 +1,371 @@
+"""The journal: every state change of sessions and snapshots, written to a store, and
+recovery from it.
+
+The kernel's loop thread records changes as store writes (`created`, `appended`,
+`generated`, `forked`, ...) in the order it applies them; `commit` hands what was
+recorded to the writer thread, which applies everything queued in one atomic batch (one
+round trip: a step's generated tokens of all sessions go together). `sync()` returns a
+Future that resolves once everything recorded so far is in the store; the engine waits on
+it before acknowledging a change, so nothing acknowledged can be lost.
+
+Each session or snapshot is a base record plus numbered entries (snapshot/codec.py).
+Fork, snapshot, restore and rollback copy another record's keys inside the store (COPY:
+no tokens cross the network, whatever the length) and add one `who` entry. A log past
+`LOG_LIMIT` entries is folded into a new base. The RNG is journaled as a state plus the
+number of vectors drawn since (one per sampled token), so recovery replays the draws
+instead of writing the generator's state every token.
+
+When the store is unreachable, the writer keeps the queued batches (in order) and retries;
+`check()` refuses new changes (StoreUnavailableError, 503) until a write succeeds again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from array import array
+from collections import deque
+from concurrent.futures import Future
+from typing import TYPE_CHECKING
+
+import msgpack
+import torch
+
+from agentos.kernel.errors import CodecError, EngineClosedError, StoreUnavailableError
+from agentos.kernel.process import Process, ProcState
+from agentos.kernel.vm import PageTable
+from agentos.snapshot import codec
+from agentos.snapshot.codec import Record
+from agentos.snapshot.store import Store, chunks
+
+if TYPE_CHECKING:
+    from agentos.kernel.core import Kernel
+    from agentos.snapshot.snapshot import SnapshotRecord, SnapshotTable
+
+log = logging.getLogger("agentos.journal")
+
+LOG_LIMIT = 256  # entries after which a session's log is folded into a new base
+MAX_BATCH_WRITES = 20_000  # writes per store transaction at most
+
+
+def rng_bytes(rng: torch.Generator) -> bytes:
+    return rng.get_state().numpy().tobytes()
+
+
+def rng_from(state: bytes, state_device: str, draws: int, device: str, vocab_size: int) -> torch.Generator:
+    """A generator at `state` advanced by `draws` sampling vectors (what the sampler draws
+    per sampled token: one exponential vector over the vocabulary). A state saved on
+    another kind of device cannot be loaded: the generator is then seeded from it."""
+    g = torch.Generator(device=device)
+    if state_device != torch.device(device).type:
+        log.warning("RNG state from a %s generator reseeded for %s", state_device, device)
+        g.manual_seed(zlib.crc32(state) + draws)
+        return g
+    g.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+    for _ in range(draws):
+        torch.empty(vocab_size, device=device).exponential_(generator=g)
+    return g
+
+
+def record_of(p: Process, n: int = 0) -> Record:
+    """The whole record of a live session (its arrays are shared, not copied: pack it now)."""
+    return Record(id=p.pid, kind="session", owner=p.owner, token_ids=p.token_ids, mask=p.mask,
+                  rng_state=rng_bytes(p.rng), rng_device=p.rng.device.type, created_at=p.created_at,
+                  parent_id=p.parent_id, num_generated=p.num_generated,
+                  weight_runs=[list(r) for r in p.weight_runs], n=n)
+
+
+class Journal:
+    def __init__(self, store: Store, worker_id: str):
+        self.store = store
+        self.worker_id = worker_id
+        self._batch: list[tuple] = []
+        self.recorded = 0  # writes recorded so far (loop thread)
+        self.durable = 0  # of those, written to the store (writer thread)
+        self._n: dict[str, int] = {}  # per record: number of its last entry
+        self._since: dict[str, int] = {}  # per record: entries since its base
+        self._owner: dict[str, str] = {}
+        self.errors: dict[str, str] = {}  # records refused at recovery: id -> why
+        self._queue: deque[tuple[list[tuple], int]] = deque()
+        self._waiters: list[tuple[int, Future]] = []
+        self._cv = threading.Condition()
+        self.error: StoreUnavailableError | None = None  # set while the store is down
+        self.stats = {"journal_writes": 0, "journal_batches": 0, "journal_failures": 0}
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="agentos-journal", daemon=True)
+        self._thread.start()
+
+    # -- callers' side ------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Raises StoreUnavailableError while the store is down (a change now could not be
+        acknowledged); changes nothing."""
+        err = self.error
+        if err is not None:
+            raise StoreUnavailableError(f"{err.message} (changes are refused until it is back)")
+
+    def sync(self) -> Future:
+        """A Future that resolves when every change recorded so far is in the store, or
+        fails with StoreUnavailableError (the store is down; the change stays queued)."""
+        target = self.recorded
+        fut: Future = Future()
+        with self._cv:
+            if self.durable >= target:
+                fut.set_result(None)
+            elif self.error is not None:
+                fut.set_exception(self.error)
+            else:
+                self._waiters.append((target, fut))
+        return fut
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Writes what is queued (waiting up to timeout_s while the store is down), then
+        stops the writer."""
+        self.commit()
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout_s)
+        with self._cv:
+            waiters, self._waiters = self._waiters, []
+        for _, fut in waiters:
+            if not fut.done():
+                fut.set_exception(EngineClosedError("engine closed before the change was durable"))
+
+    # -- the writer thread --------------------------------------------------------------
+
+    def _run(self) -> None:
+        delay = 0.05
+        deadline = None
+        while True:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                batches, size = [], 0
+                for b in self._queue:
+                    if batches and size + len(b[0]) > MAX_BATCH_WRITES:
+                        break
+                    batches.append(b)
+                    size += len(b[0])
+                if self._closed and deadline is None:
+                    deadline = time.monotonic() + 10.0
+            writes = [w for b, _ in batches for w in b]
+            try:
+                self.store.write(writes)
+            except StoreUnavailableError as e:
+                self._failed(e)
+                if deadline is not None and time.monotonic() > deadline:
+                    log.error("store down at shutdown: %d queued writes were not made durable",
+                              sum(len(b) for b, _ in self._queue))
+                    return
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            except Exception:  # a bug, not an outage: keep serving, report it
+                log.exception("journal write failed; %d writes dropped", len(writes))
+            delay = 0.05
+            upto = batches[-1][1]
+            with self._cv:
+                for _ in batches:
+                    self._queue.popleft()
+                self.durable = upto
+                if self.error is not None:
+                    log.warning("store is back: journal caught up")
+                self.error = None
+                self.stats["journal_writes"] += len(writes)
+                self.stats["journal_batches"] += 1
+                done = [f for t, f in self._waiters if t <= upto]
+                self._waiters = [(t, f) for t, f in self._waiters if t > upto]
+            for fut in done:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def _failed(self, e: StoreUnavailableError) -> None:
+        with self._cv:
+            if self.error is None:
+                log.error("%s", e.message)
+            self.error = e
+            self.stats["journal_failures"] += 1
+            waiters, self._waiters = self._waiters, []
+        for _, fut in waiters:
+            if not fut.done():
+                fut.set_exception(StoreUnavailableError(
+                    f"{e.message}; the change was applied here but is not durable yet"))
+
+    # -- recording (loop thread) ----------------------------------------------------------
+
+    def commit(self) -> None:
+        """Hands the writes recorded since the last commit to the writer."""
+        if not self._batch:
+            return
+        batch, self._batch = self._batch, []
+        with self._cv:
+            self._queue.append((batch, self.recorded))
+            self._cv.notify()
+
+    def _put(self, *writes: tuple) -> None:
+        self._batch.extend(writes)
+        self.recorded += len(writes)
+
+    def _key(self, rid: str, part: str) -> str:
+        return self.store.key(self._owner[rid], rid, part)
+
+    def _entry(self, rid: str, op: str, **fields) -> None:
+        n = self._n[rid] = self._n[rid] + 1
+        self._since[rid] += 1
+        self._put(("rpush", self._key(rid, "log"), codec.entry(n, op, **fields)))
+
+    def _base(self, rec: Record) -> None:
+        self._put(("set", self._key(rec.id, "base"), rec.pack()), ("del", self._key(rec.id, "log")))
+        self._since[rec.id] = 0
+
+    def _dir(self, rid: str, kind: str) -> None:
+        self._put(("hset", self.store.dir_key, rid, msgpack.packb([self.worker_id, self._owner[rid], kind])))
+
+    def _new(self, rid: str, owner: str, n: int = 0, since: int = 0) -> None:
+        self._owner[rid], self._n[rid], self._since[rid] = owner, n, since
+
+    def _copy(self, src: str, dst: str, owner: str) -> None:
+        """dst := a copy of src's base and log (inside the store)."""
+        self._new(dst, owner, self._n[src], self._since[src])
+        for part in ("base", "log"):
+            self._put(("copy", self._key(src, part), self._key(dst, part)))
+
+    def _forget(self, rid: str) -> None:
+        self._put(("del", self._key(rid, "base"), self._key(rid, "log")),
+                  ("hdel", self.store.dir_key, rid))
+        for d in (self._n, self._since, self._owner):
+            d.pop(rid, None)
+
+    def session_record(self, p: Process) -> Record:
+        return record_of(p, self._n.get(p.pid, 0))
+
+    def created(self, p: Process) -> None:
+        """A new session (create, import): its whole record."""
+        self._new(p.pid, p.owner)
+        self._base(self.session_record(p))
+        self._dir(p.pid, "s")
+
+    def appended(self, p: Process, token_ids: list[int]) -> None:
+        self._entry(p.pid, "add", t=codec.tokens_to_bytes(array("i", token_ids)))
+
+    def reseeded(self, p: Process) -> None:
+        self._entry(p.pid, "rng", state=rng_bytes(p.rng))
+
+    def generated(self, p: Process, token: int, sampled: bool, version: int) -> None:
+        self._entry(p.pid, "gen", t=codec.tokens_to_bytes(array("i", [token])), s=int(sampled),
+                    w=version)
+        if self._since[p.pid] >= LOG_LIMIT:
+            self._base(self.session_record(p))
+
+    def call_ended(self, p: Process, sampled: bool, undone: bool) -> None:
+        """A generate call ended: undone (its tokens dropped, the RNG put back), or its
+        RNG state saved when it drew (so recovery replays no more than one call)."""
+        if undone:
+            self._entry(p.pid, "cut", len=p.num_tokens, state=rng_bytes(p.rng),
+                        num_generated=p.num_generated)
+        elif sampled:
+            self._entry(p.pid, "rng", state=rng_bytes(p.rng))
+
+    def forked(self, p: Process, children: list[Process]) -> None:
+        for c in children:
+            self._copy(p.pid, c.pid, c.owner)
+            self._entry(c.pid, "who", id=c.pid, kind="session", parent_id=p.pid,
+                        created_at=c.created_at, num_generated=c.num_generated,
+                        state=rng_bytes(c.rng))
+            self._dir(c.pid, "s")
+
+    def closed(self, p: Process) -> None:
+        self._forget(p.pid)
+
+    def snapshotted(self, p: Process, rec: SnapshotRecord) -> None:
+        self._copy(p.pid, rec.id, rec.owner)
+        self._entry(rec.id, "who", id=rec.id, kind="snapshot", session_id=p.pid, parent_id=None,
+                    created_at=rec.created_at, state=rec.rng_state.numpy().tobytes())
+        self._dir(rec.id, "p")
+
+    def rolled_back(self, p: Process, rec: SnapshotRecord) -> None:
+        self._copy(rec.id, p.pid, p.owner)
+        self._entry(p.pid, "who", id=p.pid, kind="session", session_id=None, parent_id=p.parent_id,
+                    created_at=p.created_at, num_generated=p.num_generated)
+
+    def restored(self, rec: SnapshotRecord, p: Process) -> None:
+        self._copy(rec.id, p.pid, p.owner)
+        self._entry(p.pid, "who", id=p.pid, kind="session", session_id=None, parent_id=p.parent_id,
+                    created_at=p.created_at, num_generated=p.num_generated)
+        self._dir(p.pid, "s")
+
+    def deleted(self, rec: SnapshotRecord) -> None:
+        self._forget(rec.id)
+
+    # -- recovery (loop thread) ----------------------------------------------------------
+
+    def recover(self, kernel: Kernel, snaps: SnapshotTable) -> list[dict]:
+        """Loads every record the store's directory gives this worker. Returns
+        [{"id", "kind", "owner"}] of those loaded; refused ones are in `errors`."""
+        mine = [rid for rid, (w, _, _) in self.store.directory().items() if w == self.worker_id]
+        return self.load(kernel, snaps, mine)
+
+    def load(self, kernel: Kernel, snaps: SnapshotTable, ids: list[str]) -> list[dict]:
+        """Loads records (sessions and snapshots) by id from the store into the kernel,
+        their KV to be recomputed from tokens when they next run, and directs them to this
+        worker. Ids already here are skipped; ids the store lacks are ignored; a record that
+        fails its checksum or version is refused (logged, kept in `errors`, left in the
+        store). Returns [{"id", "kind", "owner"}] of those loaded."""
+        directory = self.store.directory()
+        wanted = [rid for rid in ids if rid in directory
+                  and rid not in kernel.procs and rid not in snaps.records]
+        loaded: list[Record] = []
+        for part in chunks(wanted, 512):
+            keys = [(self.store.key(directory[r][1], r, "base"), self.store.key(directory[r][1], r, "log"))
+                    for r in part]
+            for rid, (base, entries) in zip(part, self.store.read_records(keys)):
+                try:
+                    if base is None:
+                        raise CodecError("its base record is missing")
+                    rec = codec.replay(base, entries)
+                    if rec.id != rid:
+                        raise CodecError(f"the record under {rid!r} is of {rec.id!r}")
+                except CodecError as e:
+                    self.errors[rid] = e.message
+                    log.error("record %s refused: %s", rid, e.message)
+                    continue
+                self._new(rid, rec.owner, rec.n, len(entries))
+                loaded.append(rec)
+        cfg = kernel.config
+        for rec in sorted(loaded, key=lambda r: r.kind != "session"):
+            rng = rng_from(rec.rng_state, rec.rng_device, rec.draws, cfg.device, kernel.vocab_size)
+            if rec.kind == "session":
+                kernel.install(Process(
+                    pid=rec.id, token_ids=rec.token_ids, mask=rec.mask, table=PageTable(), rng=rng,
+                    parent_id=rec.parent_id, state=ProcState.SWAPPED, created_at=rec.created_at,
+                    num_generated=rec.num_generated, kv_version=kernel.weight_version,
+                    owner=rec.owner, weight_runs=[tuple(r) for r in rec.weight_runs]))
+            else:
+                snaps.install(rec, rng.get_state())
+            self._dir(rec.id, "s" if rec.kind == "session" else "p")
+        self.commit()
+        return [{"id": r.id, "kind": r.kind, "owner": r.owner} for r in loaded]
+
+
+def kv_layout(kernel: Kernel) -> dict:
+    """What KV bytes depend on: the weights (a fingerprint), dtype, block size, shape."""
+    return {"fingerprint": kernel.fingerprint(), "dtype": str(kernel.dtype).removeprefix("torch."),
+            "block_size": kernel.block_size, "shape": list(kernel.runner.kv.shape[1:])}
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.contiguous().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()
+
+
+def tensor_from(b: bytes, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    raw = torch.frombuffer(bytearray(b), dtype=torch.int16 if dtype == torch.bfloat16 else dtype)
+    return raw.view(dtype).view(*shape) if dtype == torch.bfloat16 else raw.view(*shape)
+
