@@ -46,6 +46,7 @@ class _Call:
     stream: bool = False
     content: bytes | None = None  # a raw body (application/octet-stream) instead of `body`
     params: dict | None = None  # query string
+    raw: bool = False  # post gets the response's bytes, not its decoded body
 
     @property
     def idempotent(self) -> bool:
@@ -111,6 +112,15 @@ class _ClientBase(Backend):
                          lambda b: b["num_tokens"])
         if name == "restore":
             return _Call("POST", f"/v1/snapshots/{args[0]}/restore", None, session)
+        if name == "export":
+            pid, kv = args
+            return _Call("GET", f"/v1/sessions/{pid}/export", None, bytes,
+                         params={"kv": str(bool(kv)).lower()}, raw=True)
+        if name == "import":
+            data = args[0]
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise TypeError("a session record is bytes (from export_session)")
+            return _Call("POST", "/v1/sessions/import", None, session, content=bytes(data))
         if name == "get_snapshot":
             return _Call("GET", f"/v1/snapshots/{args[0]}", None, self._snapshot_handle)
         if name == "delete_snapshot":
@@ -192,7 +202,13 @@ class _ClientBase(Backend):
             return False
         if error is not None:
             return isinstance(error, _NEVER_SENT) or (call.idempotent and isinstance(error, _BROKEN))
-        return response.status_code == 503
+        if response.status_code != 503:
+            return False
+        # NOTE: a change the store could not make durable may have been applied in memory:
+        # repeating it (an append, a generate) would apply it twice, so only reads retry
+        body = _decode(response)
+        err = body.get("error") if isinstance(body, dict) else None
+        return call.idempotent or not (isinstance(err, dict) and err.get("type") == "store_unavailable")
 
     def _client_args(self) -> dict:
         return {"base_url": self.base_url, "timeout": httpx.Timeout(self.timeout, connect=10.0)}
@@ -362,7 +378,7 @@ class Client(_ClientBase):
         response = self._send(call)
         if call.stream:
             return _EventStream(response)
-        return call.post(_decode(response))
+        return call.post(response.content if call.raw else _decode(response))
 
     def _send(self, call: _Call) -> httpx.Response:
         request = self._request(self._http, call)
@@ -416,7 +432,7 @@ class AsyncClient(_ClientBase):
         response = await self._send(call)
         if call.stream:
             return _AsyncEventStream(response)
-        return call.post(_decode(response))
+        return call.post(response.content if call.raw else _decode(response))
 
     async def _send(self, call: _Call) -> httpx.Response:
         request = self._request(self._http, call)

@@ -19,7 +19,6 @@ from agentos.kernel.process import GenerationChunk
 from agentos.kernel.sampling_params import SamplingParams
 from agentos.session import Backend, Session, Snapshot
 
-
 # operations that change sessions or snapshots: with a store they are acknowledged only
 # once the journal has made them durable
 _CHANGES = frozenset({"create", "append", "generate", "fork", "snapshot", "rollback", "restore",
@@ -300,6 +299,8 @@ def _identity(x):
 def _record(data: bytes):
     from agentos.snapshot.codec import Record
 
+    if isinstance(data, Record):
+        return data
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidRequestError("a session record is bytes (from export_session)")
     return Record.unpack(bytes(data))

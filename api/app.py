@@ -152,7 +152,9 @@ def create_app(settings: ServerSettings | None = None, engine=None,
     _error_handlers(app)
     # the last added runs first: keys are checked before the body is read
     app.add_middleware(BodyMiddleware, max_body_bytes=settings.max_body_bytes,
-                       large={"/v1/weights": settings.max_weights_bytes})
+                       large={"/v1/weights": settings.max_weights_bytes,
+                              "/v1/sessions/import": settings.max_weights_bytes},
+                       raw={"/v1/sessions/import"})
     app.add_middleware(AuthMiddleware, tenants=tenants,
                        cluster_secret=lambda: app.state.cluster_secret)
     app.add_middleware(FenceMiddleware, fenced=lambda: bool(

@@ -118,10 +118,12 @@ class AuthMiddleware:
 class BodyMiddleware:
     """Bounds request bodies and decodes msgpack ones; sets the response format."""
 
-    def __init__(self, app, max_body_bytes: int, large: dict[str, int] | None = None):
+    def __init__(self, app, max_body_bytes: int, large: dict[str, int] | None = None,
+                 raw: set[str] | None = None):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.large = large or {}  # path -> its own limit (weight uploads)
+        self.raw = raw or set()  # paths whose msgpack body is handed over as it is (records)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -129,7 +131,8 @@ class BodyMiddleware:
         _wants_msgpack.set(MSGPACK in _header(scope, b"accept"))
         try:
             body = await self._read(scope, receive)
-            if body and _header(scope, b"content-type").split(";")[0].strip() == MSGPACK:
+            if (body and scope.get("path") not in self.raw
+                    and _header(scope, b"content-type").split(";")[0].strip() == MSGPACK):
                 body = _msgpack_to_json(body)
                 scope["headers"] = [(k, v) for k, v in scope["headers"]
                                     if k not in (b"content-type", b"content-length")]

@@ -222,12 +222,13 @@ class Heartbeat:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
-        """Stops beating and ends the lease (so gateways re-home this worker's records now)."""
+    def stop(self, leave: bool = True) -> None:
+        """Stops beating and, with `leave`, ends the lease (so gateways re-home this worker's
+        records now); without it the lease lapses in its time, as after a crash."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=max(5.0, 2 * self.interval_s))
-        if self.fenced:
+        if self.fenced or not leave:
             return
         try:
             self.registry.leave(self.worker_id)

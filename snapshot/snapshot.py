@@ -20,7 +20,6 @@ import torch
 from agentos.kernel.core import Defer, Kernel
 from agentos.kernel.errors import InvalidRequestError, NotFoundError
 from agentos.kernel.kalloc import DEVICE, HOST
-from agentos.kernel.process import Process
 from agentos.kernel.vm import PageTable
 from agentos.snapshot.codec import Record
 from agentos.snapshot.journal import kv_layout, record_of, rng_from, tensor_bytes, tensor_from

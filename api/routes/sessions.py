@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from agentos.api import deps
 from agentos.api.schemas import (
@@ -26,10 +26,11 @@ from agentos.api.schemas import (
     SessionTokens,
 )
 from agentos.api.tenants import Tenant
-from agentos.api.wire import EventStream, error_body, sse
+from agentos.api.wire import MSGPACK, EventStream, error_body, sse
 from agentos.kernel.errors import AgentOSError, APIStatusError, InvalidRequestError, NotFoundError
 from agentos.kernel.sampling_params import SamplingParams
 from agentos.session import Session
+from agentos.snapshot.codec import Record
 
 router = APIRouter(prefix="/v1", tags=["sessions"], responses=ERRORS)
 
@@ -155,3 +156,32 @@ async def next_token_logprobs(sid: str, body: NextTokenLogprobsRequest,
     """The distribution over the session's next token: top_k and the given candidates."""
     dist = await Session(engine, t.session(sid)).next_token_logprobs(body.top_k, body.candidates)
     return asdict(dist)
+
+
+@router.get("/sessions/{sid}/export", response_class=Response,
+            responses={200: {"content": {MSGPACK: {}},
+                             "description": "the session's record: versioned, checksummed msgpack"}})
+async def export_session(sid: str, kv: bool = Query(False, description="include the KV bytes"),
+                         t: Tenant = Depends(deps.tenant), engine=Depends(deps.engine)):
+    """The session as a record (tokens, masks, RNG state, weight versions, parent), to
+    import here or on another deployment; with kv=true also its cached KV bytes."""
+    data = await engine.export_session(t.session(sid), kv)
+    return Response(data, media_type=MSGPACK,
+                    headers={"Content-Disposition": f'attachment; filename="{sid}.agentos"'})
+
+
+@router.post("/sessions/import", status_code=201, response_model=SessionInfo,
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 MSGPACK: {"schema": {"type": "string", "format": "binary"}}}}})
+async def import_session(request: Request, t: Tenant = Depends(deps.tenant),
+                         engine=Depends(deps.engine)):
+    """A new session from a record made by export (the raw body). A corrupted record or
+    one of another format version is refused (400, nothing created)."""
+    data = await request.body()
+    if not data:
+        raise InvalidRequestError("the body must be a session record (from GET .../export)")
+    rec = Record.unpack(data)
+    async with t.admit(engine, sessions=1, tokens=len(rec.token_ids)):
+        s = await engine.import_session(rec, owner=t.name)
+        t.sessions.add(s.id)
+    return await session_info(engine, s.id)
