@@ -89,8 +89,28 @@ def _parser() -> argparse.ArgumentParser:
                        help="this server's id in Redis (default: main, or HOST:PORT with --worker)")
     serve.add_argument("--advertise-url", default=None,
                        help="the URL the gateway uses to reach this worker (default http://HOST:PORT)")
+    serve.add_argument("--heartbeat-s", type=float, default=1.0,
+                       help="a worker renews its lease this often, in seconds (the lease lasts "
+                       "3 intervals: the gateway's --worker-timeout)")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_cmd_serve)
+
+    gateway = commands.add_parser("gateway", help="one address in front of several workers",
+                                  description="Routes each session to its worker (`agentos "
+                                  "serve --redis URL --worker`), places new sessions on the "
+                                  "least loaded one and moves the sessions of a dead worker "
+                                  "to the others.")
+    gateway.add_argument("--redis", required=True, metavar="URL",
+                         help="the redis:// URL the workers journal to")
+    gateway.add_argument("--deployment", default="default",
+                         help="namespace of the deployment's keys in Redis")
+    gateway.add_argument("--host", default="127.0.0.1")
+    gateway.add_argument("--port", type=int, default=8080)
+    gateway.add_argument("--worker-timeout", type=float, default=3.0,
+                         help="seconds without a heartbeat before a worker is dead and its "
+                         "sessions move (workers beat every third of it: --heartbeat-s)")
+    gateway.add_argument("--log-level", default="info")
+    gateway.set_defaults(func=_cmd_gateway)
 
     bench = commands.add_parser("bench", help="benchmarks against HF transformers (fork, "
                                 "decode, tree), in-process calls (api), plain copies (swap) or "
@@ -279,13 +299,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
              "api_keys", "allow_open",
              "served_model_name", "max_body_bytes", "max_tokens_cap",
              "max_sessions_per_tenant", "max_tokens_per_tenant",
-             "redis", "deployment", "worker", "worker_id", "advertise_url")
+             "redis", "deployment", "worker", "worker_id", "advertise_url", "heartbeat_s")
     if args.worker and not args.redis:
         print("agentos serve: --worker needs --redis", file=sys.stderr)
+        return 2
+    if args.heartbeat_s <= 0:
+        print("agentos serve: --heartbeat-s must be > 0", file=sys.stderr)
         return 2
     settings = ServerSettings(**{n: getattr(args, n) for n in names})
     settings.max_tokens_cap = settings.max_tokens_cap or None
     app = create_app(settings)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from agentos.api.gateway import create_gateway
+
+    app = create_gateway(args.redis, args.deployment, args.worker_timeout)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=5)
     return 0

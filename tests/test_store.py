@@ -108,7 +108,8 @@ def test_recovery_equals_uninterrupted_run(kind, redis_url, request):
         assert continuation(got) == ref_next
         t, rt = e2.restore(snap), ref.restore(ref_snap)
         assert t.tokens == rt.tokens
-        assert t.generate(max_tokens=5, temperature=1.0).tokens == rt.generate(max_tokens=5, temperature=1.0).tokens
+        assert (t.generate(max_tokens=5, temperature=1.0).tokens
+                == rt.generate(max_tokens=5, temperature=1.0).tokens)
         e2.check()
         assert e2.stats()["store"]["up"]
     finally:
@@ -220,8 +221,8 @@ def test_export_import_over_rest():
             assert c.get(f"/v1/sessions/{nid}/tokens").json()["tokens"] == c.get(
                 f"/v1/sessions/{sid}/tokens").json()["tokens"]
             env = msgpack.unpackb(r.content)
-            for blob, needle in ((r.content[:-5], "record"), (msgpack.packb([env[0], 2, *env[2:]]), "version 2"),
-                                 (b"", "record")):
+            other_version = msgpack.packb([env[0], 2, *env[2:]])
+            for blob, needle in ((r.content[:-5], "record"), (other_version, "version 2"), (b"", "record")):
                 bad = c.post("/v1/sessions/import", content=blob,
                              headers={"Content-Type": "application/msgpack"})
                 assert bad.status_code == 400 and needle in bad.json()["error"]["message"], bad.text

@@ -256,19 +256,31 @@ def run_server(args: Sequence[str], port: int | None = None, log_lines: list[str
     its output in log_lines; yields its URL. Raises RuntimeError when it exits or stays
     silent before answering /health."""
     port = port or free_port()
-    cmd = [sys.executable, "-m", "agentos.cli", "serve", "--host", "127.0.0.1",
-           "--port", str(port), *args]
+    url = f"http://127.0.0.1:{port}"
+    with run_agentos(["serve", "--host", "127.0.0.1", "--port", str(port), *args], url,
+                     log_lines, startup_timeout_s):
+        yield url
+
+
+@contextmanager
+def run_agentos(args: Sequence[str], url: str, log_lines: list[str] | None = None,
+                startup_timeout_s: float = 60.0):
+    """Runs `agentos *args` (a server listening at `url`) until the block exits
+    (terminated, killed if it lingers, nothing done if it already exited), then puts the
+    last lines of its output in log_lines; yields its subprocess.Popen (to kill it, say).
+    Raises RuntimeError when it exits or stays silent before answering {url}/health."""
+    cmd = [sys.executable, "-m", "agentos.cli", *args]
     # an open loopback server: keys from the environment would turn every call into a 401
     env = {k: v for k, v in os.environ.items() if k != "AGENTOS_API_KEYS"}
-    url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env)
         try:
             _wait_healthy(proc, url, log, startup_timeout_s)
-            yield url
+            yield proc
         finally:
-            proc.terminate()
+            if proc.poll() is None:
+                proc.terminate()
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
