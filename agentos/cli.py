@@ -230,6 +230,29 @@ def _parser() -> argparse.ArgumentParser:
     det.add_argument("--max-batch-tokens", type=int, default=None, help="default 512")
     det.set_defaults(func=_cmd_bench_determinism)
 
+    journal = scenarios.add_parser("journal", help="the journal's cost: generate throughput and "
+                                   "fork/snapshot/rollback latency, Redis vs in-memory store",
+                                   description="Runs the same work with the journal writing to "
+                                   "an in-memory store, to Redis (a private redis-server unless "
+                                   "--redis is given) and off: concurrent generate throughput and "
+                                   "fork, snapshot and rollback latency per session length; "
+                                   "reports medians and the ratios to the in-memory store.")
+    _bench_options(journal, peer=False)
+    for flag, kind, text in (
+            ("--redis", str, "redis:// URL to journal to (default: start a private redis-server)"),
+            ("--sessions", int, "concurrent sessions of the throughput runs (default 32)"),
+            ("--prompt-len", int, "prompt tokens per session (default 128)"),
+            ("--new-tokens", int, "tokens generated per session (default 64)"),
+            ("--temperature", float, "sampling temperature (default 0.8)"),
+            ("--lengths", _int_list, "session lengths of fork/snapshot/rollback, "
+             "comma-separated (default 128,2048,16384)"),
+            ("--op-repeats", int, "timed repeats of each op per length (default 50)"),
+            ("--warmup", int, "untimed op repeats (default 3)"),
+            ("--diverge-tokens", int, "tokens generated between snapshot and rollback (default 4)"),
+            ("--max-batch-tokens", int, "token budget per engine step (default 2048)")):
+        journal.add_argument(flag, type=kind, default=None, help=text)
+    journal.set_defaults(func=_cmd_bench_journal)
+
     api = scenarios.add_parser("api", help="REST latency of fork/snapshot/rollback/generate "
                                "vs in-process", description="Starts `agentos serve` in a "
                                "subprocess and times fork, snapshot, rollback and a 1-token "
@@ -378,6 +401,16 @@ def _cmd_bench_determinism(args: argparse.Namespace) -> int:
         "model", "device", "dtype", "repeats", "seed", "threads", "sessions", "min_prompt",
         "max_prompt", "new_tokens", "max_batch_tokens", "block_size")))
     return _report(determinism.run(bench), determinism.render, args)
+
+
+def _cmd_bench_journal(args: argparse.Namespace) -> int:
+    from agentos.bench import journal
+
+    bench = journal.JournalBench(**_options(args, (
+        "model", "device", "dtype", "repeats", "block_size", "seed", "threads", "redis",
+        "sessions", "prompt_len", "new_tokens", "temperature", "lengths", "op_repeats", "warmup",
+        "diverge_tokens", "max_batch_tokens")))
+    return _report(journal.run(bench), journal.render, args)
 
 
 def _cmd_bench_api(args: argparse.Namespace) -> int:

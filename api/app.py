@@ -121,6 +121,7 @@ def create_app(settings: ServerSettings | None = None, engine=None,
         own = engine is None
         app.state.engine = engine or await asyncio.to_thread(
             AsyncEngine, settings.model, **settings.engine_options())
+        claim(app, getattr(app.state.engine, "recovered", []))  # recovered sessions' tenants
         heartbeat = None
         try:
             if settings.worker:

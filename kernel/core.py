@@ -815,12 +815,15 @@ class Kernel:
             rng = torch.Generator(device=self.config.device)
             rng.set_state(state)
             # NOTE: children draw distinct random streams, derived from the parent's state
-            rng.manual_seed(_derive_seed(rng, p.num_generated, self.stats["forks"] + i))
+            # NOTE: from the session's own state and counters, never the engine's, so a
+            # recovered session forks exactly as the uninterrupted one would
+            rng.manual_seed(_derive_seed(rng, p.num_generated, p.num_forks + i))
             c = self.new_process(p.token_ids[:], p.mask[:], self.vm.fork(p.table),
                                  p.num_cached, rng, p.pid, p.kv_version, p.owner)
             c.weight_runs = p.weight_runs[:]
             children.append(c)
         self.stats["forks"] += n
+        p.num_forks += n
         if self.journal is not None:
             self.journal.forked(p, children)
         return [c.pid for c in children]

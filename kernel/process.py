@@ -113,6 +113,7 @@ class Process:
     created_at: float = field(default_factory=time.time)
     last_active: float = field(default_factory=time.time)
     num_generated: int = 0  # tokens generated over the session's life
+    num_forks: int = 0  # children forked from it so far (salts their random streams)
     kv_version: int = 0  # the oldest weight version its cached KV was computed with
     owner: str = "default"  # the tenant it belongs to (its records are kept under it)
     # per run of generated tokens: (index of its first token, weight version that sampled it)

@@ -15,8 +15,8 @@ write) and is skipped. Entries:
     add   t                                       given tokens (mask 0)
     rng   state                                   the RNG state now (draws since: 0)
     cut   len, state, num_generated               an undone generate call
-    who   id, kind, owner, parent_id / session_id, created_at, num_generated, state
-          (optional)                              identity, after a copy of another record
+    who   id, kind, owner, parent_id / session_id, created_at, num_generated, num_forks,
+          state (each optional)                   identity (after a copy of another record)
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ class Record:
     session_id: str | None = None  # a snapshot's session
     draws: int = 0
     num_generated: int = 0
+    num_forks: int = 0
     weight_runs: list[list[int]] = field(default_factory=list)  # [first token, version] per run
     n: int = 0  # the number of the last entry applied
     kv: dict | None = None  # optional KV of the first kv["num_tokens"] tokens
@@ -106,6 +107,7 @@ class Record:
                 "rng": {"device": self.rng_device, "state": self.rng_state, "draws": self.draws},
                 "created_at": self.created_at, "parent_id": self.parent_id,
                 "session_id": self.session_id, "num_generated": self.num_generated,
+                "num_forks": self.num_forks,
                 "weight_runs": self.weight_runs, "n": self.n}
         if self.kv is not None:
             body["kv"] = self.kv
@@ -129,6 +131,7 @@ class Record:
                       created_at=float(b["created_at"]), parent_id=b.get("parent_id"),
                       session_id=b.get("session_id"), draws=int(rng.get("draws", 0)),
                       num_generated=int(b.get("num_generated", 0)),
+                      num_forks=int(b.get("num_forks", 0)),
                       weight_runs=[list(map(int, r)) for r in b.get("weight_runs", [])],
                       n=int(b.get("n", 0)), kv=b.get("kv"))
         except (KeyError, TypeError, ValueError) as e:
@@ -171,7 +174,7 @@ class Record:
                 self.num_generated = int(e["num_generated"])
             elif op == "who":
                 for name in ("id", "kind", "owner", "parent_id", "session_id", "created_at",
-                             "num_generated"):
+                             "num_generated", "num_forks"):
                     if name in e:
                         setattr(self, name, e[name])
                 if e.get("state") is not None:

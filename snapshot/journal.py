@@ -73,7 +73,7 @@ def record_of(p: Process, n: int = 0) -> Record:
     """The whole record of a live session (its arrays are shared, not copied: pack it now)."""
     return Record(id=p.pid, kind="session", owner=p.owner, token_ids=p.token_ids, mask=p.mask,
                   rng_state=rng_bytes(p.rng), rng_device=p.rng.device.type, created_at=p.created_at,
-                  parent_id=p.parent_id, num_generated=p.num_generated,
+                  parent_id=p.parent_id, num_generated=p.num_generated, num_forks=p.num_forks,
                   weight_runs=[list(r) for r in p.weight_runs], n=n)
 
 
@@ -272,10 +272,11 @@ class Journal:
             self._entry(p.pid, "rng", state=rng_bytes(p.rng))
 
     def forked(self, p: Process, children: list[Process]) -> None:
+        self._entry(p.pid, "who", num_forks=p.num_forks)
         for c in children:
             self._copy(p.pid, c.pid, c.owner)
             self._entry(c.pid, "who", id=c.pid, kind="session", parent_id=p.pid,
-                        created_at=c.created_at, num_generated=c.num_generated,
+                        created_at=c.created_at, num_generated=c.num_generated, num_forks=0,
                         state=rng_bytes(c.rng))
             self._dir(c.pid, "s")
 
@@ -291,12 +292,12 @@ class Journal:
     def rolled_back(self, p: Process, rec: SnapshotRecord) -> None:
         self._copy(rec.id, p.pid, p.owner)
         self._entry(p.pid, "who", id=p.pid, kind="session", session_id=None, parent_id=p.parent_id,
-                    created_at=p.created_at, num_generated=p.num_generated)
+                    created_at=p.created_at, num_generated=p.num_generated, num_forks=p.num_forks)
 
     def restored(self, rec: SnapshotRecord, p: Process) -> None:
         self._copy(rec.id, p.pid, p.owner)
         self._entry(p.pid, "who", id=p.pid, kind="session", session_id=None, parent_id=p.parent_id,
-                    created_at=p.created_at, num_generated=p.num_generated)
+                    created_at=p.created_at, num_generated=p.num_generated, num_forks=0)
         self._dir(p.pid, "s")
 
     def deleted(self, rec: SnapshotRecord) -> None:
@@ -343,7 +344,8 @@ class Journal:
                 kernel.install(Process(
                     pid=rec.id, token_ids=rec.token_ids, mask=rec.mask, table=PageTable(), rng=rng,
                     parent_id=rec.parent_id, state=ProcState.SWAPPED, created_at=rec.created_at,
-                    num_generated=rec.num_generated, kv_version=kernel.weight_version,
+                    num_generated=rec.num_generated, num_forks=rec.num_forks,
+                    kv_version=kernel.weight_version,
                     owner=rec.owner, weight_runs=[tuple(r) for r in rec.weight_runs]))
             else:
                 snaps.install(rec, rng.get_state())

@@ -186,7 +186,7 @@ class SnapshotTable:
                     table.push(pages)
                     num_cached = n
         p = k.new_process(rec.token_ids, rec.mask, table, num_cached, rng, None, owner=owner)
-        p.num_generated = rec.num_generated
+        p.num_generated, p.num_forks = rec.num_generated, rec.num_forks
         p.weight_runs = [tuple(r) for r in rec.weight_runs]
         if num_cached:
             k._register_full(p, 0, num_cached - num_cached % k.block_size)

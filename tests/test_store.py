@@ -88,6 +88,7 @@ def test_recovery_equals_uninterrupted_run(kind, redis_url, request):
     ref_tokens = [x.tokens for x in ref_sessions]
     ref_masks = [x.get_mask() for x in ref_sessions]
     ref_next = continuation(ref_sessions)
+    ref_forked = continuation(ref_sessions[0].fork(n=2))
     store = MemoryStore() if kind == "memory" else redis_url
     opts = dict(kv_blocks=1024, store=store, deployment=f"test-{request.node.name}")
     e = Engine(**opts)
@@ -106,6 +107,8 @@ def test_recovery_equals_uninterrupted_run(kind, redis_url, request):
         assert [x.id for x in e2.session(sessions[0].id).snapshots()] == [snap.id]
         # the RNG of each session continues where it was: unseeded sampling matches
         assert continuation(got) == ref_next
+        # children's random streams come from the session's own state: forks match too
+        assert continuation(got[0].fork(n=2)) == ref_forked
         t, rt = e2.restore(snap), ref.restore(ref_snap)
         assert t.tokens == rt.tokens
         assert (t.generate(max_tokens=5, temperature=1.0).tokens
