@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import msgpack
 
+from agentos.snapshot.store import dir_entry
+
 log = logging.getLogger("agentos.cluster")
 
 SECRET_HEADER = "X-AgentOS-Cluster"
@@ -133,13 +135,13 @@ class WorkerRegistry:
         process); returns whether it did."""
         return bool(self._remove(keys=[self.workers_key], args=[worker_id, registration]))
 
-    def records(self, worker_id: str) -> dict[str, tuple[str, str]]:
-        """The directory's records on that worker: id -> (owner, kind "s" | "p")."""
+    def records(self, worker_id: str) -> dict[str, tuple[str, str, str]]:
+        """The directory's records on that worker: id -> (owner, kind "s" | "p", family)."""
         out = {}
         for rid, value in self.client.hgetall(self.dir_key).items():
-            wid, owner, kind = msgpack.unpackb(value)
+            wid, owner, kind, family = dir_entry(rid.decode(), value)
             if wid == worker_id:
-                out[rid.decode()] = (owner, kind)
+                out[rid.decode()] = (owner, kind, family)
         return out
 
     def secret(self) -> str:
@@ -162,25 +164,26 @@ class WorkerRegistry:
         return bool(self.client.exists(self.lock_key(worker_id)))
 
 
-def plan_rehome(records: dict[str, tuple[str, str]], loads: dict[str, int]) -> dict[str, list[str]]:
-    """Assigns a dead worker's records ({id: (owner, kind)}) to live workers ({id: live
-    sessions}): returns {worker id: [record ids]}, empty when there are no records.
+def plan_rehome(records: dict[str, tuple[str, str, str]], loads: dict[str, int]) -> dict[str, list[str]]:
+    """Assigns a dead worker's records ({id: (owner, kind, family)}) to live workers ({id:
+    live sessions}): returns {worker id: [record ids]}, empty when there are no records.
 
-    Records move by owner: a session, its forks and its snapshots always share an owner,
-    so a family stays on one worker (rollback and restore find their snapshot). Groups go
-    largest first to the worker with the fewest sessions, counting what was given.
-    Raises ValueError when there are records and no live worker."""
+    Records move by family (a session with its forks, snapshots and restores), so pages
+    they share by prefix land together; a rollback onto another worker's snapshot still
+    works (the worker reads it from the store). Families go largest first to the worker
+    with the fewest sessions, counting what was given. Raises ValueError when there are
+    records and no live worker."""
     if not records:
         return {}
     if not loads:
         raise ValueError("no live worker to take the records")
     groups: dict[str, list[str]] = {}
-    for rid, (owner, _kind) in sorted(records.items()):
-        groups.setdefault(owner, []).append(rid)
+    for rid, (owner, _kind, family) in sorted(records.items()):
+        groups.setdefault(f"{owner}\0{family}", []).append(rid)
     load = dict(loads)
     plan: dict[str, list[str]] = {}
-    for owner in sorted(groups, key=lambda o: (-len(groups[o]), o)):
-        ids = groups[owner]
+    for group in sorted(groups, key=lambda g: (-len(groups[g]), g)):
+        ids = groups[group]
         target = min(load, key=lambda w: (load[w], w))
         plan.setdefault(target, []).extend(ids)
         load[target] += sum(records[i][1] == "s" for i in ids)

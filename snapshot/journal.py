@@ -87,6 +87,7 @@ class Journal:
         self._n: dict[str, int] = {}  # per record: number of its last entry
         self._since: dict[str, int] = {}  # per record: entries since its base
         self._owner: dict[str, str] = {}
+        self._family: dict[str, str] = {}  # per record: the session it descends from
         self.errors: dict[str, str] = {}  # records refused at recovery: id -> why
         self._queue: deque[tuple[list[tuple], int]] = deque()
         self._waiters: list[tuple[int, Future]] = []
@@ -224,21 +225,26 @@ class Journal:
         self._since[rec.id] = 0
 
     def _dir(self, rid: str, kind: str) -> None:
-        self._put(("hset", self.store.dir_key, rid, msgpack.packb([self.worker_id, self._owner[rid], kind])))
+        value = msgpack.packb([self.worker_id, self._owner[rid], kind, self._family[rid]])
+        self._put(("hset", self.store.dir_key, rid, value))
 
-    def _new(self, rid: str, owner: str, n: int = 0, since: int = 0) -> None:
+    def _new(self, rid: str, owner: str, n: int = 0, since: int = 0, family: str | None = None) -> None:
         self._owner[rid], self._n[rid], self._since[rid] = owner, n, since
+        self._family[rid] = family or rid
 
-    def _copy(self, src: str, dst: str, owner: str) -> None:
+    def _copy(self, src: str, dst: str, owner: str, family: str | None = None) -> None:
         """dst := a copy of src's base and log (inside the store)."""
-        self._new(dst, owner, self._n[src], self._since[src])
+        self._new(dst, owner, self._n[src], self._since[src], family)
         for part in ("base", "log"):
             self._put(("copy", self._key(src, part), self._key(dst, part)))
 
     def _forget(self, rid: str) -> None:
         self._put(("del", self._key(rid, "base"), self._key(rid, "log")),
                   ("hdel", self.store.dir_key, rid))
-        for d in (self._n, self._since, self._owner):
+        self._drop(rid)
+
+    def _drop(self, rid: str) -> None:
+        for d in (self._n, self._since, self._owner, self._family):
             d.pop(rid, None)
 
     def session_record(self, p: Process) -> Record:
@@ -274,7 +280,7 @@ class Journal:
     def forked(self, p: Process, children: list[Process]) -> None:
         self._entry(p.pid, "who", num_forks=p.num_forks)
         for c in children:
-            self._copy(p.pid, c.pid, c.owner)
+            self._copy(p.pid, c.pid, c.owner, self._family[p.pid])
             self._entry(c.pid, "who", id=c.pid, kind="session", parent_id=p.pid,
                         created_at=c.created_at, num_generated=c.num_generated, num_forks=0,
                         state=rng_bytes(c.rng))
@@ -284,18 +290,18 @@ class Journal:
         self._forget(p.pid)
 
     def snapshotted(self, p: Process, rec: SnapshotRecord) -> None:
-        self._copy(p.pid, rec.id, rec.owner)
+        self._copy(p.pid, rec.id, rec.owner, self._family[p.pid])
         self._entry(rec.id, "who", id=rec.id, kind="snapshot", session_id=p.pid, parent_id=None,
                     created_at=rec.created_at, state=rec.rng_state.numpy().tobytes())
         self._dir(rec.id, "p")
 
     def rolled_back(self, p: Process, rec: SnapshotRecord) -> None:
-        self._copy(rec.id, p.pid, p.owner)
+        self._copy(rec.id, p.pid, p.owner, self._family[p.pid])
         self._entry(p.pid, "who", id=p.pid, kind="session", session_id=None, parent_id=p.parent_id,
                     created_at=p.created_at, num_generated=p.num_generated, num_forks=p.num_forks)
 
     def restored(self, rec: SnapshotRecord, p: Process) -> None:
-        self._copy(rec.id, p.pid, p.owner)
+        self._copy(rec.id, p.pid, p.owner, self._family[rec.id])
         self._entry(p.pid, "who", id=p.pid, kind="session", session_id=None, parent_id=p.parent_id,
                     created_at=p.created_at, num_generated=p.num_generated, num_forks=0)
         self._dir(p.pid, "s")
@@ -303,12 +309,31 @@ class Journal:
     def deleted(self, rec: SnapshotRecord) -> None:
         self._forget(rec.id)
 
+    def fetch_snapshot(self, snap_id: str) -> Record | None:
+        """A snapshot this worker does not hold, read from the store (another worker's),
+        for one rollback: its keys become known here until `release` is called. Returns
+        None when the store has no such snapshot. Raises CodecError."""
+        entry = self.store.lookup(snap_id)
+        if entry is None or entry[2] != "p":
+            return None
+        (base, entries), = self.store.read_records([(self.store.key(entry[1], snap_id, "base"),
+                                                     self.store.key(entry[1], snap_id, "log"))])
+        if base is None:
+            return None
+        rec = codec.replay(base, entries)
+        self._new(snap_id, rec.owner, rec.n, len(entries), entry[3])
+        return rec
+
+    def release(self, rid: str) -> None:
+        """Forgets a record fetched for one use (its keys stay in the store)."""
+        self._drop(rid)
+
     # -- recovery (loop thread) ----------------------------------------------------------
 
     def recover(self, kernel: Kernel, snaps: SnapshotTable) -> list[dict]:
         """Loads every record the store's directory gives this worker. Returns
         [{"id", "kind", "owner"}] of those loaded; refused ones are in `errors`."""
-        mine = [rid for rid, (w, _, _) in self.store.directory().items() if w == self.worker_id]
+        mine = [rid for rid, entry in self.store.directory().items() if entry[0] == self.worker_id]
         return self.load(kernel, snaps, mine)
 
     def load(self, kernel: Kernel, snaps: SnapshotTable, ids: list[str]) -> list[dict]:
@@ -335,7 +360,7 @@ class Journal:
                     self.errors[rid] = e.message
                     log.error("record %s refused: %s", rid, e.message)
                     continue
-                self._new(rid, rec.owner, rec.n, len(entries))
+                self._new(rid, rec.owner, rec.n, len(entries), directory[rid][3])
                 loaded.append(rec)
         cfg = kernel.config
         for rec in sorted(loaded, key=lambda r: r.kind != "session"):

@@ -92,7 +92,8 @@ class SnapshotTable:
         """
         k = self.kernel
         p = k.idle_proc(pid)
-        rec = self.get(snap_id)
+        fetched = snap_id not in self.records and self.journal is not None
+        rec = self._fetch(snap_id) if fetched else self.get(snap_id)
         k.vm.remap(p.table, rec.table)
         p.token_ids = rec.token_ids[:]
         p.mask = rec.mask[:]
@@ -104,7 +105,23 @@ class SnapshotTable:
         k.wake(p)
         if self.journal is not None:
             self.journal.rolled_back(p, rec)
+            if fetched:
+                self.journal.release(snap_id)
         return p.num_tokens
+
+    def _fetch(self, snap_id: str) -> SnapshotRecord:
+        """Another worker's snapshot from the store, without KV (its tokens are prefilled
+        after the rollback). Raises NotFoundError."""
+        rec = self.journal.fetch_snapshot(snap_id)
+        if rec is None:
+            raise NotFoundError(f"no snapshot {snap_id!r}")
+        k = self.kernel
+        rng = rng_from(rec.rng_state, rec.rng_device, rec.draws, k.config.device, k.vocab_size)
+        return SnapshotRecord(id=snap_id, session_id=rec.session_id or "", token_ids=rec.token_ids,
+                              mask=rec.mask, num_cached=0, table=PageTable(), rng_state=rng.get_state(),
+                              kv_version=k.weight_version, created_at=rec.created_at, owner=rec.owner,
+                              weight_runs=[tuple(r) for r in rec.weight_runs],
+                              num_generated=rec.num_generated)
 
     def sys_restore(self, snap_id: str) -> str:
         """Creates a new session equal to the snapshot; returns its id."""

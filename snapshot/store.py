@@ -8,7 +8,10 @@ are namespaced per deployment (`ns`) and, for records, per owner (tenant):
 
     {ns}:{owner}:{id}:base     the record as of its last compaction (codec blob)
     {ns}:{owner}:{id}:log      entries since then (codec blobs, in order)
-    {ns}:dir                   hash: id -> msgpack [worker_id, owner, kind "s" | "p"]
+    {ns}:dir                   hash: id -> msgpack [worker_id, owner, kind "s" | "p", family]
+
+(a family is the id of the session a record descends from by fork, snapshot and restore:
+the gateway keeps families together when it moves a dead worker's records)
 
 Writes are tuples: ("set", key, value), ("del", key, ...), ("rpush", key, value, ...),
 ("copy", src, dst) (replaces dst; a missing src deletes dst), ("hset", key, field, value),
@@ -60,9 +63,17 @@ class Store:
     def close(self) -> None:
         pass
 
-    def directory(self) -> dict[str, tuple[str, str, str]]:
-        """Every record of the deployment: id -> (worker id, owner, kind "s" or "p")."""
-        return {k.decode(): tuple(msgpack.unpackb(v)) for k, v in self.hgetall(self.dir_key).items()}
+    def hget(self, key: str, name: str) -> bytes | None:
+        raise NotImplementedError
+
+    def directory(self) -> dict[str, tuple[str, str, str, str]]:
+        """Every record of the deployment: id -> (worker id, owner, kind "s" or "p", family)."""
+        return {k.decode(): dir_entry(k.decode(), v) for k, v in self.hgetall(self.dir_key).items()}
+
+    def lookup(self, rid: str) -> tuple[str, str, str, str] | None:
+        """The directory's entry of one record, or None."""
+        v = self.hget(self.dir_key, rid)
+        return None if v is None else dir_entry(rid, v)
 
 
 class MemoryStore(Store):
@@ -111,6 +122,10 @@ class MemoryStore(Store):
     def hgetall(self, key: str) -> dict[bytes, bytes]:
         with self._lock:
             return dict(self.data.get(key, {}))
+
+    def hget(self, key: str, name: str) -> bytes | None:
+        with self._lock:
+            return self.data.get(key, {}).get(_b(name))
 
     def read_records(self, keys):
         with self._lock:
@@ -177,6 +192,12 @@ class RedisStore(Store):
         except self._errors as e:
             raise self._unavailable(e) from None
 
+    def hget(self, key: str, name: str) -> bytes | None:
+        try:
+            return self.client.hget(key, name)
+        except self._errors as e:
+            raise self._unavailable(e) from None
+
     def read_records(self, keys):
         try:
             pipe = self.client.pipeline(transaction=False)
@@ -207,6 +228,11 @@ def open_store(spec, deployment: str = "default") -> Store | None:
     if isinstance(spec, str) and spec.startswith(("redis://", "rediss://", "unix://")):
         return RedisStore(spec, deployment)
     raise ValueError(f"store must be None, 'memory' or a redis:// URL, got {spec!r}")
+
+
+def dir_entry(rid: str, value: bytes) -> tuple[str, str, str, str]:
+    worker, owner, kind, *family = msgpack.unpackb(value)
+    return worker, owner, kind, family[0] if family else rid
 
 
 def _b(x) -> bytes:

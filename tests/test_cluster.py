@@ -92,23 +92,24 @@ def test_registry_leases_and_fencing(redis_url, ns):
     reg.unlock("a", token)
     assert not reg.locked("a") and reg.lock("a", 5000)
 
-    client.hset(f"{ns[1]}:dir", mapping={"sess_1": msgpack.packb(["b", "alice", "s"]),
-                                         "snap_1": msgpack.packb(["b", "alice", "p"]),
-                                         "sess_2": msgpack.packb(["c", "bob", "s"])})
-    assert reg.records("b") == {"sess_1": ("alice", "s"), "snap_1": ("alice", "p")}
+    client.hset(f"{ns[1]}:dir", mapping={"sess_1": msgpack.packb(["b", "alice", "s", "sess_1"]),
+                                         "snap_1": msgpack.packb(["b", "alice", "p", "sess_1"]),
+                                         "sess_2": msgpack.packb(["c", "bob", "s", "sess_2"])})
+    assert reg.records("b") == {"sess_1": ("alice", "s", "sess_1"), "snap_1": ("alice", "p", "sess_1")}
     assert reg.records("nobody") == {}
 
 
-def test_plan_rehome_keeps_owners_together_and_spreads():
-    records = {"sess_a1": ("alice", "s"), "snap_a1": ("alice", "p"), "sess_a2": ("alice", "s"),
-               "sess_b1": ("bob", "s"), "sess_c1": ("carol", "s"), "sess_c2": ("carol", "s")}
+def test_plan_rehome_keeps_families_together_and_spreads():
+    records = {"sess_a1": ("alice", "s", "sess_a1"), "snap_a1": ("alice", "p", "sess_a1"),
+               "sess_a2": ("alice", "s", "sess_a1"), "sess_b1": ("bob", "s", "sess_b1"),
+               "sess_c1": ("alice", "s", "sess_c1"), "sess_c2": ("alice", "s", "sess_c1")}
     plan = plan_rehome(records, {"w1": 0, "w2": 1})
     assert sorted(i for ids in plan.values() for i in ids) == sorted(records)
-    owner_of = {i: w for w, ids in plan.items() for i in ids}
-    for owner in ("alice", "bob", "carol"):
-        assert len({owner_of[i] for i, (o, _) in records.items() if o == owner}) == 1
-    assert owner_of["sess_a1"] == "w1"  # the biggest family to the least loaded
-    assert owner_of["sess_c1"] == "w2" and owner_of["sess_b1"] == "w1"  # w1 2 sessions, w2 3
+    worker_of = {i: w for w, ids in plan.items() for i in ids}
+    for family in ("sess_a1", "sess_b1", "sess_c1"):
+        assert len({worker_of[i] for i, (_, _, f) in records.items() if f == family}) == 1
+    assert worker_of["sess_a1"] == "w1"  # the biggest family to the least loaded
+    assert worker_of["sess_c1"] == "w2" and worker_of["sess_b1"] == "w1"  # w1 2 sessions, w2 3
     assert plan_rehome({}, {}) == {}
     with pytest.raises(ValueError):
         plan_rehome(records, {})

@@ -234,3 +234,33 @@ def test_export_import_over_rest():
     finally:
         engine.kernel.shutdown()
         engine.journal.close()
+
+
+def test_rollback_onto_another_workers_snapshot():
+    store = MemoryStore()
+    a = Engine(kv_blocks=256, store=store, worker_id="a")
+    b = Engine(kv_blocks=256, store=store, worker_id="b")
+    try:
+        s = a.create_session(tokens=[1, 2, 3], seed=1)
+        other = b.create_session(tokens=[7, 8, 9, 10], seed=2)
+        other.generate(max_tokens=4, temperature=1.0, ignore_eos=True)
+        snap = other.snapshot()
+        want = other.generate(max_tokens=3, temperature=1.0, ignore_eos=True).tokens
+        assert s.rollback(snap.id) == snap.num_tokens  # read from the store: b holds it
+        snapped = other.tokens[: snap.num_tokens]
+        assert s.tokens == snapped
+        assert s.generate(max_tokens=3, temperature=1.0, ignore_eos=True).tokens == want
+        assert store.directory()[s.id][:3] == ("a", "default", "s")
+        assert store.directory()[snap.id][0] == "b"
+        a.check()
+        with pytest.raises(agentos.NotFoundError):
+            s.rollback("snap_nope")
+    finally:
+        a.close()
+        b.close()
+    a2 = Engine(kv_blocks=256, store=store, worker_id="a")  # a's records only
+    try:
+        assert [i["id"] for i in a2.list_sessions()] == [s.id]
+        assert a2.session(s.id).tokens[: snap.num_tokens] == snapped
+    finally:
+        a2.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends
 
 from agentos.api import deps
@@ -44,8 +46,19 @@ async def list_snapshots(sid: str, t: Tenant = Depends(deps.tenant), engine=Depe
 async def rollback(sid: str, body: Rollback, t: Tenant = Depends(deps.tenant),
                    engine=Depends(deps.engine)):
     s = Session(engine, t.session(sid))
-    num_tokens = await s.rollback(t.snapshot(body.snapshot_id))
+    num_tokens = await s.rollback(await tenant_snapshot(t, engine, body.snapshot_id))
     return {"id": sid, "num_tokens": num_tokens}
+
+
+async def tenant_snapshot(t: Tenant, engine, snap_id: str) -> str:
+    """The snapshot id if the tenant owns it: here, or (behind a gateway) on another worker
+    of the deployment, as the store's directory says. Raises NotFoundError."""
+    store = getattr(engine, "store", None)
+    if snap_id not in t.snapshots and store is not None:
+        entry = await asyncio.to_thread(store.lookup, snap_id)
+        if entry is not None and entry[1] == t.name and entry[2] == "p":
+            return snap_id
+    return t.snapshot(snap_id)
 
 
 @router.get("/snapshots/{snap_id}", response_model=SnapshotInfo)
