@@ -206,8 +206,16 @@ def _start_heartbeat(app: FastAPI, settings: ServerSettings, loop: asyncio.Abstr
         finally:
             fut.cancel()
 
+    journal = getattr(app.state.engine, "journal", None)
+
+    def guard(registration: bytes) -> None:
+        # NOTE: from now on the journal writes only while this registration stands, so a
+        # worker whose sessions were re-homed (it seemed dead) can never write them again
+        if journal is not None:
+            journal.guard = (registry.workers_key, settings.resolved_worker_id, registration)
+
     return Heartbeat(registry, settings.resolved_worker_id, settings.url, load_now,
-                     settings.heartbeat_s).start()
+                     settings.heartbeat_s, on_register=guard).start()
 
 
 def claim(app: FastAPI, items: list[dict]) -> None:

@@ -201,7 +201,8 @@ class Heartbeat:
     """
 
     def __init__(self, registry: WorkerRegistry, worker_id: str, url: str,
-                 load: Callable[[], dict], interval_s: float = 1.0):
+                 load: Callable[[], dict], interval_s: float = 1.0,
+                 on_register: Callable[[bytes], None] | None = None):
         if interval_s <= 0:
             raise ValueError(f"heartbeat interval must be > 0, got {interval_s}")
         self.registry = registry
@@ -211,6 +212,7 @@ class Heartbeat:
         self.interval_s = interval_s
         self.ttl_ms = max(1, int(3 * interval_s * 1000))
         self.registration: bytes | None = None
+        self.on_register = on_register  # told each new registration (the journal's guard)
         self.fenced = False
         self.beats = 0  # leases renewed
         self._last_load = {"sessions": 0, "tokens": 0}
@@ -253,6 +255,8 @@ class Heartbeat:
         try:
             if self.registration is None:
                 self.registration = self.registry.register(self.worker_id, self.url)
+                if self.on_register is not None:
+                    self.on_register(self.registration)
             ok = self.registry.heartbeat(self.worker_id, self.registration, load, self.ttl_ms)
         except Exception as e:  # redis down, timeouts: try again next interval
             log.warning("heartbeat of %s failed: %s", self.worker_id, e)

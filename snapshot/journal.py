@@ -93,6 +93,9 @@ class Journal:
         self._waiters: list[tuple[int, Future]] = []
         self._cv = threading.Condition()
         self.error: StoreUnavailableError | None = None  # set while the store is down
+        # (hash key, field, value) that must hold for any write: a worker's registration
+        self.guard: tuple[str, str, bytes] | None = None
+        self.fenced = False  # the guard failed: another worker owns these records now
         self.stats = {"journal_writes": 0, "journal_batches": 0, "journal_failures": 0}
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="agentos-journal", daemon=True)
@@ -104,6 +107,8 @@ class Journal:
         """Raises StoreUnavailableError while the store is down (a change now could not be
         acknowledged); changes nothing."""
         err = self.error
+        if self.fenced:
+            raise StoreUnavailableError(err.message)
         if err is not None:
             raise StoreUnavailableError(f"{err.message} (changes are refused until it is back)")
 
@@ -113,7 +118,9 @@ class Journal:
         target = self.recorded
         fut: Future = Future()
         with self._cv:
-            if self.durable >= target:
+            if self.fenced:
+                fut.set_exception(self.error)
+            elif self.durable >= target:
                 fut.set_result(None)
             elif self.error is not None:
                 fut.set_exception(self.error)
@@ -156,7 +163,9 @@ class Journal:
                     deadline = time.monotonic() + 10.0
             writes = [w for b, _ in batches for w in b]
             try:
-                self.store.write(writes)
+                if not self.store.write(writes, self.guard):
+                    self._fence()
+                    return
             except StoreUnavailableError as e:
                 self._failed(e)
                 if deadline is not None and time.monotonic() > deadline:
@@ -185,6 +194,20 @@ class Journal:
                 if not fut.done():
                     fut.set_result(None)
 
+    def _fence(self) -> None:
+        """The guard failed: this worker's records were moved to another worker. Nothing
+        queued or recorded from now on is written; every change is refused."""
+        e = StoreUnavailableError(f"worker {self.worker_id} was fenced: its sessions moved to "
+                                  "another worker (send requests through the gateway)")
+        log.error("%s; %d queued writes dropped", e.message, sum(len(b) for b, _ in self._queue))
+        with self._cv:
+            self.fenced, self.error = True, e
+            self._queue.clear()
+            waiters, self._waiters = self._waiters, []
+        for _, fut in waiters:
+            if not fut.done():
+                fut.set_exception(e)
+
     def _failed(self, e: StoreUnavailableError) -> None:
         with self._cv:
             if self.error is None:
@@ -201,7 +224,8 @@ class Journal:
 
     def commit(self) -> None:
         """Hands the writes recorded since the last commit to the writer."""
-        if not self._batch:
+        if not self._batch or self.fenced:
+            self._batch.clear()
             return
         batch, self._batch = self._batch, []
         with self._cv:

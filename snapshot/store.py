@@ -44,7 +44,10 @@ class Store:
     def dir_key(self) -> str:
         return f"{self.ns}:dir"
 
-    def write(self, writes: Sequence[Write]) -> None:
+    def write(self, writes: Sequence[Write], guard: tuple[str, str, bytes] | None = None) -> bool:
+        """Applies the writes atomically, and only if `guard` (key, field, value) holds:
+        hash `key` maps `field` to `value` (a worker's registration, so a worker that was
+        fenced never writes again). Returns False, writing nothing, when it does not."""
         raise NotImplementedError
 
     def get(self, key: str) -> bytes | None:
@@ -85,10 +88,13 @@ class MemoryStore(Store):
         self.data: dict[str, bytes | list[bytes] | dict[bytes, bytes]] = {}
         self._lock = threading.Lock()
 
-    def write(self, writes: Sequence[Write]) -> None:
+    def write(self, writes: Sequence[Write], guard: tuple[str, str, bytes] | None = None) -> bool:
         with self._lock:
+            if guard is not None and self.data.get(guard[0], {}).get(_b(guard[1])) != guard[2]:
+                return False
             for w in writes:
                 self._apply(w)
+        return True
 
     def _apply(self, w: Write) -> None:
         op, key, *args = w
@@ -150,33 +156,35 @@ class RedisStore(Store):
                                            retry=Retry(NoBackoff(), 0))
         self._errors = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
                         OSError)
+        self._guarded = self.client.register_script(_GUARDED_WRITE)
 
     def _unavailable(self, e: Exception) -> StoreUnavailableError:
         return StoreUnavailableError(f"the store at {self.url} is unavailable "
                                      f"({type(e).__name__}: {e}); try again later")
 
-    def write(self, writes: Sequence[Write]) -> None:
+    def write(self, writes: Sequence[Write], guard: tuple[str, str, bytes] | None = None) -> bool:
+        commands = []
+        for op, key, *args in writes:
+            if op == "copy":
+                # NOTE: COPY leaves dst alone when src is missing; delete it first so dst
+                # always ends up equal to src
+                commands += [("DEL", args[0]), ("COPY", key, args[0], "REPLACE")]
+            elif op in _COMMANDS:
+                commands.append((_COMMANDS[op], key, *args))
+            else:
+                raise ValueError(f"unknown store write {op!r}")
         try:
-            pipe = self.client.pipeline(transaction=True)
-            for op, key, *args in writes:
-                if op == "set":
-                    pipe.set(key, args[0])
-                elif op == "del":
-                    pipe.delete(key, *args)
-                elif op == "rpush":
-                    pipe.rpush(key, *args)
-                elif op == "copy":
-                    # NOTE: COPY leaves dst alone when src is missing; delete it first so
-                    # dst always ends up equal to src
-                    pipe.delete(args[0])
-                    pipe.copy(key, args[0], replace=True)
-                elif op == "hset":
-                    pipe.hset(key, args[0], args[1])
-                elif op == "hdel":
-                    pipe.hdel(key, *args)
-                else:
-                    raise ValueError(f"unknown store write {op!r}")
-            pipe.execute()
+            if guard is None:
+                pipe = self.client.pipeline(transaction=True)
+                for c in commands:
+                    pipe.execute_command(*c)
+                pipe.execute()
+                return True
+            # one round trip, atomic: the guard is checked and the writes applied by a script
+            argv = [guard[1], guard[2]]
+            for c in commands:
+                argv += [len(c), *c]
+            return bool(self._guarded(keys=[guard[0]], args=argv))
         except self._errors as e:
             raise self._unavailable(e) from None
 
@@ -217,6 +225,21 @@ class RedisStore(Store):
 
     def close(self) -> None:
         self.client.close()
+
+
+_COMMANDS = {"set": "SET", "del": "DEL", "rpush": "RPUSH", "hset": "HSET", "hdel": "HDEL"}
+
+# KEYS[1]: the guard's hash; ARGV: field, value, then per command its length and words
+_GUARDED_WRITE = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+local i = 3
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return 1
+"""
 
 
 def open_store(spec, deployment: str = "default") -> Store | None:

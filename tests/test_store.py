@@ -264,3 +264,25 @@ def test_rollback_onto_another_workers_snapshot():
         assert a2.session(s.id).tokens[: snap.num_tokens] == snapped
     finally:
         a2.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_fenced_worker_never_writes_again(kind, redis_url, request):
+    store = MemoryStore() if kind == "memory" else redis_url
+    e = Engine(kv_blocks=256, store=store, deployment=f"fence-{request.node.name}", worker_id="w1")
+    try:
+        key = f"{e.store.ns}:workers"
+        e.store.write([("hset", key, "w1", b"reg-1")])
+        e.journal.guard = (key, "w1", b"reg-1")
+        s = e.create_session(tokens=[1, 2, 3])
+        s.append(tokens=[4])  # the guard holds: durable
+        e.store.write([("hset", key, "w1", b"reg-2")])  # a gateway re-homed w1, another took over
+        with pytest.raises(agentos.StoreUnavailableError, match="fenced"):
+            s.append(tokens=[5])
+        with pytest.raises(agentos.StoreUnavailableError, match="fenced"):
+            e.create_session(tokens=[6])
+        base, log = e.store.read_records([(e.store.key("default", s.id, "base"),
+                                           e.store.key("default", s.id, "log"))])[0]
+        assert codec.replay(base, log).token_ids.tolist() == [1, 2, 3, 4]  # nothing after
+    finally:
+        e.close()
