@@ -236,10 +236,13 @@ def _parser() -> argparse.ArgumentParser:
                                    "an in-memory store, to Redis (a private redis-server unless "
                                    "--redis is given) and off: concurrent generate throughput and "
                                    "fork, snapshot and rollback latency per session length; "
-                                   "reports medians and the ratios to the in-memory store.")
+                                   "reports medians and the ratios to the in-memory store. "
+                                   "--repeats counts throughput runs (default 3); torch runs "
+                                   "one thread unless --threads says otherwise.")
     _bench_options(journal, peer=False)
+    journal.add_argument("--redis", default=None, metavar="URL",
+                         help="redis:// URL to journal to (default: start a private redis-server)")
     for flag, kind, text in (
-            ("--redis", str, "redis:// URL to journal to (default: start a private redis-server)"),
             ("--sessions", int, "concurrent sessions of the throughput runs (default 32)"),
             ("--prompt-len", int, "prompt tokens per session (default 128)"),
             ("--new-tokens", int, "tokens generated per session (default 64)"),

@@ -269,3 +269,32 @@ def test_bench_determinism_json(tmp_path):
     assert det["alone_equals_batch_tokens"] and det["alone_equals_batch_logprobs"]
     assert det["alone_vs_batch_max_logprob_diff"] == 0.0 and out["overhead"] > 0
     assert out["passed"] and {c["name"] for c in out["checks"]}
+
+
+JOURNAL_ARGS = ["--sessions", "3", "--prompt-len", "16", "--new-tokens", "4", "--repeats", "3",
+                "--lengths", "32,80", "--op-repeats", "3", "--warmup", "1"]
+
+
+def test_bench_journal_json(tmp_path, capsys):
+    """The three systems (in-memory store, Redis, no journal) run the same work; every metric
+    has a finite positive median on each, and ratios to the in-memory store. Needs
+    redis-server: without it RedisServer raises RuntimeError and the test fails."""
+    path = tmp_path / "journal.json"
+    assert main(["bench", "journal", *JOURNAL_ARGS, "--json", str(path)]) == 0
+    out = json.loads(path.read_text())
+    assert out["bench"] == "journal"
+    assert {"config", "systems", "metrics", "skipped", "checks", "passed"} <= out.keys()
+    assert set(out["systems"]) == {"memory", "redis", "off"}
+    assert [(m["metric"], m["num_tokens"]) for m in out["metrics"]] == [
+        ("generate_tok_s", None), ("fork_us", 32), ("fork_us", 80), ("snapshot_us", 32),
+        ("snapshot_us", 80), ("rollback_us", 32), ("rollback_us", 80)]
+    for m in out["metrics"]:
+        for key in ("memory", "redis", "off", "redis_over_memory", "off_over_memory"):
+            assert isinstance(m[key], float) and 0 < m[key] < float("inf"), (m, key)
+    for name, s in out["systems"].items():
+        assert len(s["generate_runs_s"]) == 3 and [r["num_tokens"] for r in s["ops"]] == [32, 80]
+        # the journal writes every generated token; without it, nothing
+        assert (s["journal_writes"] >= 3 * 3 * 4) if name != "off" else s["journal_writes"] == 0
+    assert out["passed"] and len(out["checks"]) == 2
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "journal cost" in printed and "redis x" in printed

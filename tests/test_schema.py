@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -17,6 +18,17 @@ from agentos.api.app import ServerSettings, create_app
 from agentos.engine import AsyncEngine
 
 _engine = AsyncEngine("tiny", kv_blocks=4096)
+
+
+def _record() -> bytes:
+    from agentos.snapshot.codec import Record, array
+
+    return Record(id="sess_x", kind="session", owner="default", token_ids=array("i", [1, 2, 3]),
+                  mask=array("b", [0, 0, 1]), rng_state=b"", rng_device="other", created_at=0.0).pack()
+
+
+# session records (POST /v1/sessions/import): a valid one, or any bytes (refused with a 400)
+schemathesis.openapi.media_type("application/msgpack", st.one_of(st.just(_record()), st.binary(max_size=256)))
 app = create_app(ServerSettings(max_tokens_cap=16, max_body_bytes=1 << 20), engine=_engine)
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 

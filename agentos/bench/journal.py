@@ -15,10 +15,11 @@ token, tokens/s = sessions * new_tokens / seconds. Each run is on a fresh engine
 short warm-up, the systems taking turns (rotated each round) so background load hits all
 alike; the median of `repeats` runs.
 
-Latency: on one engine per system, a session of each length in `lengths` (prefilled);
-each repeat times `fork(1)` (the child closed untimed), `snapshot()`, and after
-`diverge_tokens` generated tokens (untimed) `rollback()` to that snapshot (deleted
-untimed). Medians of `op_repeats`, wall clock around the public call.
+Latency: one engine per system, all open at once, each with a prefilled session of
+each length in `lengths`; each repeat times, on every system in turn, `fork(1)` (the child
+closed untimed), `snapshot()`, and after `diverge_tokens` generated tokens (untimed)
+`rollback()` to that snapshot (deleted untimed). Medians of `op_repeats`, wall clock
+around the public call.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import random
 import secrets
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 
 from agentos.bench.common import (
@@ -109,13 +110,11 @@ def _run(bench: JournalBench, threads: int) -> dict:
             order = SYSTEMS[r % len(SYSTEMS):] + SYSTEMS[:r % len(SYSTEMS)]
             for name in order:
                 runs[name].append(_generate_run(bench, stores[name], rng.getstate()))
-        ops = {}
-        for name in SYSTEMS:
-            ops[name], skipped, dtype = _measure_ops(bench, stores[name])
-    config = {**asdict(bench), "lengths": list(bench.lengths), "redis": bench.redis,
+        ops = _measure_ops(bench, stores)
+    config = {**asdict(bench), "lengths": list(bench.lengths),
               "redis_server": "given" if bench.redis else "private, appendfsync everysec",
-              "dtype": dtype, "threads": threads}
-    return _summarize(config, runs, ops, skipped)
+              "dtype": ops["dtype"], "threads": threads}
+    return _summarize(config, runs, ops)
 
 
 @contextmanager
@@ -190,48 +189,64 @@ def _generate_run(bench: JournalBench, store: str | None, rng_state) -> dict:
             **{k: after[k] - before[k] for k in ("steps", "journal_writes", "journal_batches")}}
 
 
-def _measure_ops(bench: JournalBench, store: str | None) -> tuple[list[dict], list[int], str]:
-    """Fork, snapshot and rollback medians (microseconds) per session length on one engine.
-    Returns (rows, lengths skipped for the context, the engine's dtype)."""
+def _measure_ops(bench: JournalBench, stores: dict[str, str | None]) -> dict:
+    """Fork, snapshot and rollback medians (microseconds) per session length, one engine
+    per system, all open at once so that each repeat runs on every system in turn (a
+    drifting background load hits all alike). NOTE: with one torch thread (the default)
+    the engines' loop threads share no OpenMP pool to hand work across.
+
+    Returns {"rows": {system: rows}, "skipped": lengths beyond the context, "dtype",
+    "blocks_used_after": {system: KV blocks in use once its sessions closed}}."""
     rng = random.Random(bench.seed)
     longest = max(bench.lengths) + bench.diverge_tokens + 1
     kv_blocks = 2 * (-(-longest // bench.block_size)) + 64
-    with _engine(bench, store, kv_blocks) as engine:
-        kernel = engine.kernel
+    with ExitStack() as stack:
+        engines = {name: stack.enter_context(_engine(bench, stores[name], kv_blocks))
+                   for name in SYSTEMS}
+        kernel = engines["memory"].kernel
         limit = kernel.max_model_len - bench.diverge_tokens - 1
         lengths = sorted(set(bench.lengths))
-        rows = []
+        rows: dict[str, list[dict]] = {name: [] for name in SYSTEMS}
         for n in (n for n in lengths if n <= limit):
             prompt = random_prompt(n - 1, kernel.vocab_size, kernel.model_config.bos_token_id, rng)
-            rows.append({"num_tokens": n, **_measure_session(engine, prompt, bench)})
-        engine.check()
+            sessions = {name: e.create_session(tokens=prompt, seed=bench.seed)
+                        for name, e in engines.items()}
+            for s in sessions.values():  # prefill; now n tokens
+                s.generate(max_tokens=1, temperature=0.0, ignore_eos=True)
+            times = {name: {op: [] for op in OPS} for name in SYSTEMS}
+            for i in range(bench.warmup + bench.op_repeats):
+                for name in SYSTEMS[i % len(SYSTEMS):] + SYSTEMS[:i % len(SYSTEMS)]:
+                    t = _cycle(sessions[name], bench)
+                    if i >= bench.warmup:
+                        for op in OPS:
+                            times[name][op].append(t[op])
+            for name, s in sessions.items():
+                s.close()
+                rows[name].append({"num_tokens": n, **{f"{op}_us": median(times[name][op]) * US
+                                                       for op in OPS}})
+        for e in engines.values():
+            e.check()
+        left = {name: _counters(e)["blocks_used"] for name, e in engines.items()}
         dtype = dtype_name(kernel.dtype)
-    return rows, [n for n in lengths if n > limit], dtype
+    return {"rows": rows, "skipped": [n for n in lengths if n > limit], "dtype": dtype,
+            "blocks_used_after": left}
 
 
-def _measure_session(engine, prompt: list[int], bench: JournalBench) -> dict:
-    """{op}_us medians of one session created from prompt (closed at the end)."""
-    s = engine.create_session(tokens=prompt, seed=bench.seed)
-    s.generate(max_tokens=1, temperature=0.0, ignore_eos=True)  # prefill; now len + 1 tokens
-    times: dict[str, list[float]] = {op: [] for op in OPS}
-    for i in range(bench.warmup + bench.op_repeats):
-        kids, t_fork = timed(lambda: s.fork(1))
-        kids[0].close()
-        snap, t_snap = timed(s.snapshot)
-        s.generate(max_tokens=bench.diverge_tokens, temperature=bench.temperature,
-                   ignore_eos=True)
-        s.info()  # a round trip: the kernel has finished the generate's last step
-        _, t_rollback = timed(lambda snap=snap: s.rollback(snap))
-        snap.delete()
-        if i >= bench.warmup:
-            for op, t in zip(OPS, (t_fork, t_snap, t_rollback)):
-                times[op].append(t)
-    s.close()
-    return {f"{op}_us": median(times[op]) * US for op in OPS}
+def _cycle(s, bench: JournalBench) -> dict[str, float]:
+    """Times fork(1), snapshot, and rollback to that snapshot after diverge_tokens generated
+    tokens, on session s; returns {op: seconds}. Leaves s as it was (the child closed, the
+    snapshot deleted)."""
+    kids, t_fork = timed(lambda: s.fork(1))
+    kids[0].close()
+    snap, t_snap = timed(s.snapshot)
+    s.generate(max_tokens=bench.diverge_tokens, temperature=bench.temperature, ignore_eos=True)
+    s.info()  # a round trip: the kernel has finished the generate's last step
+    _, t_rollback = timed(lambda: s.rollback(snap))
+    snap.delete()
+    return {"fork": t_fork, "snapshot": t_snap, "rollback": t_rollback}
 
 
-def _summarize(config: dict, runs: dict[str, list[dict]], ops: dict[str, list[dict]],
-               skipped: list[int]) -> dict:
+def _summarize(config: dict, runs: dict[str, list[dict]], ops: dict) -> dict:
     generated = config["sessions"] * config["new_tokens"]
     systems = {}
     for name in SYSTEMS:
@@ -244,14 +259,14 @@ def _summarize(config: dict, runs: dict[str, list[dict]], ops: dict[str, list[di
             **totals,
             "journal_writes_per_token": totals["journal_writes"] / (generated * len(rs)),
             "journal_batches_per_step": ratio(totals["journal_batches"], totals["steps"]),
-            "ops": ops[name],
+            "ops": ops["rows"][name],
         }
     metrics = [{"metric": "generate_tok_s", "num_tokens": None,
                 **{name: systems[name]["generate_tok_s"] for name in SYSTEMS}}]
     for op in OPS:
-        for i, row in enumerate(ops["memory"]):
+        for i, row in enumerate(ops["rows"]["memory"]):
             metrics.append({"metric": f"{op}_us", "num_tokens": row["num_tokens"],
-                            **{name: ops[name][i][f"{op}_us"] for name in SYSTEMS}})
+                            **{name: ops["rows"][name][i][f"{op}_us"] for name in SYSTEMS}})
     for m in metrics:
         m["redis_over_memory"] = ratio(m["redis"], m["memory"])
         m["off_over_memory"] = ratio(m["off"], m["memory"])
@@ -261,12 +276,14 @@ def _summarize(config: dict, runs: dict[str, list[dict]], ops: dict[str, list[di
                   for n in ("memory", "redis")),
               ", ".join(f"{n} {systems[n]['journal_writes_per_token']:.2f} writes/token"
                         for n in ("memory", "redis"))),
-        check("every KV block free after each throughput run",
-              all(r["blocks_used_after"] == 0 for rs in runs.values() for r in rs),
-              f"{sum(len(rs) for rs in runs.values())} runs"),
+        check("every KV block free once the sessions closed",
+              all(r["blocks_used_after"] == 0 for rs in runs.values() for r in rs)
+              and not any(ops["blocks_used_after"].values()),
+              f"{sum(len(rs) for rs in runs.values())} throughput runs, "
+              f"{len(SYSTEMS)} latency engines"),
     ]
     return {"bench": "journal", "config": config, "systems": systems, "metrics": metrics,
-            "skipped": skipped, "checks": checks, "passed": all(c["passed"] for c in checks)}
+            "skipped": ops["skipped"], "checks": checks, "passed": all(c["passed"] for c in checks)}
 
 
 _LABELS = {"generate_tok_s": "generate tok/s", "fork_us": "fork us", "snapshot_us": "snapshot us",
@@ -293,7 +310,8 @@ def render(result: dict, console=None) -> None:
                 "us: above 1 is slower)",
                 ["metric", "memory", "redis", "off", "redis x", "off x"], rows, console)
     systems = result["systems"]
-    print_table("journal counters over the timed throughput runs",
+    print_table("journal counters over the timed throughput runs (writes: creates, tokens, "
+                "RNG states)",
                 ["system", "engine steps", "journal writes", "store batches", "writes / token",
                  "batches / step"],
                 [[name, s["steps"], s["journal_writes"], s["journal_batches"],
