@@ -256,6 +256,37 @@ def _parser() -> argparse.ArgumentParser:
         journal.add_argument(flag, type=kind, default=None, help=text)
     journal.set_defaults(func=_cmd_bench_journal)
 
+    gpu = scenarios.add_parser("gpu", help="the accelerator's numbers: decode vs HF and the "
+                               "bandwidth roofline, fork/rollback of a long session, swap",
+                               description="On random-weight models in the shapes of "
+                               "Qwen2.5-0.5B and Llama-3.2-1B: decode tokens/s per batch size "
+                               "against transformers' generate, time per step, the fraction "
+                               "of the memory-bandwidth roofline at batch 1, fork and rollback "
+                               "latency of a 32k-token session, swap bandwidth against a plain "
+                               "pinned copy. Defaults: --device cuda --dtype bfloat16.")
+    gpu.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
+    gpu.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    gpu.add_argument("--repeats", type=int, default=None, help="timed repeats (medians; default 3)")
+    gpu.add_argument("--block-size", type=int, default=None)
+    gpu.add_argument("--seed", type=int, default=None)
+    gpu.add_argument("--no-peer", dest="peer", action="store_false", default=None,
+                     help="skip the transformers peer")
+    gpu.add_argument("--threads", type=int, default=None)
+    gpu.add_argument("--json", metavar="PATH", default=None, help="also write results here")
+    gpu.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
+    for flag, kind, text in (
+            ("--shapes", lambda t: t.split(","), "comma-separated: qwen2.5-0.5b, llama-3.2-1b, "
+             "tiny-gqa (default: the first two)"),
+            ("--batches", _int_list, "decode batch sizes (default 1,8,32,128)"),
+            ("--prompt-len", int, "prompt tokens (default 128)"),
+            ("--new-tokens", int, "generated tokens per session (default 128)"),
+            ("--fork-len", int, "tokens of the forked / rolled-back session (default 32768)"),
+            ("--op-repeats", int, "timed forks and rollbacks (default 20)"),
+            ("--swap-blocks", int, "blocks per timed swap (default 512)"),
+            ("--copy-bytes", int, "bytes of the bandwidth probe (default 1 GiB)")):
+        gpu.add_argument(flag, type=kind, default=None, help=text)
+    gpu.set_defaults(func=_cmd_bench_gpu)
+
     api = scenarios.add_parser("api", help="REST latency of fork/snapshot/rollback/generate "
                                "vs in-process", description="Starts `agentos serve` in a "
                                "subprocess and times fork, snapshot, rollback and a 1-token "
@@ -422,6 +453,15 @@ def _cmd_bench_api(args: argparse.Namespace) -> int:
     bench = api.ApiBench(**_options(args, ("model", "device", "dtype", "repeats", "warmup",
                                            "num_tokens", "port", "block_size", "seed")))
     return _report(api.run(bench), api.render, args)
+
+
+def _cmd_bench_gpu(args: argparse.Namespace) -> int:
+    from agentos.bench import gpu
+
+    bench = gpu.GpuBench(**_options(args, (
+        "device", "dtype", "repeats", "block_size", "seed", "peer", "threads", "shapes", "batches",
+        "prompt_len", "new_tokens", "fork_len", "op_repeats", "swap_blocks", "copy_bytes")))
+    return _report(gpu.run(bench), gpu.render, args)
 
 
 def _report(result: dict, render, args: argparse.Namespace) -> int:

@@ -298,3 +298,25 @@ def test_bench_journal_json(tmp_path, capsys):
     assert out["passed"] and len(out["checks"]) == 2
     printed = " ".join(capsys.readouterr().out.split())
     assert "journal cost" in printed and "redis x" in printed
+
+
+def test_bench_gpu_runs_on_cpu_small(tmp_path):
+    """`agentos bench gpu` end to end on the CPU with a small grouped-query shape: every part
+    reports finite numbers (its targets are the GPU's: not asserted here), greedy tokens
+    agree with transformers, and the long-session ops leave the pool consistent."""
+    path = tmp_path / "gpu.json"
+    assert main(["bench", "gpu", "--device", "cpu", "--dtype", "float32", "--shapes", "tiny-gqa",
+                 "--batches", "1,3", "--prompt-len", "16", "--new-tokens", "6", "--fork-len", "300",
+                 "--op-repeats", "3", "--swap-blocks", "16", "--copy-bytes", "4000000",
+                 "--repeats", "1", "--json", str(path)]) == 0
+    out = json.loads(path.read_text())
+    (shape,) = out["shapes"]
+    assert [b["batch"] for b in shape["batches"]] == [1, 3]
+    for b in shape["batches"]:
+        assert b["ours_tok_s"] > 0 and b["hf_tok_s"] > 0 and b["step_s"] > 0
+        assert b["agreement"] == 1.0
+    assert 0 < shape["batches"][0]["roofline"] < 1.5
+    assert shape["ops"]["tokens"] == 300 and shape["ops"]["fork_s"] > 0
+    assert {(r["direction"], r["layout"]) for r in shape["swap"]} == {
+        ("out", "contiguous"), ("out", "scattered"), ("in", "contiguous"), ("in", "scattered")}
+    assert out["copy_gb_s"] > 0 and out["checks"]
