@@ -93,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="a worker renews its lease this often, in seconds (the lease lasts "
                        "3 intervals: the gateway's --worker-timeout)")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-format", choices=("text", "json"), default="text",
+                       help="one line per request and event: key=value text or JSON")
     serve.set_defaults(func=_cmd_serve)
 
     gateway = commands.add_parser("gateway", help="one address in front of several workers",
@@ -366,7 +368,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(**{n: getattr(args, n) for n in names})
     settings.max_tokens_cap = settings.max_tokens_cap or None
     app = create_app(settings)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+    from agentos.api.observe import configure_logging
+
+    configure_logging(args.log_format, args.log_level)
+    # NOTE: uvicorn's access log off: the app logs each request once, with its request id
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                 timeout_graceful_shutdown=5)
     return 0
 

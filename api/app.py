@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
+from agentos.api.observe import HttpMetrics, RequestLogMiddleware
 from agentos.api.routes import engine as engine_routes
 from agentos.api.routes import internal, openai, sessions, snapshots, system
 from agentos.api.tenants import Tenants, load_tenants
@@ -160,6 +161,8 @@ def create_app(settings: ServerSettings | None = None, engine=None,
                        cluster_secret=lambda: app.state.cluster_secret)
     app.add_middleware(FenceMiddleware, fenced=lambda: bool(
         app.state.heartbeat is not None and app.state.heartbeat.fenced))
+    app.state.http_metrics = HttpMetrics()
+    app.add_middleware(RequestLogMiddleware, metrics=app.state.http_metrics)  # outermost
     return app
 
 

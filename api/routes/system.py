@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -53,11 +53,14 @@ async def detokenize(body: Detokenize, t: Tenant = Depends(deps.tenant),
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-async def metrics(engine=Depends(deps.engine)) -> PlainTextResponse:
+async def metrics(request: Request, engine=Depends(deps.engine)) -> PlainTextResponse:
     registry = CollectorRegistry()
     registry.register(_StatsCollector(await engine.stats()))
-    return PlainTextResponse(generate_latest(registry),
-                             media_type="text/plain; version=0.0.4; charset=utf-8")
+    body = generate_latest(registry)
+    http = getattr(request.app.state, "http_metrics", None)
+    if http is not None:
+        body += generate_latest(http.registry)
+    return PlainTextResponse(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 class _StatsCollector:
