@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
@@ -25,17 +26,26 @@ _CHANGES = frozenset({"create", "append", "generate", "fork", "snapshot", "rollb
                       "close", "delete_snapshot", "import", "adopt"})
 
 
+# operations whose latency /metrics reports (agentos_op_seconds{op=...}); a streamed
+# generate returns before it runs, so it is left out
+_TIMED = frozenset({"create", "append", "generate", "fork", "snapshot", "rollback", "restore",
+                    "close", "delete_snapshot", "export", "import", "score", "next_token_logprobs"})
+
+
 class _EngineBase(Backend):
     def __init__(self, model: str = "tiny", **options: Any):
         from agentos.kernel.core import Kernel
+        from agentos.metrics import EngineMetrics
         from agentos.snapshot.snapshot import SnapshotTable
         from agentos.snapshot.store import open_store
 
         self.config = Config(model=model, **options)
+        self.metrics = EngineMetrics()
         self.store = open_store(self.config.store, self.config.deployment)
         if self.store is not None:
             self.store.ping()  # recovery needs it: fail now (StoreUnavailableError), not later
         self.kernel = Kernel(self.config)
+        self.kernel.observer = self.metrics
         self.snapshots = SnapshotTable(self.kernel)
         self.tokenizer = self.kernel.tokenizer
         self.max_model_len = self.kernel.max_model_len  # context limit in tokens
@@ -194,6 +204,10 @@ class _EngineBase(Backend):
         "owner"}] of those loaded."""
         return self._op("adopt", ids)
 
+    def _timed(self, name: str, t0: float, waited: bool) -> None:
+        if name in _TIMED and (waited or name != "generate"):
+            self.metrics.op_seconds.labels(name).observe(time.perf_counter() - t0)
+
     def _durable(self, name: str):
         """The journal when `name` changes state and there is one (checked first: while
         the store is down, changes are refused before anything is done)."""
@@ -223,6 +237,7 @@ class Engine(_EngineBase):
     """
 
     def _op(self, name: str, *args):
+        t0 = time.perf_counter()
         fn, call_args, post, waits = self._prepare(name, *args)
         journal = self._durable(name)
         result = self.kernel.call(fn, *call_args).result()
@@ -230,6 +245,7 @@ class Engine(_EngineBase):
             result = result.result()
         if journal is not None:
             journal.sync().result()
+        self._timed(name, t0, waits)
         return post(result)
 
     def _stream(self) -> _Stream:
@@ -260,6 +276,7 @@ class AsyncEngine(_EngineBase):
         return self._run(name, *args)
 
     async def _run(self, name: str, *args):
+        t0 = time.perf_counter()
         fn, call_args, post, waits = self._prepare(name, *args)
         journal = self._durable(name)
         result = await asyncio.wrap_future(self.kernel.call(fn, *call_args))
@@ -274,6 +291,7 @@ class AsyncEngine(_EngineBase):
                 raise
         if journal is not None:
             await asyncio.wrap_future(journal.sync())
+        self._timed(name, t0, waits)
         return post(result)
 
     def _stream(self) -> _AsyncStream:

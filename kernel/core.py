@@ -107,6 +107,8 @@ class Kernel:
         self._asleep = False  # the KV pool is released
         self.snapshots = None  # the SnapshotTable, once one is attached: its pages can be swapped
         self.journal = None  # the Journal, once one is attached: every change is recorded there
+        # told each step's time and size and each queue wait (metrics), when set
+        self.observer = None
         self._fingerprint: tuple[int, str] | None = None
         self.eos_ids = frozenset(mc.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.vocab_size = mc.vocab_size
@@ -414,6 +416,12 @@ class Kernel:
         if not chunks:
             self._unblock(blocked)
             return
+        now = time.monotonic()
+        for c in chunks:
+            if c.proc.queued_at is not None:
+                if self.observer is not None:
+                    self.observer.queue_wait(now - c.proc.queued_at)
+                c.proc.queued_at = None
         outs = self.runner.execute(chunks, self.kalloc.slot)
         for c, out in zip(chunks, outs):
             p = c.proc
@@ -444,7 +452,10 @@ class Kernel:
                     self._end_score(p)
         self.policy.on_step(chunks)
         self.stats["steps"] += 1
-        self.stats["step_time_s"] += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.stats["step_time_s"] += seconds
+        if self.observer is not None:
+            self.observer.step(seconds, len(chunks), sum(c.num_tokens for c in chunks))
 
     def _rest_state(self, p: Process) -> ProcState:
         """The state of a process that is not running: EMBRYO until it first ran, SWAPPED
@@ -605,6 +616,8 @@ class Kernel:
         if p.has_work():
             p.arrival = next(self._arrivals)
             self.policy.add(p)
+            if p.queued_at is None:
+                p.queued_at = time.monotonic()
         p.state = self._rest_state(p)
 
     def rng_for(self, seed: int | None) -> torch.Generator:
@@ -881,6 +894,9 @@ class Kernel:
         by_level: dict[str, int] = {}
         for p in self.policy.order():
             by_level[str(p.level)] = by_level.get(str(p.level), 0) + 1
+        all_levels: dict[str, int] = {}
+        for p in self.procs.values():
+            all_levels[str(p.level)] = all_levels.get(str(p.level), 0) + 1
         k = self.kalloc
         return {
             "kv": {"device_blocks_total": k.num_blocks, "device_blocks_used": k.num_used,
@@ -888,7 +904,7 @@ class Kernel:
                    "host_blocks_used": k.host.num_used, "block_size": self.block_size,
                    "block_bytes": self.block_bytes, "prefix_cache_blocks": len(k.cached),
                    "prefix_cache_evictions": k.evictions},
-            "sessions": {"total": len(self.procs), "by_state": by_state},
+            "sessions": {"total": len(self.procs), "by_state": by_state, "by_level": all_levels},
             "scheduler": self.policy.name,
             "queue": {"runnable": sum(by_level.values()), "by_level": by_level},
             "weight_version": self.weight_version, "paused": self._paused, "asleep": self._asleep,

@@ -110,6 +110,7 @@ class Process:
     level: int = 0  # MLFQ level
     call: GenerateCall | ScoreCall | None = None
     arrival: int = 0  # FCFS order: sequence number of the last time it became runnable
+    queued_at: float | None = None  # monotonic time it became runnable, until it next runs
     created_at: float = field(default_factory=time.time)
     last_active: float = field(default_factory=time.time)
     num_generated: int = 0  # tokens generated over the session's life

@@ -63,3 +63,58 @@ def test_text_log_format(client, capsys):
     assert "request_id=plain-1" in line and "status=200" in line and "route=/health" in line
     with pytest.raises(ValueError):
         configure_logging("xml")
+
+
+def _scrape(c) -> dict:
+    text = c.get("/metrics").text
+    out: dict = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _get(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_move_with_sessions_forks_swaps_and_closes():
+    """A small device pool with a host tier, so sessions get swapped: every family the
+    operators watch moves the way the operations say."""
+    engine = AsyncEngine("tiny", kv_blocks=24, host_blocks=256, max_batch_tokens=256)
+    try:
+        with TestClient(create_app(ServerSettings(), engine=engine)) as c:
+            before = _scrape(c)
+            ids = [c.post("/v1/sessions", json={"tokens": [i + 1] * 120}).json()["id"]
+                   for i in range(4)]  # distinct: the prefix cache must not share them
+            for sid in ids:  # each needs 8 of the 24 blocks: the others swap out in turn
+                r = c.post(f"/v1/sessions/{sid}/generate", json={"max_tokens": 4, "ignore_eos": True})
+                assert r.status_code == 200
+            kids = c.post(f"/v1/sessions/{ids[0]}/fork", json={"n": 2}).json()["data"]
+            snap = c.post(f"/v1/sessions/{ids[0]}/snapshots").json()["id"]
+            c.post(f"/v1/sessions/{ids[0]}/rollback", json={"snapshot_id": snap})
+            mid = _scrape(c)
+            assert _get(mid, "agentos_sessions", state="sleeping") + _get(
+                mid, "agentos_sessions", state="swapped") == 6
+            assert sum(v for (n, _), v in mid.items() if n == "agentos_sessions_by_level") == 6
+            assert _get(mid, "agentos_forks_total") - _get(before, "agentos_forks_total") == 2
+            assert _get(mid, "agentos_swap_out_bytes_total") > 0
+            assert _get(mid, "agentos_kv_device_blocks_used") > 0
+            assert _get(mid, "agentos_snapshots") == 1
+            assert _get(mid, "agentos_tokens_generated_total") >= 12
+            for op in ("create", "generate", "fork", "snapshot", "rollback"):
+                assert _get(mid, "agentos_op_seconds_count", op=op) >= 1, op
+            assert _get(mid, "agentos_step_seconds_count") >= 4
+            assert _get(mid, "agentos_step_sessions_count") == _get(mid, "agentos_step_seconds_count")
+            assert _get(mid, "agentos_queue_wait_seconds_count") >= 4
+            for sid in [*ids, *(k["id"] for k in kids)]:
+                c.delete(f"/v1/sessions/{sid}")
+            c.delete(f"/v1/snapshots/{snap}")
+            after = _scrape(c)
+            assert sum(v for (n, _), v in after.items() if n == "agentos_sessions") == 0
+            assert _get(after, "agentos_kv_device_blocks_used") == 0
+            assert _get(after, "agentos_op_seconds_count", op="close") == 6
+            assert _get(after, "agentos_http_requests_total", method="DELETE",
+                        route="/v1/sessions/{sid}", status="200") == 6
+    finally:
+        engine.kernel.shutdown()

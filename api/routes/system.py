@@ -57,9 +57,10 @@ async def metrics(request: Request, engine=Depends(deps.engine)) -> PlainTextRes
     registry = CollectorRegistry()
     registry.register(_StatsCollector(await engine.stats()))
     body = generate_latest(registry)
-    http = getattr(request.app.state, "http_metrics", None)
-    if http is not None:
-        body += generate_latest(http.registry)
+    # the engine's histograms (steps, queue wait, operations) and the app's HTTP metrics
+    for extra in (getattr(engine, "metrics", None), getattr(request.app.state, "http_metrics", None)):
+        if extra is not None:
+            body += generate_latest(extra.registry)
     return PlainTextResponse(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -77,7 +78,24 @@ class _StatsCollector:
         for state, n in st["sessions"]["by_state"].items():
             g.add_metric([state], n)
         yield g
+        lv = GaugeMetricFamily("agentos_sessions_by_level", "live sessions by MLFQ level",
+                               labels=["level"])
+        for level, n in st["sessions"].get("by_level", {}).items():
+            lv.add_metric([level], n)
+        yield lv
         yield GaugeMetricFamily("agentos_snapshots", "live snapshots", value=st["snapshots"])
+        block_bytes = st["kv"]["block_bytes"]
+        for way in ("out", "in"):
+            yield CounterMetricFamily(f"agentos_swap_{way}_bytes", f"KV bytes swapped {way}",
+                                      value=st[f"swap_{way}_blocks"] * block_bytes)
+        store = st.get("store")
+        if store is not None:
+            yield GaugeMetricFamily("agentos_store_up", "1 while the durable store answers",
+                                    value=int(store["up"]))
+            yield GaugeMetricFamily("agentos_store_queued_writes", "journal writes not yet durable",
+                                    value=store["queued_writes"])
+            yield CounterMetricFamily("agentos_journal_writes", "writes made durable",
+                                      value=store["journal_writes"])
         for name in ("steps", "tokens_generated", "tokens_prefilled", "forks", "cow_copies",
                      "swap_out_blocks", "swap_in_blocks", "dropped_blocks", "prefix_hit_tokens",
                      "tokens_scored"):
