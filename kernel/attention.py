@@ -5,10 +5,15 @@ the same for V (views into the block-major pool, so strided between blocks). A s
 tokens are flattened into one batch: decode tokens (one query per session) first, then
 prefill chunks (several queries per session, each attending to the session's cached
 tokens and causally to each other).
+
+On CUDA the Triton kernels of triton_attention.py take over when Triton is installed and
+the shapes are supported; AGENTOS_ATTENTION=torch keeps this path (to compare the two).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +54,14 @@ class AttnMeta:
     deterministic: bool = False  # batch-invariant attention (see batch_invariant.py)
 
 
+# "auto": the Triton kernels on CUDA when Triton is installed and the shapes are supported;
+# "torch": always this module's path; "triton": the Triton kernels wherever they can run
+# (also CPU tensors under TRITON_INTERPRET=1, as the tests do), an error where they cannot
+BACKEND = os.environ.get("AGENTOS_ATTENTION", "auto")
+if BACKEND not in ("auto", "torch", "triton"):
+    raise ValueError(f"AGENTOS_ATTENTION must be auto, torch or triton, not {BACKEND!r}")
+
+
 def write_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     slot_mapping: torch.Tensor,
@@ -74,6 +87,9 @@ def paged_attention(
         from agentos.kernel.batch_invariant import attention
 
         return attention(q, k_cache, v_cache, meta, scale)
+    fast = _triton_kernels(q, k_cache)
+    if fast is not None:
+        return fast.paged_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     if meta.num_decodes:
         out[: meta.num_decodes] = _decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale)
@@ -81,6 +97,28 @@ def paged_attention(
         out[c.q_start : c.q_start + c.q_len] = _prefill(q[c.q_start : c.q_start + c.q_len],
                                                         k_cache, v_cache, c, scale)
     return out
+
+
+def _triton_kernels(q: torch.Tensor, k_cache: torch.Tensor):
+    """The triton_attention module when it should run this call, else None (torch path).
+    Raises RuntimeError when BACKEND is "triton" and Triton cannot run on q's device."""
+    if BACKEND == "torch" or (BACKEND == "auto" and q.device.type != "cuda"):
+        return None  # NOTE: checked first, so the CPU path never imports triton
+    mod = _load_triton()
+    if mod is None or not mod.available(q.device):
+        if BACKEND == "triton":
+            raise RuntimeError(f"AGENTOS_ATTENTION=triton, but Triton cannot run on {q.device}")
+        return None
+    return mod if mod.supports(q, k_cache) else None
+
+
+@functools.cache
+def _load_triton():
+    try:
+        from agentos.kernel import triton_attention
+    except ImportError:
+        return None
+    return triton_attention
 
 
 def gather_blocks(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:

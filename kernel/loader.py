@@ -9,7 +9,9 @@ so peak host memory is one tensor, not the checkpoint.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -56,11 +58,13 @@ def load_model(
         hf = _read_json(folder / "config.json", "config.json")
     cfg = hf_model_config(hf)
     dtype = _resolve_dtype(dtype, device, hf)
+    files: list[Path] = []
     if folder is None:
         weights: Iterable[tuple[str, torch.Tensor]] = tiny_hf_weights().items()
         tokenizer: Tokenizer = ByteTokenizer()
     else:
-        weights = _read_safetensors(_weight_files(folder))
+        files = _weight_files(folder)
+        weights = _read_safetensors(files)
         _add_eos_ids(cfg, folder / "generation_config.json")
         tokenizer = _load_tokenizer(folder, cfg)
     if not cfg.eos_token_ids:
@@ -68,7 +72,9 @@ def load_model(
     if not tokenizer.eos_token_ids:
         tokenizer.eos_token_ids = list(cfg.eos_token_ids)
     net = _empty_model(cfg, device, dtype)
-    net.load_hf_weights((name, t.to(dtype) if t.is_floating_point() else t) for name, t in weights)
+    with _progress(files) as count:
+        net.load_hf_weights((name, t.to(dtype) if t.is_floating_point() else t)
+                            for name, t in count(weights))
     return net.eval(), cfg, tokenizer
 
 
@@ -169,6 +175,39 @@ def _read_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 yield name, f.get_tensor(name)
+
+
+@contextmanager
+def _progress(files: list[Path]) -> Iterator[Callable[[Iterable], Iterable]]:
+    """Yields count(weights), which passes the (name, tensor) pairs through unchanged
+    while a transient bar on stderr counts their bytes against the files' sizes. The
+    bar shows only on a terminal, never in logs or tests; count returns weights as they
+    are when there is no bar (no files, stderr not a terminal, or another live display,
+    such as a benchmark's progress bar, already drawing: rich then wraps stderr, and two
+    live displays would garble the terminal)."""
+    if not files or not sys.stderr.isatty() or _live_display():
+        yield lambda weights: weights
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    with Progress(TextColumn("loading {task.description}", markup=False), BarColumn(),
+                  DownloadColumn(), TransferSpeedColumn(), console=Console(stderr=True),
+                  transient=True) as bar:
+        task = bar.add_task(files[0].parent.name, total=sum(f.stat().st_size for f in files))
+
+        def count(weights: Iterable[tuple[str, torch.Tensor]]):
+            for name, t in weights:
+                bar.advance(task, t.numel() * t.element_size())
+                yield name, t
+
+        yield count
+
+
+def _live_display() -> bool:
+    from rich.file_proxy import FileProxy
+
+    return isinstance(sys.stderr, FileProxy)
 
 
 def _add_eos_ids(cfg: ModelConfig, path: Path) -> None:

@@ -25,7 +25,15 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 
-from agentos.bench.common import check, new_console, print_checks, print_table, ratio, set_threads
+from agentos.bench.common import (
+    check,
+    new_console,
+    print_checks,
+    print_table,
+    progress,
+    ratio,
+    set_threads,
+)
 
 
 @dataclass(slots=True)
@@ -93,11 +101,15 @@ def make_workload(b: AgentsBench) -> list[tuple[float, list[Turn]]]:
 def run(bench: AgentsBench) -> dict:
     threads = set_threads(bench.threads)
     results = []
-    for seed in bench.seeds or (bench.seed,):
-        b = replace(bench, seed=seed, seeds=())
-        work = make_workload(b)
-        runs = {name: asyncio.run(_run_policy(b, name, work)) for name in b.schedulers}
-        results.append(_summarize(b, threads, work, runs))
+    seeds = bench.seeds or (bench.seed,)
+    turns = len(seeds) * len(bench.schedulers) * bench.sessions * bench.turns
+    with progress(turns, "agent turns") as advance:
+        for seed in seeds:
+            b = replace(bench, seed=seed, seeds=())
+            work = make_workload(b)
+            runs = {name: asyncio.run(_run_policy(b, name, work, advance))
+                    for name in b.schedulers}
+            results.append(_summarize(b, threads, work, runs))
     if len(results) == 1:
         return results[0]
     ratios = {k: statistics.median(r["ratios"][k] for r in results) for k in results[0]["ratios"]}
@@ -106,7 +118,7 @@ def run(bench: AgentsBench) -> dict:
             "checks": checks, "passed": all(c["passed"] for c in checks)}
 
 
-async def _run_policy(b: AgentsBench, scheduler: str, work) -> dict:
+async def _run_policy(b: AgentsBench, scheduler: str, work, advance=lambda: None) -> dict:
     from agentos import AsyncEngine
 
     blocks = sum(-(-(sum(len(t.tokens) + t.max_tokens for t in turns)) // b.block_size) + 1
@@ -120,7 +132,8 @@ async def _run_policy(b: AgentsBench, scheduler: str, work) -> dict:
         await s.generate(max_tokens=4, temperature=0.0, ignore_eos=True)
         await s.close()
         start = time.perf_counter()
-        per_session = await asyncio.gather(*(_agent(engine, start, at, turns) for at, turns in work))
+        per_session = await asyncio.gather(*(_agent(engine, start, at, turns, advance)
+                                             for at, turns in work))
         wall = time.perf_counter() - start - work[0][0]
         stats = await engine.stats()
     latencies = [lat for session in per_session for lat, _ in session]
@@ -129,8 +142,10 @@ async def _run_policy(b: AgentsBench, scheduler: str, work) -> dict:
             "steps": stats["steps"], "tokens_prefilled": stats["tokens_prefilled"]}
 
 
-async def _agent(engine, start: float, arrival: float, turns: list[Turn]) -> list[tuple[float, int]]:
-    """One session's life; returns (latency seconds, tokens generated) per turn."""
+async def _agent(engine, start: float, arrival: float, turns: list[Turn],
+                 advance=lambda: None) -> list[tuple[float, int]]:
+    """One session's life; returns (latency seconds, tokens generated) per turn. Calls
+    advance() after each turn (a progress bar)."""
     await asyncio.sleep(max(0.0, start + arrival - time.perf_counter()))
     out = []
     session = None
@@ -143,6 +158,7 @@ async def _agent(engine, start: float, arrival: float, turns: list[Turn]) -> lis
             await session.append(tokens=turn.tokens)
         gen = await session.generate(max_tokens=turn.max_tokens, temperature=0.0, ignore_eos=True)
         out.append((time.perf_counter() - t0, len(gen.tokens)))
+        advance()
     await session.close()
     return out
 

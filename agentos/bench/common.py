@@ -12,7 +12,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,54 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
     for row in rows:
         table.add_row(*(c if isinstance(c, str) else fmt(c) for c in row))
     (console or new_console()).print(table)
+
+
+_bar: Any = None  # the rich Progress on screen; a nested progress() adds its task to it
+
+
+@contextmanager
+def progress(total: int, description: str) -> Iterator[Callable[..., None]]:
+    """Yields advance(steps=1), which moves a transient progress bar of `total` steps on
+    stderr; the bar is gone when the block exits. Off a terminal (logs, pipes, tests)
+    there is no bar and advance does nothing. Inside another progress() (a benchmark
+    that runs another), the bar is a second line of the one on screen.
+
+    NOTE: no refresh thread: the bar is redrawn by advance, at most 10 times a second,
+    so nothing wakes up between the steps being timed."""
+    global _bar
+    if total < 1 or not sys.stderr.isatty():
+        yield lambda steps=1: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    outer = _bar
+    bar = outer or Progress("{task.description}", BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=Console(stderr=True),
+                            auto_refresh=False, transient=True)
+    task = bar.add_task(description, total=total)
+    last = 0.0
+
+    def advance(steps: int = 1) -> None:
+        nonlocal last
+        bar.advance(task, steps)
+        if time.monotonic() - last >= 0.1:
+            last = time.monotonic()
+            bar.refresh()
+
+    if outer is None:
+        bar.start()
+        _bar = bar
+    bar.refresh()
+    try:
+        yield advance
+    finally:
+        bar.remove_task(task)
+        if outer is None:
+            _bar = None
+            bar.stop()
+        else:
+            bar.refresh()
 
 
 def print_checks(checks: Sequence[dict], console: Any = None) -> None:

@@ -24,6 +24,7 @@ from agentos.bench.common import (
     on_engine_thread,
     print_checks,
     print_table,
+    progress,
     random_prompt,
     ratio,
     set_threads,
@@ -83,27 +84,29 @@ async def _run(bench: DecodeBench) -> dict:
         net = await on_engine_thread(engine, load_peer, bench.model, bench.device,
                                      dtype) if bench.peer else None
         results = []
-        for name, num_sessions in cases:
-            # warm-up: both sides once at this batch size (a few tokens touch every path)
-            warm = new_prompts(num_sessions)
-            await _ours(engine, warm, min(bench.new_tokens, 4))
-            if net is not None:
-                await on_engine_thread(engine, _hf, net, warm, min(bench.new_tokens, 4),
-                                       bench.device)
-            ours_s, hf_s, ours_tokens, hf_tokens = [], [], [], []  # tokens: all runs' rows
-            for _ in range(bench.repeats):
-                batch = new_prompts(num_sessions)
-                tokens, t = await _timed_ours(engine, batch, bench.new_tokens)
-                ours_s.append(t)
-                ours_tokens += tokens
+        with progress(len(cases) * bench.repeats, "decode runs") as advance:
+            for name, num_sessions in cases:
+                # warm-up: both sides once at this batch size (a few tokens touch every path)
+                warm = new_prompts(num_sessions)
+                await _ours(engine, warm, min(bench.new_tokens, 4))
                 if net is not None:
-                    t0 = time.perf_counter()
-                    tokens = await on_engine_thread(engine, _hf, net, batch, bench.new_tokens,
-                                                    bench.device)
-                    hf_s.append(time.perf_counter() - t0)
-                    hf_tokens += tokens
-            results.append(_case(name, num_sessions, bench, ours_s, hf_s, ours_tokens,
-                                 hf_tokens if net is not None else None))
+                    await on_engine_thread(engine, _hf, net, warm, min(bench.new_tokens, 4),
+                                           bench.device)
+                ours_s, hf_s, ours_tokens, hf_tokens = [], [], [], []  # tokens: all runs' rows
+                for _ in range(bench.repeats):
+                    batch = new_prompts(num_sessions)
+                    tokens, t = await _timed_ours(engine, batch, bench.new_tokens)
+                    ours_s.append(t)
+                    ours_tokens += tokens
+                    if net is not None:
+                        t0 = time.perf_counter()
+                        tokens = await on_engine_thread(engine, _hf, net, batch,
+                                                        bench.new_tokens, bench.device)
+                        hf_s.append(time.perf_counter() - t0)
+                        hf_tokens += tokens
+                    advance()
+                results.append(_case(name, num_sessions, bench, ours_s, hf_s, ours_tokens,
+                                     hf_tokens if net is not None else None))
     return _summarize(bench, dtype, threads, results)
 
 

@@ -31,6 +31,7 @@ from agentos.bench.common import (
     new_console,
     print_checks,
     print_table,
+    progress,
     random_prompt,
     ratio,
     set_threads,
@@ -110,41 +111,52 @@ def make_checkpoint(shape: str, folder: str, dtype: str | None, seed: int = 0) -
 
 def run(bench: GpuBench) -> dict:
     """Runs every part for every shape; returns the JSON-ready results (see `render`)."""
-    from agentos.bench import decode, swap
-
     threads = set_threads(bench.threads)
     copy_gb_s = _copy_bandwidth(bench.device, bench.copy_bytes, bench.repeats)
     shapes = []
-    for shape in bench.shapes:
-        with tempfile.TemporaryDirectory(prefix=f"agentos-{shape}-") as folder:
-            make_checkpoint(shape, folder, bench.dtype, bench.seed)
-            row: dict = {"shape": shape, "batches": []}
-            for b in bench.batches:
-                d = decode.run(decode.DecodeBench(
-                    model=folder, device=bench.device, dtype=bench.dtype, repeats=bench.repeats,
-                    sessions=b, prompt_len=bench.prompt_len, new_tokens=bench.new_tokens,
-                    single=False, peer=bench.peer, block_size=bench.block_size,
-                    max_batch_tokens=max(2048, b * bench.prompt_len), seed=bench.seed))
-                case = d["cases"][0]
-                steady = _steady_decode(folder, bench, b)
-                row["batches"].append({"batch": b, "ours_tok_s": case["ours_tok_s"],
-                                       "hf_tok_s": case["hf_tok_s"], "ratio": case["ratio"],
-                                       "agreement": case["agreement"], **steady})
-            one = next((r for r in row["batches"] if r["batch"] == 1), None)
-            if one is not None:
-                one["roofline"] = ratio(one["bytes_per_step"] / one["step_s"] / GB, copy_gb_s)
-            row["ops"] = _fork_rollback(folder, bench)
-            sb = swap.SwapBench(model=folder, device=bench.device, dtype=bench.dtype,
-                                blocks=bench.swap_blocks, repeats=bench.repeats,
-                                block_size=bench.block_size, seed=bench.seed)
-            from agentos import Engine
-
-            with Engine(model=folder, device=bench.device, dtype=bench.dtype,
-                        block_size=bench.block_size, kv_blocks=bench.swap_blocks + 16,
-                        host_blocks=bench.swap_blocks + 16) as engine:
-                row["swap"] = swap._bandwidth(engine, sb)
-            shapes.append(row)
+    steps = len(bench.shapes) * (len(bench.batches) + 2)  # + fork/rollback and swap
+    with progress(steps, "gpu bench parts") as advance:
+        for shape in bench.shapes:
+            shapes.append(_run_shape(bench, shape, copy_gb_s, advance))
     return _summarize(bench, threads, copy_gb_s, shapes)
+
+
+def _run_shape(bench: GpuBench, shape: str, copy_gb_s: float, advance) -> dict:
+    """Every part on one shape's random checkpoint; returns its row. Calls advance() after
+    each batch size, the fork/rollback part and the swap part."""
+    from agentos.bench import decode, swap
+
+    with tempfile.TemporaryDirectory(prefix=f"agentos-{shape}-") as folder:
+        make_checkpoint(shape, folder, bench.dtype, bench.seed)
+        row: dict = {"shape": shape, "batches": []}
+        for b in bench.batches:
+            d = decode.run(decode.DecodeBench(
+                model=folder, device=bench.device, dtype=bench.dtype, repeats=bench.repeats,
+                sessions=b, prompt_len=bench.prompt_len, new_tokens=bench.new_tokens,
+                single=False, peer=bench.peer, block_size=bench.block_size,
+                max_batch_tokens=max(2048, b * bench.prompt_len), seed=bench.seed))
+            case = d["cases"][0]
+            steady = _steady_decode(folder, bench, b)
+            row["batches"].append({"batch": b, "ours_tok_s": case["ours_tok_s"],
+                                   "hf_tok_s": case["hf_tok_s"], "ratio": case["ratio"],
+                                   "agreement": case["agreement"], **steady})
+            advance()
+        one = next((r for r in row["batches"] if r["batch"] == 1), None)
+        if one is not None:
+            one["roofline"] = ratio(one["bytes_per_step"] / one["step_s"] / GB, copy_gb_s)
+        row["ops"] = _fork_rollback(folder, bench)
+        advance()
+        sb = swap.SwapBench(model=folder, device=bench.device, dtype=bench.dtype,
+                            blocks=bench.swap_blocks, repeats=bench.repeats,
+                            block_size=bench.block_size, seed=bench.seed)
+        from agentos import Engine
+
+        with Engine(model=folder, device=bench.device, dtype=bench.dtype,
+                    block_size=bench.block_size, kv_blocks=bench.swap_blocks + 16,
+                    host_blocks=bench.swap_blocks + 16) as engine:
+            row["swap"] = swap._bandwidth(engine, sb)
+        advance()
+    return row
 
 
 def _copy_bandwidth(device: str, nbytes: int, repeats: int) -> float:

@@ -38,6 +38,7 @@ from agentos.bench.common import (
     new_console,
     print_checks,
     print_table,
+    progress,
     random_prompt,
     ratio,
     set_threads,
@@ -102,7 +103,8 @@ def run(bench: JournalBench) -> dict:
 
 
 def _run(bench: JournalBench, threads: int) -> dict:
-    with _redis(bench.redis) as url:
+    steps = bench.repeats * len(SYSTEMS) + len(set(bench.lengths))
+    with _redis(bench.redis) as url, progress(steps, "journal runs") as advance:
         stores = {"memory": "memory", "redis": url, "off": None}
         runs: dict[str, list[dict]] = {name: [] for name in SYSTEMS}
         for r in range(bench.repeats):
@@ -110,7 +112,8 @@ def _run(bench: JournalBench, threads: int) -> dict:
             order = SYSTEMS[r % len(SYSTEMS):] + SYSTEMS[:r % len(SYSTEMS)]
             for name in order:
                 runs[name].append(_generate_run(bench, stores[name], rng.getstate()))
-        ops = _measure_ops(bench, stores)
+                advance()
+        ops = _measure_ops(bench, stores, advance)
     config = {**asdict(bench), "lengths": list(bench.lengths),
               "redis_server": "given" if bench.redis else "private, appendfsync everysec",
               "dtype": ops["dtype"], "threads": threads}
@@ -189,11 +192,13 @@ def _generate_run(bench: JournalBench, store: str | None, rng_state) -> dict:
             **{k: after[k] - before[k] for k in ("steps", "journal_writes", "journal_batches")}}
 
 
-def _measure_ops(bench: JournalBench, stores: dict[str, str | None]) -> dict:
+def _measure_ops(bench: JournalBench, stores: dict[str, str | None],
+                 advance=lambda: None) -> dict:
     """Fork, snapshot and rollback medians (microseconds) per session length, one engine
     per system, all open at once so that each repeat runs on every system in turn (a
-    drifting background load hits all alike). NOTE: with one torch thread (the default)
-    the engines' loop threads share no OpenMP pool to hand work across.
+    drifting background load hits all alike); advance() after each length (a progress
+    bar). NOTE: with one torch thread (the default) the engines' loop threads share no
+    OpenMP pool to hand work across.
 
     Returns {"rows": {system: rows}, "skipped": lengths beyond the context, "dtype",
     "blocks_used_after": {system: KV blocks in use once its sessions closed}}."""
@@ -224,6 +229,7 @@ def _measure_ops(bench: JournalBench, stores: dict[str, str | None]) -> dict:
                 s.close()
                 rows[name].append({"num_tokens": n, **{f"{op}_us": median(times[name][op]) * US
                                                        for op in OPS}})
+            advance()
         for e in engines.values():
             e.check()
         left = {name: _counters(e)["blocks_used"] for name, e in engines.items()}

@@ -69,6 +69,7 @@ from agentos.bench.common import (
     on_engine_thread,
     print_checks,
     print_table,
+    progress,
     random_prompt,
     ratio,
     set_threads,
@@ -456,17 +457,22 @@ async def _run(bench: TreeBench) -> dict:
         # warm-up: beam search per system until a step has width * expand children (the
         # first runs at a batch size are slower)
         warm = TreeBench(**{**asdict(bench), "depth": min(bench.depth, _steps_to_width(bench) + 1)})
-        for make in makers.values():
-            b = make()
-            await _timed(engine, b, _beam(b, prompt(), warm, -1))
-        runs = {w: {s: [] for s in makers} for w in WORKLOADS}
-        for r in range(bench.repeats):
-            for name, make in makers.items():
+        with progress(len(makers) * (1 + 2 * bench.repeats), "tree search runs") as advance:
+            for make in makers.values():
                 b = make()
-                runs["beam"][name].append(await _timed(engine, b, _beam(b, prompt(), bench, r)))
-                b = make()
-                runs["mcts"][name].append(await _timed(
-                    engine, b, _mcts(b, prompt(), bench, plan, r, engine.decode)))
+                await _timed(engine, b, _beam(b, prompt(), warm, -1))
+                advance()
+            runs = {w: {s: [] for s in makers} for w in WORKLOADS}
+            for r in range(bench.repeats):
+                for name, make in makers.items():
+                    b = make()
+                    runs["beam"][name].append(await _timed(engine, b,
+                                                           _beam(b, prompt(), bench, r)))
+                    advance()
+                    b = make()
+                    runs["mcts"][name].append(await _timed(
+                        engine, b, _mcts(b, prompt(), bench, plan, r, engine.decode)))
+                    advance()
         await engine.check()
         stats = await engine.stats()
     return _summarize(bench, dtype, threads, kv_blocks, block_bytes, runs, plan, notes,
