@@ -19,6 +19,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     back session unequal to its snapshot); 2 bad arguments or model."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if getattr(args, "plot", None):  # fail now, not once a long benchmark has run
+        from agentos.bench.plot import require_matplotlib
+
+        try:
+            require_matplotlib()
+        except ImportError as e:
+            parser.exit(2, f"agentos: error: {e}\n")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
@@ -63,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
                        "depend on what else runs (slower)")
     serve.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                        help="do not share KV blocks between sessions with the same prefix")
+    serve.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                       help="run every decode step eagerly (by default, on CUDA, decode steps "
+                       "replay captured CUDA graphs)")
     serve.add_argument("--block-size", type=int, default=16)
     serve.add_argument("--max-batch-tokens", type=int, default=2048)
     serve.add_argument("--max-model-len", type=int, default=None)
@@ -113,6 +123,24 @@ def _parser() -> argparse.ArgumentParser:
                          "sessions move (workers beat every third of it: --heartbeat-s)")
     gateway.add_argument("--log-level", default="info")
     gateway.set_defaults(func=_cmd_gateway)
+
+    top = commands.add_parser("top", help="a live view of a running server (like htop)",
+                              description="Memory per tier, swap traffic, steps, tokens/s, the "
+                              "MLFQ queue and one row per session of the API key's tenant, "
+                              "refreshed every --interval seconds; keys (on a terminal): s "
+                              "changes the sort, q quits.")
+    top.add_argument("--url", default="http://127.0.0.1:8000", help="the server (or gateway)")
+    top.add_argument("--api-key", default=None, help="default: $AGENTOS_API_KEY")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    # NOTE: agentos.top.SORTS, spelled out so that parsing does not import httpx and rich
+    top.add_argument("--sort", default="activity",
+                     choices=("activity", "tokens", "rate", "blocks", "level", "state", "id"),
+                     help="the order of the sessions (activity: most recent first)")
+    top.add_argument("--limit", type=int, default=None, metavar="N",
+                     help="show at most N sessions (default: all with --once, what fits the "
+                     "terminal otherwise)")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.set_defaults(func=_cmd_top)
 
     bench = commands.add_parser("bench", help="benchmarks against HF transformers (fork, "
                                 "decode, tree), in-process calls (api), plain copies (swap) or "
@@ -216,6 +244,8 @@ def _parser() -> argparse.ArgumentParser:
             ("--threads", int, "torch intra-op threads")):
         agents.add_argument(flag, type=kind, default=None, help=text)
     agents.add_argument("--json", metavar="PATH", default=None, help="also write results here")
+    agents.add_argument("--plot", metavar="FILE.png", default=None,
+                        help="also draw the comparison there (needs matplotlib)")
     agents.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
     agents.set_defaults(func=_cmd_bench_agents)
 
@@ -275,6 +305,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="skip the transformers peer")
     gpu.add_argument("--threads", type=int, default=None)
     gpu.add_argument("--json", metavar="PATH", default=None, help="also write results here")
+    gpu.add_argument("--plot", metavar="FILE.png", default=None,
+                     help="also draw the comparison there (needs matplotlib)")
     gpu.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
     for flag, kind, text in (
             ("--shapes", lambda t: t.split(","), "comma-separated: qwen2.5-0.5b, llama-3.2-1b, "
@@ -305,6 +337,8 @@ def _parser() -> argparse.ArgumentParser:
     api.add_argument("--block-size", type=int, default=None)
     api.add_argument("--seed", type=int, default=None, help="seeds the random prompt")
     api.add_argument("--json", metavar="PATH", default=None, help="also write results here")
+    api.add_argument("--plot", metavar="FILE.png", default=None,
+                     help="also draw the comparison there (needs matplotlib)")
     api.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
     api.set_defaults(func=_cmd_bench_api)
     return parser
@@ -328,6 +362,8 @@ def _bench_options(p: argparse.ArgumentParser, peer: bool = True) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's, one per core)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write results here")
+    p.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="also draw the comparison there (needs matplotlib)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
 
 
@@ -354,7 +390,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     names = ("model", "device", "dtype", "block_size", "kv_blocks", "host_blocks",
              "max_batch_tokens", "max_model_len", "scheduler", "deterministic", "prefix_cache",
-             "seed", "host", "port",
+             "cuda_graphs", "seed", "host", "port",
              "api_keys", "allow_open",
              "served_model_name", "max_body_bytes", "max_tokens_cap",
              "max_sessions_per_tenant", "max_tokens_per_tenant",
@@ -386,6 +422,12 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=5)
     return 0
+
+
+def _cmd_top(args: argparse.Namespace) -> int:
+    from agentos import top
+
+    return top.run(args.url, args.api_key, args.interval, args.sort, args.limit, args.once)
 
 
 def _cmd_bench_fork(args: argparse.Namespace) -> int:
@@ -476,6 +518,10 @@ def _report(result: dict, render, args: argparse.Namespace) -> int:
     render(result)
     if args.json:
         write_json(args.json, result)
+    if args.plot:
+        from agentos.bench.plot import plot
+
+        plot(result, args.plot)
     return 1 if args.strict and not result["passed"] else 0
 
 

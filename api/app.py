@@ -21,8 +21,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
 from agentos.api.observe import HttpMetrics, RequestLogMiddleware
+from agentos.api.routes import dashboard, internal, openai, sessions, snapshots, system
 from agentos.api.routes import engine as engine_routes
-from agentos.api.routes import internal, openai, sessions, snapshots, system
 from agentos.api.tenants import Tenants, load_tenants
 from agentos.api.wire import AuthMiddleware, BodyMiddleware, WireResponse, error_response
 from agentos.kernel.errors import (
@@ -51,6 +51,7 @@ class ServerSettings:
     scheduler: str = "mlfq"
     deterministic: bool = False  # batch-invariant results
     prefix_cache: bool = True
+    cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA only)
     max_model_len: int | None = None
     seed: int = 0
     # durability and cluster
@@ -80,7 +81,7 @@ class ServerSettings:
     def engine_options(self) -> dict:
         names = ("device", "dtype", "block_size", "kv_blocks", "host_blocks",
                  "max_batch_tokens", "max_model_len", "scheduler", "deterministic", "prefix_cache",
-                 "seed")
+                 "cuda_graphs", "seed")
         options = {k: v for k, v in asdict(self).items() if k in names}
         if self.redis:
             options.update(store=self.redis, deployment=self.deployment,
@@ -148,7 +149,7 @@ def create_app(settings: ServerSettings | None = None, engine=None,
     app.state.heartbeat = None  # a worker's Heartbeat, from the lifespan handler
     app.state.cluster_secret = None  # read from Redis by a worker
     routers = (sessions.router, snapshots.router, openai.router, system.router,
-               engine_routes.router, internal.router)
+               engine_routes.router, internal.router, dashboard.router)
     for r in routers:
         app.include_router(r)
     _error_handlers(app)

@@ -20,6 +20,7 @@ class Config:
     scheduler: str = "mlfq"  # "mlfq" (multi-level feedback queue) or "fcfs"
     deterministic: bool = False  # batch-invariant results (kernel/batch_invariant.py)
     prefix_cache: bool = True  # share full KV blocks between sessions with the same prefix
+    cuda_graphs: bool = True  # decode steps replay captured CUDA graphs (CUDA only, not deterministic)
     store: Any = None  # None (no journal), "memory", a redis:// URL, or a snapshot.store.Store
     deployment: str = "default"  # namespace of the store's keys
     worker_id: str = "main"  # whose sessions in the store this engine recovers and journals

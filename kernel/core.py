@@ -98,7 +98,8 @@ class Kernel:
 
             make_batch_invariant(self.model)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.device, self.dtype,
-                                  host_blocks, config.deterministic)
+                                  host_blocks, config.deterministic, config.cuda_graphs,
+                                  config.max_batch_size, self.max_model_len)
         self.policy = make_policy(config.scheduler)
         self.procs: dict[str, Process] = {}
         self._scratch: dict[str, Process] = {}  # score calls' forks of sessions, never listed

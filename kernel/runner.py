@@ -1,24 +1,31 @@
 """Model runner: the only place that turns a step's chunks into tensors and runs them.
 
-Owns the KV pools, block-major: the device tier `[num_blocks, num_layers, 2, block_size,
-num_kv_heads, head_dim]` and the host tier of the same shape (pinned memory on CUDA).
+Owns the KV pools, block-major: the device tier `[num_blocks + 1, num_layers, 2, block_size,
+num_kv_heads, head_dim]` (the last block is scratch, never allocated: padded rows of a CUDA
+graph write there) and the host tier `[num_host_blocks, ...]` (pinned memory on CUDA).
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
 
 from agentos.kernel.attention import AttnMeta, PrefillChunk, SharedPrefix
+from agentos.kernel.cuda_graphs import CaptureError, DecodeGraphs, prefers_cascade
 from agentos.kernel.model import LlamaModel
 from agentos.kernel.process import ScoreCall
 from agentos.kernel.sampler import sample, score
 from agentos.kernel.sched import Chunk
 
+log = logging.getLogger("agentos.runner")
+
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, device, dtype,
-                 num_host_blocks: int = 0, deterministic: bool = False):
+                 num_host_blocks: int = 0, deterministic: bool = False, cuda_graphs: bool = False,
+                 max_batch_size: int = 256, max_model_len: int | None = None):
         cfg = model.cfg
         self.model = model
         self.deterministic = deterministic  # batch-invariant kernels (see batch_invariant.py)
@@ -28,12 +35,29 @@ class ModelRunner:
         # a swap moves whole blocks at memcpy speed. zeros, not empty: padded decode reads
         # unwritten slots (masked, times 0), and 0 * NaN garbage would still poison the row
         shape = (cfg.num_layers, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv = _zeros((num_blocks, *shape), dtype, self.device)
+        self.scratch_block = num_blocks  # the allocator hands out slots 0 .. num_blocks - 1
+        self.kv = _zeros((num_blocks + 1, *shape), dtype, self.device)
         self.host_kv = _zeros((num_host_blocks, *shape), dtype, torch.device("cpu"),
                               pin=self.device.type == "cuda")
         # NOTE: on CUDA, swaps run on a side stream that starts after the compute queued
         # before them; the next step's compute waits for the stream (see run_copies)
         self._swap_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # NOTE: not in deterministic mode: its batch-invariant kernels were not vetted for capture
+        self.graphs = None
+        if cuda_graphs and self.device.type == "cuda" and not deterministic:
+            max_blocks = -(-(max_model_len or cfg.max_position_embeddings) // block_size)
+            self.graphs = DecodeGraphs(model, max_batch_size, max_blocks,
+                                       self.scratch_block * block_size, self.device)
+        self.num_eager_decodes = 0  # decode-only steps that ran eagerly
+
+    @property
+    def capture_stats(self) -> dict[str, int]:
+        """How decode-only steps ran, for benchmarks: graphs captured, graph replays, and
+        eager runs (graphs off, cascade preferred, or larger than every graph)."""
+        g = self.graphs
+        return {"graphs_captured": g.num_captured if g else 0,
+                "graph_replays": g.num_replays if g else 0,
+                "eager_decode_steps": self.num_eager_decodes}
 
     @staticmethod
     def block_bytes(model: LlamaModel, block_size: int, dtype: torch.dtype) -> int:
@@ -46,6 +70,8 @@ class ModelRunner:
         dropped every page first); with `weights`, moves the weights to host memory too."""
         self._kv_shape = tuple(self.kv.shape)
         self.kv = self.kv.new_empty(0)
+        if self.graphs is not None:
+            self.graphs.clear()
         if weights and self.device.type != "cpu":
             self.model.to("cpu")
         if self.device.type == "cuda":
@@ -60,8 +86,8 @@ class ModelRunner:
         """Copies whole device blocks src -> dst (copy-on-write)."""
         if not pairs:
             return
-        src = torch.tensor([s for s, _ in pairs], device=self.device)
-        dst = torch.tensor([d for _, d in pairs], device=self.device)
+        src, dst = self._upload([np.array([s for s, _ in pairs], dtype=np.int64),
+                                 np.array([d for _, d in pairs], dtype=np.int64)])
         self.kv.index_copy_(0, dst, self.kv.index_select(0, src))
 
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
@@ -105,7 +131,8 @@ class ModelRunner:
         Decode chunks (one token) must come first; every page of their tables must be on
         the device, at `page_slots[page]`. Returns one entry per chunk: None, (token id,
         logprob) for a sampled token, or (logprobs, NextTokenLogprobs | None) for a score
-        call's positions in the chunk.
+        call's positions in the chunk. On CUDA a decode-only step replays a captured graph
+        (see cuda_graphs.py) when one fits.
         """
         bs = self.block_size
         ids: list[int] = []
@@ -113,8 +140,7 @@ class ModelRunner:
         slot_parts: list[np.ndarray] = []
         logits_idx: list[int] = []
         spans: list[tuple[int, int] | None] = []  # per chunk: its positions that need logits
-        prefills: list[PrefillChunk] = []
-        num_decodes = 0
+        prefills: list[tuple[int, int, int, np.ndarray]] = []  # (q_start, q_len, ctx_len, table)
         dec_tables: list[np.ndarray] = []
         dec_lens: list[int] = []
         for c in chunks:
@@ -125,41 +151,76 @@ class ModelRunner:
             ids.extend(p.token_ids[c.start : c.end])
             pos_parts.append(pos)
             slot_parts.append(table[pos // bs] * bs + pos % bs)
-            nb = -(-c.end // bs)
             if c.num_tokens == 1 and not prefills:
-                num_decodes += 1
-                dec_tables.append(table[:nb])
+                dec_tables.append(table)
                 dec_lens.append(c.end)
             else:
-                prefills.append(PrefillChunk(q_start, c.num_tokens, c.end,
-                                             torch.from_numpy(table[:nb]).to(self.device)))
+                prefills.append((q_start, c.num_tokens, c.end, table))
             span = _logit_span(c)
             spans.append(span)
             if span is not None:
                 logits_idx.extend(range(q_start + span[0] - c.start, q_start + span[1] - c.start))
-        dev = self.device
-        meta = AttnMeta(
-            slot_mapping=torch.from_numpy(np.concatenate(slot_parts)).to(dev),
-            num_decodes=num_decodes, prefills=prefills, deterministic=self.deterministic,
-        )
-        if num_decodes:
-            starts = np.zeros(num_decodes, dtype=np.int64)
-            if not self.deterministic:
-                for rows, prefix in shared_prefixes(dec_tables, dec_lens, bs):
-                    starts[rows] = len(prefix)
-                    meta.shared.append(SharedPrefix(torch.tensor(rows, device=dev),
-                                                    torch.from_numpy(prefix).to(dev)))
+        positions, slots = np.concatenate(pos_parts), np.concatenate(slot_parts)
+        shared = shared_prefixes(dec_tables, dec_lens, bs) if dec_tables and not self.deterministic else []
+        if not prefills:  # decode only: each span is at most the chunk's one position
+            if self.graphs is not None and not (shared and prefers_cascade(shared, dec_tables)):
+                try:
+                    logits = self.graphs.run(self.kv, ids, positions, slots, dec_tables, dec_lens)
+                except CaptureError as e:
+                    # NOTE: a capture runs over padding only (it writes the scratch slot), so
+                    # the step can still run eagerly; graphs stay off from then on
+                    log.warning("CUDA graph capture failed, decoding eagerly from now on: %s", e)
+                    self.graphs, logits = None, None
+                if logits is not None:
+                    need = [i for i, span in enumerate(spans) if span is not None]
+                    return self._outputs(chunks, spans, logits if len(need) == len(chunks) else logits[need])
+            self.num_eager_decodes += 1
+        logits = self._forward(ids, positions, slots, logits_idx, prefills, dec_tables, dec_lens, shared)
+        return self._outputs(chunks, spans, logits)
+
+    def _forward(self, ids: list[int], positions: np.ndarray, slots: np.ndarray,
+                 logits_idx: list[int], prefills: list[tuple[int, int, int, np.ndarray]],
+                 dec_tables: list[np.ndarray], dec_lens: list[int],
+                 shared: list[tuple[list[int], np.ndarray]]) -> torch.Tensor:
+        """The eager forward of a step: its index tensors, uploaded together, then the model.
+        Returns the logits [len(logits_idx), V] fp32."""
+        bs = self.block_size
+        parts = [np.asarray(ids, dtype=np.int64), positions, slots, np.asarray(logits_idx, dtype=np.int64)]
+        parts += [table for *_, table in prefills]
+        for rows, prefix in shared:
+            parts += [np.asarray(rows, dtype=np.int64), prefix]
+        if dec_tables:
+            starts = np.zeros(len(dec_tables), dtype=np.int64)
+            for rows, prefix in shared:
+                starts[rows] = len(prefix)
             width = max(len(t) - a for t, a in zip(dec_tables, starts))
-            tables = np.zeros((num_decodes, width), dtype=np.int64)
+            tables = np.zeros((len(dec_tables), width), dtype=np.int64)
             for i, t in enumerate(dec_tables):
                 tables[i, : len(t) - starts[i]] = t[starts[i] :]
-            meta.decode_block_tables = torch.from_numpy(tables).to(dev)
-            meta.decode_ctx_lens = torch.tensor(np.asarray(dec_lens) - starts * bs, device=dev)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        positions = torch.from_numpy(np.concatenate(pos_parts)).to(dev)
-        logits = self.model(input_ids, positions, meta, self.kv,
-                            torch.tensor(logits_idx, dtype=torch.long, device=dev))
-        return self._outputs(chunks, spans, logits)
+            parts += [tables, np.asarray(dec_lens) - starts * bs]
+        dev = iter(self._upload(parts))  # taken in the order of parts
+        input_ids, positions_t, slot_mapping, logits_indices = next(dev), next(dev), next(dev), next(dev)
+        meta = AttnMeta(
+            slot_mapping=slot_mapping, num_decodes=len(dec_tables), deterministic=self.deterministic,
+            prefills=[PrefillChunk(q_start, q_len, ctx, next(dev)) for q_start, q_len, ctx, _ in prefills],
+            shared=[SharedPrefix(next(dev), next(dev)) for _ in shared],
+        )
+        if dec_tables:
+            meta.decode_block_tables, meta.decode_ctx_lens = next(dev), next(dev)
+        return self.model(input_ids, positions_t, meta, self.kv, logits_indices)
+
+    def _upload(self, parts: list[np.ndarray]) -> list[torch.Tensor]:
+        """The int64 arrays as tensors of the same shapes on the device. On CUDA by one copy
+        from pinned memory that does not wait for the device (a step's index tensors cost one
+        transfer and no host sync); on CPU the arrays themselves, uncopied."""
+        if self.device.type == "cpu":
+            return [torch.from_numpy(a) for a in parts]
+        sizes = [a.size for a in parts]
+        host = torch.empty(sum(sizes), dtype=torch.int64, pin_memory=True)
+        np.concatenate([a.ravel() for a in parts], out=host.numpy())
+        # NOTE: the caching host allocator hands `host` out again only after the copy is done
+        dev = host.to(self.device, non_blocking=True)
+        return [d.view(a.shape) for d, a in zip(dev.split(sizes), parts)]
 
     def _outputs(self, chunks: list[Chunk], spans: list, logits: torch.Tensor) -> list:
         # logits: [S, V] fp32, the rows of every chunk's span in chunk order
