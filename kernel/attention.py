@@ -89,7 +89,14 @@ def paged_attention(
         return attention(q, k_cache, v_cache, meta, scale)
     fast = _triton_kernels(q, k_cache)
     if fast is not None:
-        return fast.paged_attention(q, k_cache, v_cache, meta, scale)
+        try:
+            return fast.paged_attention(q, k_cache, v_cache, meta, scale)
+        except Exception as e:  # e.g. a kernel that does not compile for this GPU
+            if BACKEND == "triton":
+                raise
+            # NOTE: the kernels write nothing before they run, so the torch path can take
+            # this call; it keeps every later one (one warning, not one per step)
+            _disable_triton(e)
     out = torch.empty_like(q)
     if meta.num_decodes:
         out[: meta.num_decodes] = _decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale)
@@ -102,7 +109,7 @@ def paged_attention(
 def _triton_kernels(q: torch.Tensor, k_cache: torch.Tensor):
     """The triton_attention module when it should run this call, else None (torch path).
     Raises RuntimeError when BACKEND is "triton" and Triton cannot run on q's device."""
-    if BACKEND == "torch" or (BACKEND == "auto" and q.device.type != "cuda"):
+    if BACKEND == "torch" or (BACKEND == "auto" and (q.device.type != "cuda" or _TRITON_OFF)):
         return None  # NOTE: checked first, so the CPU path never imports triton
     mod = _load_triton()
     if mod is None or not mod.available(q.device):
@@ -110,6 +117,19 @@ def _triton_kernels(q: torch.Tensor, k_cache: torch.Tensor):
             raise RuntimeError(f"AGENTOS_ATTENTION=triton, but Triton cannot run on {q.device}")
         return None
     return mod if mod.supports(q, k_cache) else None
+
+
+_TRITON_OFF = False  # set after the Triton path failed once under BACKEND "auto"
+
+
+def _disable_triton(error: Exception) -> None:
+    global _TRITON_OFF
+    import logging
+
+    logging.getLogger("agentos.attention").warning(
+        "Triton attention failed (%s: %s); using the torch path from now on",
+        type(error).__name__, error)
+    _TRITON_OFF = True
 
 
 @functools.cache

@@ -475,3 +475,33 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def test_a_failing_kernel_hands_over_to_torch_for_good(monkeypatch):
+    """Under AGENTOS_ATTENTION=auto, a Triton failure (say a kernel that does not compile
+    for the GPU) is answered by the torch path, this call and every later one."""
+    import torch
+
+    from agentos.kernel import attention
+
+    calls = []
+
+    class Failing:
+        def paged_attention(self, *args):
+            calls.append(1)
+            raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(attention, "BACKEND", "auto")
+    monkeypatch.setattr(attention, "_TRITON_OFF", False)
+    monkeypatch.setattr(attention, "_triton_kernels",
+                        lambda q, k: None if attention._TRITON_OFF else Failing())
+    k = torch.randn(4, 16, 2, 8)
+    v = torch.randn(4, 16, 2, 8)
+    q = torch.randn(2, 4, 8)
+    meta = attention.AttnMeta(slot_mapping=torch.tensor([5, 20]), num_decodes=2,
+                              decode_block_tables=torch.tensor([[0, 0], [1, 2]]),
+                              decode_ctx_lens=torch.tensor([6, 21]))
+    want = attention._decode(q, k, v, meta, 0.3)
+    for _ in range(2):
+        assert torch.equal(attention.paged_attention(q, k, v, meta, 0.3), want)
+    assert calls == [1] and attention._TRITON_OFF
