@@ -401,6 +401,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.heartbeat_s <= 0:
         print("agentos serve: --heartbeat-s must be > 0", file=sys.stderr)
         return 2
+    if args.redis:  # one clear line, not a startup traceback, when Redis is not there
+        from agentos.kernel.errors import StoreUnavailableError
+        from agentos.snapshot.store import RedisStore
+
+        try:
+            RedisStore(args.redis, args.deployment).ping()
+        except (StoreUnavailableError, ValueError) as e:
+            print(f"agentos serve: {e}", file=sys.stderr)
+            return 1
     settings = ServerSettings(**{n: getattr(args, n) for n in names})
     settings.max_tokens_cap = settings.max_tokens_cap or None
     app = create_app(settings)

@@ -156,3 +156,13 @@ def test_redis_outage_503_then_recovers(redis):
     ctx, url = serve(redis.url, dep)
     with ctx, httpx.Client(base_url=url, timeout=30) as h:
         assert h.get(f"/v1/sessions/{sid}/tokens").json()["tokens"] == acked
+
+
+def test_serve_refuses_to_start_without_redis():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "agentos.cli", "serve", "--redis",
+                        f"redis://127.0.0.1:{free_port()}/0", "--port", str(free_port())],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "unavailable" in r.stderr and "Traceback" not in r.stderr
