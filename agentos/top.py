@@ -172,11 +172,15 @@ def _sessions(sessions: list[dict], previous: Frame | None, dt: float, sort: str
     rows.sort(key=lambda row: (*_SORT_KEYS[sort](*row), row[0]["id"]))
     shown = rows if limit is None else rows[:max(0, limit)]
     table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, show_edge=False)
+    # NOTE: ids are never cut (they are what an operator copies); a narrow terminal
+    # squeezes the other columns first
+    id_width = max((len(s["id"]) for s, _ in shown), default=2)
     for name, justify in (("ID", "left"), ("PARENT", "left"), ("STATE", "left"), ("LVL", "right"),
                           ("TOKENS", "right"), ("CACHED", "right"), ("GEN", "right"),
                           ("DEV", "right"), ("HOST", "right"), ("TOK/S", "right"),
                           ("ACTIVE", "right")):
-        table.add_column(name, justify=justify, no_wrap=True)
+        table.add_column(name, justify=justify, no_wrap=True,
+                         min_width=id_width if name == "ID" else None)
     for s, tok_s in shown:
         state = s["state"]
         table.add_row(Text(s["id"]), Text(s.get("parent_id") or "-"),

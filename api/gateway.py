@@ -11,6 +11,9 @@ Routing, from the registry and the directory in Redis (see `agentos.snapshot.clu
   creates the children there; an id the directory does not know goes to any live worker
   (which answers 404 itself);
 - `GET /v1/sessions`: every live worker, their lists merged;
+- `GET /v1/system`: every live worker, their stats summed (and each one's, under
+  "workers"), so `agentos top` and `/dashboard` at the gateway show the deployment;
+  `GET /dashboard` is served from a worker;
 - `POST /v1/weights`, `/v1/engine/*` (admin): every live worker; the first error, else the
   first answer;
 - everything else (OpenAI routes, tokenize, system): the least loaded live worker.
@@ -266,6 +269,8 @@ class Gateway:
                 raise OutOfCapacityError("no live workers")
             if method == "GET" and path == "/v1/sessions":
                 return await self.list_sessions(request)
+            if method == "GET" and path == "/v1/system":
+                return await self.system(request)
             if path == "/v1/weights" or path.startswith("/v1/engine/"):
                 return await self.broadcast(request, body)
             rid = self._record_id(method, path, request.headers.get("content-type", ""), body)
@@ -404,6 +409,42 @@ class Gateway:
         data = sorted((s for r in answers for s in r.json()["data"]), key=lambda s: s["id"])
         return _render({"object": "list", "data": data}, 200, request)
 
+    async def system(self, request: Request) -> Response:
+        """GET /v1/system of the whole deployment: each live worker's answer under
+        "workers", and "stats" summed over them (counts, blocks, tokens, times), so
+        `agentos top` and /dashboard pointed at the gateway show the cluster."""
+        live = self.live()
+        try:
+            answers = await asyncio.gather(*(self._fetch(w, request, b"", "application/json")
+                                             for w in live))
+        except WorkerError as e:
+            raise OutOfCapacityError(f"cannot read the workers' state now: {e}") from None
+        for r in answers:
+            if r.status_code != 200:
+                return Response(r.content, status_code=r.status_code,
+                                headers={k: v for k, v in r.headers.items() if k in RELAY_HEADERS})
+        bodies = [r.json() for r in answers]
+        merged = dict(bodies[0])
+        merged["stats"] = _sum_stats([b["stats"] for b in bodies])
+        merged["workers"] = [{"id": w.id, "url": w.url, "stats": b["stats"]} for w, b in zip(live, bodies)]
+        tenant = dict(bodies[0].get("tenant", {}))
+        for key in ("sessions", "snapshots"):
+            if key in tenant:
+                tenant[key] = sum(b.get("tenant", {}).get(key, 0) for b in bodies)
+        merged["tenant"] = tenant
+        return _render(merged, 200, request)
+
+    async def dashboard(self) -> Response:
+        """The dashboard page (static: its data calls come back through the gateway)."""
+        w = self.least_loaded()
+        if w is None:
+            raise OutOfCapacityError("no live workers")
+        try:
+            r = await self.http.get(f"{w.url}/dashboard")
+        except httpx.HTTPError as e:
+            raise OutOfCapacityError(f"worker {w.id} did not answer: {e}") from None
+        return Response(r.content, status_code=r.status_code, media_type="text/html")
+
     async def broadcast(self, request: Request, body: bytes) -> Response:
         """An admin call on every live worker: the first error, else the first answer."""
         live = self.live()
@@ -442,6 +483,27 @@ class _Relay(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self.upstream.aclose()
+
+
+# per-worker facts, the same on every worker: kept from the first, never summed
+_SAME = frozenset({"block_size", "block_bytes", "weight_version", "scheduler", "worker_id"})
+
+
+def _sum_stats(parts: list[dict]) -> dict:
+    """Stats dicts summed key by key: numbers added (except _SAME), flags or-ed, dicts
+    merged recursively, anything else taken from the first that has it."""
+    out: dict = {}
+    for part in parts:
+        for k, v in part.items():
+            if k not in out:
+                out[k] = _sum_stats([v]) if isinstance(v, dict) else v
+            elif isinstance(v, dict) and isinstance(out[k], dict):
+                out[k] = _sum_stats([out[k], v])
+            elif isinstance(v, bool):  # "up" holds when every worker is up; others: any
+                out[k] = (out[k] and v) if k == "up" else (out[k] or v)
+            elif isinstance(v, (int, float)) and k not in _SAME:
+                out[k] += v
+    return out
 
 
 def _broken(e: WorkerError, method: str) -> APIStatusError:
@@ -487,6 +549,13 @@ def create_gateway(redis_url: str, deployment: str = "default",
     async def health():
         status, body = await gateway.health()
         return JSONResponse(body, status_code=status)
+
+    @app.get("/dashboard")
+    async def dashboard():
+        try:
+            return await gateway.dashboard()
+        except APIStatusError as e:
+            return _error(e)
 
     @app.api_route("/v1/{path:path}", methods=METHODS)
     async def proxy(request: Request, path: str):

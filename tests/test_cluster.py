@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import subprocess
+import sys
 import threading
 import time
 from contextlib import ExitStack, contextmanager
@@ -567,6 +569,18 @@ def test_sessions_survive_a_killed_worker(redis_url, ns):
         tokens = {s.id: s.tokens for s in everything}
         where = store.directory()
         assert {where[sid][0] for sid in snaps} <= set(procs)
+
+        # the gateway's /v1/system sums the workers'; top and the dashboard work through it
+        system = httpx.get(f"{gurl}/v1/system", timeout=30).json()
+        assert system["stats"]["sessions"]["total"] == len(everything) == sum(
+            w["stats"]["sessions"]["total"] for w in system["workers"])
+        assert {w["id"] for w in system["workers"]} == set(procs)
+        assert system["stats"]["kv"]["block_size"] == 16  # per-worker facts are not summed
+        top = subprocess.run([sys.executable, "-m", "agentos.cli", "top", "--once", "--url", gurl],
+                             capture_output=True, text=True, timeout=60)
+        assert top.returncode == 0 and all(x.id in top.stdout for x in everything), top.stdout
+        page = httpx.get(f"{gurl}/dashboard", timeout=30)
+        assert page.status_code == 200 and "<svg" in page.text.lower()
 
         victim = where[sessions[0].id][0]
         survivor = next(w for w in procs if w != victim)
