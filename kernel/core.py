@@ -5,6 +5,10 @@ One thread runs the loop. Clients never touch kernel state: they submit syscalls
 operation sees a consistent state and needs no locks. A syscall that raises `Defer` is
 retried after the next step (e.g. a fork waiting for its parent's prefill to finish, so
 the children share the prefilled pages instead of each computing them).
+
+The Kernel is one object in three files: this one (the loop, the step, the process
+syscalls), paging.py (memory for the scheduler: prefix cache, reserve, make room) and
+lifecycle.py (pause, abort, weights, sleep).
 """
 
 from __future__ import annotations
@@ -32,13 +36,15 @@ from agentos.kernel.errors import (
     NotFoundError,
     OutOfCapacityError,
 )
-from agentos.kernel.kalloc import DEVICE, HOST, ROOT_DIGEST, BlockAllocator, block_digest
+from agentos.kernel.kalloc import HOST, BlockAllocator
+from agentos.kernel.lifecycle import Lifecycle
 from agentos.kernel.loader import load_model
+from agentos.kernel.paging import Paging
 from agentos.kernel.process import GenerateCall, Generation, Process, ProcState, ScoreCall
 from agentos.kernel.runner import ModelRunner
 from agentos.kernel.sampler import new_rng
 from agentos.kernel.sampling_params import SamplingParams
-from agentos.kernel.sched import form_batch, make_policy, victim_order
+from agentos.kernel.sched import form_batch, make_policy
 from agentos.kernel.tokenizer import IncrementalDetokenizer
 from agentos.kernel.vm import VM, PageTable
 
@@ -49,7 +55,7 @@ class Defer(Exception):
     """Raised by a syscall that must wait for the next step; it is retried then."""
 
 
-class Kernel:
+class Kernel(Paging, Lifecycle):
     def __init__(self, config: Config):
         """Starts the loop thread, which loads the model and allocates the KV pools; waits
         for it and re-raises what loading raised (FileNotFoundError, ValueError, ...).
@@ -219,178 +225,6 @@ class Kernel:
         for p in [*self.procs.values(), *self._scratch.values()]:
             if p.call is not None and not p.call.future.done():
                 p.call.future.set_exception(error)
-
-    # -- the step -----------------------------------------------------------------------
-
-    # -- memory for the scheduler (MemoryView) ----------------------------------------
-
-    def match_prefix(self, p: Process) -> bool:
-        """Maps prefix-cache pages for p's next full blocks of tokens (see MemoryView)."""
-        bs, table = self.block_size, p.table
-        i = table.num_blocks
-        if p.num_cached != i * bs or not self.kalloc.cached or not self.config.prefix_cache:
-            return True
-        prev = ROOT_DIGEST if i == 0 else self.kalloc.digest.get(int(table.block_ids[-1]))
-        if prev is None:
-            return True
-        hits: list[int] = []
-        wait = False
-        tokens = p.token_ids
-        # a score call needs the logits of every position from the one before its first
-        # scored token, so those are computed, never taken from the cache
-        end = p.call.start - 1 if isinstance(p.call, ScoreCall) else len(tokens)
-        while (i + 1) * bs <= end:
-            digest = block_digest(prev, tokens[i * bs : (i + 1) * bs])
-            page = self.kalloc.lookup(digest)
-            if page is None:
-                wait = digest in self._inflight
-                break
-            hits.append(page)
-            prev = digest
-            i += 1
-        if hits:
-            if p.num_cached == 0:  # the cache holds pages of the current weights only
-                p.kv_version = self.weight_version
-            for page in hits:
-                self.kalloc.revive(page)
-            table.push(hits)
-            cached = min(i * bs, p.num_tokens - 1 if p.call is not None else p.num_tokens)
-            self.stats["prefix_hit_tokens"] += cached - p.num_cached
-            p.num_cached = cached
-            if not p.has_work():
-                self._satisfied.append(p)
-        return not wait
-
-    def reserve(self, p: Process, start: int, end: int) -> bool:
-        """Makes [start, end) of p writable with all its pages on the device (see
-        MemoryView): frees room by evicting cached pages, then swapping out or dropping
-        victims; swaps p's host pages in; copies shared pages it will write."""
-        need = self.vm.blocks_needed(p.table, start, end)
-        if need > self.kalloc.num_free:
-            self._pin_batch()
-            self._pin(p.table.block_ids, 1)
-            # NOTE: only the first chunk of a step may evict sessions that have work
-            # queued; later ones would push out sessions that need their pages back a
-            # step later (thrashing), so they wait until a session sleeps
-            made = self._make_room(need, evict_queued=not self._batch)
-            self._pin(p.table.block_ids, -1)
-            if not made:
-                return False
-        if need:
-            host = self.vm.nonresident(p.table)
-            if len(host):
-                self._copy("in", self.kalloc.swap_in(host.tolist()))
-                self.stats["swap_in_blocks"] += len(host)
-        copies = self.vm.prepare_write(p.table, start, end)
-        assert copies is not None, "room was made"
-        self._batch.append(p)
-        if self._pinned:
-            self._pin(p.table.block_ids, 1)  # with its new pages, not the ones it copied
-        if copies:
-            slot = self.kalloc.slot
-            self._copy("cow", [(int(slot[s]), int(slot[d])) for s, d in copies])
-            self.stats["cow_copies"] += len(copies)
-        if end - start > 1:  # a prefill: later prompts with the same blocks wait for these
-            self._inflight.update(self._digests(p, start // self.block_size, end // self.block_size))
-        return True
-
-    def _pin_batch(self) -> None:
-        """Pins the pages of the step's chunks so far (they are never victims); from now
-        on until the step ends, reserve pins each new chunk's pages too."""
-        if not self._pinned:
-            self._pinned = True
-            self._pins.fill(0)
-            for q in self._batch:
-                self._pin(q.table.block_ids, 1)
-
-    def _pin(self, pages: np.ndarray, delta: int) -> None:
-        self._pins[pages] += delta  # page table ids are distinct
-
-    def _copy(self, kind: str, pairs: list[tuple[int, int]]) -> None:
-        if not pairs:
-            return
-        if self._copies and self._copies[-1][0] == kind:
-            self._copies[-1][1].extend(pairs)
-        else:
-            self._copies.append((kind, pairs))
-
-    def _make_room(self, need: int, evict_queued: bool) -> bool:
-        """Frees device pages until `need` can be allocated: victims' unpinned pages are
-        swapped to the host tier while it has room, then victims are dropped (their KV is
-        recomputed from tokens when they next run). Sessions with queued work are victims
-        only with `evict_queued`."""
-        k = self.kalloc
-        if k.num_free >= need:
-            return True
-        if self._victims is None:
-            self._victims = self._victim_list()
-        for drop in (False, True):
-            for holder in self._victims:
-                if k.num_free >= need:
-                    return True
-                if not evict_queued and isinstance(holder, Process) and holder.has_work():
-                    break  # victim_order puts queued sessions last
-                self._evict(holder, drop)
-        return k.num_free >= need
-
-    def _victim_list(self) -> list:
-        """Holders of pages in eviction order: snapshots first (their pages that no live
-        session maps, oldest snapshot first), then sessions by `victim_order`."""
-        snaps = []
-        if self.snapshots is not None and self.snapshots.records:
-            snaps = sorted(self.snapshots.records.values(), key=lambda r: r.created_at)
-            self._live = np.zeros(len(self.kalloc.refcount), dtype=bool)
-            for p in self.procs.values():
-                self._live[p.table.block_ids] = True
-        procs = victim_order(p for p in self.procs.values() if p.state is not ProcState.RUNNING)
-        return snaps + procs
-
-    def _evict(self, holder, drop: bool) -> None:
-        """Moves holder's unpinned device pages to the host tier (as many as fit), or with
-        drop, releases its pages and leaves its tokens to be recomputed."""
-        k = self.kalloc
-        pages = holder.table.block_ids
-        if not isinstance(holder, Process) and not drop:
-            pages = pages[~self._live[pages]]  # a snapshot's pages that only snapshots hold
-        movable = pages[(k.tier[pages] == DEVICE) & (self._pins[pages] == 0)]
-        if not len(movable):
-            return
-        if drop:
-            # NOTE: a page shared with other holders is freed once the last of them is
-            # dropped; shared pages that stay (a running fork's prefix) come back through
-            # the prefix cache when this holder runs again
-            self.stats["dropped_blocks"] += self.vm.free(holder.table)
-            holder.num_cached = 0
-        else:
-            room = min(len(movable), k.host.num_free)
-            if not room:
-                return
-            self._copy("out", k.swap_out(movable[:room].tolist()))
-            self.stats["swap_out_blocks"] += room
-        if isinstance(holder, Process):
-            holder.state = ProcState.SWAPPED
-
-    def _digests(self, p: Process, lo: int, hi: int) -> list[bytes]:
-        """Chained digests of p's token blocks lo..hi-1 (page lo-1 must be hashed)."""
-        if hi <= lo:
-            return []
-        bs = self.block_size
-        prev = ROOT_DIGEST if lo == 0 else self.kalloc.digest.get(int(p.table.block_ids[lo - 1]))
-        out = []
-        for i in range(lo, hi):
-            if prev is None:
-                break
-            prev = block_digest(prev, p.token_ids[i * bs : (i + 1) * bs])
-            out.append(prev)
-        return out
-
-    def _register_full(self, p: Process, start: int, end: int) -> None:
-        """Enters the pages that [start, end) completed into the prefix cache."""
-        if not self.config.prefix_cache:
-            return
-        lo, hi = start // self.block_size, end // self.block_size
-        for i, digest in enumerate(self._digests(p, lo, hi), lo):
-            self.kalloc.register(int(p.table.block_ids[i]), digest)
 
     # -- the step -----------------------------------------------------------------------
 
@@ -722,100 +556,6 @@ class Kernel:
             call.future.set_exception(error)
         else:
             call.future.set_result((call.logprobs, call.dist))
-
-    def sys_pause(self) -> None:
-        """Stops running steps: generate and score calls wait where they are (their state is
-        kept); other syscalls still apply. Idempotent."""
-        self._paused = True
-
-    def sys_resume(self) -> None:
-        """Runs steps again after pause (not while asleep: wake_up does)."""
-        if self._asleep:
-            raise ConflictError("the engine is asleep; wake_up() first")
-        self._paused = False
-
-    def sys_abort_all(self) -> int:
-        """Ends every generate call in flight now with finish_reason "abort"; the tokens made
-        so far, and their KV, stay in the sessions. Returns how many were ended."""
-        calls = [p for p in self.procs.values() if isinstance(p.call, GenerateCall)]
-        for p in calls:
-            self._finish(p, "abort")
-        return len(calls)
-
-    def sys_update_weights(self, weights: list[tuple[str, torch.Tensor]], version: int | None,
-                           kv_policy: str = "recompute") -> int:
-        """Loads HF-named tensors (all or some of the model's) between steps. Returns the new
-        weight version (`version`, or the current one plus one).
-
-        kv_policy "recompute": every cached page is stale: sessions and snapshots keep their
-        tokens and their KV is recomputed with the new weights when they next run, so no
-        token is sampled from KV of old weights. "keep": sessions go on with the KV they
-        have (their `kv_version` tells), only the prefix cache is emptied so new sessions
-        never share old KV. Raises InvalidRequestError (changing nothing) for an unknown
-        name, a wrong shape or a bad policy."""
-        if kv_policy not in ("recompute", "keep"):
-            raise InvalidRequestError(f"kv_policy must be 'recompute' or 'keep', got {kv_policy!r}")
-        if version is not None and (not isinstance(version, int) or version < 0):
-            raise InvalidRequestError(f"version must be an integer >= 0, got {version!r}")
-        try:
-            self.model.update_hf_weights(weights)
-        except ValueError as e:
-            raise InvalidRequestError(str(e)) from None
-        self.weight_version = self.weight_version + 1 if version is None else version
-        if kv_policy == "recompute":
-            self._drop_all_kv()
-        self.kalloc.flush_cache()
-        return self.weight_version
-
-    def _kv_holders(self) -> list:
-        """Everything that maps pages: sessions, score calls' scratch forks, snapshots."""
-        holders = [*self.procs.values(), *self._scratch.values()]
-        if self.snapshots is not None:
-            holders += list(self.snapshots.records.values())
-        return holders
-
-    def _drop_all_kv(self) -> None:
-        """Frees every page of every session, snapshot and score call: their KV is
-        recomputed from tokens when they next run."""
-        for h in self._kv_holders():
-            self.stats["dropped_blocks"] += self.vm.free(h.table)
-            h.num_cached = 0
-            if isinstance(h, Process) and h.state is not ProcState.RUNNABLE:
-                h.state = self._rest_state(h)
-
-    def sys_sleep(self, level: int = 1) -> None:
-        """Releases the device KV pool: pages move to the host tier while it has room, the
-        rest are dropped (recomputed from tokens later); steps stop until wake_up. Level 2
-        also moves the weights to host memory (on an accelerator). Idempotent."""
-        if level not in (1, 2):
-            raise InvalidRequestError(f"level must be 1 or 2, got {level!r}")
-        self._paused = self._asleep = True
-        k = self.kalloc
-        k.flush_cache()
-        for h in self._kv_holders():
-            pages = h.table.block_ids
-            pages = pages[k.tier[pages] == DEVICE]
-            if not len(pages):
-                continue
-            if len(pages) <= k.host.num_free:
-                self._copy("out", k.swap_out(pages.tolist()))
-                self.stats["swap_out_blocks"] += len(pages)
-            else:
-                self.stats["dropped_blocks"] += self.vm.free(h.table)
-                h.num_cached = 0
-            if isinstance(h, Process):
-                h.state = self._rest_state(h)
-        copies, self._copies = self._copies, []
-        self.runner.run_copies(copies)
-        self.runner.release_kv(weights=level == 2)
-
-    def sys_wake_up(self) -> None:
-        """Allocates the KV pool again (and brings the weights back) and resumes steps;
-        sessions swap in or recompute as they run. Idempotent."""
-        if self._asleep:
-            self.runner.restore_kv()
-            self._asleep = False
-        self._paused = False
 
     def sys_fork(self, pid: str, n: int) -> list[str]:
         if not isinstance(n, int) or n < 1:

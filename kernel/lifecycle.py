@@ -1,0 +1,108 @@
+"""The engine's lifecycle syscalls: pause and resume, abort every call, load new weights,
+and sleep and wake up (release and re-create the KV pool). A part of the Kernel (a base
+class of it); every method runs in the loop thread.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from agentos.kernel.errors import ConflictError, InvalidRequestError
+from agentos.kernel.kalloc import DEVICE
+from agentos.kernel.process import GenerateCall, Process, ProcState
+
+
+class Lifecycle:
+    def sys_pause(self) -> None:
+        """Stops running steps: generate and score calls wait where they are (their state is
+        kept); other syscalls still apply. Idempotent."""
+        self._paused = True
+
+    def sys_resume(self) -> None:
+        """Runs steps again after pause (not while asleep: wake_up does)."""
+        if self._asleep:
+            raise ConflictError("the engine is asleep; wake_up() first")
+        self._paused = False
+
+    def sys_abort_all(self) -> int:
+        """Ends every generate call in flight now with finish_reason "abort"; the tokens made
+        so far, and their KV, stay in the sessions. Returns how many were ended."""
+        calls = [p for p in self.procs.values() if isinstance(p.call, GenerateCall)]
+        for p in calls:
+            self._finish(p, "abort")
+        return len(calls)
+
+    def sys_update_weights(self, weights: list[tuple[str, torch.Tensor]], version: int | None,
+                           kv_policy: str = "recompute") -> int:
+        """Loads HF-named tensors (all or some of the model's) between steps. Returns the new
+        weight version (`version`, or the current one plus one).
+
+        kv_policy "recompute": every cached page is stale: sessions and snapshots keep their
+        tokens and their KV is recomputed with the new weights when they next run, so no
+        token is sampled from KV of old weights. "keep": sessions go on with the KV they
+        have (their `kv_version` tells), only the prefix cache is emptied so new sessions
+        never share old KV. Raises InvalidRequestError (changing nothing) for an unknown
+        name, a wrong shape or a bad policy."""
+        if kv_policy not in ("recompute", "keep"):
+            raise InvalidRequestError(f"kv_policy must be 'recompute' or 'keep', got {kv_policy!r}")
+        if version is not None and (not isinstance(version, int) or version < 0):
+            raise InvalidRequestError(f"version must be an integer >= 0, got {version!r}")
+        try:
+            self.model.update_hf_weights(weights)
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from None
+        self.weight_version = self.weight_version + 1 if version is None else version
+        if kv_policy == "recompute":
+            self._drop_all_kv()
+        self.kalloc.flush_cache()
+        return self.weight_version
+
+    def _kv_holders(self) -> list:
+        """Everything that maps pages: sessions, score calls' scratch forks, snapshots."""
+        holders = [*self.procs.values(), *self._scratch.values()]
+        if self.snapshots is not None:
+            holders += list(self.snapshots.records.values())
+        return holders
+
+    def _drop_all_kv(self) -> None:
+        """Frees every page of every session, snapshot and score call: their KV is
+        recomputed from tokens when they next run."""
+        for h in self._kv_holders():
+            self.stats["dropped_blocks"] += self.vm.free(h.table)
+            h.num_cached = 0
+            if isinstance(h, Process) and h.state is not ProcState.RUNNABLE:
+                h.state = self._rest_state(h)
+
+    def sys_sleep(self, level: int = 1) -> None:
+        """Releases the device KV pool: pages move to the host tier while it has room, the
+        rest are dropped (recomputed from tokens later); steps stop until wake_up. Level 2
+        also moves the weights to host memory (on an accelerator). Idempotent."""
+        if level not in (1, 2):
+            raise InvalidRequestError(f"level must be 1 or 2, got {level!r}")
+        self._paused = self._asleep = True
+        k = self.kalloc
+        k.flush_cache()
+        for h in self._kv_holders():
+            pages = h.table.block_ids
+            pages = pages[k.tier[pages] == DEVICE]
+            if not len(pages):
+                continue
+            if len(pages) <= k.host.num_free:
+                self._copy("out", k.swap_out(pages.tolist()))
+                self.stats["swap_out_blocks"] += len(pages)
+            else:
+                self.stats["dropped_blocks"] += self.vm.free(h.table)
+                h.num_cached = 0
+            if isinstance(h, Process):
+                h.state = self._rest_state(h)
+        copies, self._copies = self._copies, []
+        self.runner.run_copies(copies)
+        self.runner.release_kv(weights=level == 2)
+
+    def sys_wake_up(self) -> None:
+        """Allocates the KV pool again (and brings the weights back) and resumes steps;
+        sessions swap in or recompute as they run. Idempotent."""
+        if self._asleep:
+            self.runner.restore_kv()
+            self._asleep = False
+        self._paused = False
