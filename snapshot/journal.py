@@ -357,16 +357,19 @@ class Journal:
     def recover(self, kernel: Kernel, snaps: SnapshotTable) -> list[dict]:
         """Loads every record the store's directory gives this worker. Returns
         [{"id", "kind", "owner"}] of those loaded; refused ones are in `errors`."""
-        mine = [rid for rid, entry in self.store.directory().items() if entry[0] == self.worker_id]
-        return self.load(kernel, snaps, mine)
+        directory = self.store.directory()
+        mine = [rid for rid, entry in directory.items() if entry[0] == self.worker_id]
+        return self.load(kernel, snaps, mine, directory)
 
-    def load(self, kernel: Kernel, snaps: SnapshotTable, ids: list[str]) -> list[dict]:
+    def load(self, kernel: Kernel, snaps: SnapshotTable, ids: list[str],
+             directory: dict | None = None) -> list[dict]:
         """Loads records (sessions and snapshots) by id from the store into the kernel,
         their KV to be recomputed from tokens when they next run, and directs them to this
         worker. Ids already here are skipped; ids the store lacks are ignored; a record that
         fails its checksum or version is refused (logged, kept in `errors`, left in the
         store). Returns [{"id", "kind", "owner"}] of those loaded."""
-        directory = self.store.directory()
+        if directory is None:  # only these ids' entries: not the whole deployment's
+            directory = self.store.lookups(ids)
         wanted = [rid for rid in ids if rid in directory
                   and rid not in kernel.procs and rid not in snaps.records]
         loaded: list[Record] = []

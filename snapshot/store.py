@@ -78,6 +78,14 @@ class Store:
         v = self.hget(self.dir_key, rid)
         return None if v is None else dir_entry(rid, v)
 
+    def lookups(self, rids: Sequence[str]) -> dict[str, tuple[str, str, str, str]]:
+        """The directory's entries of those of `rids` it has, read together."""
+        values = self.hmget(self.dir_key, list(rids)) if rids else []
+        return {rid: dir_entry(rid, v) for rid, v in zip(rids, values) if v is not None}
+
+    def hmget(self, key: str, names: list[str]) -> list[bytes | None]:
+        raise NotImplementedError
+
 
 class MemoryStore(Store):
     """Records in this process's memory: the same semantics as Redis, no durability past
@@ -132,6 +140,11 @@ class MemoryStore(Store):
     def hget(self, key: str, name: str) -> bytes | None:
         with self._lock:
             return self.data.get(key, {}).get(_b(name))
+
+    def hmget(self, key: str, names: list[str]) -> list[bytes | None]:
+        with self._lock:
+            h = self.data.get(key, {})
+            return [h.get(_b(n)) for n in names]
 
     def read_records(self, keys):
         with self._lock:
@@ -203,6 +216,12 @@ class RedisStore(Store):
     def hget(self, key: str, name: str) -> bytes | None:
         try:
             return self.client.hget(key, name)
+        except self._errors as e:
+            raise self._unavailable(e) from None
+
+    def hmget(self, key: str, names: list[str]) -> list[bytes | None]:
+        try:
+            return self.client.hmget(key, names)
         except self._errors as e:
             raise self._unavailable(e) from None
 
