@@ -31,9 +31,9 @@ def sample(
     chosen = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
-        idx = torch.tensor(rows, device=logits.device)
+        idx = _to_device(rows, torch.long, logits.device)
         x = logits[idx]
-        temps = torch.tensor([params[i].temperature for i in rows], device=x.device)
+        temps = _to_device([params[i].temperature for i in rows], torch.float32, x.device)
         x = x / temps[:, None]
         x = _top_k_top_p(x, [params[i].top_k for i in rows], [params[i].top_p for i in rows])
         probs = torch.softmax(x, dim=-1)
@@ -42,9 +42,20 @@ def sample(
             torch.empty(x.shape[1], device=x.device).exponential_(generator=rngs[i]) for i in rows
         ])
         chosen[idx] = (probs / noise).argmax(dim=-1)
-    token_ids = chosen.tolist()
-    lp = logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
-    return token_ids, lp
+    lp = logprobs.gather(1, chosen[:, None]).squeeze(1)
+    # NOTE: one device-to-host read per step, both results together (float64 holds any
+    # token id exactly)
+    both = torch.stack((chosen.to(torch.float64), lp.to(torch.float64))).cpu()
+    return [int(t) for t in both[0].tolist()], both[1].tolist()
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor without a blocking copy (pinned staging on
+    CUDA)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _top_k_top_p(x: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
@@ -54,9 +65,9 @@ def _top_k_top_p(x: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> tor
     sorted_x, order = x.sort(dim=-1, descending=True)
     V = x.shape[1]
     ranks = torch.arange(V, device=x.device)[None, :]
-    ks = torch.tensor([k if 0 < k < V else V for k in top_ks], device=x.device)  # k >= V: off
+    ks = _to_device([k if 0 < k < V else V for k in top_ks], torch.long, x.device)  # k >= V: off
     drop = ranks >= ks[:, None]
-    ps = torch.tensor(top_ps, device=x.device, dtype=x.dtype)
+    ps = _to_device(top_ps, x.dtype, x.device)
     probs = torch.softmax(sorted_x.masked_fill(drop, float("-inf")), dim=-1)
     # keep the smallest prefix whose mass reaches top_p (always at least one token)
     mass_before = probs.cumsum(dim=-1) - probs
