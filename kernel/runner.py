@@ -305,17 +305,24 @@ def _copy_runs(src: torch.Tensor, dst: torch.Tensor, pairs: list[tuple[int, int]
     if s_run and d_run:
         dst[d_idx[0] : d_idx[0] + n].copy_(src[s_idx[0] : s_idx[0] + n], non_blocking=nb)
     elif d_run:  # gather into one destination run
-        out, idx = dst[d_idx[0] : d_idx[0] + n], torch.tensor(s_idx, device=src.device)
+        out, idx = dst[d_idx[0] : d_idx[0] + n], _index(s_idx, src.device)
         if nb:
             out.copy_(src.index_select(0, idx), non_blocking=True)
         else:  # NOTE: gather straight into place: one pass over the bytes, not two
             torch.index_select(src, 0, idx, out=out)
     elif s_run:  # scatter from one source run
         part = src[s_idx[0] : s_idx[0] + n].to(dst.device, non_blocking=nb)
-        dst.index_copy_(0, torch.tensor(d_idx, device=dst.device), part)
+        dst.index_copy_(0, _index(d_idx, dst.device), part)
     else:
-        part = src.index_select(0, torch.tensor(s_idx, device=src.device))
-        dst.index_copy_(0, torch.tensor(d_idx, device=dst.device), part.to(dst.device, non_blocking=nb))
+        part = src.index_select(0, _index(s_idx, src.device))
+        dst.index_copy_(0, _index(d_idx, dst.device), part.to(dst.device, non_blocking=nb))
+
+
+def _index(ids: list[int], device: torch.device) -> torch.Tensor:
+    """Block indices on `device`; on CUDA through pinned staging, so the host does not wait
+    for the device (a swap is queued behind the step's compute)."""
+    t = torch.tensor(ids, dtype=torch.long)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def _consecutive(ids: list[int]) -> bool:
