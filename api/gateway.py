@@ -397,32 +397,36 @@ class Gateway:
         live = self.live()
         if not live:
             raise OutOfCapacityError("no live workers")
+        answers = await self._get_all(live, request, "list sessions")
+        if isinstance(answers, Response):
+            return answers
+        data = sorted((s for r in answers for s in r.json()["data"]), key=lambda s: s["id"])
+        return _render({"object": "list", "data": data}, 200, request)
+
+    async def _get_all(self, live: list[WorkerInfo], request: Request,
+                       what: str) -> list[httpx.Response] | Response:
+        """The GET `request` on every live worker (JSON answers): all the answers, or the
+        first that is not a 200, relayed as it is. Raises OutOfCapacityError when a worker
+        cannot be reached."""
         try:
             answers = await asyncio.gather(*(self._fetch(w, request, b"", "application/json")
                                              for w in live))
         except WorkerError as e:
-            raise OutOfCapacityError(f"cannot list sessions now: {e}") from None
+            raise OutOfCapacityError(f"cannot {what} now: {e}") from None
         for r in answers:
             if r.status_code != 200:
                 return Response(r.content, status_code=r.status_code,
                                 headers={k: v for k, v in r.headers.items() if k in RELAY_HEADERS})
-        data = sorted((s for r in answers for s in r.json()["data"]), key=lambda s: s["id"])
-        return _render({"object": "list", "data": data}, 200, request)
+        return answers
 
     async def system(self, request: Request) -> Response:
         """GET /v1/system of the whole deployment: each live worker's answer under
         "workers", and "stats" summed over them (counts, blocks, tokens, times), so
         `agentos top` and /dashboard pointed at the gateway show the cluster."""
         live = self.live()
-        try:
-            answers = await asyncio.gather(*(self._fetch(w, request, b"", "application/json")
-                                             for w in live))
-        except WorkerError as e:
-            raise OutOfCapacityError(f"cannot read the workers' state now: {e}") from None
-        for r in answers:
-            if r.status_code != 200:
-                return Response(r.content, status_code=r.status_code,
-                                headers={k: v for k, v in r.headers.items() if k in RELAY_HEADERS})
+        answers = await self._get_all(live, request, "read the workers' state")
+        if isinstance(answers, Response):
+            return answers
         bodies = [r.json() for r in answers]
         merged = dict(bodies[0])
         merged["stats"] = _sum_stats([b["stats"] for b in bodies])
