@@ -122,7 +122,7 @@ class Kernel(Paging, Lifecycle):
         self.stats = {"steps": 0, "tokens_generated": 0, "tokens_prefilled": 0, "forks": 0,
                       "cow_copies": 0, "step_time_s": 0.0, "swap_out_blocks": 0,
                       "swap_in_blocks": 0, "dropped_blocks": 0, "prefix_hit_tokens": 0,
-                      "tokens_scored": 0}
+                      "tokens_scored": 0, "preemptions": 0, "swapped_s": 0.0, "sched_s": 0.0}
         self._arrivals = itertools.count()
         self._seeds = new_rng(config.seed)
         # per-step memory work: block copies in the order decided, pins on the pages of the
@@ -615,8 +615,14 @@ class Kernel(Paging, Lifecycle):
             "num_generated": p.num_generated, "device_blocks": p.table.num_blocks - host,
             "host_blocks": host, "created_at": p.created_at, "last_active": p.last_active,
             "kv_version": p.kv_version if p.num_cached else self.weight_version,
-            "owner": p.owner,
+            "owner": p.owner, **self._paging_info(p, time.monotonic()),
         }
+
+    @staticmethod
+    def _paging_info(p: Process, now: float) -> dict[str, Any]:
+        wait = p.queue_wait_s + (now - p.queued_at if p.queued_at is not None else 0.0)
+        return {"swap_count": p.swap_count, "swapped_s": p.time_swapped(now),
+                "queue_wait_s": wait}
 
     def sys_list(self, pids: list[str] | None = None) -> list[dict[str, Any]]:
         """Info of every live session, or of those of `pids` that are live."""
@@ -629,6 +635,7 @@ class Kernel(Paging, Lifecycle):
         return sum(len(self.procs[pid].token_ids) for pid in pids if pid in self.procs)
 
     def sys_stats(self) -> dict[str, Any]:
+        now = time.monotonic()
         by_state: dict[str, int] = {}
         for p in self.procs.values():
             by_state[p.state.value] = by_state.get(p.state.value, 0) + 1
@@ -650,6 +657,9 @@ class Kernel(Paging, Lifecycle):
             "queue": {"runnable": sum(by_level.values()), "by_level": by_level},
             "weight_version": self.weight_version, "paused": self._paused, "asleep": self._asleep,
             **{k: v for k, v in self.stats.items()},
+            # over every session, closed ones included: seconds spent off the device
+            "swapped_s": self.stats["swapped_s"] + sum(
+                p.time_swapped(now) for p in self.procs.values()),
         }
 
 

@@ -119,6 +119,17 @@ class Process:
     owner: str = "default"  # the tenant it belongs to (its records are kept under it)
     # per run of generated tokens: (index of its first token, weight version that sampled it)
     weight_runs: list[tuple[int, int]] = field(default_factory=list)
+    # paging and scheduling history (session info, metrics, the pager's choices)
+    swap_count: int = 0  # times its pages were taken off the device (swapped out or dropped)
+    swapped_s: float = 0.0  # seconds spent off the device while it had work or was idle
+    swapped_at: float | None = None  # monotonic time its pages last left the device, until back
+    queue_wait_s: float = 0.0  # seconds spent runnable but not running, over its life
+    resident_steps: int = 0  # steps it must run before it may be evicted again (hysteresis)
+    pause_s: float | None = None  # moving average of its idle time between calls (tool pauses)
+
+    def time_swapped(self, now: float) -> float:
+        """Seconds spent off the device, the current stretch included."""
+        return self.swapped_s + (now - self.swapped_at if self.swapped_at is not None else 0.0)
 
     @property
     def num_tokens(self) -> int:
