@@ -134,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     # NOTE: agentos.top.SORTS, spelled out so that parsing does not import httpx and rich
     top.add_argument("--sort", default="activity",
-                     choices=("activity", "tokens", "rate", "blocks", "level", "state", "id"),
+                     choices=("activity", "tokens", "rate", "blocks", "swapped", "level", "state", "id"),
                      help="the order of the sessions (activity: most recent first)")
     top.add_argument("--limit", type=int, default=None, metavar="N",
                      help="show at most N sessions (default: all with --once, what fits the "
@@ -218,31 +218,50 @@ def _parser() -> argparse.ArgumentParser:
         tree.add_argument(flag, type=kind, default=None, help=text)
     tree.set_defaults(func=_cmd_bench_tree)
 
-    agents = scenarios.add_parser("agents", help="turn latency of an agent workload, MLFQ vs FCFS",
-                                  description="Runs one seeded multi-turn agent workload "
-                                  "(Poisson arrivals, tool pauses, heavy-tailed generation "
-                                  "lengths) on an engine with each scheduler and reports turn "
-                                  "latency (mean, p50, p99, max), tokens/s and the ratios.")
+    agents = scenarios.add_parser("agents", help="turn latency of agent workloads, MLFQ vs FCFS, "
+                                  "memory-bound and seat-bound",
+                                  description="Runs seeded multi-turn agent workloads (Poisson or "
+                                  "bursty arrivals, tool pauses, heavy-tailed generation lengths) "
+                                  "on an engine with each scheduler, bound by KV memory (a device "
+                                  "pool of a fraction of the working set, a host swap tier) and "
+                                  "by seats (a pool that holds everything); reports turn latency "
+                                  "(mean, p50, p99, max), tokens/s, paging and scheduling "
+                                  "counters and the ratios. Targets apply to the memory-bound "
+                                  "median ratios.")
     _model_options(agents)
     for flag, kind, text in (
-            ("--sessions", int, "agent sessions (default 64)"),
-            ("--turns", int, "generate calls per session (default 2)"),
-            ("--arrival-rate", float, "sessions arriving per second (default 3.5)"),
-            ("--prompt-median", int, "first prompt length, log-normal median (default 256)"),
+            ("--sessions", int, "agent sessions per workload (default 24)"),
+            ("--turns", int, "generate calls per session (default 3)"),
+            ("--arrival-rate", float, "sessions arriving per second, on average (default 5.0)"),
+            ("--burst-size", int, "bursty arrivals: mean sessions per burst (default 6)"),
+            ("--burst-spread-ms", float, "bursty arrivals: mean gap inside a burst, ms "
+             "(default 50)"),
+            ("--prompt-median", int, "first prompt length, log-normal median (default 128)"),
             ("--tool-median", int, "tool output per turn, log-normal median (default 32)"),
             ("--gen-median", int, "tool-call turn length, log-normal median (default 8)"),
             ("--gen-sigma", float, "log-normal sigma of tool-call lengths (default 1.0)"),
-            ("--long-fraction", float, "share of turns writing a long answer (default 0.06)"),
-            ("--long-median", int, "long answer length, log-normal median (default 768)"),
-            ("--gen-max", int, "cap of one turn's generation (default 2048)"),
+            ("--long-fraction", float, "share of turns writing a long answer (default 0.12)"),
+            ("--long-median", int, "long answer length, log-normal median (default 256)"),
+            ("--gen-max", int, "cap of one turn's generation (default 1024)"),
             ("--pause-ms", float, "mean tool pause between turns, ms (default 500)"),
-            ("--max-batch-size", int, "seats per step (default 2)"),
+            ("--memory-fraction", float, "memory-bound: the device KV pool as a fraction of "
+             "the working set (default 0.2)"),
+            ("--max-batch-size", int, "memory-bound: seats per step (default 256)"),
+            ("--seats", int, "seat-bound: seats per step (default 2)"),
             ("--max-batch-tokens", int, "token budget per step (default 2048)"),
-            ("--block-size", int, None), ("--seed", int, "seeds the workload (default 0)"),
-            ("--seeds", _int_list, "several workloads, comma-separated; targets apply to the "
-             "median ratios"),
-            ("--threads", int, "torch intra-op threads")):
+            ("--block-size", int, None),
+            ("--seed", int, "one workload from this seed"),
+            ("--seeds", _int_list, "one workload per seed, comma-separated (default 0,1,2); "
+             "targets apply to the median ratios"),
+            ("--threads", int, "torch intra-op threads (default 1: the same load on a busy "
+             "host)")):
         agents.add_argument(flag, type=kind, default=None, help=text)
+    agents.add_argument("--arrivals", choices=("poisson", "bursty"), default=None,
+                        help="arrival shape of every workload (default: alternating, Poisson "
+                        "first: seed 0 Poisson, seed 1 bursty, seed 2 Poisson)")
+    agents.add_argument("--bound", choices=("memory", "seats", "both"), default=None,
+                        help="what limits the engine: KV memory, seats, or each in turn "
+                        "(default both)")
     agents.add_argument("--json", metavar="PATH", default=None, help="also write results here")
     agents.add_argument("--plot", metavar="FILE.png", default=None,
                         help="also draw the comparison there (needs matplotlib)")
@@ -478,10 +497,11 @@ def _cmd_bench_agents(args: argparse.Namespace) -> int:
     from agentos.bench import agents
 
     bench = agents.AgentsBench(**_options(args, (
-        "model", "device", "dtype", "sessions", "turns", "arrival_rate", "prompt_median",
-        "tool_median", "gen_median", "gen_sigma", "long_fraction", "long_median", "gen_max",
-        "pause_ms", "max_batch_size", "max_batch_tokens", "block_size", "seed", "seeds",
-        "threads")))
+        "model", "device", "dtype", "sessions", "turns", "arrival_rate", "arrivals",
+        "burst_size", "burst_spread_ms", "prompt_median", "tool_median", "gen_median",
+        "gen_sigma", "long_fraction", "long_median", "gen_max", "pause_ms", "bound",
+        "memory_fraction", "max_batch_size", "seats", "max_batch_tokens", "block_size", "seed",
+        "seeds", "threads")))
     return _report(agents.run(bench), agents.render, args)
 
 

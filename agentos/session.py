@@ -116,7 +116,8 @@ class Session:
         return self._backend._op("export", self.id, kv)
 
     def info(self):
-        """Returns a dict: state, level, token counts, blocks, parent."""
+        """Returns a dict: state, level, token counts, blocks, parent, and its paging and
+        scheduling history (swap_count, swapped_s, queue_wait_s)."""
         return self._backend._op("info", self.id)
 
     def snapshots(self):
@@ -187,8 +188,8 @@ class Backend:
         return self._op("get", session_id)
 
     def list_sessions(self, ids: list[str] | None = None):
-        """Returns a dict per live session (id, state, level, tokens, blocks, parent): all of
-        them, or those of `ids` that are live."""
+        """Returns a dict per live session (id, state, level, tokens, blocks, parent, paging
+        and scheduling history): all of them, or those of `ids` that are live."""
         return self._op("list", ids)
 
     def export_session(self, session_id: str, kv: bool = False):

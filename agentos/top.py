@@ -1,10 +1,12 @@
 """`agentos top`: a live view of a running server, like htop.
 
 Each refresh reads GET /v1/system and GET /v1/sessions (the sessions of the API key's
-tenant) and draws a header (memory per tier, swap traffic, steps, throughput, sessions by
-state, the MLFQ queue) over one row per session. Rates are differences between two
-refreshes, so the first frame shows "-" for them. `render_frame` is a pure function of what
-the server said, for tests; `run` is the loop around it.
+tenant) and draws a header (memory per tier, swap traffic and preemptions, steps and the
+scheduler's cost per step, throughput, sessions by state, the MLFQ queue) over one row per
+session (with its paging and scheduling history: swaps, time swapped, queue wait). Rates
+are differences between two refreshes, so the first frame shows "-" for them.
+`render_frame` is a pure function of what the server said, for tests; `run` is the loop
+around it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-SORTS = ("activity", "tokens", "rate", "blocks", "level", "state", "id")
+SORTS = ("activity", "tokens", "rate", "blocks", "swapped", "level", "state", "id")
 # the order of the state sort: the sessions doing work first
 STATES = ("running", "runnable", "swapped", "sleeping", "embryo", "zombie")
 _STATE_STYLE = {"running": "bold green", "runnable": "yellow", "swapped": "magenta",
@@ -133,12 +135,17 @@ def _header(system: dict, previous: Frame | None, dt: float, url: str) -> Table:
         f"{_per_s(rate('swap_out_blocks', block), _bytes)}",
         f"in {n('swap_in_blocks')} blocks ({_bytes(n('swap_in_blocks') * block)}), "
         f"{_per_s(rate('swap_in_blocks', block), _bytes)}",
-        f"dropped {n('dropped_blocks')} blocks"))
+        f"dropped {n('dropped_blocks')} blocks",
+        f"{n('preemptions')} preemptions, {_per_s(rate('preemptions'), _num)}"))
+    # per step over the last refresh (over the lifetime on the first)
     steps = n("steps") - (last.get("steps", 0) if last is not None else 0)
     step_time = n("step_time_s") - (last.get("step_time_s", 0.0) if last is not None else 0.0)
+    sched_time = n("sched_s") - (last.get("sched_s", 0.0) if last is not None else 0.0)
     mean = f"{step_time / steps * 1e3:.2f} ms" if steps > 0 else "- (idle)"
+    sched = f"{sched_time / steps * 1e6:.0f} µs" if steps > 0 and "sched_s" in st else "-"
     grid.add_row("steps", _join(f"{n('steps')}, {_per_s(rate('steps'), _num)}",
-                                f"mean step {mean}{' over the lifetime' if last is None else ''}"))
+                                f"mean step {mean}{' over the lifetime' if last is None else ''}",
+                                f"scheduling {sched} per step"))
     grid.add_row("tokens", _join(
         f"generated {n('tokens_generated')}, {_per_s(rate('tokens_generated'), _num, ' tok/s')}",
         f"prefilled {n('tokens_prefilled')}, {_per_s(rate('tokens_prefilled'), _num, ' tok/s')}",
@@ -177,7 +184,8 @@ def _sessions(sessions: list[dict], previous: Frame | None, dt: float, sort: str
     id_width = max((len(s["id"]) for s, _ in shown), default=2)
     for name, justify in (("ID", "left"), ("PARENT", "left"), ("STATE", "left"), ("LVL", "right"),
                           ("TOKENS", "right"), ("CACHED", "right"), ("GEN", "right"),
-                          ("DEV", "right"), ("HOST", "right"), ("TOK/S", "right"),
+                          ("DEV", "right"), ("HOST", "right"), ("SWAPS", "right"),
+                          ("SWAPPED", "right"), ("WAIT", "right"), ("TOK/S", "right"),
                           ("ACTIVE", "right")):
         table.add_column(name, justify=justify, no_wrap=True,
                          min_width=id_width if name == "ID" else None)
@@ -187,6 +195,8 @@ def _sessions(sessions: list[dict], previous: Frame | None, dt: float, sort: str
                       Text(state, style=_STATE_STYLE.get(state, "")), str(s["level"]),
                       str(s["num_tokens"]), str(s["num_cached"]), str(s["num_generated"]),
                       str(s["device_blocks"]), str(s["host_blocks"]),
+                      str(s.get("swap_count", "-")), _seconds(s.get("swapped_s")),
+                      _seconds(s.get("queue_wait_s")),
                       "-" if tok_s is None else f"{tok_s:.1f}",
                       f"{_duration(max(0.0, now - s['last_active']))} ago")
     hidden = len(rows) - len(shown)
@@ -201,6 +211,7 @@ _SORT_KEYS = {
     "tokens": lambda s, rate: (-s["num_tokens"],),
     "rate": lambda s, rate: (-(rate if rate is not None else -1.0),),
     "blocks": lambda s, rate: (-(s["device_blocks"] + s["host_blocks"]),),
+    "swapped": lambda s, rate: (-s.get("swapped_s", 0.0), -s.get("swap_count", 0)),
     "level": lambda s, rate: (s["level"], -s["last_active"]),
     "state": lambda s, rate: (STATES.index(s["state"]) if s["state"] in STATES else len(STATES),
                               -s["last_active"]),
@@ -240,6 +251,11 @@ def _join(*parts: str | None) -> str:
 def _counts(counts: dict, order: tuple[str, ...]) -> str:
     keys = sorted(counts, key=lambda k: (order.index(k) if k in order else len(order), k))
     return ", ".join(f"{k} {counts[k]}" for k in keys)
+
+
+def _seconds(s: float | None) -> str:
+    # "-" from a server that does not report it
+    return "-" if s is None else _duration(max(0.0, s))
 
 
 def _duration(s: float) -> str:

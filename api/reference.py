@@ -87,10 +87,14 @@ def _fields(title: str, schema: dict, schemas: dict) -> str:
     if not props:
         return f"{title}: {_type(schema, schemas)}.\n"
     required = set(s.get("required", []))
-    rows = [f"{title}:\n", "| field | type | default |", "| --- | --- | --- |"]
+    # a schema whose fields are described gets a fourth column for what they mean
+    described = any("description" in p for p in props.values())
+    rows = [f"{title}:\n", "| field | type | default |" + (" meaning |" if described else ""),
+            "| --- | --- | --- |" + (" --- |" if described else "")]
     for name, p in props.items():
         default = "required" if name in required else repr(p.get("default")) if "default" in p else ""
-        rows.append(f"| `{name}` | {_type(p, schemas)} | {default} |")
+        meaning = f" {' '.join(p.get('description', '').split())} |" if described else ""
+        rows.append(f"| `{name}` | {_type(p, schemas)} | {default} |{meaning}")
     return "\n".join(rows) + "\n"
 
 

@@ -122,7 +122,8 @@ class Kernel(Paging, Lifecycle):
         self.stats = {"steps": 0, "tokens_generated": 0, "tokens_prefilled": 0, "forks": 0,
                       "cow_copies": 0, "step_time_s": 0.0, "swap_out_blocks": 0,
                       "swap_in_blocks": 0, "dropped_blocks": 0, "prefix_hit_tokens": 0,
-                      "tokens_scored": 0, "preemptions": 0, "swapped_s": 0.0, "sched_s": 0.0}
+                      "tokens_scored": 0, "preemptions": 0, "prefetched_blocks": 0, "swapped_s": 0.0,
+                      "sched_s": 0.0}
         self._arrivals = itertools.count()
         self._seeds = new_rng(config.seed)
         # per-step memory work: block copies in the order decided, pins on the pages of the
@@ -134,6 +135,8 @@ class Kernel(Paging, Lifecycle):
         self._pins = np.zeros(len(self.kalloc.refcount), dtype=np.int32)
         self._victims: list | None = None
         self._inflight: set[bytes] = set()
+        self._aborts: dict[str, Process] = {}  # processes whose generate call was aborted
+        self._init_costs()
 
     def _auto_kv_blocks(self) -> int:
         per_block = self.block_bytes
@@ -229,8 +232,10 @@ class Kernel(Paging, Lifecycle):
     # -- the step -----------------------------------------------------------------------
 
     def _step(self) -> None:
-        for p in [p for p in self.policy.order() if isinstance(p.call, GenerateCall) and p.call.aborted]:
-            self._finish(p, "abort")
+        aborts, self._aborts = self._aborts, {}
+        for p in aborts.values():
+            if isinstance(p.call, GenerateCall) and p.call.aborted:
+                self._finish(p, "abort")
         if not self.policy.has_work():
             return
         t0 = time.perf_counter()
@@ -243,8 +248,10 @@ class Kernel(Paging, Lifecycle):
             chunks, blocked = form_batch(self.policy, self, self.config.max_batch_tokens,
                                          self.config.max_batch_size)
         finally:
+            self.stats["sched_s"] += time.perf_counter() - t0
             copies, self._copies = self._copies, []
             self.runner.run_copies(copies)  # decided swaps must happen even if no chunk runs
+        self._short = bool(blocked)
         for p in self._satisfied:  # all its tokens came from the prefix cache
             self.policy.remove(p)
             p.state = self._rest_state(p)
@@ -253,10 +260,14 @@ class Kernel(Paging, Lifecycle):
             return
         now = time.monotonic()
         for c in chunks:
-            if c.proc.queued_at is not None:
+            p = c.proc
+            if p.queued_at is not None:
                 if self.observer is not None:
-                    self.observer.queue_wait(now - c.proc.queued_at)
-                c.proc.queued_at = None
+                    self.observer.queue_wait(now - p.queued_at)
+                p.queue_wait_s += now - p.queued_at
+                p.queued_at = None
+            if p.resident_steps:
+                p.resident_steps -= 1
         outs = self.runner.execute(chunks, self.kalloc.slot)
         for c, out in zip(chunks, outs):
             p = c.proc
@@ -271,6 +282,7 @@ class Kernel(Paging, Lifecycle):
                     self._on_score(p, *out)
             elif c.sample:
                 self.stats["tokens_generated"] += 1
+                self.stats["tokens_prefilled"] += c.num_tokens - 1  # positions before the sampled one
                 try:
                     self._on_token(p, *out)
                 except Exception as e:  # e.g. a streaming callback that broke: this call only
@@ -286,8 +298,12 @@ class Kernel(Paging, Lifecycle):
                 if isinstance(p.call, ScoreCall):
                     self._end_score(p)
         self.policy.on_step(chunks)
+        charges, self._charges = self._charges, []
+        for p, cost in charges:
+            self.policy.charge(p, cost)
         self.stats["steps"] += 1
         seconds = time.perf_counter() - t0
+        self._observe_step(seconds, chunks)
         self.stats["step_time_s"] += seconds
         if self.observer is not None:
             self.observer.step(seconds, len(chunks), sum(c.num_tokens for c in chunks))
@@ -449,10 +465,15 @@ class Kernel(Paging, Lifecycle):
     def wake(self, p: Process) -> None:
         """Queues p for the scheduler if it has work (a prefill or a generate call)."""
         if p.has_work():
+            if p not in self.policy and p.state in (ProcState.SLEEPING, ProcState.SWAPPED):
+                self._observe_wake(p)
             p.arrival = next(self._arrivals)
             self.policy.add(p)
             if p.queued_at is None:
                 p.queued_at = time.monotonic()
+            if p.pid in self.procs:
+                self._resident[p.pid] = p
+                self.prefetch(p)
         p.state = self._rest_state(p)
 
     def rng_for(self, seed: int | None) -> torch.Generator:
@@ -510,6 +531,7 @@ class Kernel(Paging, Lifecycle):
         p = self.procs.get(pid)
         if p is not None and p.call is not None:
             p.call.aborted = True
+            self._aborts[pid] = p
 
     def sys_score(self, pid: str, token_ids: list[int], top_k: int = 0,
                   candidates: list[int] | None = None) -> Future:
@@ -590,6 +612,8 @@ class Kernel(Paging, Lifecycle):
         p.state = ProcState.ZOMBIE
         self.vm.free(p.table)
         del self.procs[pid]
+        self._resident.pop(pid, None)
+        self.stats["swapped_s"] += p.time_swapped(time.monotonic())
         if self.journal is not None:
             self.journal.closed(p)
 

@@ -9,7 +9,9 @@ says whose pages leave the device first when it runs short. Plain Python over pr
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,12 +38,20 @@ class MemoryView(Protocol):
         False: its next block is being computed by another chunk of this step; wait."""
 
     def reserve(self, proc: Process, start: int, end: int) -> bool:
-        """Makes [start, end) writable for proc, swapping its pages in and others out as
-        needed; False (changing nothing of proc's) if the memory cannot be had."""
+        """Makes [start, end) writable for proc, swapping its pages in and the pages of
+        idle or lower-priority processes out as needed; False (changing nothing of proc's)
+        if the memory cannot be had."""
+
+    def residents(self) -> Iterable[Process]:
+        """Queued processes whose pages are (or may be) on the device, in priority order:
+        the ones that may still run once a higher-priority process is blocked on memory."""
 
 
 class Policy(Protocol):
-    """Orders runnable processes. Implementations hold no blocks and touch no tensors."""
+    """Orders runnable processes. Implementations hold no blocks and touch no tensors.
+
+    Every method costs O(1) or O(what it returns) in the number of queued processes: a
+    step's decisions must not grow with the number of sessions."""
 
     name: str
 
@@ -50,7 +60,12 @@ class Policy(Protocol):
 
     def remove(self, proc: Process) -> None: ...
 
-    def order(self) -> Iterable[Process]: ...
+    def order(self) -> Iterator[Process]:
+        """Queued processes, highest priority first (lazily: callers stop early)."""
+
+    def rank(self, proc: Process) -> tuple[int, int]:
+        """A queued proc's priority as a sort key: smaller runs first. Total and stable
+        between steps, so two processes never preempt each other in turn."""
 
     def has_work(self) -> bool: ...
 
@@ -58,6 +73,9 @@ class Policy(Protocol):
 
     def on_step(self, chunks: list[Chunk]) -> None:
         """Accounts a finished step's chunks (quanta, rotation)."""
+
+    def charge(self, proc: Process, cost: float) -> None:
+        """Adds cost (in decode tokens) to proc's use of its quantum: what its swap-in cost."""
 
 
 class FCFS:
@@ -67,15 +85,23 @@ class FCFS:
 
     def __init__(self):
         self._queue: dict[str, Process] = {}  # insertion-ordered
+        self._seq: dict[str, int] = {}
+        self._next = itertools.count()
 
     def add(self, proc: Process) -> None:
-        self._queue.setdefault(proc.pid, proc)
+        if proc.pid not in self._queue:
+            self._queue[proc.pid] = proc
+            self._seq[proc.pid] = next(self._next)
 
     def remove(self, proc: Process) -> None:
-        self._queue.pop(proc.pid, None)
+        if self._queue.pop(proc.pid, None) is not None:
+            del self._seq[proc.pid]
 
-    def order(self) -> Iterable[Process]:
-        return list(self._queue.values())
+    def order(self) -> Iterator[Process]:
+        return iter(self._queue.values())
+
+    def rank(self, proc: Process) -> tuple[int, int]:
+        return (0, self._seq[proc.pid])
 
     def has_work(self) -> bool:
         return bool(self._queue)
@@ -84,6 +110,9 @@ class FCFS:
         return proc.pid in self._queue
 
     def on_step(self, chunks: list[Chunk]) -> None:
+        pass
+
+    def charge(self, proc: Process, cost: float) -> None:
         pass
 
 
@@ -95,13 +124,14 @@ class MLFQ:
     create, or a generate after sleeping on a tool call) joins the first level whose
     quantum covers its prefill cost (skip-join: a long prompt does not take the top level
     only to be demoted at once). A process that spends its quantum is demoted and goes to
-    the back of the next level (round robin at the last). Every `boost_steps` steps, the
-    processes that have not run for that long return to level 0, so none starves. (Only
-    those: boosting everyone would put every long job ahead of the next short turns at
-    once, which is the head-of-line blocking MLFQ exists to avoid.)
+    the back of the next level (round robin at the last). A process that has not run for
+    `boost_steps` steps returns to the back of level 0, so none starves. (Only those:
+    boosting everyone would put every long job ahead of the next short turns at once,
+    which is the head-of-line blocking MLFQ exists to avoid.)
 
     Cost of a chunk: decode tokens count 1 each, prefill tokens `prefill_weight` each (a
-    prefill token costs a fraction of a decode step's time).
+    prefill token costs a fraction of a decode step's time); what a swap-in cost is
+    charged too (`charge`).
     """
 
     name = "mlfq"
@@ -115,7 +145,11 @@ class MLFQ:
         self.prefill_weight = prefill_weight
         self._levels: list[dict[str, Process]] = [{} for _ in range(levels)]
         self._used: dict[str, float] = {}  # tokens spent at the current level
-        self._ran: dict[str, int] = {}  # step a process last ran (or was queued)
+        self._seq: dict[str, int] = {}  # order of entry into its level
+        self._next = itertools.count()
+        # queued pids by the step they last ran (or were queued), oldest first: boosting
+        # looks at the head only
+        self._ran: OrderedDict[str, int] = OrderedDict()
         self._steps = 0
 
     def skip_join_level(self, prefill_tokens: int) -> int:
@@ -128,18 +162,30 @@ class MLFQ:
     def add(self, proc: Process) -> None:
         if proc.pid in self._used:
             return
-        proc.level = self.skip_join_level(proc.num_tokens - proc.num_cached)
-        self._levels[proc.level][proc.pid] = proc
-        self._used[proc.pid] = 0.0
+        self._place(proc, self.skip_join_level(proc.num_tokens - proc.num_cached))
         self._ran[proc.pid] = self._steps
+
+    def _place(self, proc: Process, level: int) -> None:
+        """Puts proc at the back of `level` with a fresh quantum."""
+        proc.level = level
+        self._levels[level][proc.pid] = proc
+        self._seq[proc.pid] = next(self._next)
+        self._used[proc.pid] = 0.0
 
     def remove(self, proc: Process) -> None:
         if self._used.pop(proc.pid, None) is not None:
             del self._levels[proc.level][proc.pid]
             del self._ran[proc.pid]
+            del self._seq[proc.pid]
 
-    def order(self) -> Iterable[Process]:
-        return [p for level in self._levels for p in level.values()]
+    def order(self) -> Iterator[Process]:
+        # NOTE: no copies: callers stop early, and nothing changes the queue while a step
+        # is formed (charges and demotions are applied after it)
+        for level in self._levels:
+            yield from level.values()
+
+    def rank(self, proc: Process) -> tuple[int, int]:
+        return (proc.level, self._seq[proc.pid])
 
     def has_work(self) -> bool:
         return bool(self._used)
@@ -148,34 +194,44 @@ class MLFQ:
         return proc.pid in self._used
 
     def on_step(self, chunks: list[Chunk]) -> None:
-        last = len(self.quanta) - 1
         for c in chunks:
             p = c.proc
             if p.pid not in self._used:  # finished in this step
                 continue
             self._ran[p.pid] = self._steps
-            cost = c.num_tokens if c.num_tokens == 1 else c.num_tokens * self.prefill_weight
-            used = self._used[p.pid] + cost
-            if used >= self.quanta[p.level]:
-                del self._levels[p.level][p.pid]
-                p.level = min(p.level + 1, last)
-                self._levels[p.level][p.pid] = p  # back of the (next) level
-                used = 0.0
-            self._used[p.pid] = used
+            self._ran.move_to_end(p.pid)
+            self.charge(p, c.num_tokens if c.num_tokens == 1 else c.num_tokens * self.prefill_weight)
         self._steps += 1
-        if self._steps % self.boost_steps == 0:
-            self.boost()
+        self.boost()
+
+    def charge(self, proc: Process, cost: float) -> None:
+        if proc.pid not in self._used:
+            return
+        used = self._used[proc.pid] + cost
+        if used >= self.quanta[proc.level]:
+            del self._levels[proc.level][proc.pid]
+            self._place(proc, min(proc.level + 1, len(self.quanta) - 1))  # back of the next level
+        else:
+            self._used[proc.pid] = used
 
     def boost(self) -> None:
         """Moves the processes that waited `boost_steps` steps without running to the back
-        of the top level, in their priority order."""
-        starved = [p for p in self.order() if self._steps - self._ran[p.pid] >= self.boost_steps]
-        for p in starved:
-            del self._levels[p.level][p.pid]
-            p.level = 0
-            self._levels[0][p.pid] = p
-            self._used[p.pid] = 0.0
-            self._ran[p.pid] = self._steps
+        of the top level, longest waiting first."""
+        while self._ran:
+            pid, ran = next(iter(self._ran.items()))
+            if self._steps - ran < self.boost_steps:
+                break
+            p = self._levels[self._level_of(pid)][pid]
+            del self._levels[p.level][pid]
+            self._place(p, 0)
+            self._ran[pid] = self._steps
+            self._ran.move_to_end(pid)
+
+    def _level_of(self, pid: str) -> int:
+        for i, level in enumerate(self._levels):
+            if pid in level:
+                return i
+        raise KeyError(pid)
 
 
 def make_policy(name: str) -> Policy:
@@ -186,12 +242,6 @@ def make_policy(name: str) -> Policy:
     raise ValueError(f"unknown scheduler {name!r} (mlfq or fcfs)")
 
 
-def victim_order(procs: Iterable[Process]) -> list[Process]:
-    """Processes in the order their pages should leave the device: idle ones before those
-    with queued work, then the lowest priority (highest level), then the longest idle."""
-    return sorted(procs, key=lambda p: (p.has_work(), -p.level, p.last_active))
-
-
 def _is_decode(p: Process) -> bool:
     return p.call is not None and p.num_tokens - p.num_cached == 1
 
@@ -200,19 +250,28 @@ def form_batch(policy: Policy, memory: MemoryView, max_tokens: int, max_seqs: in
         list[Chunk], list[Process]]:
     """Picks the next step's chunks. Returns (chunks, processes blocked on memory).
 
-    Seats go in the policy's order. Every decode (one token) that will get a seat is
-    counted before any prefill takes tokens, so a long prompt cannot starve the decodes
-    of the same step; prefills are chunked to what remains of the budget.
+    Admission goes in the policy's order, and memory follows it: a process may take the
+    pages of idle processes and of lower-priority ones (`memory.reserve`), never of those
+    ahead of it. Once one is blocked on memory, only processes already holding their pages
+    (`memory.residents`) are considered further, so the walk stops early whatever the
+    number of queued sessions, and no process behind a blocked one takes the memory it
+    waits for. Every decode (one token) among the first `max_seqs` queued is counted before
+    any prefill takes tokens, so a long prompt cannot starve the decodes of the same step;
+    prefills are chunked to what remains of the budget.
     """
-    candidates = [p for p in policy.order() if p.has_work()]
-    owed = sum(1 for p in candidates[:max_seqs] if _is_decode(p))  # tokens kept for decodes
+    head = list(itertools.islice(policy.order(), max_seqs))
+    owed = sum(1 for p in head if _is_decode(p))  # tokens kept for decodes
     decodes: list[Chunk] = []
     prefills: list[Chunk] = []
     blocked: list[Process] = []
+    seen: set[str] = set()
     budget = max_tokens
-    for p in candidates:
-        if len(decodes) + len(prefills) >= max_seqs or budget == 0:
-            break
+
+    def admit(p: Process) -> None:
+        nonlocal owed, budget
+        seen.add(p.pid)
+        if not p.has_work():
+            return
         if _is_decode(p):
             owed -= 1
             if memory.reserve(p, p.num_cached, p.num_cached + 1):
@@ -220,15 +279,15 @@ def form_batch(policy: Policy, memory: MemoryView, max_tokens: int, max_seqs: in
                 budget -= 1
             else:
                 blocked.append(p)
-            continue
+            return
         if not memory.match_prefix(p) or not p.has_work():
-            continue  # waits for pages another chunk computes now; or fully cached
+            return  # waits for pages another chunk computes now; or fully cached
         if _is_decode(p):  # the prefix cache held all but its last token
             n = 1
         else:
             n = min(p.prefill_target() - p.num_cached, budget - max(owed, 0))
         if n <= 0:
-            continue
+            return
         end = p.num_cached + n
         if memory.reserve(p, p.num_cached, end):
             sample = end == p.num_tokens and p.call is not None
@@ -236,6 +295,20 @@ def form_batch(policy: Policy, memory: MemoryView, max_tokens: int, max_seqs: in
             budget -= n
         else:
             blocked.append(p)
+
+    def full() -> bool:
+        return len(decodes) + len(prefills) >= max_seqs or budget <= 0
+
+    for p in policy.order():
+        if full() or blocked:
+            break
+        admit(p)
+    if blocked:
+        for p in memory.residents():
+            if full():
+                break
+            if p.pid not in seen:
+                admit(p)
     for c in decodes + prefills:
         c.proc.state = ProcState.RUNNING
     return decodes + prefills, blocked

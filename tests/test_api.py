@@ -299,25 +299,49 @@ async def test_client_gone_before_stream_starts_ends_the_call(engine):
     await s.close()
 
 
+HISTORY = ("swap_count", "swapped_s", "queue_wait_s")  # a session's paging and scheduling history
+
+
+def history(info: dict) -> dict:
+    """The history fields of a session's info, checked: all there, numbers, none negative."""
+    out = {k: info[k] for k in HISTORY}
+    assert isinstance(out["swap_count"], int)
+    assert all(isinstance(v, (int, float)) and v >= 0 for v in out.values()), out
+    return out
+
+
 def test_swapped_session_over_rest():
     """A pool too small for two sessions: the idle one is swapped to host memory, shows as
-    such over REST, and comes back when it generates; the counters reach /metrics."""
+    such over REST (with its swap in its history), and comes back when it generates; the
+    counters reach /v1/system and /metrics."""
     engine = AsyncEngine("tiny", kv_blocks=8, host_blocks=64)
     app = create_app(ServerSettings(), engine=engine)
     with contextlib.ExitStack() as stack:
         stack.callback(engine.kernel.shutdown)
         c = stack.enter_context(TestClient(app))
         a = create(c, tokens=list(range(1, 100)))  # 7 blocks of 16
+        fresh = history(c.get(f"/v1/sessions/{a}").json())
+        assert fresh["swap_count"] == 0
         assert c.post(f"/v1/sessions/{a}/generate", json={"max_tokens": 1}).status_code == 200
         b = create(c, tokens=list(range(2, 101)))
         assert c.post(f"/v1/sessions/{b}/generate", json={"max_tokens": 1}).status_code == 200
         info = c.get(f"/v1/sessions/{a}").json()
         assert info["state"] == "swapped" and info["host_blocks"] > 0 and info["level"] >= 0
+        swapped = history(info)
+        assert swapped["swap_count"] >= 1
+        later = history(c.get(f"/v1/sessions/{a}").json())  # the current stretch goes on
+        assert later["swapped_s"] >= swapped["swapped_s"]
         system = c.get("/v1/system").json()["stats"]
         assert system["scheduler"] == "mlfq" and system["kv"]["host_blocks_used"] == info["host_blocks"]
+        assert system["preemptions"] >= 1 and system["swapped_s"] >= 0 and system["sched_s"] >= 0
         assert c.post(f"/v1/sessions/{a}/generate", json={"max_tokens": 1}).status_code == 200
         info = c.get(f"/v1/sessions/{a}").json()
         assert info["state"] == "sleeping" and info["host_blocks"] == 0
+        back = history(info)
+        assert back["swap_count"] >= swapped["swap_count"] and back["swapped_s"] >= later["swapped_s"]
+        for s in c.get("/v1/sessions").json()["data"]:
+            history(s)
         metrics = c.get("/metrics").text
         assert "agentos_swap_out_blocks_total" in metrics and "agentos_swap_in_blocks_total" in metrics
+        assert "agentos_preemptions_total" in metrics and "agentos_swapped_seconds_total" in metrics
         assert c.post("/v1/system/check").status_code == 200

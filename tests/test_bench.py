@@ -4,6 +4,8 @@ the JSON they promise. No timing is asserted (the machine may be busy)."""
 from __future__ import annotations
 
 import json
+import math
+import random
 import socket
 import subprocess
 import sys
@@ -169,43 +171,98 @@ def test_bench_swap_json(tmp_path, capsys):
     assert "swap bandwidth >= 0.5x plain copy" in printed and "workload: 6 concurrent" in printed
 
 
+AGENTS_ARGS = ["--sessions", "6", "--turns", "2", "--arrival-rate", "50", "--prompt-median", "16",
+               "--tool-median", "4", "--gen-median", "3", "--long-fraction", "0.3",
+               "--long-median", "40", "--gen-max", "64", "--pause-ms", "5", "--threads", "1"]
+
+
 def test_bench_agents_json(tmp_path, capsys):
-    """Both policies run the same seeded agent workload; the report carries the workload,
-    per-policy latencies and the ratios (no timing is asserted)."""
+    """Two seeded workloads (Poisson, then bursty), each memory-bound and seat-bound, both
+    policies; the report carries the workloads, the engine sizing, per-policy latencies
+    and paging counters, the ratios and their medians (no timing is asserted)."""
     path = tmp_path / "agents.json"
-    args = ["bench", "agents", "--sessions", "6", "--turns", "2", "--arrival-rate", "50",
-            "--prompt-median", "16", "--tool-median", "4", "--gen-median", "3",
-            "--long-fraction", "0.3", "--long-median", "40", "--gen-max", "64", "--pause-ms", "5",
-            "--max-batch-size", "2", "--json", str(path), "--plot", str(tmp_path / "agents.png")]
-    assert main(args) == 0
-    assert_png(tmp_path / "agents.png")
-    out = json.loads(path.read_text())
-    assert out["bench"] == "agents" and set(out["policies"]) == {"fcfs", "mlfq"}
-    wl = out["workload"]
-    assert (wl["sessions"], wl["turns"], wl["max_batch_size"], wl["turns_total"]) == (6, 2, 2, 12)
-    for p in out["policies"].values():
-        assert p["tokens"] == wl["tokens_to_generate"]  # ignore_eos: the same work on both
-        assert sum(c["turns"] for c in p["by_length"].values()) == 12
-        assert 0 < p["p50_s"] <= p["max_s"] and p["tokens_per_s"] > 0
-    assert set(out["ratios"]) >= {"mean_latency_fcfs_over_mlfq", "tokens_per_s_mlfq_over_fcfs"}
-    assert len(out["checks"]) == 3 and isinstance(out["passed"], bool)
-    printed = " ".join(capsys.readouterr().out.split())
-    assert "workload (seed 0): 6 sessions x 2 turns" in printed and "MLFQ mean turn latency" in printed
-
-
-def test_bench_agents_several_seeds(tmp_path, capsys):
-    """--seeds runs one workload per seed; the targets apply to the median ratios."""
-    path = tmp_path / "agents.json"
-    args = ["bench", "agents", "--sessions", "3", "--turns", "1", "--arrival-rate", "50",
-            "--prompt-median", "8", "--gen-median", "2", "--gen-max", "8", "--seeds", "0,1,2",
+    args = ["bench", "agents", *AGENTS_ARGS, "--seeds", "0,1", "--memory-fraction", "0.25",
             "--json", str(path), "--plot", str(tmp_path / "agents.png")]
     assert main(args) == 0
-    assert_png(tmp_path / "agents.png")  # one row of panels per seed
+    assert_png(tmp_path / "agents.png")  # one row of panels per workload and bound
     out = json.loads(path.read_text())
-    assert out["seeds"] == [0, 1, 2] and [r["workload"]["seed"] for r in out["per_seed"]] == [0, 1, 2]
-    means = sorted(r["ratios"]["mean_latency_fcfs_over_mlfq"] for r in out["per_seed"])
-    assert out["ratios"]["mean_latency_fcfs_over_mlfq"] == means[1]
-    assert "median over seeds [0, 1, 2]" in " ".join(capsys.readouterr().out.split())
+    assert out["bench"] == "agents" and out["primary"] == "memory"
+    assert [(w["workload"]["seed"], w["workload"]["arrivals"]) for w in out["workloads"]] == \
+        [(0, "poisson"), (1, "bursty")]
+    for one in out["workloads"]:
+        wl, bounds = one["workload"], one["bounds"]
+        assert (wl["sessions"], wl["turns_total"]) == (6, 12) and set(bounds) == {"memory", "seats"}
+        mem, seats = bounds["memory"]["engine"], bounds["seats"]["engine"]
+        # memory-bound: all seats, a fraction of the working set on the device, swap for all
+        assert mem["max_batch_size"] == 256 and mem["host_blocks"] == 2 * wl["working_set_blocks"]
+        assert wl["largest_session_blocks"] < mem["kv_blocks"] < wl["working_set_blocks"]
+        # seat-bound: 2 seats, a pool that holds everything, no host tier
+        assert seats["max_batch_size"] == 2 and seats["host_blocks"] == 0
+        assert seats["kv_blocks"] > wl["working_set_blocks"]
+        for bound in bounds.values():
+            assert set(bound["policies"]) == {"fcfs", "mlfq"}
+            for p in bound["policies"].values():
+                assert p["tokens"] == wl["tokens_to_generate"]  # ignore_eos: the same work
+                assert sum(c["turns"] for c in p["by_length"].values()) == 12
+                assert 0 < p["p50_s"] <= p["max_s"] and p["tokens_per_s"] > 0 and p["steps"] > 0
+                assert p["prefill_per_token"] >= 0 and p["sched_us_per_step"] >= 0
+                for key in ("swap_out_blocks", "swap_in_blocks", "dropped_blocks", "preemptions",
+                            "swapped_s"):
+                    assert p[key] >= 0, key
+            assert set(bound["ratios"]) >= {"mean_latency_fcfs_over_mlfq",
+                                            "tokens_per_s_mlfq_over_fcfs"}
+        for p in bounds["seats"]["policies"].values():  # no host tier: nothing swapped
+            assert p["swap_out_blocks"] == p["swap_in_blocks"] == 0
+    means = sorted(w["bounds"]["memory"]["ratios"]["mean_latency_fcfs_over_mlfq"]
+                   for w in out["workloads"])
+    assert out["medians"]["memory"]["mean_latency_fcfs_over_mlfq"] == pytest.approx(sum(means) / 2)
+    assert len(out["checks"]) == 3 and isinstance(out["passed"], bool)
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "agent workloads: 6 sessions x 2 turns" in printed and "workload 2 (seed 1, bursty)" in printed
+    assert "memory-bound" in printed and "seat-bound" in printed and "median of 2" in printed
+    assert "MLFQ mean turn latency" in printed and "memory-bound, median of 2 workloads" in printed
+
+
+def test_bench_agents_one_bound(tmp_path, capsys):
+    """--seed runs one workload, --bound seats only the seat-bound engines; the targets
+    then apply to what ran."""
+    path = tmp_path / "agents.json"
+    args = ["bench", "agents", *AGENTS_ARGS, "--seed", "3", "--arrivals", "bursty", "--bound",
+            "seats", "--seats", "3", "--json", str(path)]
+    assert main(args) == 0
+    out = json.loads(path.read_text())
+    (one,) = out["workloads"]
+    assert (one["workload"]["seed"], one["workload"]["arrivals"]) == (3, "bursty")
+    assert set(one["bounds"]) == {"seats"} and one["bounds"]["seats"]["engine"]["max_batch_size"] == 3
+    assert out["primary"] == "seats" and "seat-bound, median of 1" in out["checks"][0]["detail"]
+
+
+def test_agents_workloads():
+    """The default set alternates arrival shapes; bursty arrivals come in groups at the same
+    mean rate; the memory-bound pool is the stated fraction of the working set."""
+    from agentos.bench.agents import AgentsBench, arrival_times, engine_options, make_workload
+
+    assert AgentsBench().workloads == [(0, "poisson"), (1, "bursty"), (2, "poisson")]
+    assert AgentsBench(seeds=(4, 5), arrivals="bursty").workloads == [(4, "bursty"), (5, "bursty")]
+    assert AgentsBench(seed=7).workloads == [(7, "poisson")]
+    with pytest.raises(ValueError):
+        AgentsBench(arrivals="uniform")
+    with pytest.raises(ValueError):
+        AgentsBench(memory_fraction=0)
+    b = AgentsBench(sessions=4000, arrival_rate=4.0, burst_size=8)
+    for shape in ("poisson", "bursty"):
+        times = arrival_times(b, shape, random.Random(0))
+        assert len(times) == 4000 and times == sorted(times)
+        assert 4000 / times[-1] == pytest.approx(4.0, rel=0.2)  # the same mean rate
+    gaps = [y - x for x, y in zip(times, times[1:])]
+    assert sum(g < 0.2 for g in gaps) > 0.7 * len(gaps)  # bursty: most arrive together
+    b = AgentsBench(sessions=100)
+    work = make_workload(b, 0, "poisson")
+    options = engine_options(b, "memory", work)
+    working_set = sum(-(-sum(len(t.tokens) + t.max_tokens for t in turns) // b.block_size)
+                      for _, turns in work)
+    assert options == {"max_batch_size": 256, "host_blocks": 2 * working_set,
+                       "kv_blocks": math.ceil(0.2 * working_set)}
 
 
 TREE_ARGS = ["--prompt-len", "64", "--width", "2", "--depth", "2", "--mcts-iterations", "3",

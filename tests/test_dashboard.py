@@ -37,7 +37,8 @@ def test_page_needs_no_key_and_its_data_does(url):
     page = httpx.get(f"{url}/dashboard", trust_env=False)
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
-    for marker in ('<table id="sessions"', '<svg id="tree"', "Authorization", "API key required"):
+    for marker in ('<table id="sessions"', '<svg id="tree"', "Authorization", "API key required",
+                   ">swaps</th>", ">swapped</th>", ">queue wait</th>"):
         assert marker in page.text
     # self-contained: the only URL in it is the SVG namespace, nothing is fetched from elsewhere
     assert set(re.findall(r"https?://[^\s\"'<>)]+", page.text)) == {"http://www.w3.org/2000/svg"}
@@ -74,6 +75,11 @@ def test_dashboard_in_chromium(url, tmp_path):
     assert {sid: r["data-parent-id"] for sid, r in rows.items()} == {
         root.id: "", other.id: "", kids[0].id: root.id, kids[1].id: root.id}
     assert [sid for sid, r in rows.items() if "selected" in r.get("class", "")] == [root.id]
+    for r in rows.values():  # each session's paging and scheduling history
+        assert int(r["data-swap-count"]) >= 0
+        assert float(r["data-swapped-s"]) >= 0 and float(r["data-queue-wait-s"]) >= 0
+    counters = {a["data-counter"] for _, a in seen.elements if "data-counter" in a}
+    assert {"preemptions", "time swapped", "scheduling per step"} <= counters
 
     family = {root.id: "session", kids[0].id: "session", kids[1].id: "session", snap.id: "snapshot"}
     nodes = seen.nodes()

@@ -78,6 +78,27 @@ def _get(samples: dict, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+# engine-wide paging and scheduling history: totals over sessions, never a series per session
+HISTORY = ("agentos_preemptions_total", "agentos_swapped_seconds_total",
+           "agentos_sched_seconds_total")
+
+
+def test_history_counters_are_engine_wide(client):
+    sid = client.post("/v1/sessions", json={"tokens": [7, 8, 9]}).json()["id"]
+    client.post(f"/v1/sessions/{sid}/generate", json={"max_tokens": 2})
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    stats = client.get("/v1/system").json()["stats"]
+    for name, key in (("agentos_preemptions", "preemptions"), ("agentos_swapped_seconds",
+                      "swapped_s"), ("agentos_sched_seconds", "sched_s")):
+        fam = families[name]
+        assert fam.type == "counter" and fam.documentation, name
+        [sample] = fam.samples  # one series: no label per session or tenant
+        assert sample.name == f"{name}_total" and not sample.labels
+        assert sample.value >= 0 and stats[key] >= 0
+    assert families["agentos_sched_seconds"].samples[0].value > 0  # it has scheduled steps
+    client.delete(f"/v1/sessions/{sid}")
+
+
 def test_metrics_move_with_sessions_forks_swaps_and_closes():
     """A small device pool with a host tier, so sessions get swapped: every family the
     operators watch moves the way the operations say."""
@@ -107,6 +128,14 @@ def test_metrics_move_with_sessions_forks_swaps_and_closes():
             assert _get(mid, "agentos_step_seconds_count") >= 4
             assert _get(mid, "agentos_step_sessions_count") == _get(mid, "agentos_step_seconds_count")
             assert _get(mid, "agentos_queue_wait_seconds_count") >= 4
+            # paging and scheduling history: engine-wide counters that only go up
+            assert _get(mid, "agentos_preemptions_total") >= 1  # 4 sessions in 3 sessions' room
+            for name in HISTORY:
+                assert 0 <= _get(before, name) <= _get(mid, name), name
+            sessions = c.get("/v1/sessions").json()["data"]
+            assert all(s["swap_count"] >= 0 and s["swapped_s"] >= 0 and s["queue_wait_s"] >= 0
+                       for s in sessions)
+            assert sum(s["swap_count"] for s in sessions) >= 1
             for sid in [*ids, *(k["id"] for k in kids)]:
                 c.delete(f"/v1/sessions/{sid}")
             c.delete(f"/v1/snapshots/{snap}")
@@ -114,6 +143,8 @@ def test_metrics_move_with_sessions_forks_swaps_and_closes():
             assert sum(v for (n, _), v in after.items() if n == "agentos_sessions") == 0
             assert _get(after, "agentos_kv_device_blocks_used") == 0
             assert _get(after, "agentos_op_seconds_count", op="close") == 6
+            for name in HISTORY:  # closed sessions' history stays counted
+                assert _get(after, name) >= _get(mid, name), name
             assert _get(after, "agentos_http_requests_total", method="DELETE",
                         route="/v1/sessions/{sid}", status="200") == 6
     finally:

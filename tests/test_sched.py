@@ -11,7 +11,7 @@ import pytest
 
 from agentos.kernel.process import GenerateCall, Process, ProcState
 from agentos.kernel.sampling_params import SamplingParams
-from agentos.kernel.sched import FCFS, MLFQ, Chunk, form_batch, make_policy, victim_order
+from agentos.kernel.sched import FCFS, MLFQ, Chunk, form_batch, make_policy
 from agentos.kernel.vm import PageTable
 
 
@@ -34,9 +34,10 @@ def decoding(pid: str, **kw) -> Process:
 class Memory:
     """Grants every request while `free` tokens last; records what was asked."""
 
-    def __init__(self, free: int = 10**9, refuse: tuple[str, ...] = ()):
+    def __init__(self, free: int = 10**9, refuse: tuple[str, ...] = (), resident=()):
         self.free = free
         self.refuse = set(refuse)
+        self.resident = list(resident)  # what residents() returns
         self.reserved: list[tuple[str, int, int]] = []
 
     def match_prefix(self, p):
@@ -48,6 +49,9 @@ class Memory:
         self.free -= end - start
         self.reserved.append((p.pid, start, end))
         return True
+
+    def residents(self):
+        return self.resident
 
 
 def pids(chunks):
@@ -180,9 +184,17 @@ def test_seats_follow_priority_and_blocked_memory_is_reported():
     a, b, c = decoding("a"), decoding("b"), decoding("c")
     for p in (a, b, c):
         f.add(p)
-    chunks, blocked = form_batch(f, Memory(refuse=("a",)), max_tokens=100, max_seqs=2)
+    chunks, blocked = form_batch(f, Memory(refuse=("a",), resident=(b, c)), max_tokens=100,
+                                 max_seqs=2)
     assert pids(chunks) == ["b", "c"] and blocked == [a]
     assert a.state is not ProcState.RUNNING
+    # once one is blocked, only sessions holding their pages may run behind it: the
+    # others would take the memory it waits for
+    for p in (a, b, c):
+        p.state = ProcState.RUNNABLE
+    chunks, blocked = form_batch(f, Memory(refuse=("a",), resident=(c,)), max_tokens=100,
+                                 max_seqs=2)
+    assert pids(chunks) == ["c"] and blocked == [a]
 
 
 def test_prefill_chunks_resume_where_they_left_off_and_sample_at_the_end():
@@ -204,14 +216,3 @@ def test_idle_process_without_a_call_leaves_a_sampled_last_token_uncached():
     assert p.prefill_target() == 10  # given tokens (a prompt) are cached eagerly
     p.mask[-1] = 1  # the last token was sampled: its KV waits for the next call
     assert p.prefill_target() == 9
-
-
-# -- victims ----------------------------------------------------------------------------
-
-def test_victims_idle_first_then_lowest_priority_then_longest_idle():
-    queued_low = proc("queued_low", 10, level=4)
-    idle_top_old = proc("idle_top_old", 10, cached=10, generating=False, level=0, last_active=1)
-    idle_low_new = proc("idle_low_new", 10, cached=10, generating=False, level=3, last_active=9)
-    idle_low_old = proc("idle_low_old", 10, cached=10, generating=False, level=3, last_active=2)
-    order = victim_order([queued_low, idle_top_old, idle_low_new, idle_low_old])
-    assert [p.pid for p in order] == ["idle_low_old", "idle_low_new", "idle_top_old", "queued_low"]

@@ -34,7 +34,8 @@ def system(**stats) -> dict:
           "weight_version": 2, "paused": False, "asleep": False, "steps": 10,
           "tokens_generated": 100, "tokens_prefilled": 500, "forks": 1, "cow_copies": 0,
           "step_time_s": 1.0, "swap_out_blocks": 0, "swap_in_blocks": 0, "dropped_blocks": 0,
-          "prefix_hit_tokens": 0, "tokens_scored": 0, "snapshots": 1}
+          "prefix_hit_tokens": 0, "tokens_scored": 0, "snapshots": 1, "preemptions": 0,
+          "swapped_s": 0.0, "sched_s": 0.0005}
     st.update(stats)
     return {"model": "tiny", "tenant": {"name": "alice", "sessions": 3, "snapshots": 1},
             "stats": st}
@@ -43,7 +44,8 @@ def system(**stats) -> dict:
 def session(sid: str, **info) -> dict:
     return {"id": sid, "object": "session", "parent_id": None, "state": "sleeping", "level": 0,
             "num_tokens": 10, "num_cached": 9, "num_generated": 0, "device_blocks": 1,
-            "host_blocks": 0, "created_at": 900.0, "last_active": 990.0, **info}
+            "host_blocks": 0, "created_at": 900.0, "last_active": 990.0, "swap_count": 0,
+            "swapped_s": 0.0, "queue_wait_s": 0.0, **info}
 
 
 def text(renderable) -> str:
@@ -61,11 +63,12 @@ def row(out: str, sid: str) -> list[str]:
     return re.search(rf"^{sid} .*$", out, re.M).group(0).split()
 
 
-SESSIONS = [session("sess_a", num_tokens=50, last_active=980.0, level=1, state="running"),
+SESSIONS = [session("sess_a", num_tokens=50, last_active=980.0, level=1, state="running",
+                    queue_wait_s=0.004),
             session("sess_b", num_tokens=300, last_active=999.0, device_blocks=9, host_blocks=4,
-                    parent_id="sess_a"),
+                    parent_id="sess_a", swap_count=1, swapped_s=2.5, queue_wait_s=0.75),
             session("sess_c", num_tokens=20, last_active=950.0, level=0, state="swapped",
-                    device_blocks=0, host_blocks=2)]
+                    device_blocks=0, host_blocks=2, swap_count=3, swapped_s=75.0)]
 
 
 @pytest.mark.parametrize("sort,expected", [
@@ -74,6 +77,7 @@ SESSIONS = [session("sess_a", num_tokens=50, last_active=980.0, level=1, state="
     ("level", ["sess_b", "sess_c", "sess_a"]),  # level 0 first, then most recent
     ("state", ["sess_a", "sess_c", "sess_b"]),  # running, swapped, sleeping
     ("blocks", ["sess_b", "sess_c", "sess_a"]),
+    ("swapped", ["sess_c", "sess_b", "sess_a"]),  # the longest off the device first
     ("id", ["sess_a", "sess_b", "sess_c"])])
 def test_sort(sort, expected):
     out = text(render_frame(system(), SESSIONS, None, sort, now=1000.0))
@@ -84,13 +88,16 @@ def test_sort(sort, expected):
 def test_first_frame_has_no_rates():
     out = text(render_frame(system(), SESSIONS, None, url="http://h:1", now=1000.0))
     assert row(out, "sess_b") == ["sess_b", "sess_a", "sleeping", "0", "300", "9", "0", "9",
-                                  "4", "-", "1.0s", "ago"]
-    assert row(out, "sess_c")[-3:] == ["-", "50.0s", "ago"]
+                                  "4", "1", "2.5s", "0.8s", "-", "1.0s", "ago"]
+    assert row(out, "sess_c")[-6:] == ["3", "1m15s", "0.0s", "-", "50.0s", "ago"]
+    assert row(out, "sess_a")[-6:-3] == ["0", "0.0s", "0.0s"]
     assert "http://h:1 · model tiny · scheduler mlfq · weights v2" in out
     assert "16/64 blocks, 1.0 MiB of 4.0 MiB · 64.0 KiB per block" in out
     assert "prefix cache 6 blocks (4 idle, 1 evicted)" in out
     assert "8/32 blocks, 512.0 KiB of 2.0 MiB" in out
     assert "10, -/s · mean step 100.00 ms over the lifetime" in out  # 1.0 s / 10 steps
+    assert "scheduling 50 µs per step" in out  # 0.5 ms / 10 steps
+    assert "dropped 0 blocks · 0 preemptions, -/s" in out
     assert "generated 100, - tok/s" in out
     assert "3 on the server: running 1, sleeping 2 · tenant alice: 3 sessions" in out
     assert "L0 2, L1 1" in out
@@ -101,7 +108,7 @@ def test_rates_between_two_frames():
     before = Frame(system(), [session("sess_a", num_generated=10),
                               session("sess_b", num_generated=7)], at=100.0)
     now = system(steps=30, step_time_s=1.4, tokens_generated=300, swap_out_blocks=4,
-                 swap_in_blocks=2, paused=True,
+                 swap_in_blocks=2, paused=True, preemptions=3, sched_s=0.0045,
                  store={"worker_id": "w1", "up": False, "queued_writes": 3})
     now["model"] = "[red]m[/red]"  # printed as it is, not read as markup
     sessions = [session("sess_a", num_generated=30), session("sess_b", num_generated=7),
@@ -111,7 +118,8 @@ def test_rates_between_two_frames():
     assert row(out, "sess_a")[-3] == "10.0"  # 20 tokens in 2 s
     assert row(out, "sess_b")[-3] == "0.0"
     assert row(out, "sess_new")[-3] == "-"  # no baseline yet
-    assert "30, 10.0/s · mean step 20.00 ms" in out  # 0.4 s over 20 steps
+    assert "30, 10.0/s · mean step 20.00 ms · scheduling 200 µs per step" in out  # 0.4 s, 4 ms
+    assert "3 preemptions, 1.5/s" in out
     assert "over the lifetime" not in out
     assert "generated 300, 100.0 tok/s" in out
     assert "out 4 blocks (256.0 KiB), 128.0 KiB/s · in 2 blocks (128.0 KiB), 64.0 KiB/s" in out
@@ -128,6 +136,18 @@ def test_limit_and_bad_sort():
     assert "3 sessions, sorted by tokens; 2 more not shown" in out
     with pytest.raises(ValueError, match="sort must be one of"):
         render_frame(system(), SESSIONS, None, "size")
+
+
+def test_server_without_history():
+    """An older server reports no history: its columns show "-", its counters 0."""
+    st = system()
+    for key in ("preemptions", "swapped_s", "sched_s"):
+        del st["stats"][key]
+    old = [{k: v for k, v in s.items() if k not in ("swap_count", "swapped_s", "queue_wait_s")}
+           for s in SESSIONS]
+    out = text(render_frame(st, old, None, "swapped", now=1000.0))
+    assert row(out, "sess_c")[-6:] == ["-", "-", "-", "-", "50.0s", "ago"]
+    assert "0 preemptions" in out and "scheduling - per step" in out
 
 
 def test_cli_sort_choices_are_the_sorts():
@@ -163,6 +183,7 @@ def test_top_against_a_server(tmp_path):
             kids[0].generate(max_tokens=12, ignore_eos=True)  # past the device pool: swaps
             other = bob.create_session(prompt="not alice's")
             st = alice.stats()
+            infos = {i["id"]: i for i in alice.list_sessions()}
             ids = [a.id, b.id, *(k.id for k in kids)]
 
         r = top("--once", "--url", url, "--api-key", "sk-alice")
@@ -172,6 +193,14 @@ def test_top_against_a_server(tmp_path):
             assert re.search(rf"^{sid} ", out, re.M), out
         assert other.id not in out
         assert row(out, kids[0].id)[1] == a.id  # the parent column
+        # each session's history: SWAPS, SWAPPED, WAIT (before TOK/S and ACTIVE)
+        for sid in ids:
+            swaps, swapped, wait = row(out, sid)[-6:-3]
+            assert int(swaps) == infos[sid]["swap_count"] >= 0
+            assert re.fullmatch(r"\d+\.\ds", swapped) and re.fullmatch(r"\d+\.\ds", wait)
+        assert st["preemptions"] >= 1 and sum(i["swap_count"] for i in infos.values()) >= 1
+        assert f"{st['preemptions']} preemptions, -/s" in out
+        assert re.search(r"scheduling \d+ µs per step", out)
         kv = st["kv"]
         assert f"{kv['device_blocks_used']}/{kv['device_blocks_total']} blocks" in out
         assert f"{kv['host_blocks_used']}/{kv['host_blocks_total']} blocks" in out

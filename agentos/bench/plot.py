@@ -286,19 +286,23 @@ _CLASSES = ("<= 32 tokens", "33-256", "> 256")
 
 
 def _agents(fig, r: dict) -> None:
-    results = r.get("per_seed", [r])
-    w0 = results[0]["workload"]
-    fig.set_size_inches(12, 4.6 * len(results) + 1.4)
-    _title(fig, "agent turn latency: MLFQ vs FCFS on the same workload",
-           f"{w0['sessions']} sessions x {w0['turns']} turns, Poisson arrivals "
-           f"{w0['arrival_rate']}/s, tool pauses ~{w0['pause_ms']:.0f} ms, generation median "
-           f"{w0['gen_median']} tokens with {w0['long_fraction']:.0%} long answers (median "
-           f"{w0['long_median']}); {w0['max_batch_size']} seats per step, {_count(w0['threads'], 'thread')}")
+    c = r["config"]
+    rows = [(one["workload"], bound, one["bounds"][bound]) for one in r["workloads"]
+            for bound in ("memory", "seats") if bound in one["bounds"]]
+    fig.set_size_inches(12, 3.8 * len(rows) + 1.4)
+    _title(fig, "agent turn latency: MLFQ vs FCFS on the same workloads, memory-bound and "
+           "seat-bound",
+           f"{c['sessions']} sessions x {c['turns']} turns, arrivals {c['arrival_rate']}/s "
+           f"(Poisson or bursty), tool pauses ~{c['pause_ms']:.0f} ms, generation median "
+           f"{c['gen_median']} tokens with {c['long_fraction']:.0%} long answers (median "
+           f"{c['long_median']}); memory-bound: {c['max_batch_size']} seats, device pool "
+           f"{c['memory_fraction']:.0%} of the working set, host tier 2x; seat-bound: "
+           f"{c['seats']} seats; {_count(c['threads'], 'thread')}")
     policies = (("fcfs", "FCFS", PEER), ("mlfq", "MLFQ", OURS))
-    for row, one in enumerate(results):
+    for row, (w, bound, one) in enumerate(rows):
         pol = one["policies"]
         present = [(k, label, color) for k, label, color in policies if k in pol]
-        ax = fig.add_subplot(len(results), 2, 2 * row + 1)
+        ax = fig.add_subplot(len(rows), 2, 2 * row + 1)
         stats = (("mean_s", "mean"), ("p50_s", "p50"), ("p99_s", "p99"), ("max_s", "max"))
         series = [(label, [pol[k][s] for s, _ in stats], color) for k, label, color in present]
         labels = {}
@@ -307,9 +311,11 @@ def _agents(fig, r: dict) -> None:
         _bars(ax, [name for _, name in stats], series, labels=labels, ratios=(len(present) - 1,))
         ax.set_ylabel("turn latency (s)")
         tps = ", ".join(f"{label} {pol[k]['tokens_per_s']:.0f}" for k, label, _ in present)
-        ax.set_title(f"seed {one['workload']['seed']}: latency per turn; tok/s {tps}", fontsize=10)
+        bound_name = {"memory": "memory-bound", "seats": "seat-bound"}[bound]
+        ax.set_title(f"seed {w['seed']} ({w['arrivals']}), {bound_name}: latency per turn; "
+                     f"tok/s {tps}", fontsize=10)
         ax.legend(fontsize=9)
-        ax = fig.add_subplot(len(results), 2, 2 * row + 2)
+        ax = fig.add_subplot(len(rows), 2, 2 * row + 2)
         counts = pol[present[0][0]]["by_length"]
         groups = [f"{c}\n({counts[c]['turns']} turns)" for c in _CLASSES if c in counts]
         series = [(label, [_num(pol[k]["by_length"][c]["mean_s"]) for c in _CLASSES if c in counts],

@@ -109,3 +109,11 @@ class _StatsCollector:
                                 value=st["weight_version"])
         yield CounterMetricFamily("agentos_step_time_seconds", "time spent in steps",
                                   value=st["step_time_s"])
+        # paging and scheduling history, summed over sessions (never one series per session);
+        # the scheduler's cost per step is rate(agentos_sched_seconds) / rate(agentos_steps)
+        yield CounterMetricFamily("agentos_preemptions", "times a session's pages were taken off "
+                                  "the device (swapped out or dropped)", value=st["preemptions"])
+        yield CounterMetricFamily("agentos_swapped_seconds", "seconds sessions spent with their "
+                                  "KV off the device, closed ones included", value=st["swapped_s"])
+        yield CounterMetricFamily("agentos_sched_seconds", "time spent forming batches "
+                                  "(scheduling decisions)", value=st["sched_s"])
