@@ -266,6 +266,18 @@ def _parser() -> argparse.ArgumentParser:
     agents.add_argument("--plot", metavar="FILE.png", default=None,
                         help="also draw the comparison there (needs matplotlib)")
     agents.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
+    agents.add_argument("--simulate", action="store_true",
+                        help="drive the real scheduler and pager on modelled time instead of "
+                        "the model, at 100 to 10,000 sessions: latency ratios by load and the "
+                        "scheduler's cost per step")
+    agents.add_argument("--sim-sessions", type=_int_list, default=None,
+                        help="--simulate: session counts, comma-separated (default "
+                        "100,1000,10000)")
+    agents.add_argument("--sim-kv-blocks", type=int, default=None,
+                        help="--simulate: the device pool in blocks (default 128)")
+    agents.add_argument("--sim-window-s", type=float, default=None,
+                        help="--simulate: every session arrives within this many seconds "
+                        "(default 20)")
     agents.set_defaults(func=_cmd_bench_agents)
 
     det = scenarios.add_parser("determinism", help="what batch-invariant mode costs, and that "
@@ -495,6 +507,14 @@ def _cmd_bench_tree(args: argparse.Namespace) -> int:
 
 def _cmd_bench_agents(args: argparse.Namespace) -> int:
     from agentos.bench import agents
+
+    if args.simulate:
+        from agentos.bench import simulate
+
+        sim = {"sessions": args.sim_sessions, "kv_blocks": args.sim_kv_blocks,
+               "window_s": args.sim_window_s, "seed": args.seed}
+        bench = simulate.SimBench(**{k: v for k, v in sim.items() if v is not None})
+        return _report(simulate.run(bench), simulate.render, args)
 
     bench = agents.AgentsBench(**_options(args, (
         "model", "device", "dtype", "sessions", "turns", "arrival_rate", "arrivals",

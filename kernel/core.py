@@ -106,6 +106,12 @@ class Kernel(Paging, Lifecycle):
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.device, self.dtype,
                                   host_blocks, config.deterministic, config.cuda_graphs,
                                   config.max_batch_size, self.max_model_len)
+        self._init_state()
+
+    def _init_state(self) -> None:
+        """The kernel's tables and counters, once the model, the allocator and the runner
+        are in place (a simulation supplies its own: agentos/bench/simulate.py)."""
+        config, mc = self.config, self.model_config
         self.policy = make_policy(config.scheduler)
         self.procs: dict[str, Process] = {}
         self._scratch: dict[str, Process] = {}  # score calls' forks of sessions, never listed
@@ -122,8 +128,8 @@ class Kernel(Paging, Lifecycle):
         self.stats = {"steps": 0, "tokens_generated": 0, "tokens_prefilled": 0, "forks": 0,
                       "cow_copies": 0, "step_time_s": 0.0, "swap_out_blocks": 0,
                       "swap_in_blocks": 0, "dropped_blocks": 0, "prefix_hit_tokens": 0,
-                      "tokens_scored": 0, "preemptions": 0, "prefetched_blocks": 0, "swapped_s": 0.0,
-                      "sched_s": 0.0}
+                      "tokens_scored": 0, "idle_steps": 0, "preemptions": 0,
+                      "prefetched_blocks": 0, "swapped_s": 0.0, "sched_s": 0.0}
         self._arrivals = itertools.count()
         self._seeds = new_rng(config.seed)
         # per-step memory work: block copies in the order decided, pins on the pages of the
@@ -255,7 +261,8 @@ class Kernel(Paging, Lifecycle):
         for p in self._satisfied:  # all its tokens came from the prefix cache
             self.policy.remove(p)
             p.state = self._rest_state(p)
-        if not chunks:
+        if not chunks:  # work is queued but nothing could run
+            self.stats["idle_steps"] += 1
             self._unblock(blocked)
             return
         now = time.monotonic()
@@ -472,8 +479,9 @@ class Kernel(Paging, Lifecycle):
             if p.queued_at is None:
                 p.queued_at = time.monotonic()
             if p.pid in self.procs:
-                self._resident[p.pid] = p
                 self.prefetch(p)
+        if p.pid in self.procs and p.table.num_blocks:
+            self._resident[p.pid] = p  # it may map device pages (a fork's, a snapshot's)
         p.state = self._rest_state(p)
 
     def rng_for(self, seed: int | None) -> torch.Generator:

@@ -259,8 +259,7 @@ def form_batch(policy: Policy, memory: MemoryView, max_tokens: int, max_seqs: in
     any prefill takes tokens, so a long prompt cannot starve the decodes of the same step;
     prefills are chunked to what remains of the budget.
     """
-    head = list(itertools.islice(policy.order(), max_seqs))
-    owed = sum(1 for p in head if _is_decode(p))  # tokens kept for decodes
+    owed: int | None = None  # tokens kept for decodes, counted when a prefill needs to know
     decodes: list[Chunk] = []
     prefills: list[Chunk] = []
     blocked: list[Process] = []
@@ -273,7 +272,8 @@ def form_batch(policy: Policy, memory: MemoryView, max_tokens: int, max_seqs: in
         if not p.has_work():
             return
         if _is_decode(p):
-            owed -= 1
+            if owed is not None:
+                owed -= 1
             if memory.reserve(p, p.num_cached, p.num_cached + 1):
                 decodes.append(Chunk(p, p.num_cached, p.num_cached + 1, sample=True))
                 budget -= 1
@@ -285,7 +285,11 @@ def form_batch(policy: Policy, memory: MemoryView, max_tokens: int, max_seqs: in
         if _is_decode(p):  # the prefix cache held all but its last token
             n = 1
         else:
-            n = min(p.prefill_target() - p.num_cached, budget - max(owed, 0))
+            n = p.prefill_target() - p.num_cached
+            if owed is None and n + max_seqs > budget:  # decodes behind may want the tokens
+                owed = sum(1 for q in itertools.islice(policy.order(), max_seqs)
+                           if q.pid not in seen and _is_decode(q))
+            n = min(n, budget - max(owed or 0, 0))
         if n <= 0:
             return
         end = p.num_cached + n

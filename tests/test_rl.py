@@ -68,7 +68,8 @@ def test_score_equals_rollout_logprobs_and_transformers(ckpt):
         assert d.top_ids == last.topk(5).indices.tolist()
         assert maxdiff(d.top_logprobs, last.topk(5).values.tolist()) < 1e-5
         assert maxdiff(d.candidate_logprobs, [last[5].item(), last[9].item()]) < 1e-5
-        assert d.candidate_logprobs[0] == s.score(tokens=[5])[0]
+        # the same position computed in chunks of different shapes: equal to fp32 rounding
+        assert abs(d.candidate_logprobs[0] - s.score(tokens=[5])[0]) < 1e-5
         e.check()
 
 
