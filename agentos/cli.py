@@ -274,10 +274,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="--simulate: session counts, comma-separated (default "
                         "100,1000,10000)")
     agents.add_argument("--sim-kv-blocks", type=int, default=None,
-                        help="--simulate: the device pool in blocks (default 128)")
+                        help="--simulate: the device pool in blocks (default 256)")
     agents.add_argument("--sim-window-s", type=float, default=None,
                         help="--simulate: every session arrives within this many seconds "
-                        "(default 20)")
+                        "(default 2)")
     agents.set_defaults(func=_cmd_bench_agents)
 
     det = scenarios.add_parser("determinism", help="what batch-invariant mode costs, and that "

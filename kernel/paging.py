@@ -74,6 +74,16 @@ class Paging:
         MemoryView): frees room by evicting cached pages, then swapping out or dropping
         idle and lower-priority victims; swaps p's host pages in; copies shared pages it
         will write."""
+        if end - start == 1 and start % self.block_size and p.swapped_at is None:
+            # the common decode: one token into its own partial tail block, all on device
+            page = int(p.table.block_ids[start // self.block_size])
+            if self.kalloc.refcount[page] == 1 and page not in self.kalloc.digest and \
+                    not len(self.vm.nonresident(p.table)):
+                self._batch.append(p)
+                self._resident[p.pid] = p
+                if self._pinned:
+                    self._pin(p.table.block_ids, 1)
+                return True
         need = self.vm.blocks_needed(p.table, start, end)
         if need > self.kalloc.num_free:
             self._pin_batch()
@@ -173,6 +183,12 @@ class Paging:
         queued = requester in self.policy
         rank = self.policy.rank(requester) if queued else None
         spare_recent = bool(self._batch)
+        # NOTE: load control: a session with nothing computed yet never costs another
+        # session its KV (a drop, to recompute later); it takes free and swappable pages
+        # only, else waits for memory. Without this, under overload every new arrival
+        # starts, the host tier fills with half-served sessions and they are recomputed
+        # over and over. (Unless nothing runs yet: the loop must not idle.)
+        may_drop = requester.num_cached > 0 or not self._batch
         now = time.time()
         for keep_soon in (True, False):
             for holder in self._victims:
@@ -188,7 +204,7 @@ class Paging:
                         continue  # keep: back before its eviction would pay off
                     if spare_recent and holder.resident_steps > 0:
                         continue
-                self._evict(holder)
+                self._evict(holder, may_drop)
         return k.num_free >= need
 
     def _victim_list(self) -> list:
@@ -223,10 +239,11 @@ class Paging:
         left = p.last_active + pause - now
         return left if left >= 0 else math.inf
 
-    def _evict(self, holder) -> None:
+    def _evict(self, holder, may_drop: bool = True) -> None:
         """Takes holder's unpinned device pages off the device: swaps them to the host tier
         when it has room and a round trip costs less than recomputing the holder's tokens,
-        else drops the holder's pages (its KV is recomputed from tokens when it next runs)."""
+        else drops the holder's pages (its KV is recomputed from tokens when it next runs)
+        if may_drop, else leaves them."""
         k = self.kalloc
         pages = holder.table.block_ids
         if not isinstance(holder, Process):
@@ -239,6 +256,8 @@ class Paging:
                 or 2 * self._swap_s(len(movable)) <= self._prefill_s(holder.num_cached)):
             self._copy("out", k.swap_out(movable.tolist()))
             self.stats["swap_out_blocks"] += len(movable)
+        elif not may_drop:
+            return
         else:
             # NOTE: a page shared with other holders is freed once the last of them is
             # dropped; shared pages that stay (a running fork's prefix) come back through

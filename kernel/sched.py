@@ -222,8 +222,12 @@ class MLFQ:
             if self._steps - ran < self.boost_steps:
                 break
             p = self._levels[self._level_of(pid)][pid]
-            del self._levels[p.level][pid]
+            old = p.level
+            del self._levels[old][pid]
             self._place(p, 0)
+            # NOTE: with the quantum of the level it had reached: a long job lifted for
+            # starving gets a share worth its swap-in, not 32 tokens before demotion
+            self._used[pid] = float(self.quanta[0] - self.quanta[old])
             self._ran[pid] = self._steps
             self._ran.move_to_end(pid)
 

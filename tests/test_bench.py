@@ -396,3 +396,19 @@ def test_bench_gpu_runs_on_cpu_small(tmp_path):
     assert {(r["direction"], r["layout"]) for r in shape["swap"]} == {
         ("out", "contiguous"), ("out", "scattered"), ("in", "contiguous"), ("in", "scattered")}
     assert out["copy_gb_s"] > 0 and out["checks"]
+
+
+def test_agents_simulate_runs_the_real_policy_and_pager_on_modelled_time():
+    from agentos.bench import simulate
+
+    result = simulate.run(simulate.quick((20, 120)))
+    runs = {(r["sessions"], r["scheduler"]): r for r in result["runs"]}
+    assert set(runs) == {(n, s) for n in (20, 120) for s in ("fcfs", "mlfq")}
+    for r in runs.values():
+        assert r["completed"] == r["turns"] and r["steps"] > 0 and r["step_us"] > 0
+    # the small pool binds at 120 sessions: the pager evicts, and the policies differ
+    assert runs[120, "mlfq"]["preemptions"] > 0
+    assert runs[120, "mlfq"]["mean_s"] != runs[120, "fcfs"]["mean_s"]
+    names = [c["name"] for c in result["checks"]]
+    assert any("per-step scheduling cost" in n for n in names)
+    simulate.render(result)

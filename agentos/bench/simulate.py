@@ -31,8 +31,8 @@ MIB = 1 << 20
 @dataclass(slots=True)
 class SimBench:
     sessions: tuple[int, ...] = (100, 1000, 10000)  # one run per count, each policy
-    window_s: float = 20.0  # every session arrives within this many seconds (Poisson)
-    kv_blocks: int = 2048  # the device pool (blocks), the same for every count
+    window_s: float = 2.0  # every session arrives within this many seconds (Poisson)
+    kv_blocks: int = 256  # the device pool (blocks), the same for every count
     host_blocks: int = 16384  # the host tier (blocks)
     block_bytes: int = 2 * MIB
     base_ms: float = 10.0  # a step's fixed cost (reading the weights)
