@@ -125,9 +125,11 @@ class MLFQ:
     quantum covers its prefill cost (skip-join: a long prompt does not take the top level
     only to be demoted at once). A process that spends its quantum is demoted and goes to
     the back of the next level (round robin at the last). A process that has not run for
-    `boost_steps` steps returns to the back of level 0, so none starves. (Only those:
-    boosting everyone would put every long job ahead of the next short turns at once,
-    which is the head-of-line blocking MLFQ exists to avoid.)
+    `boost_steps` steps is boosted: it goes ahead of level 0 (a queue served first) with
+    the quantum of the level it had reached, so none waits much more than `boost_steps`
+    steps however many short turns arrive, and each boost buys it a real share. (Only
+    those: boosting everyone would put every long job ahead of the next short turns at
+    once, which is the head-of-line blocking MLFQ exists to avoid.)
 
     Cost of a chunk: decode tokens count 1 each, prefill tokens `prefill_weight` each (a
     prefill token costs a fraction of a decode step's time); what a swap-in cost is
@@ -144,6 +146,8 @@ class MLFQ:
         self.boost_steps = boost_steps
         self.prefill_weight = prefill_weight
         self._levels: list[dict[str, Process]] = [{} for _ in range(levels)]
+        self._front: dict[str, Process] = {}  # boosted processes, served before level 0
+        self._queue: dict[str, dict[str, Process]] = {}  # pid -> the queue that holds it
         self._used: dict[str, float] = {}  # tokens spent at the current level
         self._seq: dict[str, int] = {}  # order of entry into its level
         self._next = itertools.count()
@@ -165,27 +169,34 @@ class MLFQ:
         self._place(proc, self.skip_join_level(proc.num_tokens - proc.num_cached))
         self._ran[proc.pid] = self._steps
 
-    def _place(self, proc: Process, level: int) -> None:
-        """Puts proc at the back of `level` with a fresh quantum."""
+    def _place(self, proc: Process, level: int, front: bool = False) -> None:
+        """Puts proc at the back of `level` (or of the boosted queue) with a fresh quantum."""
+        queue = self._front if front else self._levels[level]
         proc.level = level
-        self._levels[level][proc.pid] = proc
+        queue[proc.pid] = proc
+        self._queue[proc.pid] = queue
         self._seq[proc.pid] = next(self._next)
         self._used[proc.pid] = 0.0
 
+    def _unplace(self, proc: Process) -> None:
+        del self._queue.pop(proc.pid)[proc.pid]
+
     def remove(self, proc: Process) -> None:
         if self._used.pop(proc.pid, None) is not None:
-            del self._levels[proc.level][proc.pid]
+            self._unplace(proc)
             del self._ran[proc.pid]
             del self._seq[proc.pid]
 
     def order(self) -> Iterator[Process]:
         # NOTE: no copies: callers stop early, and nothing changes the queue while a step
         # is formed (charges and demotions are applied after it)
+        yield from self._front.values()
         for level in self._levels:
             yield from level.values()
 
     def rank(self, proc: Process) -> tuple[int, int]:
-        return (proc.level, self._seq[proc.pid])
+        front = self._queue[proc.pid] is self._front
+        return (-1 if front else proc.level, self._seq[proc.pid])
 
     def has_work(self) -> bool:
         return bool(self._used)
@@ -209,33 +220,28 @@ class MLFQ:
             return
         used = self._used[proc.pid] + cost
         if used >= self.quanta[proc.level]:
-            del self._levels[proc.level][proc.pid]
+            self._unplace(proc)
             self._place(proc, min(proc.level + 1, len(self.quanta) - 1))  # back of the next level
         else:
             self._used[proc.pid] = used
 
     def boost(self) -> None:
         """Moves the processes that waited `boost_steps` steps without running to the back
-        of the top level, longest waiting first."""
+        of the boosted queue, longest waiting first."""
         while self._ran:
             pid, ran = next(iter(self._ran.items()))
             if self._steps - ran < self.boost_steps:
                 break
-            p = self._levels[self._level_of(pid)][pid]
+            p = self._queue[pid][pid]
             old = p.level
-            del self._levels[old][pid]
-            self._place(p, 0)
+            self._unplace(p)
+            self._place(p, 0, front=True)
             # NOTE: with the quantum of the level it had reached: a long job lifted for
             # starving gets a share worth its swap-in, not 32 tokens before demotion
             self._used[pid] = float(self.quanta[0] - self.quanta[old])
             self._ran[pid] = self._steps
             self._ran.move_to_end(pid)
 
-    def _level_of(self, pid: str) -> int:
-        for i, level in enumerate(self._levels):
-            if pid in level:
-                return i
-        raise KeyError(pid)
 
 
 def make_policy(name: str) -> Policy:
