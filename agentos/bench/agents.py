@@ -179,6 +179,19 @@ def engine_options(b: AgentsBench, bound: str, work) -> dict:
 
 def run(bench: AgentsBench) -> dict:
     """Runs every workload under each bound with each scheduler, one engine per run; returns
+    the JSON-ready result (see `_run`). Torch's thread count is restored afterwards: it is
+    process-wide, and the caller's own work must not run with the bench's setting."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        return _run(bench)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(bench: AgentsBench) -> dict:
+    """Runs every workload under each bound with each scheduler, one engine per run; returns
     the JSON-ready result: config, per workload its description and per bound the engine's
     sizing, the policies' numbers and the ratios; the medians per bound; the checks."""
     threads = set_threads(bench.threads)
