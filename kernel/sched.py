@@ -126,10 +126,12 @@ class MLFQ:
     only to be demoted at once). A process that spends its quantum is demoted and goes to
     the back of the next level (round robin at the last). A process that has not run for
     `boost_steps` steps is boosted: it goes ahead of level 0 (a queue served first) with
-    the quantum of the level it had reached, so none waits much more than `boost_steps`
-    steps however many short turns arrive, and each boost buys it a real share. (Only
-    those: boosting everyone would put every long job ahead of the next short turns at
-    once, which is the head-of-line blocking MLFQ exists to avoid.)
+    level 0's quantum, so none waits much more than `boost_steps` steps however many short
+    turns arrive. (NOTE: with the quantum of the level it had reached, a boosted long
+    answer ran hundreds of tokens ahead of every short turn, and the memory-bound mean
+    latency fell to FCFS's.) Only those are boosted: boosting everyone would put every
+    long job ahead of the next short turns at once, which is the head-of-line blocking
+    MLFQ exists to avoid.
 
     Cost of a chunk: decode tokens count 1 each, prefill tokens `prefill_weight` each (a
     prefill token costs a fraction of a decode step's time); what a swap-in cost is
@@ -233,12 +235,8 @@ class MLFQ:
             if self._steps - ran < self.boost_steps:
                 break
             p = self._queue[pid][pid]
-            old = p.level
             self._unplace(p)
             self._place(p, 0, front=True)
-            # NOTE: with the quantum of the level it had reached: a long job lifted for
-            # starving gets a share worth its swap-in, not 32 tokens before demotion
-            self._used[pid] = float(self.quanta[0] - self.quanta[old])
             self._ran[pid] = self._steps
             self._ran.move_to_end(pid)
 
