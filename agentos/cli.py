@@ -511,6 +511,11 @@ def _cmd_bench_agents(args: argparse.Namespace) -> int:
     if args.simulate:
         from agentos.bench import simulate
 
+        if args.plot:
+            print("agentos bench agents: --plot draws the model runs; --simulate has no plot",
+                  file=sys.stderr)
+            return 2
+
         sim = {"sessions": args.sim_sessions, "kv_blocks": args.sim_kv_blocks,
                "window_s": args.sim_window_s, "seed": args.seed}
         bench = simulate.SimBench(**{k: v for k, v in sim.items() if v is not None})
