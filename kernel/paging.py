@@ -79,10 +79,7 @@ class Paging:
             page = int(p.table.block_ids[start // self.block_size])
             if self.kalloc.refcount[page] == 1 and page not in self.kalloc.digest and \
                     not len(self.vm.nonresident(p.table)):
-                self._batch.append(p)
-                self._resident[p.pid] = p
-                if self._pinned:
-                    self._pin(p.table.block_ids, 1)
+                self._admitted(p)
                 return True
         need = self.vm.blocks_needed(p.table, start, end)
         if need > self.kalloc.num_free:
@@ -105,11 +102,7 @@ class Paging:
                            else self._prefill_s(p.num_tokens - p.num_cached))
         copies = self.vm.prepare_write(p.table, start, end)
         assert copies is not None, "room was made"
-        self._batch.append(p)
-        if p.pid in self.procs:
-            self._resident[p.pid] = p
-        if self._pinned:
-            self._pin(p.table.block_ids, 1)  # with its new pages, not the ones it copied
+        self._admitted(p)
         if copies:
             slot = self.kalloc.slot
             self._copy("cow", [(int(slot[s]), int(slot[d])) for s, d in copies])
@@ -117,6 +110,15 @@ class Paging:
         if end - start > 1:  # a prefill: later prompts with the same blocks wait for these
             self._inflight.update(self._digests(p, start // self.block_size, end // self.block_size))
         return True
+
+    def _admitted(self, p: Process) -> None:
+        """Records p in the step being formed: its pages (with any new ones, not the ones
+        it copied) are pinned while memory is short, and a session joins the resident set."""
+        self._batch.append(p)
+        if p.pid in self.procs:
+            self._resident[p.pid] = p
+        if self._pinned:
+            self._pin(p.table.block_ids, 1)
 
     def residents(self) -> list[Process]:
         """Queued sessions not evicted since they last ran, in priority order."""

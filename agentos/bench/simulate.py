@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
-from agentos.bench.agents import AgentsBench, make_workload
+from agentos.bench.agents import AgentsBench, _pct, make_workload
 from agentos.bench.common import check, new_console, print_checks, print_table, ratio
 
 MIB = 1 << 20
@@ -200,11 +200,6 @@ def simulate(b: SimBench, sessions: int, scheduler: str) -> dict:
             "sched_us": 1e6 * k.stats["sched_s"] / steps,
             "preemptions": k.stats["preemptions"], "swap_out_blocks": k.stats["swap_out_blocks"],
             "dropped_blocks": k.stats["dropped_blocks"]}
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def run(bench: SimBench) -> dict:
