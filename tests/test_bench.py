@@ -209,8 +209,12 @@ def test_bench_agents_json(tmp_path, capsys):
                 for key in ("swap_out_blocks", "swap_in_blocks", "dropped_blocks", "preemptions",
                             "swapped_s"):
                     assert p[key] >= 0, key
+                assert p["slowdown"] > 0  # each turn against its own alone latency
             assert set(bound["ratios"]) >= {"mean_latency_fcfs_over_mlfq",
-                                            "tokens_per_s_mlfq_over_fcfs"}
+                                            "tokens_per_s_mlfq_over_fcfs", "slowdown_fcfs_over_mlfq"}
+            # the ceiling is FCFS's mean over the workload's alone mean
+            assert bound["ratios"]["mean_latency_ceiling"] == pytest.approx(
+                bound["policies"]["fcfs"]["mean_s"] / wl["alone_mean_s"])
         for p in bounds["seats"]["policies"].values():  # no host tier: nothing swapped
             assert p["swap_out_blocks"] == p["swap_in_blocks"] == 0
     means = sorted(w["bounds"]["memory"]["ratios"]["mean_latency_fcfs_over_mlfq"]
@@ -406,6 +410,8 @@ def test_agents_simulate_runs_the_real_policy_and_pager_on_modelled_time():
     assert set(runs) == {(n, s) for n in (20, 120) for s in ("fcfs", "mlfq")}
     for r in runs.values():
         assert r["completed"] == r["turns"] and r["steps"] > 0 and r["step_us"] > 0
+        # modelled time: a shared step never beats the alone one, so no mean is below it
+        assert r["mean_s"] >= r["alone_mean_s"] > 0
     # the small pool binds at 120 sessions: the pager evicts, and the policies differ
     assert runs[120, "mlfq"]["preemptions"] > 0
     assert runs[120, "mlfq"]["mean_s"] != runs[120, "fcfs"]["mean_s"]

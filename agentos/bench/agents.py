@@ -24,6 +24,15 @@ its last token; tokens/s is over the run (first arrival to last token). The pagi
 scheduling counters are deltas of `engine.stats()` over the timed part. Greedy decoding
 with `ignore_eos`, so both policies generate exactly the same tokens. The targets apply to
 the median MLFQ/FCFS ratios over the workloads, memory-bound.
+
+Each workload also runs once **alone**: its sessions one after another, no pauses, memory
+to spare, so each turn's latency is its service time with nobody else on the engine. No
+scheduler makes a turn faster than that (a bigger batch only slows a step), so the alone
+mean bounds the mean-latency ratio any policy can reach against FCFS: the **ceiling**,
+FCFS mean / alone mean. Long answers take most of the alone time, which is why that
+ceiling, not the policy, caps the ratio on a lightly loaded engine. Per policy the mean
+**slowdown** (a turn's latency over its alone latency, averaged over turns) is the
+scheduling literature's measure of what short jobs pay.
 """
 
 from __future__ import annotations
@@ -196,17 +205,19 @@ def _run(bench: AgentsBench) -> dict:
     sizing, the policies' numbers and the ratios; the medians per bound; the checks."""
     threads = set_threads(bench.threads)
     workloads = []
-    turns = len(bench.workloads) * len(bench.bounds) * len(bench.schedulers) * bench.sessions \
-        * bench.turns
+    turns = len(bench.workloads) * (len(bench.bounds) * len(bench.schedulers) + 1) \
+        * bench.sessions * bench.turns
     with progress(turns, "agent turns") as advance:
         for seed, arrivals in bench.workloads:
             work = make_workload(bench, seed, arrivals)
-            record = {"workload": _describe(bench, seed, arrivals, work), "bounds": {}}
+            alone = asyncio.run(_run_alone(bench, work, advance))
+            record = {"workload": {**_describe(bench, seed, arrivals, work),
+                                   "alone_mean_s": statistics.fmean(alone)}, "bounds": {}}
             for bound in bench.bounds:
                 options = engine_options(bench, bound, work)
                 runs = {name: asyncio.run(_run_policy(bench, name, options, work, advance))
                         for name in bench.schedulers}
-                record["bounds"][bound] = _summarize(options, runs)
+                record["bounds"][bound] = _summarize(options, runs, alone)
             workloads.append(record)
     config = {k: v for k, v in asdict(bench).items()
               if k not in ("model", "device", "dtype", "seed", "workloads")}
@@ -253,15 +264,36 @@ async def _run_policy(b: AgentsBench, scheduler: str, options: dict, work,
             **{k: after.get(k, 0) - before.get(k, 0) for k in _DELTAS}}
 
 
+async def _run_alone(b: AgentsBench, work, advance=lambda: None) -> list[float]:
+    """Each turn's latency with the engine to itself: sessions one after another, turns
+    back to back, a pool that holds the largest session. In the order the timed runs
+    report theirs (session by session, turn by turn)."""
+    from agentos import AsyncEngine
+
+    kv_blocks = max(session_blocks(b, turns) for _, turns in work) + 8
+    latencies = []
+    async with AsyncEngine(model=b.model, device=b.device, dtype=b.dtype, block_size=b.block_size,
+                           scheduler="fcfs", max_batch_tokens=b.max_batch_tokens,
+                           kv_blocks=kv_blocks, host_blocks=0) as engine:
+        s = await engine.create_session(tokens=list(range(1, 40)))
+        await s.generate(max_tokens=4, temperature=0.0, ignore_eos=True)
+        await s.close()
+        for _, turns in work:
+            latencies += [lat for lat, _ in await _agent(engine, 0.0, 0.0, turns, advance,
+                                                          pauses=False)]
+    return latencies
+
+
 async def _agent(engine, start: float, arrival: float, turns: list[Turn],
-                 advance=lambda: None) -> list[tuple[float, int]]:
+                 advance=lambda: None, pauses: bool = True) -> list[tuple[float, int]]:
     """One session's life; returns (latency seconds, tokens generated) per turn. Calls
     advance() after each turn (a progress bar)."""
     await asyncio.sleep(max(0.0, start + arrival - time.perf_counter()))
     out = []
     session = None
     for turn in turns:
-        await asyncio.sleep(turn.pause_s)
+        if pauses:
+            await asyncio.sleep(turn.pause_s)
         t0 = time.perf_counter()
         if session is None:
             session = await engine.create_session(tokens=turn.tokens)
@@ -297,17 +329,19 @@ def _describe(b: AgentsBench, seed: int, arrivals: str, work) -> dict:
     }
 
 
-def _summarize(options: dict, runs: dict) -> dict:
+def _summarize(options: dict, runs: dict, alone: list[float]) -> dict:
     policies = {}
     for name, r in runs.items():
         lat, gen = r["latencies"], max(1, r["tokens"])
+        slowdown = statistics.fmean(x / max(a, 1e-6) for x, a in zip(lat, alone))
         by_len = {}  # mean latency by the turn's generation length
         for label, lo, hi in _CLASSES:
             sel = [x for x, n in zip(lat, r["lengths"]) if lo <= n <= hi]
             by_len[label] = {"turns": len(sel), "mean_s": statistics.fmean(sel) if sel else None}
         policies[name] = {
             "mean_s": statistics.fmean(lat), "p50_s": statistics.median(lat),
-            "p99_s": _pct(lat, 0.99), "max_s": max(lat), "tokens": r["tokens"],
+            "p99_s": _pct(lat, 0.99), "max_s": max(lat), "slowdown": slowdown,
+            "tokens": r["tokens"],
             "wall_s": r["wall_s"], "tokens_per_s": r["tokens"] / r["wall_s"],
             "prefill_per_token": r["tokens_prefilled"] / gen,
             "swap_out_per_token": r["swap_out_blocks"] / gen,
@@ -323,7 +357,11 @@ def _summarize(options: dict, runs: dict) -> dict:
                          "p50_latency_fcfs_over_mlfq": ratio(f["p50_s"], m["p50_s"]),
                          "p99_latency_fcfs_over_mlfq": ratio(f["p99_s"], m["p99_s"]),
                          "max_latency_mlfq_over_fcfs": ratio(m["max_s"], f["max_s"]),
-                         "tokens_per_s_mlfq_over_fcfs": ratio(m["tokens_per_s"], f["tokens_per_s"])}
+                         "tokens_per_s_mlfq_over_fcfs": ratio(m["tokens_per_s"], f["tokens_per_s"]),
+                         "slowdown_fcfs_over_mlfq": ratio(f["slowdown"], m["slowdown"]),
+                         # no policy's mean is below the alone mean: the most the first
+                         # ratio could be on this workload at this load
+                         "mean_latency_ceiling": ratio(f["mean_s"], statistics.fmean(alone))}
     return out
 
 
@@ -362,7 +400,8 @@ def render(result: dict, console=None) -> None:
             f"  workload {i} ({_label(w)}): arrivals over {w['arrival_span_s']:.1f} s, "
             f"{w['tokens_to_generate']:,} tokens to generate in {w['turns_total']} turns (p50 "
             f"{w['gen_len_p50']:.0f}, p99 {w['gen_len_p99']}, max {w['gen_len_max']}), "
-            f"{w['tokens_given']:,} given; working set {w['working_set_blocks']:,} blocks")
+            f"{w['tokens_given']:,} given; working set {w['working_set_blocks']:,} blocks; "
+            f"mean turn latency alone {w['alone_mean_s']:.2f} s")
     for bound in BOUNDS:
         runs = [(one["workload"], one["bounds"][bound]) for one in result["workloads"]
                 if bound in one["bounds"]]
@@ -391,13 +430,13 @@ def _render_bound(bound: str, runs: list[tuple[dict, dict]], medians: dict | Non
     for w, r in runs:
         for name, p in r["policies"].items():
             rows.append([_label(w), name, p["mean_s"], p["p50_s"], p["p99_s"], p["max_s"],
-                         p["tokens_per_s"],
+                         p["slowdown"], p["tokens_per_s"],
                          *(p["by_length"][c]["mean_s"] for c, _, _ in _CLASSES)])
             mem_rows.append([_label(w), name, p["prefill_per_token"], p["swap_out_per_token"],
                              p["swap_in_per_token"], p["dropped_blocks"], p["preemptions"],
                              p["swapped_s"], p["steps"], p["sched_us_per_step"]])
     print_table(f"{_NAMES[bound]}: turn latency (s) and throughput", [
-        "workload", "policy", "mean", "p50", "p99", "max", "tok/s",
+        "workload", "policy", "mean", "p50", "p99", "max", "slowdown", "tok/s",
         *(f"mean, {c}" for c, _, _ in _CLASSES)], rows, console)
     print_table(f"{_NAMES[bound]}: paging and scheduling (per generated token, over the run)", [
         "workload", "policy", "prefill/tok", "swap-out/tok", "swap-in/tok", "dropped",
@@ -413,4 +452,6 @@ def _ratio_line(r: dict) -> str:
     return (f"FCFS/MLFQ latency: mean {r['mean_latency_fcfs_over_mlfq']:.2f}x, p50 "
             f"{r['p50_latency_fcfs_over_mlfq']:.2f}x, p99 {r['p99_latency_fcfs_over_mlfq']:.2f}x; "
             f"MLFQ/FCFS max {r['max_latency_mlfq_over_fcfs']:.2f}x, tok/s "
-            f"{r['tokens_per_s_mlfq_over_fcfs']:.2f}x")
+            f"{r['tokens_per_s_mlfq_over_fcfs']:.2f}x; mean slowdown "
+            f"{r['slowdown_fcfs_over_mlfq']:.2f}x; ceiling of the mean ratio (FCFS / alone) "
+            f"{r['mean_latency_ceiling']:.2f}x")
