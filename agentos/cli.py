@@ -434,7 +434,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if args.redis:  # one clear line, not a startup traceback, when Redis is not there
         from agentos.kernel.errors import StoreUnavailableError
-        from agentos.snapshot.store import RedisStore
+        from agentos.snapshot.durable.store import RedisStore
 
         try:
             RedisStore(args.redis, args.deployment).ping()

@@ -36,8 +36,8 @@ class _EngineBase(Backend):
     def __init__(self, model: str = "tiny", **options: Any):
         from agentos.kernel.core import Kernel
         from agentos.metrics import EngineMetrics
+        from agentos.snapshot.durable.store import open_store
         from agentos.snapshot.snapshot import SnapshotTable
-        from agentos.snapshot.store import open_store
 
         self.config = Config(model=model, **options)
         self.metrics = EngineMetrics()
@@ -52,7 +52,7 @@ class _EngineBase(Backend):
         self.journal = None
         self.recovered: list[dict] = []  # what was loaded from the store at start
         if self.store is not None:
-            from agentos.snapshot.journal import Journal
+            from agentos.snapshot.durable.journal import Journal
 
             self.journal = Journal(self.store, self.config.worker_id)
             try:

@@ -189,7 +189,7 @@ def _start_heartbeat(app: FastAPI, settings: ServerSettings, loop: asyncio.Abstr
     and their tokens, read from the engine on the app's loop). Reads the cluster secret."""
     import redis
 
-    from agentos.snapshot.cluster import Heartbeat, WorkerRegistry
+    from agentos.snapshot.durable.cluster import Heartbeat, WorkerRegistry
 
     if not settings.redis:
         raise ValueError("a worker needs a Redis URL (--redis)")

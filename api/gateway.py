@@ -2,7 +2,7 @@
 --redis URL --worker`, one per accelerator), routing each request to the worker holding
 its session and moving the sessions of a worker that died.
 
-Routing, from the registry and the directory in Redis (see `agentos.snapshot.cluster`):
+Routing, from the registry and the directory in Redis (see `agentos.snapshot.durable.cluster`):
 
 - `POST /v1/sessions` (and `/v1/sessions/import`): the least loaded live worker (sessions
   in its last heartbeat plus those placed here since, so a burst spreads);
@@ -55,7 +55,7 @@ from agentos.kernel.errors import (
     OutOfCapacityError,
     StoreUnavailableError,
 )
-from agentos.snapshot.cluster import SECRET_HEADER, WorkerInfo, WorkerRegistry, plan_rehome
+from agentos.snapshot.durable.cluster import SECRET_HEADER, WorkerInfo, WorkerRegistry, plan_rehome
 
 log = logging.getLogger("agentos.gateway")
 

@@ -23,7 +23,7 @@ from dataclasses import replace
 import torch
 
 from agentos import Client, Engine, SamplingParams
-from agentos.kernel.loader import load_model
+from agentos.kernel.runner.loader import load_model
 from agentos.rl import RolloutWorker, Trajectory, group_advantages
 
 VOWELS = set(b"aeiou")

@@ -18,7 +18,7 @@ class Config:
     max_batch_size: int = 256  # sessions in one step at most
     max_model_len: int | None = None  # context limit; None: the model's max positions
     scheduler: str = "mlfq"  # "mlfq" (multi-level feedback queue) or "fcfs"
-    deterministic: bool = False  # batch-invariant results (kernel/batch_invariant.py)
+    deterministic: bool = False  # batch-invariant results (kernel/runner/batch_invariant.py)
     prefix_cache: bool = True  # share full KV blocks between sessions with the same prefix
     cuda_graphs: bool = True  # decode steps replay captured CUDA graphs (CUDA only, not deterministic)
     store: Any = None  # None (no journal), "memory", a redis:// URL, or a snapshot.store.Store

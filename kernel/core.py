@@ -38,14 +38,14 @@ from agentos.kernel.errors import (
 )
 from agentos.kernel.kalloc import HOST, BlockAllocator
 from agentos.kernel.lifecycle import Lifecycle
-from agentos.kernel.loader import load_model
 from agentos.kernel.paging import Paging
 from agentos.kernel.process import GenerateCall, Generation, Process, ProcState, ScoreCall
-from agentos.kernel.runner import ModelRunner
-from agentos.kernel.sampler import new_rng
+from agentos.kernel.runner.loader import load_model
+from agentos.kernel.runner.model_runner import ModelRunner
+from agentos.kernel.runner.sampler import new_rng
+from agentos.kernel.runner.tokenizer import IncrementalDetokenizer
 from agentos.kernel.sampling_params import SamplingParams
 from agentos.kernel.sched import form_batch, make_policy
-from agentos.kernel.tokenizer import IncrementalDetokenizer
 from agentos.kernel.vm import VM, PageTable
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -100,7 +100,7 @@ class Kernel(Paging, Lifecycle):
         self.kalloc = BlockAllocator(num_blocks, host_blocks)
         self.vm = VM(self.kalloc, config.block_size)
         if config.deterministic:
-            from agentos.kernel.batch_invariant import make_batch_invariant
+            from agentos.kernel.runner.batch_invariant import make_batch_invariant
 
             make_batch_invariant(self.model)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.device, self.dtype,

@@ -22,7 +22,7 @@ from agentos.kernel.errors import InvalidRequestError, NotFoundError
 from agentos.kernel.kalloc import DEVICE, HOST
 from agentos.kernel.vm import PageTable
 from agentos.snapshot.codec import Record
-from agentos.snapshot.journal import kv_layout, record_of, rng_from, tensor_bytes, tensor_from
+from agentos.snapshot.durable.journal import kv_layout, record_of, rng_from, tensor_bytes, tensor_from
 
 
 @dataclass(slots=True, eq=False)

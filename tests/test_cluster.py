@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from agentos.api.gateway import Gateway, create_gateway
 from agentos.bench.api import free_port, run_agentos
 from agentos.bench.redis_server import RedisServer
-from agentos.snapshot.cluster import SECRET_HEADER, Heartbeat, WorkerRegistry, plan_rehome
+from agentos.snapshot.durable.cluster import SECRET_HEADER, Heartbeat, WorkerRegistry, plan_rehome
 
 _names = itertools.count()
 
@@ -518,7 +518,7 @@ def _has_adopt() -> bool:
 @pytest.mark.skipif(not _has_adopt(), reason="needs AsyncEngine.adopt (the journal's recovery)")
 def test_sessions_survive_a_killed_worker(redis_url, ns):
     from agentos import Client, Engine
-    from agentos.snapshot.store import RedisStore
+    from agentos.snapshot.durable.store import RedisStore
 
     deployment, key_ns = ns
     store = RedisStore(redis_url, deployment)

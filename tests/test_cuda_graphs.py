@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from agentos import Engine
-from agentos.kernel.cuda_graphs import (
+from agentos.kernel.runner.cuda_graphs import (
     BATCH_BUCKETS,
     DecodeGraphs,
     batch_buckets,
@@ -167,7 +167,7 @@ def test_cuda_graph_results_equal_eager_on_gpu():
 def test_a_failed_capture_falls_back_to_eager_for_good():
     """An op that cannot be captured must not fail the step: it runs eagerly and graphs
     stay off (emulated on CPU: the capture raises)."""
-    from agentos.kernel.cuda_graphs import CaptureError
+    from agentos.kernel.runner.cuda_graphs import CaptureError
 
     with Engine(kv_blocks=64) as engine:
         runner = engine.kernel.runner

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from agentos.kernel.loader import _resolve_dtype, load_model, tiny_hf_config, tiny_hf_weights
-from agentos.kernel.tokenizer import ByteTokenizer, HFTokenizer
+from agentos.kernel.runner.loader import _resolve_dtype, load_model, tiny_hf_config, tiny_hf_weights
+from agentos.kernel.runner.tokenizer import ByteTokenizer, HFTokenizer
 from hf_models import make_hf_checkpoint
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agentos.kernel.attention import AttnMeta, PrefillChunk
-from agentos.kernel.loader import load_model, save_hf_folder, tiny_hf_config, tiny_hf_weights
+from agentos.kernel.runner.attention import AttnMeta, PrefillChunk
+from agentos.kernel.runner.loader import load_model, save_hf_folder, tiny_hf_config, tiny_hf_weights
 from hf_models import hf_generate, hf_logits, make_hf_checkpoint
 
 ATOL = 1e-4
@@ -183,13 +183,13 @@ def test_cascade_decode_equals_per_session_attention(fused, monkeypatch):
     path of attention with log-sum-exp."""
     import numpy as np
 
-    from agentos.kernel import attention
+    from agentos.kernel.runner import attention
 
     if not fused:
         monkeypatch.setattr(attention, "_FLASH_CPU", None)
 
-    from agentos.kernel.attention import paged_attention
-    from agentos.kernel.runner import shared_prefixes
+    from agentos.kernel.runner.attention import paged_attention
+    from agentos.kernel.runner.model_runner import shared_prefixes
 
     torch.manual_seed(0)
     bs, kvh, hd, h = 4, 2, 8, 4
@@ -213,7 +213,7 @@ def test_cascade_decode_equals_per_session_attention(fused, monkeypatch):
                         decode_ctx_lens=torch.tensor(ctx), shared=list(shared))
 
     plain = paged_attention(q, k_cache, v_cache, meta(tables, lens), 0.3)
-    from agentos.kernel.attention import SharedPrefix
+    from agentos.kernel.runner.attention import SharedPrefix
 
     rows, prefix = groups[0]
     start = [len(prefix) if i in rows else 0 for i in range(len(tables))]

@@ -81,7 +81,7 @@ def test_loader_progress_on_a_terminal(tmp_path, monkeypatch):
     bar it draws none (one live display at a time). The weights are the same."""
     import torch
 
-    from agentos.kernel.loader import load_model, save_hf_folder, tiny_hf_config, tiny_hf_weights
+    from agentos.kernel.runner.loader import load_model, save_hf_folder, tiny_hf_config, tiny_hf_weights
 
     folder = save_hf_folder(tmp_path / "tiny-hf", tiny_hf_config(), tiny_hf_weights())
     plain, _, _ = load_model(str(folder))

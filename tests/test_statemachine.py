@@ -30,8 +30,8 @@ from hypothesis.stateful import (
 )
 
 from agentos import Engine, NotFoundError, OutOfCapacityError, Session
-from agentos.kernel.attention import AttnMeta, PrefillChunk
-from agentos.kernel.loader import load_model
+from agentos.kernel.runner.attention import AttnMeta, PrefillChunk
+from agentos.kernel.runner.loader import load_model
 
 BLOCK_SIZE = 4  # small pages: every few tokens cross a block boundary
 VOCAB = 260  # tiny: 256 bytes and 4 special ids

@@ -17,8 +17,8 @@ from agentos.api.app import ServerSettings, create_app
 from agentos.bench.redis_server import RedisServer
 from agentos.engine import AsyncEngine
 from agentos.snapshot import codec
-from agentos.snapshot.journal import LOG_LIMIT
-from agentos.snapshot.store import MemoryStore
+from agentos.snapshot.durable.journal import LOG_LIMIT
+from agentos.snapshot.durable.store import MemoryStore
 
 
 def history(e):

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agentos.kernel.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDetokenizer
+from agentos.kernel.runner.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDetokenizer
 from hf_models import TOKENIZER_TEXTS, make_bpe_tokenizer, make_sentencepiece_tokenizer
 
 SAMPLES = ["", "hello world", "Grüße, Köln", "東京は晴れです", "🦊🐶👍🏽 ✨", "a\u0000b\nc\t",

@@ -95,7 +95,7 @@ def decode_case(G: int, bs: int, dtype, lens=(1, 5, 16, 37, 100), kvh: int = 2, 
 def decode_meta(tables, ctx):
     import torch
 
-    from agentos.kernel.attention import AttnMeta
+    from agentos.kernel.runner.attention import AttnMeta
 
     B = len(ctx)
     return AttnMeta(slot_mapping=torch.zeros(B, dtype=torch.long), num_decodes=B,
@@ -106,7 +106,7 @@ def reference_lse(q, k_cache, tables, ctx, scale):
     """Natural-log LSE [B, H] of each decode query over its context, in fp64."""
     import torch
 
-    from agentos.kernel.attention import gather_blocks
+    from agentos.kernel.runner.attention import gather_blocks
 
     B, H, D = q.shape
     G = H // k_cache.shape[2]
@@ -123,8 +123,8 @@ def reference_lse(q, k_cache, tables, ctx, scale):
 def decode_fp32():
     import torch
 
-    from agentos.kernel import attention as A
-    from agentos.kernel import triton_attention as T
+    from agentos.kernel.runner import attention as A
+    from agentos.kernel.runner import triton_attention as T
 
     for G in (1, 2, 4):
         for bs in (16, 32):
@@ -142,8 +142,8 @@ def decode_fp32():
 def decode_lse_and_odd_groups():
     import torch
 
-    from agentos.kernel import attention as A
-    from agentos.kernel import triton_attention as T
+    from agentos.kernel.runner import attention as A
+    from agentos.kernel.runner import triton_attention as T
 
     for G, splits in ((3, 1), (3, 4), (4, 2)):  # G = 3: groups that are not a power of two
         pool, q, tables, ctx = decode_case(G, 16, torch.float32, lens=(7, 64, 90), seed=G)
@@ -163,7 +163,7 @@ def cascade_case(dtype, G: int, bs: int, seed: int):
     Returns (pool, q, cascade meta, plain meta over the whole tables)."""
     import torch
 
-    from agentos.kernel.attention import SharedPrefix
+    from agentos.kernel.runner.attention import SharedPrefix
 
     pool = Pool(96, bs, 2, 64, dtype, seed)
     groups = {0: pool.alloc(4 * bs), 1: pool.alloc(5 * bs)}
@@ -184,9 +184,9 @@ def cascade_case(dtype, G: int, bs: int, seed: int):
 def decode_cascade_fp32():
     import torch
 
-    from agentos.kernel import attention as A
-    from agentos.kernel import triton_attention as T
-    from agentos.kernel.attention import SharedPrefix
+    from agentos.kernel.runner import attention as A
+    from agentos.kernel.runner import triton_attention as T
+    from agentos.kernel.runner.attention import SharedPrefix
 
     for G, bs in ((1, 16), (4, 16), (2, 32)):
         pool, q, meta, plain = cascade_case(torch.float32, G, bs, seed=G)
@@ -210,7 +210,7 @@ def split_counts():
     a full batch or a short context is not split."""
     import torch
 
-    from agentos.kernel import triton_attention as T
+    from agentos.kernel.runner import triton_attention as T
 
     T._num_sms = lambda device: 132
     cuda = torch.device("cuda")
@@ -227,7 +227,7 @@ def prefill_case(dtype, G: int, bs: int, specs, seed: int, kvh: int = 2, d: int 
     [PrefillChunk])."""
     import torch
 
-    from agentos.kernel.attention import PrefillChunk
+    from agentos.kernel.runner.attention import PrefillChunk
 
     pool = Pool(96, bs, kvh, d, dtype, seed)
     chunks, q_start = [], 0
@@ -239,7 +239,7 @@ def prefill_case(dtype, G: int, bs: int, specs, seed: int, kvh: int = 2, d: int 
 
 
 def prefill_reference(q, pool, chunks, scale):
-    from agentos.kernel import attention as A
+    from agentos.kernel.runner import attention as A
 
     out = q.new_zeros(q.shape)
     for c in chunks:
@@ -251,7 +251,7 @@ def prefill_reference(q, pool, chunks, scale):
 def run_prefill(q, pool, chunks, scale, **tiles):
     import torch
 
-    from agentos.kernel import triton_attention as T
+    from agentos.kernel.runner import triton_attention as T
 
     tables = padded([c.block_table.tolist() for c in chunks])
     info = torch.tensor([[c.q_start, c.q_len, c.ctx_len] for c in chunks])
@@ -293,8 +293,8 @@ def half_precision():
     # value dtype for the second matmul, fp32 accumulation, cast on store)
     import torch
 
-    from agentos.kernel import attention as A
-    from agentos.kernel import triton_attention as T
+    from agentos.kernel.runner import attention as A
+    from agentos.kernel.runner import triton_attention as T
 
     dt = torch.float16
     pool, q, tables, ctx = decode_case(2, 16, dt)
@@ -331,10 +331,10 @@ def bf16():
         return ("skip: Triton's interpreter multiplies bf16 dot operands as their raw uint16 bits "
                 "(interpreter.py create_dot), so bf16 cannot be checked without a GPU; fp16 covers "
                 "the same kernel code")
-    from agentos.kernel import triton_attention as T
+    from agentos.kernel.runner import triton_attention as T
 
     pool, q, tables, ctx = decode_case(2, 16, torch.bfloat16)
-    from agentos.kernel import attention as A
+    from agentos.kernel.runner import attention as A
 
     ref = A._decode(q.float(), *(c.float() for c in pool.caches(False)), decode_meta(tables, ctx), 0.125)
     close(T.decode(q, *pool.caches(True), tables, ctx, 0.125, num_splits=2), ref, torch.bfloat16)
@@ -346,9 +346,9 @@ def dispatch_mixed_step():
     shared prefix) and prefill chunks, and matches the torch path."""
     import torch
 
-    from agentos.kernel import attention as A
-    from agentos.kernel import triton_attention as T
-    from agentos.kernel.attention import AttnMeta, PrefillChunk
+    from agentos.kernel.runner import attention as A
+    from agentos.kernel.runner import triton_attention as T
+    from agentos.kernel.runner.attention import AttnMeta, PrefillChunk
 
     pool, qd, dmeta, _ = cascade_case(torch.float32, 2, 16, seed=9)
     chunks, q_parts, q_start = [], [qd], len(qd)
@@ -379,9 +379,9 @@ def tiny_model_end_to_end():
     beside another session's prompt, then a step of decodes, on both paths."""
     import torch
 
-    from agentos.kernel import attention as A
-    from agentos.kernel.attention import AttnMeta, PrefillChunk
-    from agentos.kernel.loader import load_model
+    from agentos.kernel.runner import attention as A
+    from agentos.kernel.runner.attention import AttnMeta, PrefillChunk
+    from agentos.kernel.runner.loader import load_model
 
     model, cfg, _ = load_model("tiny")
     bs = 16
@@ -447,8 +447,8 @@ def test_kernels(results, name):
 
 
 def test_cpu_path_does_not_import_triton():
-    code = ("import sys, torch; import agentos, agentos.kernel.model; "
-            "from agentos.kernel import attention as A; "
+    code = ("import sys, torch; import agentos, agentos.kernel.runner.model; "
+            "from agentos.kernel.runner import attention as A; "
             "A.paged_attention(torch.zeros(1, 2, 16), torch.zeros(1, 16, 1, 16), "
             "torch.zeros(1, 16, 1, 16), A.AttnMeta(torch.zeros(1, dtype=torch.long), 1, "
             "torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long)), 0.25); "
@@ -482,7 +482,7 @@ def test_a_failing_kernel_hands_over_to_torch_for_good(monkeypatch):
     for the GPU) is answered by the torch path, this call and every later one."""
     import torch
 
-    from agentos.kernel import attention
+    from agentos.kernel.runner import attention
 
     calls = []
 

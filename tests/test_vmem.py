@@ -161,7 +161,7 @@ def test_states_and_levels_are_reported():
 def test_block_copies_match_a_reference_in_every_layout(layout):
     import torch
 
-    from agentos.kernel.runner import _copy_runs
+    from agentos.kernel.runner.model_runner import _copy_runs
 
     rng = random.Random(layout)
     src = torch.randn(32, 2, 3, 4)

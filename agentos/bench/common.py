@@ -85,7 +85,7 @@ def load_peer(model: str, device: str, dtype: Any):
     if model != "tiny":
         net = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
         return net.to(device).eval()
-    from agentos.kernel.loader import save_hf_folder, tiny_hf_config, tiny_hf_weights
+    from agentos.kernel.runner.loader import save_hf_folder, tiny_hf_config, tiny_hf_weights
 
     with tempfile.TemporaryDirectory(prefix="agentos-tiny-") as folder:
         save_hf_folder(folder, tiny_hf_config(), tiny_hf_weights())

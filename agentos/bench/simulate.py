@@ -100,8 +100,8 @@ def _sim_kernel(b: SimBench, scheduler: str):
     from agentos.kernel.config import Config
     from agentos.kernel.core import Kernel
     from agentos.kernel.kalloc import BlockAllocator
-    from agentos.kernel.model import ModelConfig
-    from agentos.kernel.tokenizer import ByteTokenizer
+    from agentos.kernel.runner.model import ModelConfig
+    from agentos.kernel.runner.tokenizer import ByteTokenizer
     from agentos.kernel.vm import VM
 
     class SimKernel(Kernel):

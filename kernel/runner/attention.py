@@ -84,7 +84,7 @@ def paged_attention(
     q: [T, H, D] -> returns [T, H, D].
     """
     if meta.deterministic:
-        from agentos.kernel.batch_invariant import attention
+        from agentos.kernel.runner.batch_invariant import attention
 
         return attention(q, k_cache, v_cache, meta, scale)
     fast = _triton_kernels(q, k_cache)
@@ -135,7 +135,7 @@ def _disable_triton(error: Exception) -> None:
 @functools.cache
 def _load_triton():
     try:
-        from agentos.kernel import triton_attention
+        from agentos.kernel.runner import triton_attention
     except ImportError:
         return None
     return triton_attention

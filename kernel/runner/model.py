@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agentos.kernel.attention import AttnMeta, paged_attention, write_kv
-from agentos.kernel.rope import rope_inv_freq, rope_table
+from agentos.kernel.runner.attention import AttnMeta, paged_attention, write_kv
+from agentos.kernel.runner.rope import rope_inv_freq, rope_table
 
 _ACTS = {"silu": F.silu, "gelu": F.gelu,
          "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -305,7 +305,7 @@ def _dense_attention(q, k, v, scale: float, batch_invariant: bool) -> torch.Tens
     T, H, D = q.shape
     KVH = k.shape[1]
     if batch_invariant:
-        from agentos.kernel.batch_invariant import session_attention
+        from agentos.kernel.runner.batch_invariant import session_attention
 
         return session_attention(q, k, v, scale)
     k = k.repeat_interleave(H // KVH, dim=1)

@@ -38,7 +38,7 @@ from agentos.kernel.process import Process, ProcState
 from agentos.kernel.vm import PageTable
 from agentos.snapshot import codec
 from agentos.snapshot.codec import Record
-from agentos.snapshot.store import Store, chunks
+from agentos.snapshot.durable.store import Store, chunks
 
 if TYPE_CHECKING:
     from agentos.kernel.core import Kernel

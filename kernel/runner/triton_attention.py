@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from agentos.kernel.attention import AttnMeta
+from agentos.kernel.runner.attention import AttnMeta
 
 # NOTE: read when the kernels below are decorated: under TRITON_INTERPRET=1 they are
 # interpreted on CPU tensors (numpy), which is how the tests run them without a GPU

@@ -18,9 +18,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from agentos.kernel.model import LlamaModel, ModelConfig
-from agentos.kernel.rope import rope_inv_freq, rope_table
-from agentos.kernel.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from agentos.kernel.runner.model import LlamaModel, ModelConfig
+from agentos.kernel.runner.rope import rope_inv_freq, rope_table
+from agentos.kernel.runner.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 _ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",

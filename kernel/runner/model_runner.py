@@ -12,11 +12,11 @@ import logging
 import numpy as np
 import torch
 
-from agentos.kernel.attention import AttnMeta, PrefillChunk, SharedPrefix
-from agentos.kernel.cuda_graphs import CaptureError, DecodeGraphs, prefers_cascade
-from agentos.kernel.model import LlamaModel
 from agentos.kernel.process import ScoreCall
-from agentos.kernel.sampler import sample, score
+from agentos.kernel.runner.attention import AttnMeta, PrefillChunk, SharedPrefix
+from agentos.kernel.runner.cuda_graphs import CaptureError, DecodeGraphs, prefers_cascade
+from agentos.kernel.runner.model import LlamaModel
+from agentos.kernel.runner.sampler import sample, score
 from agentos.kernel.sched import Chunk
 
 log = logging.getLogger("agentos.runner")

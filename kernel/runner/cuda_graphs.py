@@ -20,7 +20,7 @@ from bisect import bisect_left
 import numpy as np
 import torch
 
-from agentos.kernel.attention import AttnMeta
+from agentos.kernel.runner.attention import AttnMeta
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 WARMUP_RUNS = 2  # eager runs before a capture: lazy initialisation must not happen inside it

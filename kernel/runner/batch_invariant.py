@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agentos.kernel.attention import gather_blocks
+from agentos.kernel.runner.attention import gather_blocks
 
 ROWS = 16  # matmul row counts are padded to a multiple of this
 SPLIT = 128  # keys per attention split

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import msgpack
 
-from agentos.snapshot.store import dir_entry
+from agentos.snapshot.durable.store import dir_entry
 
 log = logging.getLogger("agentos.cluster")
 
