@@ -4,6 +4,7 @@
 `Engine` is created, and `Client` needs only httpx.
 """
 
+from agentos.backend import AsyncBackend, Backend
 from agentos.kernel.errors import (
     AgentOSError,
     APIConnectionError,
@@ -32,7 +33,8 @@ from agentos.session import AsyncSession, Session, Snapshot
 __version__ = "0.1.0"
 
 __all__ = [
-    "APIConnectionError", "APIStatusError", "APITimeoutError", "AgentOSError", "AsyncClient",
+    "APIConnectionError", "APIStatusError", "APITimeoutError", "AgentOSError", "AsyncBackend",
+    "AsyncClient", "Backend",
     "AsyncEngine", "AsyncSession", "AuthenticationError", "BadRequestError", "Client", "CodecError",
     "ConflictError", "ContextLengthError", "Engine", "EngineClosedError", "Generation",
     "GenerationChunk", "InternalServerError", "InvalidRequestError", "NotFoundError",

@@ -21,15 +21,18 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import httpx
 import msgpack
 
+from agentos.backend import AsyncBackend, Backend, NamedTensors, Op, Operations
 from agentos.kernel.errors import APIConnectionError, APITimeoutError, error_from_status
 from agentos.kernel.process import Generation, GenerationChunk, NextTokenLogprobs
 from agentos.kernel.sampling_params import SamplingParams
-from agentos.session import Backend, Session, Snapshot
+from agentos.session import Session, Snapshot
+
+T = TypeVar("T")
 
 MSGPACK = "application/msgpack"
 _NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
@@ -37,12 +40,18 @@ _BROKEN = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError, httpx.R
            httpx.WriteTimeout)
 
 
+def _body(body: Any) -> Any:
+    return body
+
+
 @dataclass(slots=True)
-class _Call:
+class _Call(Op[T]):
+    """An operation as one HTTP call; post makes the caller's result of the response."""
+
     method: str
     path: str
     body: dict | None = None
-    post: Callable[[Any], Any] = lambda body: body
+    post: Callable[[Any], T] = _body
     stream: bool = False
     content: bytes | None = None  # a raw body (application/octet-stream) instead of `body`
     params: dict | None = None  # query string
@@ -53,7 +62,7 @@ class _Call:
         return self.method in ("GET", "DELETE")
 
 
-class _ClientBase(Backend):
+class _ClientBase(Operations):
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None,
                  timeout: float = 600.0, max_retries: int = 2, wire: str = "json"):
         if wire not in ("json", "msgpack"):
@@ -67,109 +76,130 @@ class _ClientBase(Backend):
         if self.api_key:
             self.headers["Authorization"] = f"Bearer {self.api_key}"
 
-    def encode(self, text: str, add_special_tokens: bool = False):
-        """Returns the token ids of text (the server's tokenizer)."""
-        return self._op("tokenize", text, add_special_tokens)
+    # -- the operations as HTTP calls ----------------------------------------------------
 
-    def decode(self, token_ids: list[int]):
-        return self._op("detokenize", token_ids)
+    def _op_create(self, prompt: str | None, tokens: list[int] | None,
+                   seed: int | None) -> _Call[Session]:
+        body = {"prompt": prompt} if tokens is None else {"tokens": list(tokens)}
+        return _Call("POST", "/v1/sessions", _drop_none({**body, "seed": seed}),
+                     self._session_handle)
 
-    # -- operations to HTTP calls -------------------------------------------------------
+    def _op_session(self, session_id: str) -> _Call[Session]:
+        return _Call("GET", f"/v1/sessions/{session_id}", None, self._session_handle)
 
-    def _route(self, name: str, *args) -> _Call:
-        session = self._session_handle
-        if name == "create":
-            prompt, tokens, seed = args
-            body = {"prompt": prompt} if tokens is None else {"tokens": list(tokens)}
-            return _Call("POST", "/v1/sessions", _drop_none({**body, "seed": seed}), session)
-        if name in ("get", "info"):
-            post = session if name == "get" else _session_info
-            return _Call("GET", f"/v1/sessions/{args[0]}", None, post)
-        if name == "list":
-            ids = args[0]
-            return _Call("GET", "/v1/sessions", None, lambda b: [
-                _session_info(d) for d in b["data"] if ids is None or d["id"] in ids])
-        if name == "append":
-            pid, text, tokens = args
-            body = {"text": text} if tokens is None else {"tokens": list(tokens)}
-            return _Call("POST", f"/v1/sessions/{pid}/append", body, lambda b: b["num_tokens"])
-        if name == "generate":
-            pid, params, stream = args
-            if not isinstance(params, SamplingParams):
-                raise TypeError("params must be a SamplingParams")
-            body = {**dataclasses.asdict(params), "stream": stream}
-            return _Call("POST", f"/v1/sessions/{pid}/generate", body,
-                         lambda b: Generation(**b), stream)
-        if name == "fork":
-            pid, n = args
-            return _Call("POST", f"/v1/sessions/{pid}/fork", {"n": n},
-                         lambda b: [session(d) for d in b["data"]])
-        if name == "snapshot":
-            return _Call("POST", f"/v1/sessions/{args[0]}/snapshots", None, self._snapshot_handle)
-        if name == "rollback":
-            pid, snap_id = args
-            return _Call("POST", f"/v1/sessions/{pid}/rollback", {"snapshot_id": snap_id},
-                         lambda b: b["num_tokens"])
-        if name == "restore":
-            return _Call("POST", f"/v1/snapshots/{args[0]}/restore", None, session)
-        if name == "export":
-            pid, kv = args
-            return _Call("GET", f"/v1/sessions/{pid}/export", None, bytes,
-                         params={"kv": str(bool(kv)).lower()}, raw=True)
-        if name == "import":
-            data = args[0]
-            if not isinstance(data, (bytes, bytearray, memoryview)):
-                raise TypeError("a session record is bytes (from export_session)")
-            return _Call("POST", "/v1/sessions/import", None, session, content=bytes(data))
-        if name == "get_snapshot":
-            return _Call("GET", f"/v1/snapshots/{args[0]}", None, self._snapshot_handle)
-        if name == "delete_snapshot":
-            return _Call("DELETE", f"/v1/snapshots/{args[0]}", None, _none)
-        if name == "list_snapshots":
-            return _Call("GET", f"/v1/sessions/{args[0]}/snapshots", None,
-                         lambda b: [self._snapshot_handle(d) for d in b["data"]])
-        if name == "close":
-            return _Call("DELETE", f"/v1/sessions/{args[0]}", None, _none)
-        if name in ("tokens", "mask", "tokens_and_mask"):
-            pick = {"tokens": lambda b: b["tokens"], "mask": lambda b: b["mask"],
-                    "tokens_and_mask": lambda b: (b["tokens"], b["mask"])}[name]
-            return _Call("GET", f"/v1/sessions/{args[0]}/tokens", None, pick)
-        if name == "score":
-            pid, text, tokens = args
-            body = {"text": text} if tokens is None else {"tokens": list(tokens)}
-            return _Call("POST", f"/v1/sessions/{pid}/score", body, lambda b: b["logprobs"])
-        if name == "next_token_logprobs":
-            pid, top_k, candidates = args
-            body = _drop_none({"top_k": top_k, "candidates": candidates})
-            return _Call("POST", f"/v1/sessions/{pid}/next_token_logprobs", body,
-                         lambda b: NextTokenLogprobs(**b))
-        if name == "update_weights":
-            weights, version, kv_policy = args
-            return _Call("POST", "/v1/weights", None, lambda b: b["version"],
-                         content=_safetensors(weights),
-                         params=_drop_none({"version": version, "kv_policy": kv_policy}))
-        if name in ("pause", "resume", "abort", "sleep", "wake_up"):
-            body = {"level": args[0]} if name == "sleep" else None
-            post = (lambda b: b["aborted"]) if name == "abort" else _none
-            return _Call("POST", f"/v1/engine/{name}", body, post)
-        if name == "stats":
-            return _Call("GET", "/v1/system", None, lambda b: b["stats"])
-        if name == "check":
-            return _Call("POST", "/v1/system/check", None, _none)
-        if name == "tokenize":
-            text, special = args
-            return _Call("POST", "/v1/tokenize", {"text": text, "add_special_tokens": special},
-                         lambda b: b["tokens"])
-        if name == "detokenize":
-            return _Call("POST", "/v1/detokenize", {"tokens": list(args[0])}, lambda b: b["text"])
-        raise AssertionError(f"unknown operation {name}")
+    def _op_session_info(self, session_id: str) -> _Call[dict]:
+        return _Call("GET", f"/v1/sessions/{session_id}", None, _session_info)
+
+    def _op_list_sessions(self, ids: list[str] | None) -> _Call[list[dict]]:
+        return _Call("GET", "/v1/sessions", None, lambda b: [
+            _session_info(d) for d in b["data"] if ids is None or d["id"] in ids])
+
+    def _op_append(self, session_id: str, text: str | None,
+                   tokens: list[int] | None) -> _Call[int]:
+        body = {"text": text} if tokens is None else {"tokens": list(tokens)}
+        return _Call("POST", f"/v1/sessions/{session_id}/append", body, lambda b: b["num_tokens"])
+
+    def _op_generate(self, session_id: str, params: SamplingParams,
+                     stream: bool) -> _Call[Any]:
+        if not isinstance(params, SamplingParams):
+            raise TypeError("params must be a SamplingParams")
+        body = {**dataclasses.asdict(params), "stream": stream}
+        return _Call("POST", f"/v1/sessions/{session_id}/generate", body,
+                     lambda b: Generation(**b), stream)
+
+    def _op_score(self, session_id: str, text: str | None,
+                  tokens: list[int] | None) -> _Call[list[float]]:
+        body = {"text": text} if tokens is None else {"tokens": list(tokens)}
+        return _Call("POST", f"/v1/sessions/{session_id}/score", body, lambda b: b["logprobs"])
+
+    def _op_next_token_logprobs(self, session_id: str, top_k: int,
+                                candidates: list[int] | None) -> _Call[NextTokenLogprobs]:
+        body = _drop_none({"top_k": top_k, "candidates": candidates})
+        return _Call("POST", f"/v1/sessions/{session_id}/next_token_logprobs", body,
+                     lambda b: NextTokenLogprobs(**b))
+
+    def _op_fork(self, session_id: str, n: int) -> _Call[list[Session]]:
+        return _Call("POST", f"/v1/sessions/{session_id}/fork", {"n": n},
+                     lambda b: [self._session_handle(d) for d in b["data"]])
+
+    def _op_snapshot(self, session_id: str) -> _Call[Snapshot]:
+        return _Call("POST", f"/v1/sessions/{session_id}/snapshots", None, self._snapshot_handle)
+
+    def _op_rollback(self, session_id: str, snapshot_id: str) -> _Call[int]:
+        return _Call("POST", f"/v1/sessions/{session_id}/rollback", {"snapshot_id": snapshot_id},
+                     lambda b: b["num_tokens"])
+
+    def _op_close_session(self, session_id: str) -> _Call[None]:
+        return _Call("DELETE", f"/v1/sessions/{session_id}", None, _none)
+
+    def _op_tokens_and_mask(self, session_id: str) -> _Call[tuple[list[int], list[int]]]:
+        return _Call("GET", f"/v1/sessions/{session_id}/tokens", None,
+                     lambda b: (b["tokens"], b["mask"]))
+
+    def _op_export(self, session_id: str, kv: bool) -> _Call[bytes]:
+        return _Call("GET", f"/v1/sessions/{session_id}/export", None, bytes,
+                     params={"kv": str(bool(kv)).lower()}, raw=True)
+
+    def _op_import(self, data: bytes) -> _Call[Session]:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError("a session record is bytes (from export_session)")
+        return _Call("POST", "/v1/sessions/import", None, self._session_handle,
+                     content=bytes(data))
+
+    def _op_list_snapshots(self, session_id: str) -> _Call[list[Snapshot]]:
+        return _Call("GET", f"/v1/sessions/{session_id}/snapshots", None,
+                     lambda b: [self._snapshot_handle(d) for d in b["data"]])
+
+    def _op_restore(self, snapshot_id: str) -> _Call[Session]:
+        return _Call("POST", f"/v1/snapshots/{snapshot_id}/restore", None, self._session_handle)
+
+    def _op_get_snapshot(self, snapshot_id: str) -> _Call[Snapshot]:
+        return _Call("GET", f"/v1/snapshots/{snapshot_id}", None, self._snapshot_handle)
+
+    def _op_delete_snapshot(self, snapshot_id: str) -> _Call[None]:
+        return _Call("DELETE", f"/v1/snapshots/{snapshot_id}", None, _none)
+
+    def _op_update_weights(self, named_tensors: NamedTensors, version: int | None,
+                           kv_policy: str) -> _Call[int]:
+        return _Call("POST", "/v1/weights", None, lambda b: b["version"],
+                     content=_safetensors(named_tensors),
+                     params=_drop_none({"version": version, "kv_policy": kv_policy}))
+
+    def _op_pause(self) -> _Call[None]:
+        return _Call("POST", "/v1/engine/pause", None, _none)
+
+    def _op_resume(self) -> _Call[None]:
+        return _Call("POST", "/v1/engine/resume", None, _none)
+
+    def _op_abort(self) -> _Call[int]:
+        return _Call("POST", "/v1/engine/abort", None, lambda b: b["aborted"])
+
+    def _op_sleep(self, level: int) -> _Call[None]:
+        return _Call("POST", "/v1/engine/sleep", {"level": level}, _none)
+
+    def _op_wake_up(self) -> _Call[None]:
+        return _Call("POST", "/v1/engine/wake_up", None, _none)
+
+    def _op_stats(self) -> _Call[dict]:
+        return _Call("GET", "/v1/system", None, lambda b: b["stats"])
+
+    def _op_check(self) -> _Call[None]:
+        return _Call("POST", "/v1/system/check", None, _none)
+
+    def _op_tokenize(self, text: str, add_special_tokens: bool) -> _Call[list[int]]:
+        return _Call("POST", "/v1/tokenize", {"text": text, "add_special_tokens": add_special_tokens},
+                     lambda b: b["tokens"])
+
+    def _op_detokenize(self, token_ids: list[int]) -> _Call[str]:
+        return _Call("POST", "/v1/detokenize", {"tokens": list(token_ids)}, lambda b: b["text"])
 
     def _session_handle(self, info: dict) -> Session:
-        return Session(self, info["id"], info.get("parent_id"))
+        return Session(cast("Backend | AsyncBackend", self), info["id"], info.get("parent_id"))
 
     def _snapshot_handle(self, info: dict) -> Snapshot:
-        return Snapshot(self, info["id"], info["session_id"], info["num_tokens"],
-                        info.get("device_blocks"), info.get("created_at"), info.get("host_blocks"))
+        return Snapshot(cast("Backend | AsyncBackend", self), info["id"], info["session_id"],
+                        info["num_tokens"], info.get("device_blocks"), info.get("created_at"),
+                        info.get("host_blocks"))
 
     # -- wire ---------------------------------------------------------------------------
 
@@ -202,6 +232,7 @@ class _ClientBase(Backend):
             return False
         if error is not None:
             return isinstance(error, _NEVER_SENT) or (call.idempotent and isinstance(error, _BROKEN))
+        assert response is not None  # no error: a response came
         if response.status_code != 503:
             return False
         # NOTE: a change the store could not make durable may have been applied in memory:
@@ -364,7 +395,7 @@ def _none(_body) -> None:
     return None
 
 
-class Client(_ClientBase):
+class Client(_ClientBase, Backend):
     """A blocking client of an AgentOS server. Thread-safe; use as a context manager or
     call close()."""
 
@@ -373,12 +404,19 @@ class Client(_ClientBase):
         super().__init__(base_url, api_key, timeout, max_retries, wire)
         self._http = httpx.Client(**self._client_args())
 
-    def _op(self, name: str, *args):
-        call = self._route(name, *args)
-        response = self._send(call)
-        if call.stream:
-            return _EventStream(response)
-        return call.post(response.content if call.raw else _decode(response))
+    def _call(self, op: Op[T]) -> T:
+        assert isinstance(op, _Call)
+        response = self._send(op)
+        if op.stream:
+            return _EventStream(response)  # type: ignore[return-value]
+        return op.post(response.content if op.raw else _decode(response))
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Returns the token ids of text (the server's tokenizer)."""
+        return self._call(self._op_tokenize(text, add_special_tokens))
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self._call(self._op_detokenize(token_ids))
 
     def _send(self, call: _Call) -> httpx.Response:
         request = self._request(self._http, call)
@@ -411,28 +449,30 @@ class Client(_ClientBase):
         self.close()
 
 
-class AsyncClient(_ClientBase):
+class AsyncClient(_ClientBase, AsyncBackend):
     """The client for asyncio code: the same methods, as awaitables.
 
     `async with AsyncClient(url) as client: s = await client.create_session(...)`
     """
-
-    is_async = True
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None,
                  timeout: float = 600.0, max_retries: int = 2, wire: str = "json"):
         super().__init__(base_url, api_key, timeout, max_retries, wire)
         self._http = httpx.AsyncClient(**self._client_args())
 
-    def _op(self, name: str, *args):
-        return self._run(name, *args)
+    async def _call(self, op: Op[T]) -> T:
+        assert isinstance(op, _Call)
+        response = await self._send(op)
+        if op.stream:
+            return _AsyncEventStream(response)  # type: ignore[return-value]
+        return op.post(response.content if op.raw else _decode(response))
 
-    async def _run(self, name: str, *args):
-        call = self._route(name, *args)
-        response = await self._send(call)
-        if call.stream:
-            return _AsyncEventStream(response)
-        return call.post(response.content if call.raw else _decode(response))
+    async def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Returns the token ids of text (the server's tokenizer)."""
+        return await self._call(self._op_tokenize(text, add_special_tokens))
+
+    async def decode(self, token_ids: list[int]) -> str:
+        return await self._call(self._op_detokenize(token_ids))
 
     async def _send(self, call: _Call) -> httpx.Response:
         request = self._request(self._http, call)

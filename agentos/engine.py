@@ -1,8 +1,9 @@
 """In-process engines: `Engine` (blocking) and `AsyncEngine` (asyncio), one kernel each.
 
-Both turn each public operation into a kernel syscall (see `_prepare`), submitted to the
-kernel's loop thread. `Engine` waits for the result; `AsyncEngine` awaits it, so many
-coroutines' generate calls run batched together in the same steps.
+Both implement the typed operations of `agentos.backend`: each operation is built as a
+kernel syscall (`_Syscall`: the kernel function, its arguments, what to make of its result)
+and submitted to the kernel's loop thread. `Engine` waits for the result; `AsyncEngine`
+awaits it, so many coroutines' generate calls run batched together in the same steps.
 """
 
 from __future__ import annotations
@@ -12,27 +13,46 @@ import queue
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
+from agentos.backend import AsyncBackend, Backend, NamedTensors, Op, Operations
 from agentos.kernel.config import Config
 from agentos.kernel.errors import InvalidRequestError
 from agentos.kernel.process import GenerationChunk
 from agentos.kernel.sampling_params import SamplingParams
-from agentos.session import Backend, Session, Snapshot
+from agentos.session import Session, Snapshot
 
-# operations that change sessions or snapshots: with a store they are acknowledged only
-# once the journal has made them durable
-_CHANGES = frozenset({"create", "append", "generate", "fork", "snapshot", "rollback", "restore",
-                      "close", "delete_snapshot", "import", "adopt"})
+T = TypeVar("T")
 
-
-# operations whose latency /metrics reports (agentos_op_seconds{op=...}); a streamed
-# generate returns before it runs, so it is left out
-_TIMED = frozenset({"create", "append", "generate", "fork", "snapshot", "rollback", "restore",
-                    "close", "delete_snapshot", "export", "import", "score", "next_token_logprobs"})
+DEFAULT_OWNER = "default"  # the tenant of sessions made without one (an open server, the SDK)
 
 
-class _EngineBase(Backend):
+def _identity(x):
+    return x
+
+
+@dataclass(slots=True)
+class _Syscall(Op[T]):
+    """An operation as a kernel syscall: fn(*args) runs in the loop thread; post makes the
+    caller's result of what it returned."""
+
+    fn: Callable[..., Any]
+    args: tuple
+    post: Callable[[Any], T] = _identity
+    # the latency label of /metrics (agentos_op_seconds{op=...}); None: not reported (a
+    # streamed generate returns before it runs)
+    timed: str | None = None
+    # it changes sessions or snapshots: with a store it is acknowledged only once the
+    # journal has made it durable
+    changes: bool = False
+    # fn returns a Future (a generate or score call in flight), whose result is awaited
+    waits: bool = False
+    # an asyncio caller went away while it waited: stop it (a generate keeps its tokens)
+    on_cancel: Callable[[], Any] | None = None
+
+
+class _EngineBase(Operations):
     def __init__(self, model: str = "tiny", **options: Any):
         from agentos.kernel.core import Kernel
         from agentos.metrics import EngineMetrics
@@ -65,14 +85,9 @@ class _EngineBase(Backend):
     def _attach(self) -> list[dict]:
         """Runs in the loop thread: journal every change from now on, after loading what
         the store holds for this worker."""
+        assert self.journal is not None  # called only with a store
         self.kernel.journal = self.snapshots.journal = self.journal
         return self.journal.recover(self.kernel, self.snapshots)
-
-    # the public operations come from Backend; these run here
-
-    def num_tokens(self, ids: list[str]):
-        """Returns the tokens held by those of the sessions `ids` that are live."""
-        return self._op("num_tokens", ids)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
@@ -86,92 +101,129 @@ class _EngineBase(Backend):
                                       f"[0, {self.kernel.vocab_size})")
         return self.tokenizer.decode(token_ids)
 
-    # -- syscalls ---------------------------------------------------------------------
+    def _stream(self) -> _Stream:
+        """The chunks of a streamed generate, for this flavour of caller."""
+        raise NotImplementedError
 
-    def _prepare(self, name: str, *args) -> tuple[Callable, tuple, Callable[[Any], Any], bool]:
-        """Maps an operation to (syscall, args, post-processing of its result, waits): with
-        `waits` the syscall returns a Future (a generate call) whose result is awaited
-        before post-processing."""
-        if name == "generate":
-            pid, params, stream = args
-            if not isinstance(params, SamplingParams):
-                raise InvalidRequestError("params must be a SamplingParams")
-            if not stream:
-                return self.kernel.sys_generate, (pid, params), _identity, True
-            stream = self._stream()
-            return (self.kernel.sys_generate, (pid, params, stream.on_token),
-                    lambda fut: stream.attach(fut, lambda: self.kernel.call(self.kernel.sys_abort, pid)),
-                    False)
-        if name in ("score", "next_token_logprobs"):
-            if name == "score":
-                pid, text, tokens = args
-                call_args = (pid, self._tokens(text, tokens, add_special_tokens=False))
-                return self.kernel.sys_score, call_args, lambda r: r[0], True
-            pid, top_k, candidates = args
-            return self.kernel.sys_score, (pid, [], top_k, candidates), lambda r: r[1], True
-        return (*self._prepare_plain(name, *args), False)
+    # -- the operations as syscalls ------------------------------------------------------
 
-    def _prepare_plain(self, name: str, *args) -> tuple[Callable, tuple, Callable[[Any], Any]]:
-        k, snaps = self.kernel, self.snapshots
-        same = _identity
-        if name == "create":
-            prompt, tokens, seed, *owner = args
-            ids = self._tokens(prompt, tokens, add_special_tokens=True)
-            return k.sys_create, (ids, seed, *owner), lambda pid: Session(self, pid)
-        if name == "export":
-            return snaps.sys_export, args, same
-        if name == "import":
-            data, owner = args
-            return snaps.sys_import, (_record(data), owner), lambda r: Session(self, r[0])
-        if name == "adopt":
-            return self._sys_adopt, args, same
-        if name == "append":
-            pid, text, tokens = args
-            return k.sys_append, (pid, self._tokens(text, tokens, add_special_tokens=False)), same
-        if name == "fork":
-            pid, n = args
-            return k.sys_fork, (pid, n), lambda ids: [Session(self, c, pid) for c in ids]
-        if name == "snapshot":
-            return snaps.sys_snapshot, args, self._snapshot_handle
-        if name == "rollback":
-            return snaps.sys_rollback, args, same
-        if name == "restore":
-            return snaps.sys_restore, args, lambda pid: Session(self, pid)
-        if name == "delete_snapshot":
-            return snaps.sys_delete, args, same
-        if name == "get_snapshot":
-            return snaps.sys_info, args, self._snapshot_handle
-        if name == "list_snapshots":
-            return snaps.sys_list, args, lambda infos: [self._snapshot_handle(i) for i in infos]
-        if name == "close":
-            return k.sys_close, args, same
-        if name == "tokens":
-            return k.sys_tokens, args, lambda r: r[0]
-        if name == "mask":
-            return k.sys_tokens, args, lambda r: r[1]
-        if name == "tokens_and_mask":
-            return k.sys_tokens, args, same
-        if name == "info":
-            return k.sys_info, args, same
-        if name == "get":
-            return k.sys_info, args, lambda i: Session(self, i["id"], i["parent_id"])
-        if name == "list":
-            return k.sys_list, args, same
-        if name == "num_tokens":
-            return k.sys_num_tokens, args, same
-        if name == "stats":
-            return self._sys_stats, args, same
-        if name == "check":
-            return snaps.sys_check, args, same
-        if name == "update_weights":
-            weights, version, kv_policy = args
-            items = list(weights.items() if hasattr(weights, "items") else weights)
-            return k.sys_update_weights, (items, version, kv_policy), same
-        if name in ("pause", "resume", "abort", "sleep", "wake_up"):
-            fn = {"pause": k.sys_pause, "resume": k.sys_resume, "abort": k.sys_abort_all,
-                  "sleep": k.sys_sleep, "wake_up": k.sys_wake_up}[name]
-            return fn, args, same
-        raise AssertionError(f"unknown operation {name}")
+    def _op_create(self, prompt: str | None, tokens: list[int] | None, seed: int | None,
+                   owner: str = DEFAULT_OWNER) -> _Syscall[Session]:
+        ids = self._tokens(prompt, tokens, add_special_tokens=True)
+        return _Syscall(self.kernel.sys_create, (ids, seed, owner), self._session,
+                        "create", changes=True)
+
+    def _op_session(self, session_id: str) -> _Syscall[Session]:
+        return _Syscall(self.kernel.sys_info, (session_id,),
+                        lambda i: self._session(i["id"], i["parent_id"]))
+
+    def _op_session_info(self, session_id: str) -> _Syscall[dict]:
+        return _Syscall(self.kernel.sys_info, (session_id,))
+
+    def _op_list_sessions(self, ids: list[str] | None) -> _Syscall[list[dict]]:
+        return _Syscall(self.kernel.sys_list, (ids,))
+
+    def _op_num_tokens(self, ids: list[str]) -> _Syscall[int]:
+        return _Syscall(self.kernel.sys_num_tokens, (ids,))
+
+    def _op_append(self, session_id: str, text: str | None,
+                   tokens: list[int] | None) -> _Syscall[int]:
+        ids = self._tokens(text, tokens, add_special_tokens=False)
+        return _Syscall(self.kernel.sys_append, (session_id, ids), timed="append", changes=True)
+
+    def _op_generate(self, session_id: str, params: SamplingParams,
+                     stream: bool) -> _Syscall[Any]:
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params must be a SamplingParams")
+        k = self.kernel
+        if not stream:
+            return _Syscall(k.sys_generate, (session_id, params), timed="generate", changes=True,
+                            waits=True, on_cancel=lambda: k.call(k.sys_abort, session_id))
+        chunks = self._stream()
+        return _Syscall(k.sys_generate, (session_id, params, chunks.on_token),
+                        lambda fut: chunks.attach(fut, lambda: k.call(k.sys_abort, session_id)),
+                        changes=True)
+
+    def _op_score(self, session_id: str, text: str | None,
+                  tokens: list[int] | None) -> _Syscall[list[float]]:
+        ids = self._tokens(text, tokens, add_special_tokens=False)
+        return _Syscall(self.kernel.sys_score, (session_id, ids), lambda r: r[0], "score",
+                        waits=True)
+
+    def _op_next_token_logprobs(self, session_id: str, top_k: int,
+                                candidates: list[int] | None) -> _Syscall[Any]:
+        return _Syscall(self.kernel.sys_score, (session_id, [], top_k, candidates),
+                        lambda r: r[1], "next_token_logprobs", waits=True)
+
+    def _op_fork(self, session_id: str, n: int) -> _Syscall[list[Session]]:
+        return _Syscall(self.kernel.sys_fork, (session_id, n),
+                        lambda ids: [self._session(c, session_id) for c in ids], "fork",
+                        changes=True)
+
+    def _op_snapshot(self, session_id: str) -> _Syscall[Snapshot]:
+        return _Syscall(self.snapshots.sys_snapshot, (session_id,), self._snapshot_handle,
+                        "snapshot", changes=True)
+
+    def _op_rollback(self, session_id: str, snapshot_id: str) -> _Syscall[int]:
+        return _Syscall(self.snapshots.sys_rollback, (session_id, snapshot_id),
+                        timed="rollback", changes=True)
+
+    def _op_close_session(self, session_id: str) -> _Syscall[None]:
+        return _Syscall(self.kernel.sys_close, (session_id,), timed="close", changes=True)
+
+    def _op_tokens_and_mask(self, session_id: str) -> _Syscall[tuple[list[int], list[int]]]:
+        return _Syscall(self.kernel.sys_tokens, (session_id,))
+
+    def _op_export(self, session_id: str, kv: bool) -> _Syscall[bytes]:
+        return _Syscall(self.snapshots.sys_export, (session_id, kv), timed="export")
+
+    def _op_import(self, data: bytes, owner: str = DEFAULT_OWNER) -> _Syscall[Session]:
+        return _Syscall(self.snapshots.sys_import, (_record(data), owner),
+                        lambda r: self._session(r[0]), "import", changes=True)
+
+    def _op_adopt(self, ids: list[str]) -> _Syscall[list[dict]]:
+        return _Syscall(self._sys_adopt, (list(ids),), changes=True)
+
+    def _op_list_snapshots(self, session_id: str) -> _Syscall[list[Snapshot]]:
+        return _Syscall(self.snapshots.sys_list, (session_id,),
+                        lambda infos: [self._snapshot_handle(i) for i in infos])
+
+    def _op_restore(self, snapshot_id: str) -> _Syscall[Session]:
+        return _Syscall(self.snapshots.sys_restore, (snapshot_id,), self._session,
+                        "restore", changes=True)
+
+    def _op_get_snapshot(self, snapshot_id: str) -> _Syscall[Snapshot]:
+        return _Syscall(self.snapshots.sys_info, (snapshot_id,), self._snapshot_handle)
+
+    def _op_delete_snapshot(self, snapshot_id: str) -> _Syscall[None]:
+        return _Syscall(self.snapshots.sys_delete, (snapshot_id,), timed="delete_snapshot",
+                        changes=True)
+
+    def _op_update_weights(self, named_tensors: NamedTensors, version: int | None,
+                           kv_policy: str) -> _Syscall[int]:
+        items = list(named_tensors.items() if hasattr(named_tensors, "items") else named_tensors)
+        return _Syscall(self.kernel.sys_update_weights, (items, version, kv_policy))
+
+    def _op_pause(self) -> _Syscall[None]:
+        return _Syscall(self.kernel.sys_pause, ())
+
+    def _op_resume(self) -> _Syscall[None]:
+        return _Syscall(self.kernel.sys_resume, ())
+
+    def _op_abort(self) -> _Syscall[int]:
+        return _Syscall(self.kernel.sys_abort_all, ())
+
+    def _op_sleep(self, level: int) -> _Syscall[None]:
+        return _Syscall(self.kernel.sys_sleep, (level,))
+
+    def _op_wake_up(self) -> _Syscall[None]:
+        return _Syscall(self.kernel.sys_wake_up, ())
+
+    def _op_stats(self) -> _Syscall[dict]:
+        return _Syscall(self._sys_stats, ())
+
+    def _op_check(self) -> _Syscall[None]:
+        return _Syscall(self.snapshots.sys_check, ())
 
     def _sys_stats(self) -> dict:
         st = self.kernel.sys_stats()
@@ -185,40 +237,26 @@ class _EngineBase(Backend):
     def _sys_adopt(self, ids: list[str]) -> list[dict]:
         if self.journal is None:
             raise InvalidRequestError("this engine has no store to adopt sessions from")
-        return self.journal.load(self.kernel, self.snapshots, list(ids))
+        return self.journal.load(self.kernel, self.snapshots, ids)
 
-    # -- engine-only operations (not over HTTP) --------------------------------------------
+    def _timed(self, op: _Syscall, t0: float) -> None:
+        if op.timed is not None:
+            self.metrics.op_seconds.labels(op.timed).observe(time.perf_counter() - t0)
 
-    def create_session(self, prompt: str | None = None, tokens: list[int] | None = None,
-                       seed: int | None = None, owner: str = "default"):
-        """As Backend.create_session; `owner` (the tenant) keys its records in the store."""
-        return self._op("create", prompt, tokens, seed, owner)
-
-    def import_session(self, data: bytes, owner: str = "default"):
-        """As Backend.import_session; the new session belongs to `owner`."""
-        return self._op("import", data, owner)
-
-    def adopt(self, ids: list[str]):
-        """Loads sessions and snapshots by id from the store (a dead worker's, on re-homing):
-        their KV is recomputed from tokens when they run. Returns [{"id", "kind",
-        "owner"}] of those loaded."""
-        return self._op("adopt", ids)
-
-    def _timed(self, name: str, t0: float, waited: bool) -> None:
-        if name in _TIMED and (waited or name != "generate"):
-            self.metrics.op_seconds.labels(name).observe(time.perf_counter() - t0)
-
-    def _durable(self, name: str):
-        """The journal when `name` changes state and there is one (checked first: while
-        the store is down, changes are refused before anything is done)."""
-        if self.journal is None or name not in _CHANGES:
+    def _durable(self, op: _Syscall):
+        """The journal when op changes state and there is one (checked first: while the
+        store is down, changes are refused before anything is done)."""
+        if self.journal is None or not op.changes:
             return None
         self.journal.check()
         return self.journal
 
+    def _session(self, session_id: str, parent_id: str | None = None) -> Session:
+        return Session(cast("Backend | AsyncBackend", self), session_id, parent_id)
+
     def _snapshot_handle(self, info: dict) -> Snapshot:
-        return Snapshot(self, info["id"], info["session_id"], info["num_tokens"],
-                        info["device_blocks"], info["created_at"], info["host_blocks"])
+        return Snapshot(cast("Backend | AsyncBackend", self), info["id"], info["session_id"],
+                        info["num_tokens"], info["device_blocks"], info["created_at"], info["host_blocks"])
 
     def _tokens(self, text: str | None, tokens: list[int] | None, add_special_tokens: bool):
         if (text is None) == (tokens is None):
@@ -230,25 +268,46 @@ class _EngineBase(Backend):
         return tokens
 
 
-class Engine(_EngineBase):
+class Engine(_EngineBase, Backend):
     """The engine in this process. Thread-safe: calls from many threads batch together.
 
     Use as a context manager, or call close(). Options are those of `Config`.
     """
 
-    def _op(self, name: str, *args):
+    def _call(self, op: Op[T]) -> T:
+        assert isinstance(op, _Syscall)
         t0 = time.perf_counter()
-        fn, call_args, post, waits = self._prepare(name, *args)
-        journal = self._durable(name)
-        result = self.kernel.call(fn, *call_args).result()
-        if waits:  # generate: the call's own completion
+        journal = self._durable(op)
+        result = self.kernel.call(op.fn, *op.args).result()
+        if op.waits:  # generate, score: the call's own completion
             result = result.result()
         if journal is not None:
             journal.sync().result()
-        self._timed(name, t0, waits)
-        return post(result)
+        self._timed(op, t0)
+        return op.post(result)
 
-    def _stream(self) -> _Stream:
+    # engine-only operations (the tenant is the server's to say; no HTTP route)
+
+    def create_session(self, prompt: str | None = None, tokens: list[int] | None = None,
+                       seed: int | None = None, owner: str = DEFAULT_OWNER) -> Session:
+        """As Backend.create_session; `owner` (the tenant) keys its records in the store."""
+        return self._call(self._op_create(prompt, tokens, seed, owner))
+
+    def import_session(self, data: bytes, owner: str = DEFAULT_OWNER) -> Session:
+        """As Backend.import_session; the new session belongs to `owner`."""
+        return self._call(self._op_import(data, owner))
+
+    def adopt(self, ids: list[str]) -> list[dict]:
+        """Loads sessions and snapshots by id from the store (a dead worker's, on re-homing):
+        their KV is recomputed from tokens when they run. Returns [{"id", "kind",
+        "owner"}] of those loaded."""
+        return self._call(self._op_adopt(ids))
+
+    def num_tokens(self, ids: list[str]) -> int:
+        """Returns the tokens held by those of the sessions `ids` that are live."""
+        return self._call(self._op_num_tokens(ids))
+
+    def _stream(self) -> _Stream:  # noqa: D102
         return _Stream(self.journal)
 
     def close(self) -> None:
@@ -264,35 +323,43 @@ class Engine(_EngineBase):
         self.close()
 
 
-class AsyncEngine(_EngineBase):
+class AsyncEngine(_EngineBase, AsyncBackend):
     """The engine for asyncio code: the same methods, as awaitables.
 
     `async with AsyncEngine(model="tiny") as engine: ...`
     """
 
-    is_async = True
-
-    def _op(self, name: str, *args):
-        return self._run(name, *args)
-
-    async def _run(self, name: str, *args):
+    async def _call(self, op: Op[T]) -> T:
+        assert isinstance(op, _Syscall)
         t0 = time.perf_counter()
-        fn, call_args, post, waits = self._prepare(name, *args)
-        journal = self._durable(name)
-        result = await asyncio.wrap_future(self.kernel.call(fn, *call_args))
-        if waits:
+        journal = self._durable(op)
+        result = await asyncio.wrap_future(self.kernel.call(op.fn, *op.args))
+        if op.waits:
             try:
                 result = await asyncio.wrap_future(result)
             except asyncio.CancelledError:
                 # the caller went away: stop generating, keep the tokens made so far (a
                 # score call just runs out)
-                if name == "generate":
-                    self.kernel.call(self.kernel.sys_abort, call_args[0])
+                if op.on_cancel is not None:
+                    op.on_cancel()
                 raise
         if journal is not None:
             await asyncio.wrap_future(journal.sync())
-        self._timed(name, t0, waits)
-        return post(result)
+        self._timed(op, t0)
+        return op.post(result)
+
+    async def create_session(self, prompt: str | None = None, tokens: list[int] | None = None,
+                             seed: int | None = None, owner: str = DEFAULT_OWNER) -> Session:
+        return await self._call(self._op_create(prompt, tokens, seed, owner))
+
+    async def import_session(self, data: bytes, owner: str = DEFAULT_OWNER) -> Session:
+        return await self._call(self._op_import(data, owner))
+
+    async def adopt(self, ids: list[str]) -> list[dict]:
+        return await self._call(self._op_adopt(ids))
+
+    async def num_tokens(self, ids: list[str]) -> int:
+        return await self._call(self._op_num_tokens(ids))
 
     def _stream(self) -> _AsyncStream:
         return _AsyncStream(asyncio.get_running_loop(), self.journal)
@@ -308,10 +375,6 @@ class AsyncEngine(_EngineBase):
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
-
-
-def _identity(x):
-    return x
 
 
 def _record(data: bytes):
@@ -355,6 +418,7 @@ class _Stream:
         if item is not _END:
             return item
         self._finished = True
+        assert self._fut is not None  # _END comes from the attached call
         return GenerationChunk(None, "", None, self._fut.result().finish_reason)  # or raises
 
     def __iter__(self) -> Iterator[GenerationChunk]:
@@ -371,7 +435,7 @@ class _Stream:
     def close(self) -> None:
         if not self._finished and self._fut is not None:
             self._finished = True
-            if not self._fut.done():
+            if not self._fut.done() and self._abort is not None:
                 self._abort()
 
     def __enter__(self):

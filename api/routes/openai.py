@@ -209,7 +209,7 @@ class _Run:
             return
         if not self.ids:
             raise InvalidRequestError("the prompt is empty")
-        s = await engine.create_session(tokens=self.ids, seed=self.body.seed)
+        s = await engine.create_session(tokens=self.ids, seed=self.body.seed, owner=t.name)
         t.sessions.add(s.id)
         self.prompt_len = len(self.ids)
         self.temporary = [s]

@@ -47,7 +47,7 @@ async def create_session(body: CreateSession, t: Tenant = Depends(deps.tenant),
                          engine=Depends(deps.engine)):
     ids = body.tokens if body.tokens is not None else engine.encode(body.prompt, True)
     async with t.admit(engine, sessions=1, tokens=len(ids)):
-        s = await engine.create_session(tokens=ids, seed=body.seed)
+        s = await engine.create_session(tokens=ids, seed=body.seed, owner=t.name)
         t.sessions.add(s.id)
     return await session_info(engine, s.id)
 
