@@ -11,6 +11,10 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agentos.api.app import ServerSettings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                               "snapshotted, forked n ways (each child generates), and "
                               "rolled back; prints the session tree, syscall timings and "
                               "engine stats.")
-    _model_options(run)
+    _config_flags(run.add_argument_group("engine", "the engine's options (Config)"),
+                  skip=_RUN_SKIP)
     run.add_argument("--prompt", default="Once upon a time, an agent",
                      help="the session's prompt (BOS is prepended)")
     run.add_argument("--n", type=int, default=4, help="children to fork")
@@ -55,28 +60,9 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="the REST API (and OpenAI-compatible routes)",
                                 description="Serves sessions over HTTP: FastAPI under uvicorn.")
-    _model_options(serve)
+    _config_flags(serve.add_argument_group("engine", "the engine's options (Config)"))
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--kv-blocks", type=int, default=None,
-                       help="device KV blocks (default: sized from free memory)")
-    serve.add_argument("--host-blocks", type=int, default=None,
-                       help="host swap blocks (default: sized from available RAM; 0: no swap, "
-                       "pages that do not fit are dropped and recomputed)")
-    serve.add_argument("--scheduler", choices=("mlfq", "fcfs"), default="mlfq",
-                       help="multi-level feedback queue over sessions, or first come first served")
-    serve.add_argument("--deterministic", action="store_true",
-                       help="batch-invariant results: a session's tokens and logprobs do not "
-                       "depend on what else runs (slower)")
-    serve.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
-                       help="do not share KV blocks between sessions with the same prefix")
-    serve.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                       help="run every decode step eagerly (by default, on CUDA, decode steps "
-                       "replay captured CUDA graphs)")
-    serve.add_argument("--block-size", type=int, default=16)
-    serve.add_argument("--max-batch-tokens", type=int, default=2048)
-    serve.add_argument("--max-model-len", type=int, default=None)
-    serve.add_argument("--seed", type=int, default=0)
     serve.add_argument("--api-keys", default=None, metavar="FILE",
                        help='JSON {"keys": {key: tenant}, "tenants": {tenant: limits}}; '
                        "AGENTOS_API_KEYS='key=tenant,...' is read too")
@@ -89,14 +75,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="max_tokens of one generate call at most (0: the context length)")
     serve.add_argument("--max-sessions-per-tenant", type=int, default=None)
     serve.add_argument("--max-tokens-per-tenant", type=int, default=None)
-    serve.add_argument("--redis", default=None, metavar="URL",
-                       help="redis:// URL: journal every change there and recover on restart")
-    serve.add_argument("--deployment", default="default",
-                       help="namespace of this deployment's keys in Redis")
     serve.add_argument("--worker", action="store_true",
-                       help="register in Redis and heartbeat, to serve behind `agentos gateway`")
-    serve.add_argument("--worker-id", default=None,
-                       help="this server's id in Redis (default: main, or HOST:PORT with --worker)")
+                       help="register in Redis (--store) and heartbeat, to serve behind `agentos "
+                       "gateway`; the --worker-id is then HOST:PORT unless given")
     serve.add_argument("--advertise-url", default=None,
                        help="the URL the gateway uses to reach this worker (default http://HOST:PORT)")
     serve.add_argument("--heartbeat-s", type=float, default=1.0,
@@ -376,10 +357,61 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="'tiny' (embedded) or a HF model folder")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: float32 on cpu, bfloat16 on cuda")
+    _config_flags(p, names=("model", "device", "dtype"))
+
+
+# NOTE: the only other spelling of an engine option: the store was --redis before Redis
+# became one store of several, and scripts and docs still say so
+_ALIASES = {"store": ("--redis",)}
+# `agentos run` closes what it creates, so it has nothing to journal; its own --seed seeds
+# the first generate call
+_RUN_SKIP = ("store", "deployment", "worker_id", "seed")
+
+
+def _config_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup,
+                  names: Sequence[str] | None = None, skip: Sequence[str] = ()) -> None:
+    """Adds one flag per Config field (those in `names`, default all, less `skip`), read
+    from the field: --field-name with its type, default, help text and choices. A boolean
+    on by default becomes --no-field-name, one off by default --field-name."""
+    from dataclasses import fields
+    from typing import get_type_hints
+
+    from agentos.kernel.config import Config
+
+    hints = get_type_hints(Config)
+    for f in fields(Config):
+        if (names is not None and f.name not in names) or f.name in skip:
+            continue
+        flag, text = f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")
+        if hints[f.name] is bool and f.default:
+            p.add_argument(f"--no-{flag}", dest=f.name, action="store_false",
+                           help=f"turn off (on by default): {text}")
+        elif hints[f.name] is bool:
+            p.add_argument(f"--{flag}", dest=f.name, action="store_true", help=text)
+        else:
+            if f.default is not None:
+                text += " (default: %(default)s)"
+            p.add_argument(f"--{flag}", *_ALIASES.get(f.name, ()), dest=f.name,
+                           type=_scalar(hints[f.name]), default=f.default,
+                           choices=f.metadata.get("choices"), help=text)
+
+
+def _scalar(hint: Any) -> type:
+    """The type a flag's text converts to: int or float as the field says (None aside);
+    any other field (str, Any) takes the text as it is."""
+    from typing import get_args
+
+    kinds = [k for k in get_args(hint) if k is not type(None)] or [hint]
+    return kinds[0] if kinds[0] in (int, float) else str
+
+
+def _config_options(args: argparse.Namespace, skip: Sequence[str] = ()) -> dict:
+    """The engine options the flags of `_config_flags` parsed into, by Config's names."""
+    from dataclasses import fields
+
+    from agentos.kernel.config import Config
+
+    return {f.name: getattr(args, f.name) for f in fields(Config) if f.name not in skip}
 
 
 def _bench_options(p: argparse.ArgumentParser, peer: bool = True) -> None:
@@ -414,38 +446,49 @@ def _options(args: argparse.Namespace, names: Sequence[str]) -> dict:
 _COMMON = ("model", "device", "dtype", "repeats", "block_size", "seed", "peer", "threads")
 
 
+def _serve_settings(args: argparse.Namespace) -> ServerSettings:
+    """The ServerSettings of `agentos serve`'s flags: a Config of the engine flags, the
+    rest by ServerSettings' names. Raises ValueError on an invalid engine option."""
+    from dataclasses import fields
+
+    from agentos.api.app import ServerSettings
+    from agentos.kernel.config import Config
+
+    config = Config(**_config_options(args))
+    server = {f.name: getattr(args, f.name) for f in fields(ServerSettings)
+              if f.name != "config" and hasattr(args, f.name)}
+    settings = ServerSettings(config=config, **server)
+    settings.max_tokens_cap = settings.max_tokens_cap or None
+    return settings
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from agentos.api.app import ServerSettings, create_app
+    from agentos.api.app import create_app
+    from agentos.api.observe import configure_logging
 
-    names = ("model", "device", "dtype", "block_size", "kv_blocks", "host_blocks",
-             "max_batch_tokens", "max_model_len", "scheduler", "deterministic", "prefix_cache",
-             "cuda_graphs", "seed", "host", "port",
-             "api_keys", "allow_open",
-             "served_model_name", "max_body_bytes", "max_tokens_cap",
-             "max_sessions_per_tenant", "max_tokens_per_tenant",
-             "redis", "deployment", "worker", "worker_id", "advertise_url", "heartbeat_s")
-    if args.worker and not args.redis:
-        print("agentos serve: --worker needs --redis", file=sys.stderr)
+    settings = _serve_settings(args)  # bad engine options end here, before any startup
+    if settings.worker and not settings.redis_url:
+        print("agentos serve: --worker needs a redis:// --store (--redis)", file=sys.stderr)
         return 2
-    if args.heartbeat_s <= 0:
+    if settings.heartbeat_s <= 0:
         print("agentos serve: --heartbeat-s must be > 0", file=sys.stderr)
         return 2
-    if args.redis:  # one clear line, not a startup traceback, when Redis is not there
+    if settings.config.store is not None:  # one clear line, not a startup traceback
         from agentos.kernel.errors import StoreUnavailableError
-        from agentos.snapshot.durable.store import RedisStore
+        from agentos.snapshot.durable.store import open_store
 
         try:
-            RedisStore(args.redis, args.deployment).ping()
+            store = open_store(settings.config.store, settings.config.deployment)
+            try:
+                store.ping()
+            finally:
+                store.close()
         except (StoreUnavailableError, ValueError) as e:
             print(f"agentos serve: {e}", file=sys.stderr)
             return 1
-    settings = ServerSettings(**{n: getattr(args, n) for n in names})
-    settings.max_tokens_cap = settings.max_tokens_cap or None
     app = create_app(settings)
-    from agentos.api.observe import configure_logging
-
     configure_logging(args.log_format, args.log_level)
     # NOTE: uvicorn's access log off: the app logs each request once, with its request id
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
@@ -599,7 +642,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                 seed=seed, ignore_eos=ignore_eos)
 
     engine = call("engine start (load model)",
-                  lambda: Engine(model=args.model, device=args.device, dtype=args.dtype))
+                  lambda: Engine(**_config_options(args, skip=_RUN_SKIP)))
     with engine:
         s = call("create_session", lambda: engine.create_session(prompt=args.prompt))
         prompt_ids = s.tokens

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -25,6 +25,7 @@ from agentos.api.routes import dashboard, internal, openai, sessions, snapshots,
 from agentos.api.routes import engine as engine_routes
 from agentos.api.tenants import Tenants, load_tenants
 from agentos.api.wire import AuthMiddleware, BodyMiddleware, WireResponse, error_response
+from agentos.kernel.config import Config
 from agentos.kernel.errors import (
     AgentOSError,
     APIStatusError,
@@ -36,29 +37,15 @@ from agentos.kernel.errors import (
 )
 
 log = logging.getLogger("agentos.api")
+_DEFAULT_WORKER_ID = Config().worker_id
 
 
 @dataclass
 class ServerSettings:
-    # engine (the names of Config)
-    model: str = "tiny"  # "tiny" or a HF model folder
-    device: str = "cpu"
-    dtype: str | None = None
-    block_size: int = 16
-    kv_blocks: int | None = None
-    host_blocks: int | None = None  # None: sized from available RAM
-    max_batch_tokens: int = 2048
-    scheduler: str = "mlfq"
-    deterministic: bool = False  # batch-invariant results
-    prefix_cache: bool = True
-    cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA only)
-    max_model_len: int | None = None
-    seed: int = 0
-    # durability and cluster
-    redis: str | None = None  # redis:// URL: journal every change, recover on restart
-    deployment: str = "default"  # namespace of the keys in Redis
+    # the engine's options, model and store included: AsyncEngine(**engine_options())
+    config: Config = field(default_factory=Config)
+    # cluster (the store, its deployment and the worker id are the engine's)
     worker: bool = False  # register in Redis and heartbeat, behind `agentos gateway`
-    worker_id: str | None = None  # default: "main", or host:port for a worker
     advertise_url: str | None = None  # how the gateway reaches this worker (default http://host:port)
     heartbeat_s: float = 1.0  # a worker renews its lease this often (lease: 3 intervals)
     # server
@@ -75,24 +62,33 @@ class ServerSettings:
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     @property
+    def model(self) -> str:
+        return self.config.model
+
+    @property
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).name or self.model
 
     def engine_options(self) -> dict:
-        names = ("device", "dtype", "block_size", "kv_blocks", "host_blocks",
-                 "max_batch_tokens", "max_model_len", "scheduler", "deterministic", "prefix_cache",
-                 "cuda_graphs", "seed")
-        options = {k: v for k, v in asdict(self).items() if k in names}
-        if self.redis:
-            options.update(store=self.redis, deployment=self.deployment,
-                           worker_id=self.resolved_worker_id)
+        """Every Config field by its name, as the engine is built from them; only the
+        worker id is resolved (see resolved_worker_id)."""
+        options = {f.name: getattr(self.config, f.name) for f in fields(Config)}
+        options["worker_id"] = self.resolved_worker_id
         return options
 
     @property
     def resolved_worker_id(self) -> str:
-        if self.worker_id:
-            return self.worker_id
-        return f"{self.host}:{self.port}" if self.worker else "main"
+        """The config's worker id; a worker left at the default one is host:port instead,
+        since workers behind one gateway need distinct ids."""
+        if self.worker and self.config.worker_id == _DEFAULT_WORKER_ID:
+            return f"{self.host}:{self.port}"
+        return self.config.worker_id
+
+    @property
+    def redis_url(self) -> str | None:
+        """The store when it is a Redis URL (what a worker registers in), else None."""
+        store = self.config.store
+        return store if isinstance(store, str) and store != "memory" else None
 
     @property
     def url(self) -> str:
@@ -122,7 +118,7 @@ def create_app(settings: ServerSettings | None = None, engine=None,
 
         own = engine is None
         app.state.engine = engine or await asyncio.to_thread(
-            AsyncEngine, settings.model, **settings.engine_options())
+            AsyncEngine, **settings.engine_options())
         claim(app, getattr(app.state.engine, "recovered", []))  # recovered sessions' tenants
         heartbeat = None
         try:
@@ -191,12 +187,12 @@ def _start_heartbeat(app: FastAPI, settings: ServerSettings, loop: asyncio.Abstr
 
     from agentos.snapshot.durable.cluster import Heartbeat, WorkerRegistry
 
-    if not settings.redis:
-        raise ValueError("a worker needs a Redis URL (--redis)")
+    if not settings.redis_url:
+        raise ValueError("a worker needs a Redis URL as its store (--store, --redis)")
     timeout = max(0.5, settings.heartbeat_s)
-    client = redis.Redis.from_url(settings.redis, socket_timeout=timeout,
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout,
                                   socket_connect_timeout=timeout)
-    registry = WorkerRegistry(client, f"agentos:{settings.deployment}")
+    registry = WorkerRegistry(client, f"agentos:{settings.config.deployment}")
     app.state.cluster_secret = registry.secret()
 
     async def load() -> dict:

@@ -458,9 +458,10 @@ def test_worker_internal_route_fence_and_heartbeat(redis_url, ns):
 
     from agentos.api.app import ServerSettings, create_app
     from agentos.api.tenants import Tenants
+    from agentos.kernel.config import Config
 
-    settings = ServerSettings(redis=redis_url, deployment=ns[0], worker=True, port=free_port(),
-                              heartbeat_s=0.1)
+    settings = ServerSettings(Config(store=redis_url, deployment=ns[0]), worker=True,
+                              port=free_port(), heartbeat_s=0.1)
     engine = _EngineStub()
     tenants = Tenants({"sk-a": "alice"})
     app = create_app(settings, engine=engine, tenants=tenants)
@@ -494,9 +495,10 @@ def test_worker_stop_ends_its_lease(redis_url, ns):
     from fastapi.testclient import TestClient
 
     from agentos.api.app import ServerSettings, create_app
+    from agentos.kernel.config import Config
 
-    settings = ServerSettings(redis=redis_url, deployment=ns[0], worker=True, worker_id="wx",
-                              heartbeat_s=5.0)
+    settings = ServerSettings(Config(store=redis_url, deployment=ns[0], worker_id="wx"),
+                              worker=True, heartbeat_s=5.0)
     reg = WorkerRegistry(redis.Redis.from_url(redis_url), ns[1])
     with TestClient(create_app(settings, engine=_EngineStub())):
         assert reg.workers()["wx"].alive

@@ -25,7 +25,7 @@ async def system(t: Tenant = Depends(deps.tenant), engine=Depends(deps.engine),
                  settings=Depends(deps.settings)) -> dict:
     """Engine stats (KV blocks, sessions by state, steps, tokens), the model and the
     server's limits."""
-    return {"model": settings.model_name, "config": settings.engine_options(),
+    return {"model": settings.model_name, "config": _public(settings.engine_options()),
             "limits": {"max_tokens_cap": settings.max_tokens_cap,
                        "max_body_bytes": settings.max_body_bytes,
                        "max_sessions": t.max_sessions, "max_tokens": t.max_tokens},
@@ -117,3 +117,16 @@ class _StatsCollector:
                                   "KV off the device, closed ones included", value=st["swapped_s"])
         yield CounterMetricFamily("agentos_sched_seconds", "time spent forming batches "
                                   "(scheduling decisions)", value=st["sched_s"])
+
+
+def _public(options: dict) -> dict:
+    """The engine's options as any tenant may see them: a store URL without its password."""
+    store = options.get("store")
+    if isinstance(store, str) and "@" in store:
+        scheme, _, rest = store.partition("://")
+        userinfo, _, host = rest.rpartition("@")
+        user = userinfo.partition(":")[0]
+        options = {**options, "store": f"{scheme}://{user + ':***@' if user else '***@'}{host}"}
+    elif store is not None and not isinstance(store, str):
+        options = {**options, "store": type(store).__name__}  # a Store object: its kind only
+    return options
