@@ -55,6 +55,7 @@ class _Syscall(Op[T]):
 class _EngineBase(Operations):
     def __init__(self, model: str = "tiny", **options: Any):
         from agentos.kernel.core import Kernel
+        from agentos.kernel.hooks import Hooks
         from agentos.metrics import EngineMetrics
         from agentos.snapshot.durable.store import open_store
         from agentos.snapshot.snapshot import SnapshotTable
@@ -64,9 +65,11 @@ class _EngineBase(Operations):
         self.store = open_store(self.config.store, self.config.deployment)
         if self.store is not None:
             self.store.ping()  # recovery needs it: fail now (StoreUnavailableError), not later
-        self.kernel = Kernel(self.config)
-        self.kernel.observer = self.metrics
+        # the kernel's links up: the journal is set in the loop thread, before recovery
+        self.hooks = Hooks(observer=self.metrics)
+        self.kernel = Kernel(self.config, self.hooks)
         self.snapshots = SnapshotTable(self.kernel)
+        self.hooks.snapshots = self.snapshots  # under memory pressure their pages go first
         self.tokenizer = self.kernel.tokenizer
         self.max_model_len = self.kernel.max_model_len  # context limit in tokens
         self.journal = None
@@ -86,7 +89,7 @@ class _EngineBase(Operations):
         """Runs in the loop thread: journal every change from now on, after loading what
         the store holds for this worker."""
         assert self.journal is not None  # called only with a store
-        self.kernel.journal = self.snapshots.journal = self.journal
+        self.hooks.journal = self.snapshots.journal = self.journal
         return self.journal.recover(self.kernel, self.snapshots)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:

@@ -1,6 +1,7 @@
 """The engine's lifecycle syscalls: pause and resume, abort every call, load new weights,
-and sleep and wake up (release and re-create the KV pool). A part of the Kernel (a base
-class of it); every method runs in the loop thread.
+and sleep and wake up (release and re-create the KV pool; the memory manager moves the
+pages). A part of the Kernel (a base class of it, holding no state of its own); every
+method runs in the loop thread.
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from agentos.kernel.errors import ConflictError, InvalidRequestError
-from agentos.kernel.kalloc import DEVICE
 from agentos.kernel.process import GenerateCall, Process, ProcState
 
 
@@ -53,25 +53,16 @@ class Lifecycle:
             raise InvalidRequestError(str(e)) from None
         self.weight_version = self.weight_version + 1 if version is None else version
         if kv_policy == "recompute":
-            self._drop_all_kv()
-        self.kalloc.flush_cache()
+            self.memory.drop_all(self._kv_holders())
+            for p in [*self.procs.values(), *self._scratch.values()]:
+                if p.state is not ProcState.RUNNABLE:
+                    p.set_state(self.memory.rest_state(p))
+        self.memory.flush_cache(self.weight_version)
         return self.weight_version
 
     def _kv_holders(self) -> list:
         """Everything that maps pages: sessions, score calls' scratch forks, snapshots."""
-        holders = [*self.procs.values(), *self._scratch.values()]
-        if self.snapshots is not None:
-            holders += list(self.snapshots.records.values())
-        return holders
-
-    def _drop_all_kv(self) -> None:
-        """Frees every page of every session, snapshot and score call: their KV is
-        recomputed from tokens when they next run."""
-        for h in self._kv_holders():
-            self.stats["dropped_blocks"] += self.vm.free(h.table)
-            h.num_cached = 0
-            if isinstance(h, Process) and h.state is not ProcState.RUNNABLE:
-                h.state = self._rest_state(h)
+        return [*self.procs.values(), *self._scratch.values(), *self.hooks.snapshot_records()]
 
     def sys_sleep(self, level: int = 1) -> None:
         """Releases the device KV pool: pages move to the host tier while it has room, the
@@ -80,23 +71,11 @@ class Lifecycle:
         if level not in (1, 2):
             raise InvalidRequestError(f"level must be 1 or 2, got {level!r}")
         self._paused = self._asleep = True
-        k = self.kalloc
-        k.flush_cache()
-        for h in self._kv_holders():
-            pages = h.table.block_ids
-            pages = pages[k.tier[pages] == DEVICE]
-            if not len(pages):
-                continue
-            if len(pages) <= k.host.num_free:
-                self._copy("out", k.swap_out(pages.tolist()))
-                self.stats["swap_out_blocks"] += len(pages)
-            else:
-                self.stats["dropped_blocks"] += self.vm.free(h.table)
-                h.num_cached = 0
+        self.memory.flush_cache(self.weight_version)
+        for h in self.memory.release(self._kv_holders()):
             if isinstance(h, Process):
-                h.state = self._rest_state(h)
-        copies, self._copies = self._copies, []
-        self.runner.run_copies(copies)
+                h.set_state(self.memory.rest_state(h))
+        self.runner.run_copies(self.memory.take_copies())
         self.runner.release_kv(weights=level == 2)
 
     def sys_wake_up(self) -> None:

@@ -1,4 +1,5 @@
-"""Sessions as processes: the process record, its states and its pending generate call."""
+"""Sessions as processes: the process record, its states (and the moves allowed between
+them) and its pending generate or score call."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from agentos.kernel.errors import InternalServerError
 from agentos.kernel.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # numpy-backed; kept out of `import agentos`
@@ -23,6 +25,29 @@ class ProcState(enum.Enum):
     SLEEPING = "sleeping"  # idle, waiting for its client (tool call, next turn)
     SWAPPED = "swapped"  # pages on the host tier, or dropped (to recompute from tokens)
     ZOMBIE = "zombie"  # closed, its pages being released
+
+
+_S = ProcState
+# NOTE: the moves the kernel makes, and only those (Process.set_state checks them).
+# Nothing returns to EMBRYO (a process is embryo until its first KV exists) and nothing
+# leaves ZOMBIE. RUNNING is entered only from the queue (EMBRYO, RUNNABLE, SWAPPED: a
+# sleeping process has no work) and left at the end of its step; RUNNING -> SWAPPED is a
+# failed call undone back to no KV, RUNNING -> ZOMBIE a score call's scratch process
+# ended by a failed step. SLEEPING and RUNNABLE go to SWAPPED when pages they map leave
+# the device (their own, or a fork's they share) and come back when those pages do.
+# EMBRYO -> SLEEPING is a fork or restore whose KV is all there.
+TRANSITIONS: dict[ProcState, frozenset[ProcState]] = {
+    _S.EMBRYO: frozenset({_S.RUNNABLE, _S.RUNNING, _S.SLEEPING, _S.SWAPPED, _S.ZOMBIE}),
+    _S.RUNNABLE: frozenset({_S.RUNNING, _S.SLEEPING, _S.SWAPPED, _S.ZOMBIE}),
+    _S.RUNNING: frozenset({_S.RUNNABLE, _S.SLEEPING, _S.SWAPPED, _S.ZOMBIE}),
+    _S.SLEEPING: frozenset({_S.RUNNABLE, _S.SWAPPED, _S.ZOMBIE}),
+    _S.SWAPPED: frozenset({_S.RUNNABLE, _S.RUNNING, _S.SLEEPING, _S.ZOMBIE}),
+    _S.ZOMBIE: frozenset(),
+}
+
+
+class IllegalTransition(InternalServerError):
+    """A process was moved between states that TRANSITIONS does not connect: a kernel bug."""
 
 
 @dataclass(slots=True)
@@ -75,6 +100,57 @@ class GenerateCall:
     aborted: bool = False
     weight_versions: list[int] = field(default_factory=list)
 
+    def cut_at_stop(self, searched: int) -> bool:
+        """Ends the text at the earliest stop string, if one has appeared past the first
+        `searched` characters' possible matches. Returns whether."""
+        stop = self.params.stop
+        start = max(0, searched - max(len(s) for s in stop) + 1)  # a new match ends past `searched`
+        hits = [i for i in (self.text.find(s, start) for s in stop) if i >= 0]
+        if not hits:
+            return False
+        self.text = self.text[: min(hits)]
+        self.stopped_by_string = True
+        return True
+
+    def push(self, token: int, logprob: float, version: int, at_limit: bool) -> str | None:
+        """Adds a token sampled by weights `version`: its logprob and text, streamed to
+        on_token. Returns the finish reason once the call is done ("stop", or "length" also
+        when `at_limit`, the session being at the context limit), else None."""
+        self.tokens.append(token)
+        self.weight_versions.append(version)
+        if self.params.logprobs:
+            self.logprobs.append(logprob)
+        searched = len(self.text)
+        self.text += self.detok.push(token)
+        reason = None
+        if token in self.stop_ids or self.params.stop and self.cut_at_stop(searched):
+            reason = "stop"
+        elif len(self.tokens) >= self.params.max_tokens or at_limit:
+            reason = "length"
+        if reason is not None and not self.stopped_by_string:
+            self.text += self.detok.flush()
+        if self.on_token is not None:
+            self.on_token(token, self.emit(final=reason is not None), logprob)
+        return reason
+
+    def result(self, reason: str) -> Generation:
+        """What the call produced, ended with reason (an abort flushes and streams the
+        text held back)."""
+        if reason == "abort":
+            self.text += self.detok.flush()
+            if self.on_token is not None:
+                self.on_token(None, self.emit(final=True), None)
+        logprobs = list(self.logprobs) if self.params.logprobs else None
+        return Generation(list(self.tokens), self.text, logprobs, reason, list(self.weight_versions))
+
+    def emit(self, final: bool) -> str:
+        """The text delta safe to stream now: held back while it could start a stop string."""
+        hold = 0 if final or not self.params.stop else max(len(s) for s in self.params.stop) - 1
+        upto = max(len(self.text) - hold, self.emitted)
+        delta = self.text[self.emitted : upto]
+        self.emitted = upto
+        return delta
+
 
 @dataclass(slots=True)
 class ScoreCall:
@@ -126,6 +202,49 @@ class Process:
     queue_wait_s: float = 0.0  # seconds spent runnable but not running, over its life
     resident_steps: int = 0  # steps it must run before it may be evicted again (hysteresis)
     pause_s: float | None = None  # moving average of its idle time between calls (tool pauses)
+
+    def set_state(self, new: ProcState) -> None:
+        """Moves the process to state `new`: the one place a state changes. Staying in a
+        state is no move. Raises IllegalTransition (changing nothing) when TRANSITIONS does
+        not allow the move."""
+        if new is self.state:
+            return
+        if new not in TRANSITIONS[self.state]:
+            raise IllegalTransition(f"session {self.pid}: {self.state.value} -> {new.value}")
+        self.state = new
+
+    def push_generated(self, token: int, version: int) -> None:
+        """Appends a token the model sampled with weights `version`."""
+        self.token_ids.append(token)
+        self.mask.append(1)
+        self.num_generated += 1
+        if not self.weight_runs or self.weight_runs[-1][1] != version:
+            self.weight_runs.append((self.num_tokens - 1, version))
+
+    def undo(self, call: GenerateCall) -> None:
+        """Drops what a failed generate call added: its tokens, the RNG draws, and the KV
+        past them (num_cached; the caller unmaps the pages)."""
+        del self.token_ids[call.start_len :]
+        del self.mask[call.start_len :]
+        self.num_generated -= len(call.tokens)
+        self.num_cached = min(self.num_cached, call.start_len - 1)
+        self.rng.set_state(call.start_rng)
+        self.weight_runs = [r for r in self.weight_runs if r[0] < call.start_len]
+
+    def info(self, host_blocks: int, weight_version: int, now: float) -> dict[str, Any]:
+        """The session as listed, given how many of its pages are on the host, the weights
+        loaded now and the monotonic time."""
+        wait = self.queue_wait_s + (now - self.queued_at if self.queued_at is not None else 0.0)
+        return {
+            "id": self.pid, "parent_id": self.parent_id, "state": self.state.value,
+            "level": self.level, "num_tokens": self.num_tokens, "num_cached": self.num_cached,
+            "num_generated": self.num_generated, "device_blocks": self.table.num_blocks - host_blocks,
+            "host_blocks": host_blocks, "created_at": self.created_at,
+            "last_active": self.last_active,
+            "kv_version": self.kv_version if self.num_cached else weight_version,
+            "owner": self.owner, "swap_count": self.swap_count,
+            "swapped_s": self.time_swapped(now), "queue_wait_s": wait,
+        }
 
     def time_swapped(self, now: float) -> float:
         """Seconds spent off the device, the current stretch included."""

@@ -322,5 +322,5 @@ def form_batch(policy: Policy, memory: MemoryView, max_tokens: int, max_seqs: in
             if p.pid not in seen:
                 admit(p)
     for c in decodes + prefills:
-        c.proc.state = ProcState.RUNNING
+        c.proc.set_state(ProcState.RUNNING)
     return decodes + prefills, blocked

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from agentos.kernel.core import Defer, Kernel
+from agentos.kernel.core import Kernel
 from agentos.kernel.errors import InvalidRequestError, NotFoundError
-from agentos.kernel.kalloc import DEVICE, HOST
+from agentos.kernel.kalloc import HOST
+from agentos.kernel.syscalls import Defer
 from agentos.kernel.vm import PageTable
 from agentos.snapshot.codec import Record
 from agentos.snapshot.durable.journal import kv_layout, record_of, rng_from, tensor_bytes, tensor_from
@@ -52,12 +53,12 @@ class SnapshotRecord:
 
 
 class SnapshotTable:
-    """All live snapshots of one kernel, by id."""
+    """All live snapshots of one kernel, by id. The kernel sees them through its hooks
+    (`Hooks.snapshots`): under memory pressure, pages only snapshots hold go first."""
 
     def __init__(self, kernel: Kernel):
         self.kernel = kernel
         self.records: dict[str, SnapshotRecord] = {}
-        kernel.snapshots = self  # under memory pressure, pages only snapshots hold go first
         self.journal = None  # set with the kernel's, when the engine has a store
 
     def get(self, snap_id: str) -> SnapshotRecord:
@@ -166,16 +167,8 @@ class SnapshotTable:
         k = self.kernel
         p = k.idle_proc(pid)
         rec = record_of(p)
-        if kv and p.num_cached and not k._asleep:
-            nb = -(-p.num_cached // k.block_size)
-            pages = p.table.block_ids[:nb]
-            tiers, slots = k.kalloc.tier[pages], torch.from_numpy(k.kalloc.slot[pages])
-            on_dev = torch.from_numpy(tiers == DEVICE)
-            blocks = torch.empty((nb, *k.runner.kv.shape[1:]), dtype=k.runner.kv.dtype)
-            if on_dev.any():
-                blocks[on_dev] = k.runner.kv[slots[on_dev].to(k.runner.kv.device)].cpu()
-            if (~on_dev).any():
-                blocks[~on_dev] = k.runner.host_kv[slots[~on_dev]]
+        if kv and p.num_cached and not k.asleep:
+            blocks = k.read_kv(p.table.block_ids[: -(-p.num_cached // k.block_size)])
             rec.kv = {"layout": kv_layout(k), "num_tokens": p.num_cached, "data": tensor_bytes(blocks)}
         return rec.pack()
 
@@ -191,22 +184,19 @@ class SnapshotTable:
         rng = rng_from(rec.rng_state, rec.rng_device, rec.draws, k.config.device, k.vocab_size)
         table, num_cached = PageTable(), 0
         kv = rec.kv
-        if kv and not k._asleep and kv.get("layout") == kv_layout(k):
+        if kv and not k.asleep and kv.get("layout") == kv_layout(k):
             n = min(int(kv["num_tokens"]), len(rec.token_ids))
             nb = -(-n // k.block_size)
             if 0 < nb <= k.kalloc.num_free:
-                blocks = tensor_from(kv["data"], k.runner.kv.dtype, [-1, *k.runner.kv.shape[1:]])
+                blocks = tensor_from(kv["data"], k.kv_dtype, [-1, *k.kv_block_shape])
                 if len(blocks) >= nb:
-                    pages = k.kalloc.alloc(nb)
-                    slots = torch.from_numpy(k.kalloc.slot[pages]).to(k.runner.kv.device)
-                    k.runner.kv[slots] = blocks[:nb].to(k.runner.kv.device)
-                    table.push(pages)
+                    table.push(k.write_kv(blocks[:nb]))
                     num_cached = n
-        p = k.new_process(rec.token_ids, rec.mask, table, num_cached, rng, None, owner=owner)
+        p = k.new_process(rec.token_ids, rec.mask, table, num_cached, rng, None, None, owner)
         p.num_generated, p.num_forks = rec.num_generated, rec.num_forks
         p.weight_runs = [tuple(r) for r in rec.weight_runs]
         if num_cached:
-            k._register_full(p, 0, num_cached - num_cached % k.block_size)
+            k.memory.register_full(p, 0, num_cached - num_cached % k.block_size)
         if k.journal is not None:
             k.journal.created(p)
         return p.pid, num_cached > 0

@@ -64,7 +64,7 @@ def run_work(engine: Engine, work: list[dict], step_bound: int) -> list[list[int
                 raise Stalled(f"a call waited {clock() - s0} steps (bound {step_bound})")
 
     def agent(w: dict) -> list[list[int]]:
-        pid = wait(kernel.call(kernel.sys_create, w["prompt"], 0))
+        pid = wait(kernel.call(kernel.sys_create, w["prompt"], 0, "default"))
         pids = [pid]
         for i, (gen, tool) in enumerate(w["turns"]):
             if i:

@@ -305,7 +305,7 @@ def test_update_weights_recompute_equals_a_fresh_engine(ckpt, tmp_path):
                 g = f.generate(max_tokens=8, temperature=0, ignore_eos=True)
                 assert g.tokens == out[s.id].tokens
                 assert maxdiff(g.logprobs, out[s.id].logprobs) < 1e-5
-            f = fresh.create_session(tokens=e.kernel.snapshots.records[snap.id].token_ids.tolist())
+            f = fresh.create_session(tokens=e.snapshots.records[snap.id].token_ids.tolist())
             assert f.generate(max_tokens=8, temperature=0, ignore_eos=True).tokens == restored.tokens
         assert all(g.weight_versions == [3] * 8 for g in out.values())
         assert sessions[0].info()["kv_version"] == 3

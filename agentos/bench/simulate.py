@@ -1,10 +1,11 @@
 """`agentos bench agents --simulate`: the real scheduler and pager at scale, on modelled time.
 
-The kernel's own policy and pager code (sched.py, paging.py, the step in core.py) drive a
-simulated engine: no model and no KV bytes; a step's time is modelled, and time itself
-is virtual, so 10,000 sessions run in seconds of real time. What is real is the Python
-that decides each step (batch formation, admission, eviction, accounting): its cost per
-step is measured with the wall clock and must not grow with the number of sessions.
+The kernel's own policy and pager code (sched.py, memory.py, the step in core.py) drive a
+simulated engine: a Kernel over a stand-in machine (no model, no KV bytes) with a cost
+model whose step times are modelled; time itself is virtual, so 10,000 sessions run in
+seconds of real time. What is real is the Python that decides each step (batch formation,
+admission, eviction, accounting): its cost per step is measured with the wall clock and
+must not grow with the number of sessions.
 
 The modelled engine is a GPU server bound by KV memory (defaults: an 8B-class model in
 bf16 on an H100-class device, 16-token blocks of 2 MiB): a step costs `base_ms` plus
@@ -70,14 +71,14 @@ class _Clock:
 
 @contextmanager
 def _virtual_time(clock: _Clock):
-    from agentos.kernel import core, paging
+    from agentos.kernel import core, costs, memory
 
-    saved = core.time, paging.time
-    core.time = paging.time = clock
+    saved = core.time, memory.time, costs.time
+    core.time = memory.time = costs.time = clock
     try:
         yield
     finally:
-        core.time, paging.time = saved
+        core.time, memory.time, costs.time = saved
 
 
 class _Runner:
@@ -94,47 +95,50 @@ class _Runner:
         self.swapped += sum(len(pairs) for kind, pairs in ops if kind != "cow")
 
 
-def _sim_kernel(b: SimBench, scheduler: str):
-    """A Kernel with the real policy, pager, allocator and step, over the stand-in runner.
-    No thread: the caller applies syscalls and steps."""
-    from agentos.kernel.config import Config
-    from agentos.kernel.core import Kernel
-    from agentos.kernel.kalloc import BlockAllocator
-    from agentos.kernel.runner.model import ModelConfig
-    from agentos.kernel.runner.tokenizer import ByteTokenizer
-    from agentos.kernel.vm import VM
+def _sim_costs(b: SimBench, runner: _Runner):
+    """The modelled engine's cost model: its swap bandwidth, and each step's modelled time
+    (what the pager learns from, in place of the wall clock's; kept in `last_step_s` for
+    the virtual clock)."""
+    from agentos.kernel.costs import CostModel
 
-    class SimKernel(Kernel):
-        def __init__(self):  # noqa: D107 - no thread, no model
-            self.config = Config(kv_blocks=b.kv_blocks, host_blocks=b.host_blocks,
-                                 scheduler=scheduler, max_batch_size=b.max_batch_size,
-                                 max_batch_tokens=b.max_batch_tokens)
-            self.tokenizer = ByteTokenizer()
-            self.model_config = ModelConfig(  # an 8B-class shape; only its vocabulary is used
-                vocab_size=self.tokenizer.vocab_size, hidden_size=4096, intermediate_size=14336,
-                num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
-                max_position_embeddings=1 << 20)
-            self.max_model_len = 1 << 20
-            self.block_size = self.config.block_size
-            self.block_bytes = b.block_bytes
-            self.kalloc = BlockAllocator(b.kv_blocks, b.host_blocks)
-            self.vm = VM(self.kalloc, self.block_size)
-            self.runner = _Runner()
-            self.step_s = 0.0  # the modelled time of the last step
-            self._init_state()
+    class SimCosts(CostModel):
+        def __init__(self):
+            super().__init__(b.block_bytes, b.swap_gb_s * 1e9)
+            self.last_step_s = 0.0  # the modelled time of the last step
 
-        def _measure_swap(self) -> float:
-            return b.swap_gb_s * 1e9
-
-        def _observe_step(self, seconds: float, chunks) -> None:
+        def observe_step(self, seconds: float, chunks) -> None:
             decodes = sum(1 for c in chunks if c.num_tokens == 1)
             prefill = sum(c.num_tokens for c in chunks) - decodes
-            self.step_s = (b.base_ms + b.decode_ms * decodes + b.prefill_ms * prefill) / 1e3 \
-                + self.runner.swapped * b.block_bytes / (b.swap_gb_s * 1e9)
-            self.runner.swapped = 0
-            super()._observe_step(self.step_s, chunks)
+            self.last_step_s = (b.base_ms + b.decode_ms * decodes + b.prefill_ms * prefill) / 1e3 \
+                + runner.swapped * b.block_bytes / (b.swap_gb_s * 1e9)
+            runner.swapped = 0
+            super().observe_step(self.last_step_s, chunks)
 
-    return SimKernel()
+    return SimCosts()
+
+
+def _sim_kernel(b: SimBench, scheduler: str):
+    """A Kernel with the real policy, pager, allocator and step, over the stand-in runner.
+    No thread: the caller applies syscalls and steps. Returns (kernel, its cost model)."""
+    from agentos.kernel.config import Config
+    from agentos.kernel.core import Kernel
+    from agentos.kernel.machine import Machine
+    from agentos.kernel.runner.model import ModelConfig
+    from agentos.kernel.runner.tokenizer import ByteTokenizer
+
+    config = Config(kv_blocks=b.kv_blocks, host_blocks=b.host_blocks, scheduler=scheduler,
+                    max_batch_size=b.max_batch_size, max_batch_tokens=b.max_batch_tokens)
+    tokenizer = ByteTokenizer()
+    model_config = ModelConfig(  # an 8B-class shape; only its vocabulary is used
+        vocab_size=tokenizer.vocab_size, hidden_size=4096, intermediate_size=14336,
+        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+        max_position_embeddings=1 << 20)
+    runner = _Runner()
+    machine = Machine(model=None, model_config=model_config, tokenizer=tokenizer, runner=runner,
+                      dtype=None, max_model_len=1 << 20, block_bytes=b.block_bytes,
+                      num_blocks=b.kv_blocks, host_blocks=b.host_blocks)
+    costs = _sim_costs(b, runner)
+    return Kernel(config, machine=machine, costs=costs), costs
 
 
 def alone_latency(b: SimBench, turn, after_turn: bool) -> float:
@@ -158,7 +162,7 @@ def simulate(b: SimBench, sessions: int, scheduler: str) -> dict:
     clock = _Clock()
     latencies: list[float] = []
     with _virtual_time(clock):
-        k = _sim_kernel(b, scheduler)
+        k, costs = _sim_kernel(b, scheduler)
         events = [(at, i, 0) for i, (at, _) in enumerate(work)]  # (time, session, turn)
         heapq.heapify(events)
         pids: dict[int, str] = {}
@@ -172,7 +176,7 @@ def simulate(b: SimBench, sessions: int, scheduler: str) -> dict:
                 _, i, j = heapq.heappop(events)
                 turn = work[i][1][j]
                 if j == 0:
-                    pids[i] = k.sys_create(turn.tokens, 0)
+                    pids[i] = k.sys_create(turn.tokens, 0, "default")
                 else:
                     k.sys_append(pids[i], turn.tokens)
                 fut = k.sys_generate(pids[i], SamplingParams(
@@ -186,7 +190,7 @@ def simulate(b: SimBench, sessions: int, scheduler: str) -> dict:
                 continue
             before = k.stats["steps"]
             t0 = time.perf_counter()
-            k._step()
+            k.step()
             step_wall += time.perf_counter() - t0
             if k.stats["steps"] == before:  # nothing could run: wait for the next arrival
                 if not events:
@@ -194,7 +198,7 @@ def simulate(b: SimBench, sessions: int, scheduler: str) -> dict:
                 clock.now = max(clock.now, events[0][0])
                 continue
             steps += 1
-            clock.now += k.step_s
+            clock.now += costs.last_step_s
             for i, j in done:
                 latencies.append(clock.now - started[i])
                 generated += work[i][1][j].max_tokens
@@ -213,8 +217,9 @@ def simulate(b: SimBench, sessions: int, scheduler: str) -> dict:
                                              for _, turns in work for j, turn in enumerate(turns)),
             "steps": steps, "step_us": 1e6 * step_wall / steps,
             "sched_us": 1e6 * k.stats["sched_s"] / steps,
-            "preemptions": k.stats["preemptions"], "swap_out_blocks": k.stats["swap_out_blocks"],
-            "dropped_blocks": k.stats["dropped_blocks"]}
+            "preemptions": k.memory.stats["preemptions"],
+            "swap_out_blocks": k.memory.stats["swap_out_blocks"],
+            "dropped_blocks": k.memory.stats["dropped_blocks"]}
 
 
 def run(bench: SimBench) -> dict:

@@ -34,7 +34,7 @@ import msgpack
 import torch
 
 from agentos.kernel.errors import CodecError, EngineClosedError, StoreUnavailableError
-from agentos.kernel.process import Process, ProcState
+from agentos.kernel.process import Process
 from agentos.kernel.vm import PageTable
 from agentos.snapshot import codec
 from agentos.snapshot.codec import Record
@@ -395,7 +395,7 @@ class Journal:
             if rec.kind == "session":
                 kernel.install(Process(
                     pid=rec.id, token_ids=rec.token_ids, mask=rec.mask, table=PageTable(), rng=rng,
-                    parent_id=rec.parent_id, state=ProcState.SWAPPED, created_at=rec.created_at,
+                    parent_id=rec.parent_id, created_at=rec.created_at,
                     num_generated=rec.num_generated, num_forks=rec.num_forks,
                     kv_version=kernel.weight_version,
                     owner=rec.owner, weight_runs=[tuple(r) for r in rec.weight_runs]))
@@ -409,7 +409,7 @@ class Journal:
 def kv_layout(kernel: Kernel) -> dict:
     """What KV bytes depend on: the weights (a fingerprint), dtype, block size, shape."""
     return {"fingerprint": kernel.fingerprint(), "dtype": str(kernel.dtype).removeprefix("torch."),
-            "block_size": kernel.block_size, "shape": list(kernel.runner.kv.shape[1:])}
+            "block_size": kernel.block_size, "shape": kernel.kv_block_shape}
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:

@@ -1,0 +1,135 @@
+"""Calls in flight: generate and score calls, from the syscall that starts one, through
+the tokens and scores the step hands it (`_on_token`, `_on_score`), to its end
+(`_finish`), which wakes the caller. A part of the Kernel (a base class of it, holding no
+state of its own); every method runs in the loop thread.
+"""
+
+from __future__ import annotations
+
+import uuid
+from array import array
+from collections.abc import Callable
+from concurrent.futures import Future
+
+from agentos.kernel.errors import ContextLengthError, InvalidRequestError
+from agentos.kernel.process import GenerateCall, Process, ProcState, ScoreCall
+from agentos.kernel.runner.tokenizer import IncrementalDetokenizer
+from agentos.kernel.sampling_params import SamplingParams
+from agentos.kernel.syscalls import Defer
+
+
+class Calls:
+    def sys_generate(self, pid: str, params: SamplingParams,
+                     on_token: Callable[[int, str, float | None], None] | None = None) -> Future:
+        """Starts a generate call on the session; returns a Future of its Generation.
+        on_token(token, text delta, logprob) is called in the loop thread per token (token
+        None: the end). Raises NotFoundError / ConflictError / ContextLengthError /
+        InvalidRequestError; changes nothing then."""
+        p = self.idle_proc(pid)
+        if p.num_tokens >= self.max_model_len:
+            raise ContextLengthError(
+                f"session {pid!r} holds {p.num_tokens} tokens, the context limit is "
+                f"{self.max_model_len}: nothing can be generated")
+        bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"stop token id {bad[0]} is outside the vocabulary")
+        start_rng = p.rng.get_state()
+        if params.seed is not None:
+            p.rng.manual_seed(params.seed)
+            if self.journal is not None:
+                self.journal.reseeded(p)
+        if p.num_cached >= p.num_tokens:  # the last token's logits are needed: recompute it
+            p.num_cached = p.num_tokens - 1
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
+                                                        else self.eos_ids)
+        p.call = GenerateCall(params=params, future=Future(), stop_ids=stop_ids,
+                              detok=IncrementalDetokenizer(self.tokenizer), on_token=on_token,
+                              start_len=p.num_tokens, start_rng=start_rng)
+        self.wake(p)
+        return p.call.future
+
+    def sys_abort(self, pid: str) -> None:
+        """Ends the session's generate call at the next step; tokens so far are kept."""
+        p = self.procs.get(pid)
+        if p is not None and p.call is not None:
+            p.call.aborted = True
+            self._aborts[pid] = p
+
+    def sys_score(self, pid: str, token_ids: list[int], top_k: int = 0,
+                  candidates: list[int] | None = None) -> Future:
+        """Scores a continuation of the session without changing it: a scratch fork of the
+        session (sharing its pages; its own tokens past them) computes the continuation's
+        KV and logits, then is freed. Returns a Future of (logprob of each given token,
+        NextTokenLogprobs after them or None). Waits (Defer) for the session's prefill.
+        Raises InvalidRequestError / ContextLengthError / ConflictError; changes nothing."""
+        p = self.idle_proc(pid)
+        token_ids = self.check_tokens(token_ids, p.num_tokens)
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+            raise InvalidRequestError(f"top_k must be an integer >= 0, got {top_k!r}")
+        if candidates is not None:
+            candidates = self.check_tokens(candidates)
+        if not token_ids and not top_k and candidates is None:
+            raise InvalidRequestError("nothing to score: give tokens, or top_k or candidates")
+        if p.has_work() and p in self.policy:
+            raise Defer  # share the session's prefilled pages
+        fut: Future = Future()
+        # NOTE: logits are not kept, so the session's last position is computed again (into
+        # a copy of its block when it is cached)
+        s = Process(pid="score_" + uuid.uuid4().hex[:16], token_ids=p.token_ids + array("i", token_ids),
+                    mask=p.mask + array("b", bytes(len(token_ids))), table=self.vm.fork(p.table),
+                    rng=p.rng, parent_id=p.pid, num_cached=min(p.num_cached, p.num_tokens - 1),
+                    kv_version=p.kv_version)
+        s.call = ScoreCall(fut, p.num_tokens, top_k, candidates)
+        self._scratch[s.pid] = s
+        self.wake(s)
+        return fut
+
+    def _on_score(self, p: Process, logprobs: list[float], dist) -> None:
+        """Takes a step's scores for p's score call."""
+        p.call.logprobs.extend(logprobs)
+        if dist is not None:
+            p.call.dist = dist
+
+    def _end_score(self, p: Process, error: Exception | None = None) -> None:
+        """Ends a score call: frees its scratch process and wakes the caller."""
+        call, p.call = p.call, None
+        self.policy.remove(p)
+        p.set_state(ProcState.ZOMBIE)
+        self.vm.free(p.table)
+        del self._scratch[p.pid]
+        if error is not None:
+            call.future.set_exception(error)
+        else:
+            call.future.set_result((call.logprobs, call.dist))
+
+    def _on_token(self, p: Process, token: int, logprob: float) -> None:
+        """Takes a token sampled for p's generate call; ends the call when it is done."""
+        p.push_generated(token, self.weight_version)
+        if self.journal is not None:
+            self.journal.generated(p, token, not p.call.params.greedy, self.weight_version)
+        reason = p.call.push(token, logprob, self.weight_version, p.num_tokens >= self.max_model_len)
+        if reason:
+            self._finish(p, reason)
+
+    def _finish(self, p: Process, reason: str | None, error: Exception | None = None) -> None:
+        """Ends p's generate call with reason, waking its caller. With an error the call
+        is undone instead (its tokens dropped, the RNG restored) and the caller gets it."""
+        if isinstance(p.call, ScoreCall):
+            self._end_score(p, error)
+            return
+        call, p.call = p.call, None
+        if error is not None:
+            p.undo(call)
+            self.vm.truncate(p.table, p.num_cached)
+        if self.journal is not None:
+            self.journal.call_ended(p, sampled=not call.params.greedy and bool(call.tokens),
+                                    undone=error is not None)
+        if p.has_work():
+            self.policy.add(p)
+        else:
+            self.policy.remove(p)
+        p.set_state(self.memory.rest_state(p))
+        if error is not None:
+            call.future.set_exception(error)
+        else:
+            call.future.set_result(call.result(reason))
