@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import msgpack
 
-from agentos.snapshot.durable.store import dir_entry
+from agentos.snapshot.durable.store import good_entries
 
 log = logging.getLogger("agentos.cluster")
 
@@ -136,13 +136,11 @@ class WorkerRegistry:
         return bool(self._remove(keys=[self.workers_key], args=[worker_id, registration]))
 
     def records(self, worker_id: str) -> dict[str, tuple[str, str, str]]:
-        """The directory's records on that worker: id -> (owner, kind "s" | "p", family)."""
-        out = {}
-        for rid, value in self.client.hgetall(self.dir_key).items():
-            wid, owner, kind, family = dir_entry(rid.decode(), value)
-            if wid == worker_id:
-                out[rid.decode()] = (owner, kind, family)
-        return out
+        """The directory's records on that worker: id -> (owner, kind "s" | "p", family);
+        bad entries are logged and left out."""
+        entries = good_entries(self.dir_key, self.client.hgetall(self.dir_key).items())
+        return {rid: (owner, kind, family) for rid, (wid, owner, kind, family) in entries.items()
+                if wid == worker_id}
 
     def secret(self) -> str:
         """The cluster secret, created on first use."""

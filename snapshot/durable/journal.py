@@ -38,7 +38,7 @@ from agentos.kernel.process import Process
 from agentos.kernel.vm import PageTable
 from agentos.snapshot import codec
 from agentos.snapshot.codec import Record
-from agentos.snapshot.durable.store import Store, chunks
+from agentos.snapshot.durable.store import RecordParts, Store, chunks
 
 if TYPE_CHECKING:
     from agentos.kernel.core import Kernel
@@ -356,54 +356,79 @@ class Journal:
 
     def recover(self, kernel: Kernel, snaps: SnapshotTable) -> list[dict]:
         """Loads every record the store's directory gives this worker. Returns
-        [{"id", "kind", "owner"}] of those loaded; refused ones are in `errors`."""
-        directory = self.store.directory()
+        [{"id", "kind", "owner"}] of those loaded; a bad record of any kind (directory
+        entry, base, log, a key of the wrong type) is refused alone: logged and kept in
+        `errors` (key or id -> why)."""
+        directory = self.store.directory(self.errors)
         mine = [rid for rid, entry in directory.items() if entry[0] == self.worker_id]
-        return self.load(kernel, snaps, mine, directory)
+        loaded = self.load(kernel, snaps, mine, directory)
+        log.info("recovered %d records for worker %s; %d refused", len(loaded), self.worker_id,
+                 len(self.errors))
+        return loaded
 
     def load(self, kernel: Kernel, snaps: SnapshotTable, ids: list[str],
              directory: dict | None = None) -> list[dict]:
         """Loads records (sessions and snapshots) by id from the store into the kernel,
         their KV to be recomputed from tokens when they next run, and directs them to this
-        worker. Ids already here are skipped; ids the store lacks are ignored; a record that
-        fails its checksum or version is refused (logged, kept in `errors`, left in the
-        store). Returns [{"id", "kind", "owner"}] of those loaded."""
+        worker. Ids already here are skipped; ids the store lacks are ignored; a record
+        that cannot be read or loaded (checksum, version, wrong key type, bad fields) is
+        refused (logged, kept in `errors`, left in the store). Returns [{"id", "kind",
+        "owner"}] of those loaded."""
         if directory is None:  # only these ids' entries: not the whole deployment's
-            directory = self.store.lookups(ids)
+            directory = self.store.lookups(ids, self.errors)
         wanted = [rid for rid in ids if rid in directory
                   and rid not in kernel.procs and rid not in snaps.records]
-        loaded: list[Record] = []
+        read: list[tuple[Record, int]] = []
         for part in chunks(wanted, 512):
             keys = [(self.store.key(directory[r][1], r, "base"), self.store.key(directory[r][1], r, "log"))
                     for r in part]
-            for rid, (base, entries) in zip(part, self.store.read_records(keys)):
+            for rid, parts in zip(part, self.store.read_records(keys)):
                 try:
-                    if base is None:
-                        raise CodecError("its base record is missing")
-                    rec = codec.replay(base, entries)
-                    if rec.id != rid:
-                        raise CodecError(f"the record under {rid!r} is of {rec.id!r}")
+                    read.append(_read(rid, parts))
                 except CodecError as e:
-                    self.errors[rid] = e.message
-                    log.error("record %s refused: %s", rid, e.message)
-                    continue
-                self._new(rid, rec.owner, rec.n, len(entries), directory[rid][3])
-                loaded.append(rec)
-        cfg = kernel.config
-        for rec in sorted(loaded, key=lambda r: r.kind != "session"):
-            rng = rng_from(rec.rng_state, rec.rng_device, rec.draws, cfg.device, kernel.vocab_size)
-            if rec.kind == "session":
-                kernel.install(Process(
-                    pid=rec.id, token_ids=rec.token_ids, mask=rec.mask, table=PageTable(), rng=rng,
-                    parent_id=rec.parent_id, created_at=rec.created_at,
-                    num_generated=rec.num_generated, num_forks=rec.num_forks,
-                    kv_version=kernel.weight_version,
-                    owner=rec.owner, weight_runs=[tuple(r) for r in rec.weight_runs]))
-            else:
-                snaps.install(rec, rng.get_state())
+                    self._refuse(rid, e.message)
+        loaded: list[Record] = []
+        for rec, since in sorted(read, key=lambda r: r[0].kind != "session"):
+            try:
+                self._install(kernel, snaps, rec)
+            except Exception as e:  # noqa: BLE001 - one bad record must not stop the rest
+                self._refuse(rec.id, f"{type(e).__name__}: {e}")
+                continue
+            self._new(rec.id, rec.owner, rec.n, since, directory[rec.id][3])
             self._dir(rec.id, "s" if rec.kind == "session" else "p")
+            loaded.append(rec)
         self.commit()
         return [{"id": r.id, "kind": r.kind, "owner": r.owner} for r in loaded]
+
+    def _refuse(self, rid: str, why: str) -> None:
+        self.errors[rid] = why
+        log.error("record %s refused: %s", rid, why)
+
+    def _install(self, kernel: Kernel, snaps: SnapshotTable, rec: Record) -> None:
+        cfg = kernel.config
+        rng = rng_from(rec.rng_state, rec.rng_device, rec.draws, cfg.device, kernel.vocab_size)
+        if rec.kind == "session":
+            kernel.install(Process(
+                pid=rec.id, token_ids=rec.token_ids, mask=rec.mask, table=PageTable(), rng=rng,
+                parent_id=rec.parent_id, created_at=rec.created_at,
+                num_generated=rec.num_generated, num_forks=rec.num_forks,
+                kv_version=kernel.weight_version,
+                owner=rec.owner, weight_runs=[tuple(r) for r in rec.weight_runs]))
+        else:
+            snaps.install(rec, rng.get_state())
+
+
+def _read(rid: str, parts: RecordParts) -> tuple[Record, int]:
+    """The record stored under `rid` and its number of log entries. Raises CodecError."""
+    if isinstance(parts, CodecError):
+        raise parts
+    base, entries = parts
+    if base is None:
+        raise CodecError("its base record is missing")
+    rec = codec.replay(base, entries)
+    if rec.id != rid:
+        raise CodecError(f"the record under {rid!r} is of {rec.id!r}")
+    return rec, len(entries)
 
 
 def kv_layout(kernel: Kernel) -> dict:

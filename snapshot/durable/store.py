@@ -17,19 +17,28 @@ Writes are tuples: ("set", key, value), ("del", key, ...), ("rpush", key, value,
 ("copy", src, dst) (replaces dst; a missing src deletes dst), ("hset", key, field, value),
 ("hdel", key, field, ...). Every method raises StoreUnavailableError when the store
 cannot be reached; a failed `write` may or may not have been applied (the journal's
-entries are numbered, so applying one twice is harmless).
+entries are numbered, so applying one twice is harmless). A key holding the wrong type,
+or a directory entry that is not one, is a bad record (CodecError): the readers below
+refuse it alone and read the rest.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable, Sequence
+from typing import TypeAlias
 
 import msgpack
 
-from agentos.kernel.errors import StoreUnavailableError
+from agentos.kernel.errors import CodecError, StoreUnavailableError
+
+log = logging.getLogger("agentos.store")
 
 Write = tuple
+DirEntry = tuple[str, str, str, str]  # worker id, owner, kind "s" | "p", family
+# what read_records gives per record: (base, log entries), or why it cannot be read
+RecordParts: TypeAlias = tuple[bytes | None, list[bytes]] | CodecError
 
 
 class Store:
@@ -56,8 +65,9 @@ class Store:
     def hgetall(self, key: str) -> dict[bytes, bytes]:
         raise NotImplementedError
 
-    def read_records(self, keys: Sequence[tuple[str, str]]) -> list[tuple[bytes | None, list[bytes]]]:
-        """(base, log entries) of each (base key, log key), read together."""
+    def read_records(self, keys: Sequence[tuple[str, str]]) -> list[RecordParts]:
+        """(base, log entries) of each (base key, log key), read together; a CodecError in
+        place of a record whose keys hold the wrong types."""
         raise NotImplementedError
 
     def ping(self) -> None:
@@ -69,19 +79,31 @@ class Store:
     def hget(self, key: str, name: str) -> bytes | None:
         raise NotImplementedError
 
-    def directory(self) -> dict[str, tuple[str, str, str, str]]:
-        """Every record of the deployment: id -> (worker id, owner, kind "s" or "p", family)."""
-        return {k.decode(): dir_entry(k.decode(), v) for k, v in self.hgetall(self.dir_key).items()}
+    def directory(self, refused: dict[str, str] | None = None) -> dict[str, DirEntry]:
+        """Every record of the deployment: id -> (worker id, owner, kind "s" or "p", family).
+        Bad entries (and the whole directory, if its key is not a hash) are left out,
+        logged and added to `refused` (key -> why)."""
+        try:
+            raw = self.hgetall(self.dir_key)
+        except CodecError as e:
+            _refuse(refused, self.dir_key, e.message)
+            return {}
+        return good_entries(self.dir_key, raw.items(), refused)
 
-    def lookup(self, rid: str) -> tuple[str, str, str, str] | None:
-        """The directory's entry of one record, or None."""
-        v = self.hget(self.dir_key, rid)
-        return None if v is None else dir_entry(rid, v)
+    def lookup(self, rid: str) -> DirEntry | None:
+        """The directory's entry of one record, or None (also for a bad entry)."""
+        return self.lookups([rid]).get(rid)
 
-    def lookups(self, rids: Sequence[str]) -> dict[str, tuple[str, str, str, str]]:
-        """The directory's entries of those of `rids` it has, read together."""
-        values = self.hmget(self.dir_key, list(rids)) if rids else []
-        return {rid: dir_entry(rid, v) for rid, v in zip(rids, values) if v is not None}
+    def lookups(self, rids: Sequence[str], refused: dict[str, str] | None = None) -> dict[str, DirEntry]:
+        """The directory's entries of those of `rids` it has, read together; bad ones are
+        left out as in `directory`."""
+        try:
+            values = self.hmget(self.dir_key, list(rids)) if rids else []
+        except CodecError as e:
+            _refuse(refused, self.dir_key, e.message)
+            return {}
+        return good_entries(self.dir_key, [(r, v) for r, v in zip(rids, values) if v is not None],
+                            refused)
 
     def hmget(self, key: str, names: list[str]) -> list[bytes | None]:
         raise NotImplementedError
@@ -133,22 +155,37 @@ class MemoryStore(Store):
         v = self.data.get(key)
         return v if isinstance(v, bytes) else None
 
+    def _hash(self, key: str) -> dict[bytes, bytes]:
+        h = self.data.get(key, {})
+        if not isinstance(h, dict):
+            raise CodecError(f"{key} holds a {type(h).__name__}, not a hash")
+        return h
+
     def hgetall(self, key: str) -> dict[bytes, bytes]:
         with self._lock:
-            return dict(self.data.get(key, {}))
+            return dict(self._hash(key))
 
     def hget(self, key: str, name: str) -> bytes | None:
         with self._lock:
-            return self.data.get(key, {}).get(_b(name))
+            return self._hash(key).get(_b(name))
 
     def hmget(self, key: str, names: list[str]) -> list[bytes | None]:
         with self._lock:
-            h = self.data.get(key, {})
+            h = self._hash(key)
             return [h.get(_b(n)) for n in names]
 
-    def read_records(self, keys):
+    def read_records(self, keys: Sequence[tuple[str, str]]) -> list[RecordParts]:
+        out: list[RecordParts] = []
         with self._lock:
-            return [(self.get(b), list(self.data.get(lg, []))) for b, lg in keys]
+            for b, lg in keys:
+                base, entries = self.data.get(b), self.data.get(lg, [])
+                if base is not None and not isinstance(base, bytes):
+                    out.append(CodecError(f"{b} holds a {type(base).__name__}, not a string"))
+                elif not isinstance(entries, list):
+                    out.append(CodecError(f"{lg} holds a {type(entries).__name__}, not a list"))
+                else:
+                    out.append((base, list(entries)))
+        return out
 
 
 class RedisStore(Store):
@@ -169,6 +206,7 @@ class RedisStore(Store):
                                            retry=Retry(NoBackoff(), 0))
         self._errors = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
                         OSError)
+        self._wrong_type = redis.ResponseError  # e.g. WRONGTYPE: a bad record, not an outage
         self._guarded = self.client.register_script(_GUARDED_WRITE)
 
     def _unavailable(self, e: Exception) -> StoreUnavailableError:
@@ -212,29 +250,41 @@ class RedisStore(Store):
             return self.client.hgetall(key)
         except self._errors as e:
             raise self._unavailable(e) from None
+        except self._wrong_type as e:
+            raise CodecError(f"{key}: {e}") from None
 
     def hget(self, key: str, name: str) -> bytes | None:
         try:
             return self.client.hget(key, name)
         except self._errors as e:
             raise self._unavailable(e) from None
+        except self._wrong_type as e:
+            raise CodecError(f"{key}: {e}") from None
 
     def hmget(self, key: str, names: list[str]) -> list[bytes | None]:
         try:
             return self.client.hmget(key, names)
         except self._errors as e:
             raise self._unavailable(e) from None
+        except self._wrong_type as e:
+            raise CodecError(f"{key}: {e}") from None
 
-    def read_records(self, keys):
+    def read_records(self, keys: Sequence[tuple[str, str]]) -> list[RecordParts]:
         try:
             pipe = self.client.pipeline(transaction=False)
-            for base, log in keys:
+            for base, lg in keys:
                 pipe.get(base)
-                pipe.lrange(log, 0, -1)
-            out = pipe.execute()
+                pipe.lrange(lg, 0, -1)
+            out = pipe.execute(raise_on_error=False)  # a WRONGTYPE fails its record alone
         except self._errors as e:
             raise self._unavailable(e) from None
-        return [(out[i], out[i + 1]) for i in range(0, len(out), 2)]
+        parts: list[RecordParts] = []
+        for (b, lg), base, entries in zip(keys, out[0::2], out[1::2]):
+            bad = [(k, r) for k, r in ((b, base), (lg, entries)) if isinstance(r, Exception)]
+            if any(isinstance(r, self._errors) for _, r in bad):
+                raise self._unavailable(bad[0][1])
+            parts.append(CodecError(f"{bad[0][0]}: {bad[0][1]}") if bad else (base, entries))
+        return parts
 
     def ping(self) -> None:
         try:
@@ -272,9 +322,36 @@ def open_store(spec, deployment: str = "default") -> Store | None:
     raise ValueError(f"store must be None, 'memory' or a redis:// URL, got {spec!r}")
 
 
-def dir_entry(rid: str, value: bytes) -> tuple[str, str, str, str]:
-    worker, owner, kind, *family = msgpack.unpackb(value)
-    return worker, owner, kind, family[0] if family else rid
+def dir_entry(rid: str, value: bytes) -> DirEntry:
+    """A directory entry's fields. Raises CodecError when it is not one."""
+    try:
+        e = msgpack.unpackb(value)
+    except Exception as ex:  # noqa: BLE001 - any malformed bytes are the same refusal
+        raise CodecError(f"not a directory entry: malformed msgpack ({type(ex).__name__})") from None
+    if not (isinstance(e, list) and len(e) in (3, 4) and all(isinstance(x, str) for x in e)
+            and e[2] in ("s", "p")):
+        raise CodecError("not a directory entry: [worker, owner, kind, family] expected")
+    return e[0], e[1], e[2], e[3] if len(e) == 4 else rid
+
+
+def good_entries(dir_key: str, items: Iterable[tuple[bytes | str, bytes]],
+                 refused: dict[str, str] | None = None) -> dict[str, DirEntry]:
+    """The directory entries among `items` (field, value) that read; the others are logged
+    and added to `refused` (key -> why)."""
+    out = {}
+    for field, value in items:
+        try:
+            rid = field.decode() if isinstance(field, bytes) else field
+            out[rid] = dir_entry(rid, value)
+        except (CodecError, UnicodeDecodeError) as e:
+            _refuse(refused, f"{dir_key}[{field!r}]", getattr(e, "message", str(e)))
+    return out
+
+
+def _refuse(refused: dict[str, str] | None, key: str, why: str) -> None:
+    log.error("bad record %s refused: %s", key, why)
+    if refused is not None:
+        refused[key] = why
 
 
 def _b(x) -> bytes:
