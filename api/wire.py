@@ -3,8 +3,11 @@
 - `AuthMiddleware` resolves the API key of every `/v1/` request to a tenant (401
   otherwise) before anything else reads the request; `/v1/internal/` needs the cluster
   secret instead (403 otherwise).
-- `BodyMiddleware` reads the request body once, refuses one over the size limit (413),
-  and turns an `application/msgpack` body into JSON for FastAPI's validation. A client
+- `BodyMiddleware` reads the request body once, refuses one over the size limit (413)
+  before reading past it, drops a request whose client went away before its body was
+  whole (it is never run), refuses text with lone surrogates (400: no tokenizer or JSON
+  encoder can take them), and turns an `application/msgpack` body into JSON for
+  FastAPI's validation. A client
   that sends `Accept: application/msgpack` gets msgpack back: `WireResponse`, the app's
   default response class, renders to what the request asked for.
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextvars
 import hmac
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +35,8 @@ from agentos.kernel.errors import (
 )
 
 MSGPACK = "application/msgpack"
+# a JSON escape or UTF-8 bytes of a UTF-16 surrogate: maybe a lone one (json.loads takes it)
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 _wants_msgpack: contextvars.ContextVar[bool] = contextvars.ContextVar("wants_msgpack", default=False)
 
 
@@ -131,13 +137,17 @@ class BodyMiddleware:
         _wants_msgpack.set(MSGPACK in _header(scope, b"accept"))
         try:
             body = await self._read(scope, receive)
-            if (body and scope.get("path") not in self.raw
-                    and _header(scope, b"content-type").split(";")[0].strip() == MSGPACK):
-                body = _msgpack_to_json(body)
-                scope["headers"] = [(k, v) for k, v in scope["headers"]
-                                    if k not in (b"content-type", b"content-length")]
-                scope["headers"] += [(b"content-type", b"application/json"),
-                                     (b"content-length", str(len(body)).encode())]
+            if body is None:  # the client went away mid-body: nothing to run, no one to answer
+                return
+            if body and scope.get("path") not in self.raw:
+                if _header(scope, b"content-type").split(";")[0].strip() == MSGPACK:
+                    body = _msgpack_to_json(body)
+                    scope["headers"] = [(k, v) for k, v in scope["headers"]
+                                        if k not in (b"content-type", b"content-length")]
+                    scope["headers"] += [(b"content-type", b"application/json"),
+                                         (b"content-length", str(len(body)).encode())]
+                elif _SURROGATE.search(body):
+                    _check_unicode(body)
         except APIStatusError as e:
             return await error_response(e)(scope, receive, send)
 
@@ -152,7 +162,11 @@ class BodyMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _read(self, scope, receive) -> bytes:
+    async def _read(self, scope, receive) -> bytes | None:
+        """The whole body; None when the client disconnected before sending all of it.
+        Raises PayloadTooLargeError as soon as the body (or its Content-Length) is over
+        the path's limit, and InvalidRequestError for a body of another length than its
+        Content-Length."""
         limit = self.large.get(scope.get("path", ""), self.max_body_bytes)
         declared = _header(scope, b"content-length")
         if declared.isdigit() and int(declared) > limit:
@@ -162,7 +176,7 @@ class BodyMiddleware:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                break
+                return None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
@@ -170,7 +184,22 @@ class BodyMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
+        if declared.isdigit() and size != int(declared):
+            raise InvalidRequestError(f"request body is {size} bytes, not its Content-Length "
+                                      f"of {declared}")
         return b"".join(chunks)
+
+
+def _check_unicode(body: bytes) -> None:
+    """Raises InvalidRequestError when the JSON body holds a lone surrogate (a pair is one
+    character and fine). A body that is not JSON is left to the route's validation."""
+    try:
+        json.dumps(json.loads(body), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise InvalidRequestError("request text holds a lone UTF-16 surrogate "
+                                  "(not a character)") from None
+    except ValueError:
+        pass
 
 
 def _msgpack_to_json(body: bytes) -> bytes:

@@ -7,6 +7,12 @@ from dataclasses import dataclass, field
 
 from agentos.kernel.errors import InvalidRequestError
 
+# every generated token is matched against every stop string (the text near its end), so
+# these bound the matching work per token; OpenAI takes 4 stops, vLLM any number
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 1024
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -36,6 +42,10 @@ class SamplingParams:
         _check(self.seed is None or isinstance(self.seed, int) and 0 <= self.seed < 2**63,
                f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty")
+        _check(len(self.stop) <= MAX_STOPS and all(len(s) <= MAX_STOP_CHARS for s in self.stop),
+               f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters")
+        _check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+               f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids")
 
     @property
     def greedy(self) -> bool:

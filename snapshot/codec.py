@@ -33,6 +33,12 @@ from agentos.kernel.errors import CodecError
 
 MAGIC = "agentos"
 FORMAT_VERSION = 1
+# bytes of a torch generator's state: a CPU one (mt19937) and a CUDA one (Philox seed and
+# offset); a state of another device is only a seed (see journal.rng_from), bounded in size
+RNG_STATE_BYTES = {"cpu": 5056, "cuda": 16}
+MAX_RNG_STATE_BYTES = 1 << 16
+MAX_INT = 2**63 - 1  # counters and versions are int64 wherever they go (msgpack, torch)
+KV_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
 
 
 def pack(kind: str, body: dict) -> bytes:
@@ -126,21 +132,52 @@ class Record:
         try:
             rng = b["rng"]
             rec = cls(id=str(b["id"]), kind=b["kind"], owner=str(b["owner"]),
-                      token_ids=tokens_from_bytes(b["tokens"]), mask=array("b", b["mask"]),
-                      rng_state=bytes(rng["state"]), rng_device=str(rng["device"]),
+                      token_ids=tokens_from_bytes(_bytes(b["tokens"], "tokens")),
+                      mask=array("b", _bytes(b["mask"], "mask")),
+                      rng_state=_bytes(rng["state"], "rng.state"), rng_device=str(rng["device"]),
                       created_at=float(b["created_at"]), parent_id=b.get("parent_id"),
                       session_id=b.get("session_id"), draws=int(rng.get("draws", 0)),
                       num_generated=int(b.get("num_generated", 0)),
                       num_forks=int(b.get("num_forks", 0)),
                       weight_runs=[list(map(int, r)) for r in b.get("weight_runs", [])],
                       n=int(b.get("n", 0)), kv=b.get("kv"))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise CodecError(f"record is missing or has a malformed field: {e}") from None
-        if rec.kind not in ("session", "snapshot"):
-            raise CodecError(f"unknown record kind {rec.kind!r}")
-        if len(rec.mask) != len(rec.token_ids):
-            raise CodecError(f"record has {len(rec.token_ids)} tokens but {len(rec.mask)} mask flags")
+        rec.check()
         return rec
+
+    def check(self) -> None:
+        """Raises CodecError unless every field is one a session can run with: bounded
+        counters, masks of 0/1, a generator state of its device's size, draws no more than
+        the sampled tokens (each replays one vector, so this bounds the work of loading it),
+        weight runs in order, and KV whose bytes match the layout it claims."""
+        if self.kind not in ("session", "snapshot"):
+            raise CodecError(f"unknown record kind {self.kind!r}")
+        n = len(self.token_ids)
+        if len(self.mask) != n:
+            raise CodecError(f"record has {n} tokens but {len(self.mask)} mask flags")
+        if self.mask.tobytes().translate(None, b"\x00\x01"):
+            raise CodecError("mask values must be 0 (given) or 1 (generated)")
+        for name in ("draws", "num_generated", "num_forks", "n"):
+            if not 0 <= getattr(self, name) <= MAX_INT:
+                raise CodecError(f"{name} must be in [0, 2**63)")
+        if self.draws > self.mask.count(1):
+            raise CodecError(f"rng.draws ({self.draws}) exceeds the record's {self.mask.count(1)} "
+                             "generated tokens")
+        size = RNG_STATE_BYTES.get(self.rng_device)
+        if size is not None and len(self.rng_state) != size:
+            raise CodecError(f"a {self.rng_device} RNG state is {size} bytes, not "
+                             f"{len(self.rng_state)}")
+        if len(self.rng_state) > MAX_RNG_STATE_BYTES or len(self.rng_device) > 16:
+            raise CodecError("rng state or device is too large")
+        if self.created_at != self.created_at or abs(self.created_at) == float("inf"):
+            raise CodecError("created_at must be a finite number")
+        for ref in (self.parent_id, self.session_id):
+            if ref is not None and not isinstance(ref, str):
+                raise CodecError("parent_id and session_id must be strings")
+        _check_runs(self.weight_runs, n)
+        if self.kv is not None:
+            _check_kv(self.kv, n)
 
     def apply(self, blob: bytes) -> None:
         """Replays one journal entry (skipped when already applied). Raises CodecError."""
@@ -187,6 +224,51 @@ class Record:
         self.kv = None  # KV is never journaled: only a base from an export carries it
 
 
+def _bytes(v: Any, name: str) -> bytes:
+    if not isinstance(v, bytes):
+        raise CodecError(f"{name} must be bytes (msgpack bin)")
+    return v
+
+
+def _check_runs(runs: list[list[int]], num_tokens: int) -> None:
+    """Weight runs: [first token, version] pairs, first tokens rising within the record."""
+    last = -1
+    for r in runs:
+        if len(r) != 2:
+            raise CodecError("each weight run is [first token, version]")
+        if not last < r[0] < num_tokens:
+            raise CodecError(f"weight run first token {r[0]} is out of order or past the "
+                             f"{num_tokens} tokens")
+        if not 0 <= r[1] <= MAX_INT:
+            raise CodecError("a weight version must be in [0, 2**63)")
+        last = r[0]
+
+
+def _check_kv(kv: Any, num_tokens: int) -> None:
+    """KV as export writes it: {"layout": {fingerprint, dtype, block_size, shape},
+    "num_tokens", "data"}, data being the whole blocks of num_tokens tokens. Whether the
+    layout is this engine's is the importer's to say (else the tokens are recomputed)."""
+    if not isinstance(kv, dict) or not isinstance(kv.get("layout"), dict):
+        raise CodecError("kv must be a map with a layout")
+    layout, cached, data = kv["layout"], kv.get("num_tokens"), kv.get("data")
+    shape, block_size = layout.get("shape"), layout.get("block_size")
+    itemsize = KV_DTYPE_BYTES.get(layout.get("dtype"))
+    if itemsize is None:
+        raise CodecError(f"kv dtype {layout.get('dtype')!r} is not one of {sorted(KV_DTYPE_BYTES)}")
+    if not (isinstance(block_size, int) and 0 < block_size <= 1 << 16 and isinstance(shape, list)
+            and shape and all(isinstance(d, int) and 0 < d <= 1 << 24 for d in shape)):
+        raise CodecError("kv layout needs a positive block_size and a shape of positive ints")
+    if not (isinstance(cached, int) and 0 < cached <= num_tokens and isinstance(data, bytes)):
+        raise CodecError(f"kv needs num_tokens in [1, {num_tokens}] and data as bytes")
+    block_bytes = itemsize
+    for d in shape:
+        block_bytes *= d
+    expected = -(-cached // block_size) * block_bytes
+    if len(data) != expected:
+        raise CodecError(f"kv data is {len(data)} bytes; {cached} tokens in that layout are "
+                         f"{expected}")
+
+
 def entry(n: int, op: str, **fields: Any) -> bytes:
     return pack("entry", {"n": n, "op": op, **fields})
 
@@ -196,4 +278,5 @@ def replay(base: bytes, entries: list[bytes]) -> Record:
     rec = Record.unpack(base)
     for blob in entries:
         rec.apply(blob)
+    rec.check()
     return rec

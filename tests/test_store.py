@@ -47,7 +47,7 @@ def continuation(sessions):
 def test_codec_round_trip_and_refusals():
     rec = codec.Record(id="sess_x", kind="session", owner="alice",
                        token_ids=codec.tokens_from_bytes(codec.tokens_to_bytes(codec.array("i", [1, 2, 3]))),
-                       mask=codec.array("b", [0, 0, 1]), rng_state=b"\x01\x02", rng_device="cpu",
+                       mask=codec.array("b", [0, 0, 1]), rng_state=bytes(5056), rng_device="cpu",
                        created_at=1.5, parent_id="sess_p", weight_runs=[[2, 4]])
     blob = rec.pack()
     back = codec.Record.unpack(blob)
