@@ -58,7 +58,7 @@ class Operations(ABC):
     def _op_session_info(self, session_id: str) -> Op[dict]: ...
 
     @abstractmethod
-    def _op_list_sessions(self, ids: list[str] | None) -> Op[list[dict]]: ...
+    def _op_list_sessions(self, ids: list[str] | None, owner: str | None) -> Op[list[dict]]: ...
 
     @abstractmethod
     def _op_append(self, session_id: str, text: str | None,
@@ -98,7 +98,8 @@ class Operations(ABC):
     def _op_import(self, data: bytes) -> Op[Session]: ...
 
     @abstractmethod
-    def _op_list_snapshots(self, session_id: str) -> Op[list[Snapshot]]: ...
+    def _op_list_snapshots(self, session_id: str | None,
+                           owner: str | None) -> Op[list[Snapshot]]: ...
 
     @abstractmethod
     def _op_restore(self, snapshot_id: str) -> Op[Session]: ...
@@ -159,10 +160,11 @@ class Backend(Operations):
         scheduling history (swap_count, swapped_s, queue_wait_s)."""
         return self._call(self._op_session_info(session_id))
 
-    def list_sessions(self, ids: list[str] | None = None) -> list[dict]:
+    def list_sessions(self, ids: list[str] | None = None, owner: str | None = None) -> list[dict]:
         """Returns a dict per live session (as session_info): all of them, or those of
-        `ids` that are live."""
-        return self._call(self._op_list_sessions(ids))
+        `ids` that are live; only the tenant `owner`'s when given (over HTTP a key sees
+        only its own tenant's anyway)."""
+        return self._call(self._op_list_sessions(ids, owner))
 
     def append(self, session_id: str, text: str | None = None,
                tokens: list[int] | None = None) -> int:
@@ -216,9 +218,11 @@ class Backend(Operations):
         record, InvalidRequestError when its tokens do not fit this model."""
         return self._call(self._op_import(data))
 
-    def list_snapshots(self, session_id: str) -> list[Snapshot]:
-        """The snapshots taken of the session that are still alive."""
-        return self._call(self._op_list_snapshots(session_id))
+    def list_snapshots(self, session_id: str | None = None,
+                       owner: str | None = None) -> list[Snapshot]:
+        """The live snapshots taken of the session, or all of them (those of closed
+        sessions too); only the tenant `owner`'s when given."""
+        return self._call(self._op_list_snapshots(session_id, owner))
 
     def restore(self, snapshot: Snapshot | str) -> Session:
         """Returns a new Session equal to the snapshot."""
@@ -296,8 +300,9 @@ class AsyncBackend(Operations):
     async def session_info(self, session_id: str) -> dict:
         return await self._call(self._op_session_info(session_id))
 
-    async def list_sessions(self, ids: list[str] | None = None) -> list[dict]:
-        return await self._call(self._op_list_sessions(ids))
+    async def list_sessions(self, ids: list[str] | None = None,
+                            owner: str | None = None) -> list[dict]:
+        return await self._call(self._op_list_sessions(ids, owner))
 
     async def append(self, session_id: str, text: str | None = None,
                      tokens: list[int] | None = None) -> int:
@@ -336,8 +341,9 @@ class AsyncBackend(Operations):
     async def import_session(self, data: bytes) -> Session:
         return await self._call(self._op_import(data))
 
-    async def list_snapshots(self, session_id: str) -> list[Snapshot]:
-        return await self._call(self._op_list_snapshots(session_id))
+    async def list_snapshots(self, session_id: str | None = None,
+                             owner: str | None = None) -> list[Snapshot]:
+        return await self._call(self._op_list_snapshots(session_id, owner))
 
     async def restore(self, snapshot: Snapshot | str) -> Session:
         return await self._call(self._op_restore(snapshot_id(snapshot)))

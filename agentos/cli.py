@@ -75,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="max_tokens of one generate call at most (0: the context length)")
     serve.add_argument("--max-sessions-per-tenant", type=int, default=None)
     serve.add_argument("--max-tokens-per-tenant", type=int, default=None)
+    serve.add_argument("--max-snapshots-per-tenant", type=int, default=None)
+    serve.add_argument("--allow-open-admin", action="store_true",
+                       help="without API keys, let any request update weights and pause, "
+                       "abort or sleep the engine (with keys: tenants marked admin)")
     serve.add_argument("--worker", action="store_true",
                        help="register in Redis (--store) and heartbeat, to serve behind `agentos "
                        "gateway`; the --worker-id is then HOST:PORT unless given")

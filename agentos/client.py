@@ -90,9 +90,10 @@ class _ClientBase(Operations):
     def _op_session_info(self, session_id: str) -> _Call[dict]:
         return _Call("GET", f"/v1/sessions/{session_id}", None, _session_info)
 
-    def _op_list_sessions(self, ids: list[str] | None) -> _Call[list[dict]]:
+    def _op_list_sessions(self, ids: list[str] | None, owner: str | None) -> _Call[list[dict]]:
         return _Call("GET", "/v1/sessions", None, lambda b: [
-            _session_info(d) for d in b["data"] if ids is None or d["id"] in ids])
+            _session_info(d) for d in b["data"]
+            if (ids is None or d["id"] in ids) and (owner is None or d.get("owner") == owner)])
 
     def _op_append(self, session_id: str, text: str | None,
                    tokens: list[int] | None) -> _Call[int]:
@@ -146,9 +147,11 @@ class _ClientBase(Operations):
         return _Call("POST", "/v1/sessions/import", None, self._session_handle,
                      content=bytes(data))
 
-    def _op_list_snapshots(self, session_id: str) -> _Call[list[Snapshot]]:
-        return _Call("GET", f"/v1/sessions/{session_id}/snapshots", None,
-                     lambda b: [self._snapshot_handle(d) for d in b["data"]])
+    def _op_list_snapshots(self, session_id: str | None,
+                           owner: str | None) -> _Call[list[Snapshot]]:
+        path = "/v1/snapshots" if session_id is None else f"/v1/sessions/{session_id}/snapshots"
+        return _Call("GET", path, None, lambda b: [
+            self._snapshot_handle(d) for d in b["data"] if owner is None or d.get("owner") == owner])
 
     def _op_restore(self, snapshot_id: str) -> _Call[Session]:
         return _Call("POST", f"/v1/snapshots/{snapshot_id}/restore", None, self._session_handle)
@@ -199,7 +202,7 @@ class _ClientBase(Operations):
     def _snapshot_handle(self, info: dict) -> Snapshot:
         return Snapshot(cast("Backend | AsyncBackend", self), info["id"], info["session_id"],
                         info["num_tokens"], info.get("device_blocks"), info.get("created_at"),
-                        info.get("host_blocks"))
+                        info.get("host_blocks"), info.get("owner"))
 
     # -- wire ---------------------------------------------------------------------------
 

@@ -123,8 +123,8 @@ class _EngineBase(Operations):
     def _op_session_info(self, session_id: str) -> _Syscall[dict]:
         return _Syscall(self.kernel.sys_info, (session_id,))
 
-    def _op_list_sessions(self, ids: list[str] | None) -> _Syscall[list[dict]]:
-        return _Syscall(self.kernel.sys_list, (ids,))
+    def _op_list_sessions(self, ids: list[str] | None, owner: str | None) -> _Syscall[list[dict]]:
+        return _Syscall(self.kernel.sys_list, (ids, owner))
 
     def _op_num_tokens(self, ids: list[str]) -> _Syscall[int]:
         return _Syscall(self.kernel.sys_num_tokens, (ids,))
@@ -135,6 +135,9 @@ class _EngineBase(Operations):
         return _Syscall(self.kernel.sys_append, (session_id, ids), timed="append", changes=True)
 
     def _op_generate(self, session_id: str, params: SamplingParams,
+    def _op_usage(self, owner: str) -> _Syscall[dict]:
+        return _Syscall(self._sys_usage, (owner,))
+
                      stream: bool) -> _Syscall[Any]:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams")
@@ -187,8 +190,9 @@ class _EngineBase(Operations):
     def _op_adopt(self, ids: list[str]) -> _Syscall[list[dict]]:
         return _Syscall(self._sys_adopt, (list(ids),), changes=True)
 
-    def _op_list_snapshots(self, session_id: str) -> _Syscall[list[Snapshot]]:
-        return _Syscall(self.snapshots.sys_list, (session_id,),
+    def _op_list_snapshots(self, session_id: str | None,
+                           owner: str | None) -> _Syscall[list[Snapshot]]:
+        return _Syscall(self.snapshots.sys_list, (session_id, owner),
                         lambda infos: [self._snapshot_handle(i) for i in infos])
 
     def _op_restore(self, snapshot_id: str) -> _Syscall[Session]:
@@ -243,6 +247,11 @@ class _EngineBase(Operations):
         return self.journal.load(self.kernel, self.snapshots, ids)
 
     def _timed(self, op: _Syscall, t0: float) -> None:
+    def _sys_usage(self, owner: str) -> dict:
+        procs = [p for p in self.kernel.procs.values() if p.owner == owner]
+        return {"sessions": len(procs), "tokens": sum(p.num_tokens for p in procs),
+                "snapshots": sum(r.owner == owner for r in self.snapshots.records.values())}
+
         if op.timed is not None:
             self.metrics.op_seconds.labels(op.timed).observe(time.perf_counter() - t0)
 
@@ -259,7 +268,8 @@ class _EngineBase(Operations):
 
     def _snapshot_handle(self, info: dict) -> Snapshot:
         return Snapshot(cast("Backend | AsyncBackend", self), info["id"], info["session_id"],
-                        info["num_tokens"], info["device_blocks"], info["created_at"], info["host_blocks"])
+                        info["num_tokens"], info["device_blocks"], info["created_at"],
+                        info["host_blocks"], info["owner"])
 
     def _tokens(self, text: str | None, tokens: list[int] | None, add_special_tokens: bool):
         if (text is None) == (tokens is None):
@@ -316,6 +326,11 @@ class Engine(_EngineBase, Backend):
     def close(self) -> None:
         self.kernel.shutdown()
         if self.journal is not None:
+    def usage(self, owner: str) -> dict:
+        """What the tenant `owner` holds: {"sessions", "tokens", "snapshots"} (live
+        sessions, their tokens, live snapshots)."""
+        return self._call(self._op_usage(owner))
+
             self.journal.close()
             self.store.close()
 
@@ -384,6 +399,9 @@ def _record(data: bytes):
     from agentos.snapshot.codec import Record
 
     if isinstance(data, Record):
+    async def usage(self, owner: str) -> dict:
+        return await self._call(self._op_usage(owner))
+
         return data
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidRequestError("a session record is bytes (from export_session)")

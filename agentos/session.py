@@ -141,7 +141,7 @@ class Snapshot:
 
     def __init__(self, backend: Backend | AsyncBackend, id: str, session_id: str, num_tokens: int,
                  device_blocks: int | None = None, created_at: float | None = None,
-                 host_blocks: int | None = None):
+                 host_blocks: int | None = None, owner: str | None = None):
         self._backend = backend
         self.id = id
         self.session_id = session_id
@@ -149,6 +149,7 @@ class Snapshot:
         self.device_blocks = device_blocks  # KV blocks it holds on the device (shared with sessions)
         self.host_blocks = host_blocks  # of those, swapped out to host memory
         self.created_at = created_at
+        self.owner = owner  # its tenant, where the backend says
 
     def __repr__(self) -> str:
         return f"Snapshot({self.id!r}, session_id={self.session_id!r}, num_tokens={self.num_tokens})"

@@ -59,6 +59,8 @@ class ServerSettings:
     max_tokens_cap: int | None = 4096  # max_tokens per generate call at most (None: context)
     max_sessions_per_tenant: int | None = None  # default limit of live sessions per tenant
     max_tokens_per_tenant: int | None = None  # default limit of tokens held per tenant
+    max_snapshots_per_tenant: int | None = None  # default limit of live snapshots per tenant
+    allow_open_admin: bool = False  # without keys, let every request act on the engine (weights)
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -98,7 +100,8 @@ class ServerSettings:
         """The tenants from the keys file and environment. Raises ValueError when the
         server would be open (no keys) on a non-loopback address without allow_open."""
         tenants = load_tenants(self.api_keys, None, self.max_sessions_per_tenant,
-                               self.max_tokens_per_tenant)
+                               self.max_tokens_per_tenant, self.max_snapshots_per_tenant,
+                               self.allow_open_admin)
         if tenants.open and not self.allow_open and not _is_loopback(self.host):
             raise ValueError(f"no API keys configured: refusing to serve on {self.host} "
                              "(give --api-keys or AGENTOS_API_KEYS, or --allow-open)")
@@ -119,7 +122,6 @@ def create_app(settings: ServerSettings | None = None, engine=None,
         own = engine is None
         app.state.engine = engine or await asyncio.to_thread(
             AsyncEngine, **settings.engine_options())
-        claim(app, getattr(app.state.engine, "recovered", []))  # recovered sessions' tenants
         heartbeat = None
         try:
             if settings.worker:
@@ -216,17 +218,6 @@ def _start_heartbeat(app: FastAPI, settings: ServerSettings, loop: asyncio.Abstr
 
     return Heartbeat(registry, settings.resolved_worker_id, settings.url, load_now,
                      settings.heartbeat_s, on_register=guard).start()
-
-
-def claim(app: FastAPI, items: list[dict]) -> None:
-    """Gives each recovered or adopted item ({"id", "kind": "session" | "snapshot",
-    "owner"}) to its tenant, so the tenant's key reaches it. Items of owners unknown to
-    this server's keys stay in the engine, unreachable over HTTP."""
-    by_name = app.state.tenants.by_name
-    for item in items:
-        t = by_name.get(item["owner"])
-        if t is not None:
-            (t.sessions if item["kind"] == "session" else t.snapshots).add(item["id"])
 
 
 def _error_handlers(app: FastAPI) -> None:

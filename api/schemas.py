@@ -117,6 +117,7 @@ class SessionInfo(BaseModel):
                              "stretch included")
     queue_wait_s: float = Field(description="seconds spent runnable but not running, the "
                                 "current wait included")
+    owner: str | None = Field(None, description="the tenant it belongs to")
 
 
 class SessionList(BaseModel):
@@ -174,6 +175,7 @@ class SnapshotInfo(BaseModel):
     device_blocks: int
     host_blocks: int
     created_at: float
+    owner: str | None = Field(None, description="the tenant it belongs to")
 
 
 class SnapshotList(BaseModel):

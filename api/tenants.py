@@ -1,17 +1,21 @@
 """Tenants: API keys, ownership of sessions and snapshots, and per-tenant limits.
 
 A tenant sees only what it created: any other id is answered as unknown (404), so ids
-leak nothing across tenants. Without keys configured every request is the tenant
-"default" (the server then listens on loopback only, unless told otherwise).
+leak nothing across tenants. Who owns what is the kernel's record (each session's and
+snapshot's `owner`, journaled with it), asked for on each request. Without keys
+configured every request is the tenant "default" (the server then listens on loopback
+only, unless told otherwise); with keys, no key may claim that name.
 
 Keys come from a JSON file,
 
     {"keys": {"sk-alice-1": "alice", "sk-bob": "bob"},
-     "tenants": {"alice": {"max_sessions": 100, "max_tokens": 1000000, "admin": true}}}
+     "tenants": {"alice": {"max_sessions": 100, "max_tokens": 1000000,
+                           "max_snapshots": 1000, "admin": true}}}
 
 or from AGENTOS_API_KEYS="sk-alice-1=alice,sk-bob=bob" (a key without "=name" is its own
 tenant). Limits not given per tenant take the server's defaults. Only an `admin` tenant
-(every request of an open server) may act on the whole engine: weights, pause, sleep.
+may act on the whole engine (weights, pause, sleep); on a server without keys, only
+when it was started with --allow-open-admin.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agentos.engine import DEFAULT_OWNER as DEFAULT
 from agentos.kernel.errors import (
     AuthenticationError,
     NotFoundError,
@@ -35,69 +40,85 @@ from agentos.kernel.errors import (
 
 @dataclass(slots=True, eq=False)
 class Tenant:
+    """A tenant's limits and reservations. What it owns is the kernel's to say: every
+    session and snapshot records its owner, so ownership survives restarts and re-homing."""
+
     name: str
     max_sessions: int | None = None  # live sessions at once; None = no limit
     max_tokens: int | None = None  # tokens held by its live sessions, generate calls counted
-    sessions: set[str] = field(default_factory=set)
-    snapshots: set[str] = field(default_factory=set)
+    max_snapshots: int | None = None  # live snapshots, those of closed sessions included
     reserved_tokens: int = 0  # admitted but not yet in a session (generate calls in flight)
     reserved_sessions: int = 0
+    reserved_snapshots: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     admin: bool = False  # may act on the whole engine (weights, pause, sleep)
 
     def require_admin(self) -> None:
         if not self.admin:
-            raise PermissionDeniedError(f"tenant {self.name!r} may not act on the engine "
-                                        "(needs \"admin\": true in the keys file)")
+            raise PermissionDeniedError(
+                f"tenant {self.name!r} may not act on the engine: it needs \"admin\": true in "
+                "the keys file (a server without API keys needs --allow-open-admin)")
 
-    def session(self, sid: str) -> str:
-        if sid not in self.sessions:
+    async def session(self, engine, sid: str) -> str:
+        """`sid` if the tenant owns that live session. Raises NotFoundError otherwise, as
+        for an unknown id."""
+        if not await engine.list_sessions([sid], owner=self.name):
             raise NotFoundError(f"no session {sid!r}")
         return sid
 
-    def snapshot(self, snap_id: str) -> str:
-        if snap_id not in self.snapshots:
+    async def snapshot(self, engine, snap_id: str):
+        """The Snapshot handle if the tenant owns that live snapshot. Raises NotFoundError
+        otherwise, as for an unknown id."""
+        try:
+            snap = await engine.get_snapshot(snap_id)
+        except NotFoundError:
+            snap = None
+        if snap is None or snap.owner != self.name:
             raise NotFoundError(f"no snapshot {snap_id!r}")
-        return snap_id
+        return snap
 
     @asynccontextmanager
-    async def admit(self, engine, sessions: int = 0, tokens: int = 0):
+    async def admit(self, engine, sessions: int = 0, tokens: int = 0, snapshots: int = 0):
         """Holds a reservation (see `reserve`) while the block runs."""
-        release = await self.reserve(engine, sessions, tokens)
+        release = await self.reserve(engine, sessions, tokens, snapshots)
         try:
             yield
         finally:
             release()
 
-    async def reserve(self, engine, sessions: int = 0, tokens: int = 0) -> Callable[[], None]:
-        """Admits an operation that adds `sessions` sessions and `tokens` tokens and keeps
-        them reserved until the returned function is called. Raises RateLimitError
-        (changing nothing) when a limit would be exceeded."""
-        check_tokens = self.max_tokens is not None and tokens > 0
-        check_sessions = self.max_sessions is not None and sessions > 0
-        if not (check_tokens or check_sessions):
+    async def reserve(self, engine, sessions: int = 0, tokens: int = 0,
+                      snapshots: int = 0) -> Callable[[], None]:
+        """Admits an operation that adds `sessions` sessions, `tokens` tokens and
+        `snapshots` snapshots, and keeps them reserved until the returned function is
+        called (idempotent). Raises RateLimitError (changing nothing) when a limit would be
+        exceeded."""
+        checks = [(self.max_sessions, sessions), (self.max_tokens, tokens),
+                  (self.max_snapshots, snapshots)]
+        if not any(limit is not None and n > 0 for limit, n in checks):
             return _nothing
         async with self.lock:
-            if check_sessions and len(self.sessions) + self.reserved_sessions + sessions > self.max_sessions:
-                raise RateLimitError(f"tenant {self.name!r} may hold {self.max_sessions} live "
-                                     f"sessions; it holds {len(self.sessions)}")
-            if check_tokens:
-                held = await engine.num_tokens(list(self.sessions)) + self.reserved_tokens
-                if held + tokens > self.max_tokens:
+            held = await engine.usage(self.name)
+            for what, limit, n, reserved in (
+                    ("sessions", self.max_sessions, sessions, self.reserved_sessions),
+                    ("tokens", self.max_tokens, tokens, self.reserved_tokens),
+                    ("snapshots", self.max_snapshots, snapshots, self.reserved_snapshots)):
+                if limit is not None and n > 0 and held[what] + reserved + n > limit:
                     raise RateLimitError(
-                        f"tenant {self.name!r} may hold {self.max_tokens} tokens; it holds "
-                        f"{held} and this call may add {tokens}")
-            self.reserved_tokens += tokens
+                        f"tenant {self.name!r} may hold {limit} {what}; it holds "
+                        f"{held[what] + reserved} and this call may add {n}")
             self.reserved_sessions += sessions
+            self.reserved_tokens += tokens
+            self.reserved_snapshots += snapshots
 
         released = False
 
-        def release() -> None:  # idempotent
+        def release() -> None:
             nonlocal released
             if not released:
                 released = True
-                self.reserved_tokens -= tokens
                 self.reserved_sessions -= sessions
+                self.reserved_tokens -= tokens
+                self.reserved_snapshots -= snapshots
 
         return release
 
@@ -108,15 +129,19 @@ def _nothing() -> None:
 
 class Tenants:
     def __init__(self, keys: dict[str, str] | None = None, limits: dict[str, dict] | None = None,
-                 max_sessions: int | None = None, max_tokens: int | None = None):
+                 max_sessions: int | None = None, max_tokens: int | None = None,
+                 max_snapshots: int | None = None, allow_open_admin: bool = False):
         self.keys = dict(keys or {})
         limits = limits or {}
-        names = set(self.keys.values()) or {"default"}
-        self.by_name = {
-            n: Tenant(n, limits.get(n, {}).get("max_sessions", max_sessions),
-                      limits.get(n, {}).get("max_tokens", max_tokens),
-                      admin=bool(limits.get(n, {}).get("admin", not self.keys)))
-            for n in names}
+        names = set(self.keys.values()) or {DEFAULT}
+
+        def tenant(n: str) -> Tenant:
+            own = limits.get(n, {})
+            return Tenant(n, own.get("max_sessions", max_sessions), own.get("max_tokens", max_tokens),
+                          own.get("max_snapshots", max_snapshots),
+                          admin=bool(own.get("admin", allow_open_admin and not self.keys)))
+
+        self.by_name = {n: tenant(n) for n in names}
 
     @property
     def open(self) -> bool:
@@ -126,7 +151,7 @@ class Tenants:
         """The tenant of the request's key (`Authorization: Bearer KEY` or `X-API-Key`).
         Raises AuthenticationError when keys are configured and none matches."""
         if self.open:
-            return self.by_name["default"]
+            return self.by_name[DEFAULT]
         key = x_api_key
         scheme, _, value = authorization.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
@@ -140,9 +165,11 @@ class Tenants:
 
 
 def load_tenants(path: str | None = None, env: str | None = None,
-                 max_sessions: int | None = None, max_tokens: int | None = None) -> Tenants:
+                 max_sessions: int | None = None, max_tokens: int | None = None,
+                 max_snapshots: int | None = None, allow_open_admin: bool = False) -> Tenants:
     """Reads keys from the JSON file at `path` and/or the AGENTOS_API_KEYS-style string
-    `env` (default: the environment variable). Raises ValueError on a malformed file."""
+    `env` (default: the environment variable). Raises ValueError on a malformed file or
+    a key mapped to the tenant "default" (the owner of an open server's records)."""
     keys: dict[str, str] = {}
     limits: dict[str, dict] = {}
     if path:
@@ -160,4 +187,7 @@ def load_tenants(path: str | None = None, env: str | None = None,
         keys[key.strip()] = name.strip() or key.strip()
     if any(not k for k in keys):
         raise ValueError("an API key is empty")
-    return Tenants(keys, limits, max_sessions, max_tokens)
+    if DEFAULT in keys.values():
+        raise ValueError(f"no API key may map to the tenant {DEFAULT!r}: it owns what an open "
+                         "server (no keys) created; give that tenant another name")
+    return Tenants(keys, limits, max_sessions, max_tokens, max_snapshots, allow_open_admin)

@@ -10,6 +10,9 @@ logprobs the engine reported while sampling (the importance ratio is 1 when they
 
     python examples/grpo_rollouts.py --iterations 8
     python examples/grpo_rollouts.py --url http://127.0.0.1:8000   # a running server
+
+A server it updates the weights of must allow it: `agentos serve --allow-open-admin`, or
+an admin key in AGENTOS_API_KEY.
 """
 
 from __future__ import annotations

@@ -452,11 +452,13 @@ class Kernel(Calls, Lifecycle):
         host = int((self.kalloc.tier[p.table.block_ids] == HOST).sum())
         return p.info(host, self.weight_version, time.monotonic())
 
-    def sys_list(self, pids: list[str] | None = None) -> list[dict[str, Any]]:
-        """Info of every live session, or of those of `pids` that are live."""
-        if pids is None:
-            return [self.info(p) for p in self.procs.values()]
-        return [self.info(self.procs[pid]) for pid in pids if pid in self.procs]
+    def sys_list(self, pids: list[str] | None = None,
+                 owner: str | None = None) -> list[dict[str, Any]]:
+        """Info of every live session, or of those of `pids` that are live; only those of
+        the tenant `owner` when it is given."""
+        procs = self.procs.values() if pids is None else [
+            self.procs[pid] for pid in pids if pid in self.procs]
+        return [self.info(p) for p in procs if owner is None or p.owner == owner]
 
     def sys_num_tokens(self, pids: list[str]) -> int:
         """Tokens held by those of `pids` that are live."""

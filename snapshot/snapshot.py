@@ -49,7 +49,7 @@ class SnapshotRecord:
         host = int((kalloc.tier[self.table.block_ids] == HOST).sum())
         return {"id": self.id, "session_id": self.session_id, "num_tokens": self.num_tokens,
                 "device_blocks": self.table.num_blocks - host, "host_blocks": host,
-                "created_at": self.created_at}
+                "created_at": self.created_at, "owner": self.owner}
 
 
 class SnapshotTable:
@@ -148,9 +148,12 @@ class SnapshotTable:
     def sys_info(self, snap_id: str) -> dict:
         return self.get(snap_id).info(self.kernel.kalloc)
 
-    def sys_list(self, pid: str | None = None) -> list[dict]:
+    def sys_list(self, pid: str | None = None, owner: str | None = None) -> list[dict]:
+        """Info of every live snapshot, or of those taken of session `pid`; only those of
+        the tenant `owner` when it is given."""
         kalloc = self.kernel.kalloc
-        return [r.info(kalloc) for r in self.records.values() if pid is None or r.session_id == pid]
+        return [r.info(kalloc) for r in self.records.values()
+                if (pid is None or r.session_id == pid) and (owner is None or r.owner == owner)]
 
     def install(self, rec: Record, rng_state: torch.Tensor) -> None:
         """Adds a recovered snapshot (no KV: its tokens are prefilled when it is used)."""

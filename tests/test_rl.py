@@ -348,7 +348,8 @@ def test_update_weights_keep_and_bad_updates(tiny_engine):
 
 
 def test_rollouts_scoring_and_weight_updates_over_rest():
-    with run_server(["--kv-blocks", "1024", "--log-level", "warning"]) as url, Client(url) as c, \
+    with run_server(["--kv-blocks", "1024", "--log-level", "warning", "--allow-open-admin"]) as url, \
+            Client(url) as c, \
             Engine("tiny", kv_blocks=1024) as local:
         sampling = SamplingParams(max_tokens=6, temperature=1.0, seed=9, ignore_eos=True)
         remote = asyncio.run(RolloutWorker(c).generate_group(PROMPT, 4, sampling))

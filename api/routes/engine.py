@@ -1,5 +1,6 @@
-"""The engine as a whole, for RL trainers and operators (admin tenants only): weight
-updates, pause/resume, abort of all generate calls, sleep/wake of the KV pool."""
+"""The engine as a whole, for RL trainers and operators (admin tenants only; on a server
+without keys, only with --allow-open-admin): weight updates, pause/resume, abort of all
+generate calls, sleep/wake of the KV pool."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ tenant's key; they are left out of the OpenAPI schema."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from pydantic import Field
 
 from agentos.api import deps
@@ -20,12 +20,8 @@ class Adopt(Body):
 
 
 @router.post("/adopt")
-async def adopt(body: Adopt, request: Request, engine=Depends(deps.engine)) -> dict:
+async def adopt(body: Adopt, engine=Depends(deps.engine)) -> dict:
     """Loads the records `ids` of a dead worker from the store into this one (their
-    directory entries now name this worker) and gives each to its tenant. Returns
+    directory entries now name this worker), each still owned by its tenant. Returns
     {"data": [{"id", "kind", "owner"}]} for those found; ids not in the store are skipped."""
-    from agentos.api.app import claim  # the app imports this router
-
-    items = await engine.adopt(list(body.ids))
-    claim(request.app, items)
-    return {"data": items}
+    return {"data": await engine.adopt(list(body.ids))}

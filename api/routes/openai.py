@@ -16,11 +16,11 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from agentos.api import deps
-from agentos.api.routes.sessions import sampling_params
+from agentos.api.routes.sessions import sampling_params, until_disconnected
 from agentos.api.schemas import ERRORS, TokenId
 from agentos.api.tenants import Tenant
 from agentos.api.wire import EventStream, error_body, sse
@@ -117,19 +117,19 @@ _STREAMS = {200: {"content": {"application/json": {}, "text/event-stream": {}},
 
 
 @router.post("/completions", responses=_STREAMS)
-async def completions(body: CompletionRequest, t: Tenant = Depends(deps.tenant),
+async def completions(body: CompletionRequest, request: Request, t: Tenant = Depends(deps.tenant),
                       engine=Depends(deps.engine), settings=Depends(deps.settings)):
     _check_model(body, settings)
     if isinstance(body.prompt, str):
         ids = engine.encode(body.prompt, body.session is None)
     else:
         ids = list(body.prompt)
-    run = _Run(engine, t, settings, body, ids, "cmpl-", "text_completion")
+    run = _Run(engine, t, settings, body, ids, "cmpl-", "text_completion", request)
     return await run.respond(chat=False)
 
 
 @router.post("/chat/completions", responses=_STREAMS)
-async def chat_completions(body: ChatRequest, t: Tenant = Depends(deps.tenant),
+async def chat_completions(body: ChatRequest, request: Request, t: Tenant = Depends(deps.tenant),
                            engine=Depends(deps.engine), settings=Depends(deps.settings)):
     _check_model(body, settings)
     text = render_chat([m.flat() for m in body.messages], engine.tokenizer)
@@ -138,7 +138,7 @@ async def chat_completions(body: ChatRequest, t: Tenant = Depends(deps.tenant),
     ids = engine.encode(text, fresh)
     if body.max_completion_tokens is not None:
         body.max_tokens = body.max_completion_tokens
-    run = _Run(engine, t, settings, body, ids, "chatcmpl-", "chat.completion")
+    run = _Run(engine, t, settings, body, ids, "chatcmpl-", "chat.completion", request)
     return await run.respond(chat=True)
 
 
@@ -156,8 +156,9 @@ class _Run:
     """One OpenAI-style request: its sessions, their generations, the response."""
 
     def __init__(self, engine, tenant: Tenant, settings, body, ids: list[int], prefix: str,
-                 object_name: str):
+                 object_name: str, request: Request):
         self.engine, self.tenant, self.settings, self.body = engine, tenant, settings, body
+        self.request = request
         self.ids = ids
         self.id = prefix + uuid.uuid4().hex[:24]
         self.object = object_name
@@ -183,7 +184,8 @@ class _Run:
         try:
             await self._open()
             if not self.body.stream:
-                gens = await asyncio.gather(*(s.generate(params=self.params) for s in self.sessions))
+                gens = await until_disconnected(self.request, asyncio.gather(
+                    *(s.generate(params=self.params) for s in self.sessions)))
                 return self._response(gens, chat)
             streams = [await s.generate(params=self.params, stream=True) for s in self.sessions]
             streaming = True
@@ -203,18 +205,16 @@ class _Run:
         to close at the end (all new ones, unless keep_session keeps those that generate)."""
         t, engine, n = self.tenant, self.engine, self.body.n
         if self.body.session is not None:
-            s = Session(engine, t.session(self.body.session))
+            s = Session(engine, await t.session(engine, self.body.session))
             self.prompt_len = await s.append(tokens=self.ids) if self.ids else len(await s.tokens)
             self.sessions = [s]
             return
         if not self.ids:
             raise InvalidRequestError("the prompt is empty")
         s = await engine.create_session(tokens=self.ids, seed=self.body.seed, owner=t.name)
-        t.sessions.add(s.id)
         self.prompt_len = len(self.ids)
         self.temporary = [s]
         self.sessions = [s] if n == 1 else await s.fork(n=n)
-        t.sessions.update(c.id for c in self.sessions)
         if n > 1:
             self.temporary += self.sessions
         if self.body.keep_session:
@@ -224,7 +224,6 @@ class _Run:
         for s in self.temporary:
             with contextlib.suppress(AgentOSError):
                 await s.close()
-            self.tenant.sessions.discard(s.id)
         self.temporary = []
         release()
 

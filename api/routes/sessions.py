@@ -3,7 +3,10 @@ tokens, close."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from dataclasses import asdict
+from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
@@ -34,6 +37,8 @@ from agentos.snapshot.codec import Record
 
 router = APIRouter(prefix="/v1", tags=["sessions"], responses=ERRORS)
 
+T = TypeVar("T")
+
 
 async def session_info(engine, sid: str) -> dict:
     infos = await engine.list_sessions([sid])
@@ -48,31 +53,30 @@ async def create_session(body: CreateSession, t: Tenant = Depends(deps.tenant),
     ids = body.tokens if body.tokens is not None else engine.encode(body.prompt, True)
     async with t.admit(engine, sessions=1, tokens=len(ids)):
         s = await engine.create_session(tokens=ids, seed=body.seed, owner=t.name)
-        t.sessions.add(s.id)
     return await session_info(engine, s.id)
 
 
 @router.get("/sessions", response_model=SessionList)
 async def list_sessions(t: Tenant = Depends(deps.tenant), engine=Depends(deps.engine)):
-    return {"data": await engine.list_sessions(sorted(t.sessions))}
+    infos = await engine.list_sessions(owner=t.name)
+    return {"data": sorted(infos, key=lambda i: i["id"])}
 
 
 @router.get("/sessions/{sid}", response_model=SessionInfo)
 async def get_session(sid: str, t: Tenant = Depends(deps.tenant), engine=Depends(deps.engine)):
-    return await session_info(engine, t.session(sid))
+    return await session_info(engine, await t.session(engine, sid))
 
 
 @router.delete("/sessions/{sid}", response_model=Deleted)
 async def close_session(sid: str, t: Tenant = Depends(deps.tenant), engine=Depends(deps.engine)):
-    await Session(engine, t.session(sid)).close()
-    t.sessions.discard(sid)
+    await Session(engine, await t.session(engine, sid)).close()
     return {"id": sid, "object": "session.deleted"}
 
 
 @router.post("/sessions/{sid}/append", response_model=SessionLength)
 async def append(sid: str, body: Append, t: Tenant = Depends(deps.tenant),
                  engine=Depends(deps.engine)):
-    s = Session(engine, t.session(sid))
+    s = Session(engine, await t.session(engine, sid))
     ids = body.tokens if body.tokens is not None else engine.encode(body.text, False)
     async with t.admit(engine, tokens=len(ids)):
         num_tokens = await s.append(tokens=ids)
@@ -83,23 +87,49 @@ async def append(sid: str, body: Append, t: Tenant = Depends(deps.tenant),
              responses={200: {"content": {"text/event-stream": {}},
                               "description": "the Generation, or with stream: server-sent "
                               "events, one per token, then one with finish_reason"}})
-async def generate(sid: str, body: Generate, t: Tenant = Depends(deps.tenant),
+async def generate(sid: str, body: Generate, request: Request, t: Tenant = Depends(deps.tenant),
                    engine=Depends(deps.engine), settings=Depends(deps.settings)):
-    s = Session(engine, t.session(sid))
+    s = Session(engine, await t.session(engine, sid))
     params = sampling_params(body.model_dump(exclude={"stream"}), settings.max_tokens_cap)
     release = await t.reserve(engine, tokens=params.max_tokens)
+    if not body.stream:
+        try:
+            return await until_disconnected(request, s.generate(params=params))
+        finally:
+            release()
     try:
-        if not body.stream:
-            return await s.generate(params=params)
         chunks = await s.generate(params=params, stream=True)
     except BaseException:
         release()
         raise
+
     async def on_close():
         await chunks.aclose()
         release()
 
     return EventStream(events(chunks), on_close)
+
+
+async def until_disconnected(request: Request, call: Awaitable[T], poll_s: float = 0.2) -> T:
+    """Awaits call; cancels it when the client disconnects first (a generate is then
+    aborted, keeping the tokens it made) and raises ClientDisconnectedError."""
+    task = asyncio.ensure_future(call)
+    try:
+        while not (await asyncio.wait({task}, timeout=poll_s))[0]:
+            if await request.is_disconnected():
+                raise ClientDisconnectedError("the client disconnected before the answer")
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+class ClientDisconnectedError(APIStatusError):
+    """The client went away while its call ran (nginx's 499; nobody reads the answer)."""
+
+    status_code = 499
+    type = "client_disconnected"
 
 
 def sampling_params(fields: dict, max_tokens_cap: int | None) -> SamplingParams:
@@ -125,17 +155,16 @@ async def events(chunks):
 @router.post("/sessions/{sid}/fork", status_code=201, response_model=SessionList)
 async def fork(sid: str, body: Fork, t: Tenant = Depends(deps.tenant),
                engine=Depends(deps.engine)):
-    s = Session(engine, t.session(sid))
+    s = Session(engine, await t.session(engine, sid))
     tokens = await engine.num_tokens([sid]) * body.n if t.max_tokens is not None else 0
     async with t.admit(engine, sessions=body.n, tokens=tokens):
         children = await s.fork(n=body.n)
-        t.sessions.update(c.id for c in children)
     return {"data": await engine.list_sessions([c.id for c in children])}
 
 
 @router.get("/sessions/{sid}/tokens", response_model=SessionTokens)
 async def tokens(sid: str, t: Tenant = Depends(deps.tenant), engine=Depends(deps.engine)):
-    ids, mask = await Session(engine, t.session(sid)).get_tokens_and_mask()
+    ids, mask = await Session(engine, await t.session(engine, sid)).get_tokens_and_mask()
     return {"id": sid, "tokens": ids, "mask": mask, "text": engine.decode(ids)}
 
 
@@ -143,7 +172,7 @@ async def tokens(sid: str, t: Tenant = Depends(deps.tenant), engine=Depends(deps
 async def score(sid: str, body: Score, t: Tenant = Depends(deps.tenant),
                 engine=Depends(deps.engine)):
     """Logprobs of a continuation given the session; the session is unchanged."""
-    s = Session(engine, t.session(sid))
+    s = Session(engine, await t.session(engine, sid))
     ids = body.tokens if body.tokens is not None else engine.encode(body.text, False)
     async with t.admit(engine, tokens=len(ids)):
         logprobs = await s.score(tokens=ids)
@@ -154,7 +183,8 @@ async def score(sid: str, body: Score, t: Tenant = Depends(deps.tenant),
 async def next_token_logprobs(sid: str, body: NextTokenLogprobsRequest,
                               t: Tenant = Depends(deps.tenant), engine=Depends(deps.engine)):
     """The distribution over the session's next token: top_k and the given candidates."""
-    dist = await Session(engine, t.session(sid)).next_token_logprobs(body.top_k, body.candidates)
+    s = Session(engine, await t.session(engine, sid))
+    dist = await s.next_token_logprobs(body.top_k, body.candidates)
     return asdict(dist)
 
 
@@ -165,7 +195,7 @@ async def export_session(sid: str, kv: bool = Query(False, description="include 
                          t: Tenant = Depends(deps.tenant), engine=Depends(deps.engine)):
     """The session as a record (tokens, masks, RNG state, weight versions, parent), to
     import here or on another deployment; with kv=true also its cached KV bytes."""
-    data = await engine.export_session(t.session(sid), kv)
+    data = await engine.export_session(await t.session(engine, sid), kv)
     return Response(data, media_type=MSGPACK,
                     headers={"Content-Disposition": f'attachment; filename="{sid}.agentos"'})
 
@@ -183,5 +213,4 @@ async def import_session(request: Request, t: Tenant = Depends(deps.tenant),
     rec = Record.unpack(data)
     async with t.admit(engine, sessions=1, tokens=len(rec.token_ids)):
         s = await engine.import_session(rec, owner=t.name)
-        t.sessions.add(s.id)
     return await session_info(engine, s.id)

@@ -25,11 +25,13 @@ async def system(t: Tenant = Depends(deps.tenant), engine=Depends(deps.engine),
                  settings=Depends(deps.settings)) -> dict:
     """Engine stats (KV blocks, sessions by state, steps, tokens), the model and the
     server's limits."""
+    usage = await engine.usage(t.name)
     return {"model": settings.model_name, "config": _public(settings.engine_options()),
             "limits": {"max_tokens_cap": settings.max_tokens_cap,
                        "max_body_bytes": settings.max_body_bytes,
-                       "max_sessions": t.max_sessions, "max_tokens": t.max_tokens},
-            "tenant": {"name": t.name, "sessions": len(t.sessions), "snapshots": len(t.snapshots)},
+                       "max_sessions": t.max_sessions, "max_tokens": t.max_tokens,
+                       "max_snapshots": t.max_snapshots},
+            "tenant": {"name": t.name, "sessions": usage["sessions"], "snapshots": usage["snapshots"]},
             "stats": await engine.stats()}
 
 
