@@ -5,9 +5,12 @@ same methods and return types, so agent code moves between `Engine(...)` and
 `Client(url)` unchanged. Errors are the same classes too (`agentos.NotFoundError`, ...),
 rebuilt from the server's `{"error": {"type", "message"}}` and status code.
 
-Retries, with exponential backoff: a 503 (the server changed nothing: out of capacity) and
-a connection that could not be opened are retried for every call; a connection that
-broke after the request went out is retried only for idempotent calls (GET, DELETE).
+Retries, with exponential backoff: a 503 and a connection that could not be opened are
+retried for every call; a connection that broke after the request went out is retried
+for idempotent calls (GET, DELETE) and for POSTs, which carry an `Idempotency-Key` (one
+per call, the same on its retries) so the server answers a retry of a change it already
+applied without applying it again. A streamed generate has no key: it is not retried
+once it may have been applied.
 No torch here: `from agentos import Client` works on a laptop.
 """
 
@@ -19,6 +22,7 @@ import json
 import os
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -60,6 +64,11 @@ class _Call(Op[T]):
     @property
     def idempotent(self) -> bool:
         return self.method in ("GET", "DELETE")
+
+    @property
+    def keyed(self) -> bool:
+        """It carries an Idempotency-Key: the server applies it once however often sent."""
+        return self.method == "POST" and not self.stream
 
 
 class _ClientBase(Operations):
@@ -210,6 +219,8 @@ class _ClientBase(Operations):
         headers = dict(self.headers)
         if call.stream:
             headers["Accept"] = "text/event-stream"
+        if call.keyed:
+            headers["Idempotency-Key"] = uuid.uuid4().hex  # built once per call: its retries share it
         content = call.content
         if content is not None:
             headers["Content-Type"] = "application/octet-stream"
@@ -233,16 +244,17 @@ class _ClientBase(Operations):
                       response: httpx.Response | None) -> bool:
         if attempt >= self.max_retries:
             return False
+        safe = call.idempotent or call.keyed
         if error is not None:
-            return isinstance(error, _NEVER_SENT) or (call.idempotent and isinstance(error, _BROKEN))
+            return isinstance(error, _NEVER_SENT) or (safe and isinstance(error, _BROKEN))
         assert response is not None  # no error: a response came
         if response.status_code != 503:
             return False
         # NOTE: a change the store could not make durable may have been applied in memory:
-        # repeating it (an append, a generate) would apply it twice, so only reads retry
+        # repeating it without a key (a streamed generate) could apply it twice
         body = _decode(response)
         err = body.get("error") if isinstance(body, dict) else None
-        return call.idempotent or not (isinstance(err, dict) and err.get("type") == "store_unavailable")
+        return safe or not (isinstance(err, dict) and err.get("type") == "store_unavailable")
 
     def _client_args(self) -> dict:
         return {"base_url": self.base_url, "timeout": httpx.Timeout(self.timeout, connect=10.0)}

@@ -13,12 +13,13 @@ import queue
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from agentos.backend import AsyncBackend, Backend, NamedTensors, Op, Operations
 from agentos.kernel.config import Config
-from agentos.kernel.errors import InvalidRequestError
+from agentos.kernel.errors import InvalidRequestError, StoreUnavailableError
 from agentos.kernel.process import GenerationChunk
 from agentos.kernel.sampling_params import SamplingParams
 from agentos.session import Session, Snapshot
@@ -26,6 +27,11 @@ from agentos.session import Session, Snapshot
 T = TypeVar("T")
 
 DEFAULT_OWNER = "default"  # the tenant of sessions made without one (an open server, the SDK)
+
+# Set by a caller that can answer a retried change without applying it again (the server,
+# for a request with an Idempotency-Key): a change applied but not yet durable is then
+# returned, and the journal position it waits for appended here, instead of raising.
+pending_durable: ContextVar[list[int] | None] = ContextVar("pending_durable", default=None)
 
 
 def _identity(x):
@@ -362,9 +368,23 @@ class AsyncEngine(_EngineBase, AsyncBackend):
                     op.on_cancel()
                 raise
         if journal is not None:
-            await asyncio.wrap_future(journal.sync())
+            await self._acknowledge(journal)
         self._timed(op, t0)
         return op.post(result)
+
+    @staticmethod
+    async def _acknowledge(journal) -> None:
+        """Returns once the changes recorded so far are durable. Raises
+        StoreUnavailableError when they cannot be made so now, unless the caller set
+        `pending_durable`: then their journal position is added there."""
+        target = journal.recorded
+        try:
+            await asyncio.wrap_future(journal.sync(target))
+        except StoreUnavailableError:
+            pending = pending_durable.get()
+            if pending is None or journal.fenced:
+                raise
+            pending.append(target)
 
     async def create_session(self, prompt: str | None = None, tokens: list[int] | None = None,
                              seed: int | None = None, owner: str = DEFAULT_OWNER) -> Session:

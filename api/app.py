@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
+from agentos.api.idempotency import IdempotencyMiddleware
 from agentos.api.observe import HttpMetrics, RequestLogMiddleware
 from agentos.api.routes import dashboard, internal, openai, sessions, snapshots, system
 from agentos.api.routes import engine as engine_routes
@@ -151,6 +152,9 @@ def create_app(settings: ServerSettings | None = None, engine=None,
     for r in routers:
         app.include_router(r)
     _error_handlers(app)
+    # innermost: it sees the tenant and the whole body
+    app.add_middleware(IdempotencyMiddleware,
+                       journal=lambda: getattr(app.state.engine, "journal", None))
     # the last added runs first: keys are checked before the body is read
     app.add_middleware(BodyMiddleware, max_body_bytes=settings.max_body_bytes,
                        large={"/v1/weights": settings.max_weights_bytes,

@@ -6,11 +6,18 @@ gets the first answer once the change is durable."""
 
 from __future__ import annotations
 
+import json
+import threading
+import time
+import uuid
+
+import httpx
 import msgpack
 import pytest
 import redis as redis_py
 
-from agentos import Engine
+from agentos import Client, Engine
+from agentos.bench.api import free_port, run_agentos
 from agentos.bench.redis_server import RedisServer
 from agentos.snapshot.durable.store import MemoryStore, RedisStore
 
@@ -120,3 +127,86 @@ def test_gateway_directory_skips_bad_entries(redis):
     reg = WorkerRegistry(redis_py.Redis.from_url(redis.url), store.ns)
     assert reg.records("w1") == {"ok": ("acme", "s", "ok")}
     store.close()
+
+
+# -- a change answered 503 is applied once --------------------------------------------------
+
+
+def serve(redis_url: str, deployment: str, keys_file):
+    """`agentos serve --redis` with API keys: a context manager yielding (Popen, URL)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--redis", redis_url,
+            "--deployment", deployment, "--kv-blocks", "512", "--log-level", "warning",
+            "--api-keys", str(keys_file)]
+    return run_agentos(args, url), url
+
+
+def outage(r: RedisServer, seconds: float) -> threading.Thread:
+    """Stops Redis now and starts it again after `seconds`, in a thread."""
+    r.stop()
+    t = threading.Thread(target=lambda: (time.sleep(seconds), r.start()))
+    t.start()
+    return t
+
+
+@pytest.fixture
+def keys_file(tmp_path):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": {"key-a": "acme", "key-b": "globex"}}))
+    return path
+
+
+def test_retried_change_after_redis_goes_down_is_applied_once(keys_file):
+    dep = "retry-" + uuid.uuid4().hex[:8]
+    with RedisServer() as r:
+        ctx, url = serve(r.url, dep, keys_file)
+        auth = {"Authorization": "Bearer key-a"}
+        with ctx as proc, httpx.Client(base_url=url, timeout=30, headers=auth) as h:
+            sid = h.post("/v1/sessions", json={"prompt": "hello"}).json()["id"]
+            thread = outage(r, 1.5)
+            # a client that retries on 503 with the same key, as the OpenAI SDK does
+            key, statuses = uuid.uuid4().hex, []
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                resp = h.post(f"/v1/sessions/{sid}/append", json={"text": "RETRY"},
+                              headers={"Idempotency-Key": key})
+                statuses.append(resp.status_code)
+                if resp.status_code != 503:
+                    break
+                time.sleep(0.3)
+            thread.join()
+            tokens = h.get(f"/v1/sessions/{sid}/tokens").json()["tokens"]
+            text = h.post("/v1/detokenize", json={"tokens": tokens}).json()["text"]
+            assert text.count("RETRY") == 1, text
+            assert statuses[0] == 503 and statuses[-1] == 200, statuses
+            assert resp.headers.get("idempotent-replayed") == "true"
+            # the same key for another request is refused, not applied
+            other = h.post(f"/v1/sessions/{sid}/append", json={"text": "OTHER"},
+                           headers={"Idempotency-Key": key})
+            assert other.status_code == 422
+            proc.kill()
+            proc.wait()
+        ctx, url = serve(r.url, dep, keys_file)
+        with ctx, httpx.Client(base_url=url, timeout=30, headers=auth) as h:
+            assert h.get(f"/v1/sessions/{sid}/tokens").json()["tokens"] == tokens
+
+
+def test_sdk_create_in_an_outage_succeeds_once_and_visibly(keys_file):
+    dep = "retry-sdk-" + uuid.uuid4().hex[:8]
+    with RedisServer() as r:
+        ctx, url = serve(r.url, dep, keys_file)
+        with ctx, Client(url, api_key="key-a", max_retries=10) as c, \
+                Client(url, api_key="key-b") as other:
+            s = c.create_session(prompt="base", seed=1)
+            thread = outage(r, 1.5)
+            made = c.create_session(prompt="in the outage", seed=2)  # retried until durable
+            thread.join()
+            s.append(text=" RETRY")
+            assert sorted(i["id"] for i in c.list_sessions()) == sorted([s.id, made.id])
+            assert made.tokens == c.encode("in the outage", add_special_tokens=True)
+            assert other.list_sessions() == []
+            thread = outage(r, 1.5)
+            s.append(text=" AGAIN")
+            thread.join()
+            assert c.decode(s.tokens).count("AGAIN") == 1

@@ -112,10 +112,11 @@ class Journal:
         if err is not None:
             raise StoreUnavailableError(f"{err.message} (changes are refused until it is back)")
 
-    def sync(self) -> Future:
-        """A Future that resolves when every change recorded so far is in the store, or
-        fails with StoreUnavailableError (the store is down; the change stays queued)."""
-        target = self.recorded
+    def sync(self, target: int | None = None) -> Future:
+        """A Future that resolves when every change recorded so far (or the first `target`
+        writes) is in the store, or fails with StoreUnavailableError (the store is down;
+        the change stays queued)."""
+        target = self.recorded if target is None else target
         fut: Future = Future()
         with self._cv:
             if self.fenced:
