@@ -78,7 +78,7 @@ class Calls:
         s = Process(pid="score_" + uuid.uuid4().hex[:16], token_ids=p.token_ids + array("i", token_ids),
                     mask=p.mask + array("b", bytes(len(token_ids))), table=self.vm.fork(p.table),
                     rng=p.rng, parent_id=p.pid, num_cached=min(p.num_cached, p.num_tokens - 1),
-                    kv_version=p.kv_version)
+                    kv_version=p.kv_version, owner=p.owner, cache_scope=p.cache_scope)
         s.call = ScoreCall(fut, p.num_tokens, top_k, candidates)
         self._scratch[s.pid] = s
         self.wake(s)

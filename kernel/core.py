@@ -387,6 +387,7 @@ class Kernel(Calls, Lifecycle):
             c = self.new_process(p.token_ids[:], p.mask[:], self.vm.fork(p.table),
                                  p.num_cached, rng, p.pid, p.kv_version, p.owner)
             c.weight_runs = p.weight_runs[:]
+            c.cache_scope = p.cache_scope
             children.append(c)
         self.stats["forks"] += n
         p.num_forks += n
@@ -476,6 +477,7 @@ class Kernel(Calls, Lifecycle):
             "queue": {"runnable": sum(by_level.values()), "by_level": by_level},
             "weight_version": self.weight_version, "paused": self._paused, "asleep": self._asleep,
             **self.stats, **self.memory.stats,
+            "prefix_hit_tokens_by_owner": dict(self.memory.hits_by_owner),
             # over every session, closed ones included: seconds spent off the device
             "swapped_s": self.stats["swapped_s"] + sum(
                 p.time_swapped(now) for p in self.procs.values()),

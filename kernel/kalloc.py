@@ -7,7 +7,9 @@ page table that maps it (forks, snapshots) follows at once and nothing is rewrit
 
 The allocator also holds the prefix cache's bookkeeping: the chained digest of each full
 page, the canonical page of each digest, and an LRU of cached device pages that no table
-maps any more (kept until their slot is needed).
+maps any more (kept until their slot is needed). Each chain starts from the root of a
+cache scope (`scope_root`), so sessions of different scopes (tenants) never share a page
+through the cache, whatever their tokens.
 
 Plain numpy and dicts over ids (no tensors): the KV bytes live in the model runner.
 Reference counts are vectorised so that forking or freeing a page table of thousands of
@@ -23,7 +25,13 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 DEVICE, HOST, FREE = 0, 1, -1  # tier of a page
-ROOT_DIGEST = b"agentos/prefix/v1"  # the chain's seed: the digest "before" a session's first block
+ROOT_DIGEST = b"agentos/prefix/v1"  # the seed of every scope's root (scope_root)
+
+
+def scope_root(scope: str) -> bytes:
+    """The digest "before" the first block of a session in cache scope `scope`: chains of
+    different scopes never meet."""
+    return hashlib.blake2b(ROOT_DIGEST + scope.encode(), digest_size=16).digest()
 
 
 def block_digest(prev: bytes, tokens) -> bytes:

@@ -30,7 +30,7 @@ import numpy as np
 from agentos.kernel.config import Config
 from agentos.kernel.costs import CostModel
 from agentos.kernel.hooks import KVHolder
-from agentos.kernel.kalloc import DEVICE, ROOT_DIGEST, BlockAllocator, block_digest
+from agentos.kernel.kalloc import DEVICE, BlockAllocator, block_digest, scope_root
 from agentos.kernel.process import Process, ProcState, ScoreCall
 from agentos.kernel.sched import Policy
 from agentos.kernel.vm import VM
@@ -70,6 +70,8 @@ class MemoryManager:
         self.stats = {"cow_copies": 0, "swap_out_blocks": 0, "swap_in_blocks": 0,
                       "dropped_blocks": 0, "prefix_hit_tokens": 0, "preemptions": 0,
                       "prefetched_blocks": 0}
+        self.hits_by_owner: dict[str, int] = {}  # prefix_hit_tokens per tenant (its own view)
+        self.shared_scopes: dict[str, str] = {}  # owner -> the cache scope it opted in to share
         self.step = StepMemory()
         self._copies: list[tuple[str, list[tuple[int, int]]]] = []  # decided, not yet made
         self._pins = np.zeros(len(self.kalloc.refcount), dtype=np.int32)
@@ -169,7 +171,7 @@ class MemoryManager:
         i = table.num_blocks
         if p.num_cached != i * bs or not self.kalloc.cached or not self.config.prefix_cache:
             return True
-        prev = ROOT_DIGEST if i == 0 else self.kalloc.digest.get(int(table.block_ids[-1]))
+        prev = self.root(p) if i == 0 else self.kalloc.digest.get(int(table.block_ids[-1]))
         if prev is None:
             return True
         hits: list[int] = []
@@ -200,6 +202,7 @@ class MemoryManager:
         p.table.push(hits)
         cached = min(end, p.num_tokens - 1 if p.call is not None else p.num_tokens)
         self.stats["prefix_hit_tokens"] += cached - p.num_cached
+        self.hits_by_owner[p.owner] = self.hits_by_owner.get(p.owner, 0) + cached - p.num_cached
         p.num_cached = cached
         if p.state is ProcState.RUNNABLE and (self.kalloc.tier[hits] != DEVICE).any():
             p.set_state(ProcState.SWAPPED)  # the cached copy went out with its holder's pages
@@ -450,12 +453,36 @@ class MemoryManager:
 
     # -- the prefix cache --------------------------------------------------------------------
 
+    # NOTE: the cache is scoped: a page is found only from the root of its session's scope,
+    # so a tenant never maps another's pages (which would let it probe what they sent, or
+    # poison what they read) unless both opted in to one shared scope. A session whose KV
+    # came from outside (an import) has a scope of its own: its pages, and every later
+    # page computed over them, are shared only within its family (forks, snapshots).
+
+    def scope_of(self, p: Process) -> str:
+        """The cache scope p's pages are shared in: its own when it has one (an import's),
+        else the one its owner shares (share_cache), else its owner's alone."""
+        if p.cache_scope is not None:
+            return p.cache_scope
+        shared = self.shared_scopes.get(p.owner)
+        return "tenant:" + p.owner if shared is None else "shared:" + shared
+
+    def root(self, p: Process) -> bytes:
+        """The digest "before" p's first block (the root of its scope's chains)."""
+        return scope_root(self.scope_of(p))
+
+    def share_cache(self, scopes: dict[str, str]) -> None:
+        """Sets which tenants share prefix-cache pages: owner -> scope name; owners naming
+        the same scope share, the others keep their own. Pages cached before stay in the
+        scope they were computed in."""
+        self.shared_scopes = dict(scopes)
+
     def _digests(self, p: Process, lo: int, hi: int) -> list[bytes]:
         """Chained digests of p's token blocks lo..hi-1 (page lo-1 must be hashed)."""
         if hi <= lo:
             return []
         bs = self.block_size
-        prev = ROOT_DIGEST if lo == 0 else self.kalloc.digest.get(int(p.table.block_ids[lo - 1]))
+        prev = self.root(p) if lo == 0 else self.kalloc.digest.get(int(p.table.block_ids[lo - 1]))
         out = []
         for i in range(lo, hi):
             if prev is None:

@@ -193,6 +193,9 @@ class Process:
     num_forks: int = 0  # children forked from it so far (salts their random streams)
     kv_version: int = 0  # the oldest weight version its cached KV was computed with
     owner: str = "default"  # the tenant it belongs to (its records are kept under it)
+    # the prefix-cache scope its pages are shared in: None is its owner's (see
+    # MemoryManager.scope_of); a private one when its KV came from outside (an import)
+    cache_scope: str | None = None
     # per run of generated tokens: (index of its first token, weight version that sampled it)
     weight_runs: list[tuple[int, int]] = field(default_factory=list)
     # paging and scheduling history (session info, metrics, the pager's choices)

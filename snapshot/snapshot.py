@@ -40,6 +40,7 @@ class SnapshotRecord:
     owner: str = "default"
     weight_runs: list[tuple[int, int]] = field(default_factory=list)
     num_generated: int = 0
+    cache_scope: str | None = None  # its session's (Process.cache_scope): its pages' scope
 
     @property
     def num_tokens(self) -> int:
@@ -79,6 +80,7 @@ class SnapshotTable:
             mask=p.mask[:], num_cached=p.num_cached, table=k.vm.fork(p.table),
             rng_state=p.rng.get_state(), kv_version=p.kv_version, owner=p.owner,
             weight_runs=p.weight_runs[:], num_generated=p.num_generated,
+            cache_scope=p.cache_scope,
         )
         self.records[rec.id] = rec
         if self.journal is not None:
@@ -102,6 +104,7 @@ class SnapshotTable:
         p.kv_version = rec.kv_version
         p.rng.set_state(rec.rng_state)
         p.weight_runs = rec.weight_runs[:]
+        p.cache_scope = rec.cache_scope  # its pages are the snapshot's now
         k.policy.remove(p)
         k.wake(p)
         if self.journal is not None:
@@ -133,6 +136,7 @@ class SnapshotTable:
         p = k.new_process(rec.token_ids[:], rec.mask[:], k.vm.fork(rec.table),
                           rec.num_cached, rng, rec.session_id, rec.kv_version, rec.owner)
         p.weight_runs = rec.weight_runs[:]
+        p.cache_scope = rec.cache_scope
         if self.journal is not None:
             self.journal.restored(rec, p)
         return p.pid
@@ -179,7 +183,11 @@ class SnapshotTable:
         """A new session from a record (of a session or a snapshot), owned by `owner`,
         with the record's KV when it was made by the same weights, dtype and block layout
         and there is room (else its tokens are prefilled). Returns (session id, whether
-        the KV was used). Raises InvalidRequestError / ContextLengthError; changes nothing."""
+        the KV was used). Raises InvalidRequestError / ContextLengthError; changes nothing.
+
+        Imported KV is not trusted: a session given it has a cache scope of its own, so
+        its pages (and those computed over them) are shared only with its forks and
+        snapshots, never mapped by another session through the prefix cache."""
         k = self.kernel
         k.check_tokens(rec.token_ids.tolist())
         if not rec.token_ids:
@@ -199,6 +207,7 @@ class SnapshotTable:
         p.num_generated, p.num_forks = rec.num_generated, rec.num_forks
         p.weight_runs = [tuple(r) for r in rec.weight_runs]
         if num_cached:
+            p.cache_scope = "import:" + p.pid
             k.memory.register_full(p, 0, num_cached - num_cached % k.block_size)
         if k.journal is not None:
             k.journal.created(p)
