@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None,
                        help="the model name of the OpenAI routes (default: the folder's name)")
     serve.add_argument("--max-body-bytes", type=int, default=16 << 20)
+    serve.add_argument("--max-import-bytes", type=int, default=None,
+                       help="an import's body at most (default: a full context with its KV)")
+    _connection_flags(serve)
     serve.add_argument("--max-tokens-cap", type=int, default=4096,
                        help="max_tokens of one generate call at most (0: the context length)")
     serve.add_argument("--max-sessions-per-tenant", type=int, default=None)
@@ -106,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     gateway.add_argument("--worker-timeout", type=float, default=3.0,
                          help="seconds without a heartbeat before a worker is dead and its "
                          "sessions move (workers beat every third of it: --heartbeat-s)")
+    _connection_flags(gateway)
     gateway.add_argument("--log-level", default="info")
     gateway.set_defaults(func=_cmd_gateway)
 
@@ -450,6 +454,33 @@ def _options(args: argparse.Namespace, names: Sequence[str]) -> dict:
 _COMMON = ("model", "device", "dtype", "repeats", "block_size", "seed", "peer", "threads")
 
 
+def _connection_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-connections", type=int, default=None,
+                        help="open connections at most: one past it closes the connection "
+                        "waiting longest for a request (default: 4096, or half the open-file "
+                        "limit when that is lower)")
+    parser.add_argument("--header-timeout-s", type=float, default=10.0,
+                        help="seconds a client has to send a request's headers (from its "
+                        "first byte, or from connecting) before the connection is closed")
+    parser.add_argument("--keep-alive-s", type=float, default=5.0,
+                        help="seconds an idle connection is kept open after a response")
+
+
+def _uvicorn_options(args: argparse.Namespace) -> dict:
+    """uvicorn's options for the connection flags: the guarded h11 protocol (header
+    deadline, connection cap, which also caps requests in flight: one per connection) and
+    the keep-alive."""
+    import resource
+
+    from agentos.api.connections import GuardedH11Protocol
+
+    cap = args.max_connections
+    if cap is None:
+        cap = min(4096, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)
+    return {"http": GuardedH11Protocol.configured(args.header_timeout_s, cap),
+            "timeout_keep_alive": args.keep_alive_s}
+
+
 def _serve_settings(args: argparse.Namespace) -> ServerSettings:
     """The ServerSettings of `agentos serve`'s flags: a Config of the engine flags, the
     rest by ServerSettings' names. Raises ValueError on an invalid engine option."""
@@ -496,7 +527,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_format, args.log_level)
     # NOTE: uvicorn's access log off: the app logs each request once, with its request id
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, **_uvicorn_options(args))
     return 0
 
 
@@ -507,7 +538,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
 
     app = create_gateway(args.redis, args.deployment, args.worker_timeout)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, **_uvicorn_options(args))
     return 0
 
 

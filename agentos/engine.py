@@ -19,7 +19,7 @@ from typing import Any, TypeVar, cast
 
 from agentos.backend import AsyncBackend, Backend, NamedTensors, Op, Operations
 from agentos.kernel.config import Config
-from agentos.kernel.errors import InvalidRequestError, StoreUnavailableError
+from agentos.kernel.errors import ContextLengthError, InvalidRequestError, StoreUnavailableError
 from agentos.kernel.process import GenerationChunk
 from agentos.kernel.sampling_params import SamplingParams
 from agentos.session import Session, Snapshot
@@ -27,6 +27,9 @@ from agentos.session import Session, Snapshot
 T = TypeVar("T")
 
 DEFAULT_OWNER = "default"  # the tenant of sessions made without one (an open server, the SDK)
+# a text longer than this many characters per token of the context is refused untokenized:
+# no real text averages near it (about 4 in English), and tokenizing costs per character
+MAX_CHARS_PER_TOKEN = 32
 
 # Set by a caller that can answer a retried change without applying it again (the server,
 # for a request with an Idempotency-Key): a change applied but not yet durable is then
@@ -99,6 +102,12 @@ class _EngineBase(Operations):
         return self.journal.recover(self.kernel, self.snapshots)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Returns the token ids of text. Raises ContextLengthError, before tokenizing, for
+        a text longer than MAX_CHARS_PER_TOKEN characters per token of the context."""
+        limit = MAX_CHARS_PER_TOKEN * self.max_model_len
+        if len(text) > limit:
+            raise ContextLengthError(f"text of {len(text)} characters is over the limit of "
+                                     f"{limit} ({MAX_CHARS_PER_TOKEN} per token of the context)")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, token_ids: list[int]) -> str:
@@ -283,7 +292,7 @@ class _EngineBase(Operations):
         if text is not None:
             if not isinstance(text, str):
                 raise InvalidRequestError("text must be a string")
-            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+            return self.encode(text, add_special_tokens)
         return tokens
 
 
@@ -395,6 +404,13 @@ class AsyncEngine(_EngineBase, AsyncBackend):
 
     async def adopt(self, ids: list[str]) -> list[dict]:
         return await self._call(self._op_adopt(ids))
+
+    async def encode_async(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """As encode, in a worker thread when the text is long, so that tokenizing it does
+        not hold up the event loop (every other request of a server)."""
+        if len(text) <= 4096:
+            return self.encode(text, add_special_tokens)
+        return await asyncio.to_thread(self.encode, text, add_special_tokens)
 
     async def num_tokens(self, ids: list[str]) -> int:
         return await self._call(self._op_num_tokens(ids))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -57,6 +58,7 @@ class ServerSettings:
     served_model_name: str | None = None  # the `model` of OpenAI routes (default: folder name)
     max_body_bytes: int = 16 << 20  # request bodies over this are refused (413)
     max_weights_bytes: int = 64 << 30  # a weight update's body (POST /v1/weights) at most
+    max_import_bytes: int | None = None  # an import's body at most (None: a full context's KV)
     max_tokens_cap: int | None = 4096  # max_tokens per generate call at most (None: context)
     max_sessions_per_tenant: int | None = None  # default limit of live sessions per tenant
     max_tokens_per_tenant: int | None = None  # default limit of tokens held per tenant
@@ -123,6 +125,8 @@ def create_app(settings: ServerSettings | None = None, engine=None,
         own = engine is None
         app.state.engine = engine or await asyncio.to_thread(
             AsyncEngine, **settings.engine_options())
+        if settings.max_import_bytes is None:
+            body_limits[IMPORT_PATH] = import_limit(app.state.engine, settings.max_body_bytes)
         heartbeat = None
         try:
             if settings.worker:
@@ -156,10 +160,10 @@ def create_app(settings: ServerSettings | None = None, engine=None,
     app.add_middleware(IdempotencyMiddleware,
                        journal=lambda: getattr(app.state.engine, "journal", None))
     # the last added runs first: keys are checked before the body is read
+    body_limits = {"/v1/weights": settings.max_weights_bytes,
+                   IMPORT_PATH: settings.max_import_bytes or settings.max_body_bytes}
     app.add_middleware(BodyMiddleware, max_body_bytes=settings.max_body_bytes,
-                       large={"/v1/weights": settings.max_weights_bytes,
-                              "/v1/sessions/import": settings.max_weights_bytes},
-                       raw={"/v1/sessions/import"})
+                       large=body_limits, raw={IMPORT_PATH})
     app.add_middleware(AuthMiddleware, tenants=tenants,
                        cluster_secret=lambda: app.state.cluster_secret)
     app.add_middleware(FenceMiddleware, fenced=lambda: bool(
@@ -167,6 +171,19 @@ def create_app(settings: ServerSettings | None = None, engine=None,
     app.state.http_metrics = HttpMetrics()
     app.add_middleware(RequestLogMiddleware, metrics=app.state.http_metrics)  # outermost
     return app
+
+
+IMPORT_PATH = "/v1/sessions/import"
+
+
+def import_limit(engine, floor: int) -> int:
+    """The largest import body a session of the engine can need: a full context's tokens
+    and masks (5 bytes each) and its KV blocks, plus 1 MiB for the rest of the record; at
+    least `floor`."""
+    k = engine.kernel
+    block_bytes = math.prod(k.kv_block_shape) * k.kv_dtype.itemsize
+    num_blocks = -(-engine.max_model_len // k.block_size)
+    return max(floor, num_blocks * block_bytes + 5 * engine.max_model_len + (1 << 20))
 
 
 class FenceMiddleware:

@@ -9,6 +9,8 @@ so peak host memory is one tensor, not the checkpoint.
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -32,6 +34,14 @@ _DTYPES = {
 }
 _TINY_SEED = 0
 _TINY_STD = 0.02
+# sanity bounds of a config's sizes, checked before anything is allocated: (ModelConfig
+# field, config.json key, largest value) -- far past any Llama-family checkpoint
+_SIZES = (("vocab_size", "vocab_size", 1 << 24), ("hidden_size", "hidden_size", 1 << 16),
+          ("intermediate_size", "intermediate_size", 1 << 18),
+          ("num_layers", "num_hidden_layers", 1 << 10),
+          ("num_heads", "num_attention_heads", 1 << 10),
+          ("num_kv_heads", "num_key_value_heads", 1 << 10), ("head_dim", "head_dim", 1 << 12),
+          ("max_position_embeddings", "max_position_embeddings", 1 << 22))
 
 
 def load_model(
@@ -67,6 +77,7 @@ def load_model(
         weights = _read_safetensors(files)
         _add_eos_ids(cfg, folder / "generation_config.json")
         tokenizer = _load_tokenizer(folder, cfg)
+        _check_checkpoint(cfg, files)
     if not cfg.eos_token_ids:
         cfg.eos_token_ids = list(tokenizer.eos_token_ids)
     if not tokenizer.eos_token_ids:
@@ -81,9 +92,13 @@ def load_model(
 def hf_model_config(hf: dict) -> ModelConfig:
     """Returns the ModelConfig of a HF config dict after checking that this engine runs it.
 
-    Raises ValueError for a model type other than llama/qwen2/mistral, or for active
-    sliding-window attention (which the paged attention does not implement).
+    Raises ValueError for a model type other than llama/qwen2/mistral, for active
+    sliding-window attention (which the paged attention does not implement), and naming
+    the field for one that is missing, malformed or out of bounds (a size past the sanity
+    bounds, an epsilon or RoPE parameter that would make every call NaN).
     """
+    if not isinstance(hf, dict):
+        raise ValueError("config.json is not a JSON object")
     model_type = hf.get("model_type")
     if model_type is None:
         known = [_ARCHITECTURES[a] for a in hf.get("architectures") or [] if a in _ARCHITECTURES]
@@ -92,8 +107,76 @@ def hf_model_config(hf: dict) -> ModelConfig:
         raise ValueError(f"unsupported model_type {model_type!r} "
                          f"(architectures {hf.get('architectures')}); "
                          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    _check_sliding_window(hf, model_type)
-    return ModelConfig.from_hf({**hf, "model_type": model_type})
+    try:
+        cfg = ModelConfig.from_hf({**hf, "model_type": model_type})
+    except KeyError as e:
+        raise ValueError(f"config.json lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as e:
+        raise ValueError(f"config.json has a malformed field: {e}") from None
+    _check_config(cfg)
+    try:
+        _check_sliding_window(hf, model_type)
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"config.json has a malformed sliding-window field: {e}") from None
+    return cfg
+
+
+def _check_config(cfg: ModelConfig) -> None:
+    """Raises ValueError, naming the field, unless the model these numbers describe can run."""
+    for name, key, limit in _SIZES:
+        v = getattr(cfg, name)
+        if not (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= limit):
+            raise ValueError(f"config.json: {key} must be an integer in [1, {limit}], got {v!r}")
+    if not 0 < cfg.rms_norm_eps < 1:  # also false for NaN
+        raise ValueError(f"config.json: rms_norm_eps must be in (0, 1), got {cfg.rms_norm_eps}")
+    if not 0 < cfg.rope_theta < math.inf:
+        raise ValueError(f"config.json: rope_theta must be a positive number, got {cfg.rope_theta}")
+    ids = [*cfg.eos_token_ids, *([] if cfg.bos_token_id is None else [cfg.bos_token_id])]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError("config.json: bos_token_id and eos_token_id must be token ids")
+    try:
+        inv_freq, scale = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    except KeyError as e:
+        raise ValueError(f"config.json: rope_scaling lacks {e.args[0]!r}") from None
+    except (TypeError, ZeroDivisionError, OverflowError, AttributeError) as e:
+        raise ValueError(f"config.json: malformed rope_scaling: {e}") from None
+    if not (bool(torch.isfinite(inv_freq).all()) and bool((inv_freq > 0).all())
+            and 0 < scale < math.inf):
+        raise ValueError(f"config.json: rope_scaling {cfg.rope_scaling} gives non-positive "
+                         "or non-finite frequencies (a factor must be a positive number)")
+
+
+def _check_checkpoint(cfg: ModelConfig, files: list[Path]) -> None:
+    """Raises ValueError unless the checkpoint's tensors (read from the file headers, not
+    loaded) have the layers and shapes the config says, so that a config claiming more
+    or larger layers than its weights is refused before the model is allocated."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                shapes[name.removeprefix("model.")] = tuple(f.get_slice(name).get_shape())
+    layers = {int(m.group(1)) for n in shapes if (m := re.match(r"layers\.(\d+)\.", n))}
+    if len(layers) != cfg.num_layers:
+        raise ValueError(f"config.json: num_hidden_layers is {cfg.num_layers}, but the "
+                         f"checkpoint holds {len(layers)} layers")
+    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    inter = cfg.intermediate_size
+    expected = {"embed_tokens.weight": (cfg.vocab_size, h), "norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        expected["lm_head.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        expected |= {p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                     p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                     p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                     p + "mlp.down_proj.weight": (h, inter), p + "input_layernorm.weight": (h,),
+                     p + "post_attention_layernorm.weight": (h,)}
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise ValueError(f"checkpoint lacks {name!r}")
+        if shapes[name] != shape:
+            raise ValueError(f"checkpoint {name!r} has shape {shapes[name]}; config.json says "
+                             f"{shape}")
 
 
 def _check_sliding_window(hf: dict, model_type: str) -> None:
@@ -145,16 +228,26 @@ def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no {what} in {path.parent}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return data
 
 
 def _weight_files(folder: Path) -> list[Path]:
     # a single file, shards named by the index, or (no index) every *.safetensors file
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(_read_json(index, index.name).get("weight_map", {}).values()))
+        weight_map = _read_json(index, index.name).get("weight_map", {})
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: weight_map is not a JSON object")
+        names = sorted(set(weight_map.values()), key=str)
+        bad = [n for n in names if not isinstance(n, str) or Path(n).is_absolute()
+               or ".." in Path(n).parts]
+        if bad:  # NOTE: confined by name, not resolved: HF cache folders link to blobs
+            raise ValueError(f"{index} lists a shard outside the model folder: {bad[0]!r}")
         files = [folder / n for n in names]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -215,9 +308,12 @@ def _add_eos_ids(cfg: ModelConfig, path: Path) -> None:
     if not path.is_file():
         return
     eos = _read_json(path, path.name).get("eos_token_id")
-    for i in [] if eos is None else [eos] if isinstance(eos, int) else eos:
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else eos
+    if not (isinstance(ids, list) and all(isinstance(i, int) and i >= 0 for i in ids)):
+        raise ValueError(f"{path}: eos_token_id must be a token id or a list of them")
+    for i in ids:
         if i not in cfg.eos_token_ids:
-            cfg.eos_token_ids.append(int(i))
+            cfg.eos_token_ids.append(i)
 
 
 def _load_tokenizer(folder: Path, cfg: ModelConfig) -> Tokenizer:
