@@ -523,7 +523,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         except (StoreUnavailableError, ValueError) as e:
             print(f"agentos serve: {e}", file=sys.stderr)
             return 1
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ValueError as e:  # the keys: malformed, or a key claiming the tenant "default"
+        print(f"agentos serve: {e}", file=sys.stderr)
+        return 2
     configure_logging(args.log_format, args.log_level)
     # NOTE: uvicorn's access log off: the app logs each request once, with its request id
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,

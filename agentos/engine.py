@@ -144,15 +144,15 @@ class _EngineBase(Operations):
     def _op_num_tokens(self, ids: list[str]) -> _Syscall[int]:
         return _Syscall(self.kernel.sys_num_tokens, (ids,))
 
+    def _op_usage(self, owner: str) -> _Syscall[dict]:
+        return _Syscall(self._sys_usage, (owner,))
+
     def _op_append(self, session_id: str, text: str | None,
                    tokens: list[int] | None) -> _Syscall[int]:
         ids = self._tokens(text, tokens, add_special_tokens=False)
         return _Syscall(self.kernel.sys_append, (session_id, ids), timed="append", changes=True)
 
     def _op_generate(self, session_id: str, params: SamplingParams,
-    def _op_usage(self, owner: str) -> _Syscall[dict]:
-        return _Syscall(self._sys_usage, (owner,))
-
                      stream: bool) -> _Syscall[Any]:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams")
@@ -256,17 +256,17 @@ class _EngineBase(Operations):
                            "refused_records": len(self.journal.errors), **self.journal.stats}
         return st
 
+    def _sys_usage(self, owner: str) -> dict:
+        procs = [p for p in self.kernel.procs.values() if p.owner == owner]
+        return {"sessions": len(procs), "tokens": sum(p.num_tokens for p in procs),
+                "snapshots": sum(r.owner == owner for r in self.snapshots.records.values())}
+
     def _sys_adopt(self, ids: list[str]) -> list[dict]:
         if self.journal is None:
             raise InvalidRequestError("this engine has no store to adopt sessions from")
         return self.journal.load(self.kernel, self.snapshots, ids)
 
     def _timed(self, op: _Syscall, t0: float) -> None:
-    def _sys_usage(self, owner: str) -> dict:
-        procs = [p for p in self.kernel.procs.values() if p.owner == owner]
-        return {"sessions": len(procs), "tokens": sum(p.num_tokens for p in procs),
-                "snapshots": sum(r.owner == owner for r in self.snapshots.records.values())}
-
         if op.timed is not None:
             self.metrics.op_seconds.labels(op.timed).observe(time.perf_counter() - t0)
 
@@ -335,17 +335,17 @@ class Engine(_EngineBase, Backend):
         """Returns the tokens held by those of the sessions `ids` that are live."""
         return self._call(self._op_num_tokens(ids))
 
+    def usage(self, owner: str) -> dict:
+        """What the tenant `owner` holds: {"sessions", "tokens", "snapshots"} (live
+        sessions, their tokens, live snapshots)."""
+        return self._call(self._op_usage(owner))
+
     def _stream(self) -> _Stream:  # noqa: D102
         return _Stream(self.journal)
 
     def close(self) -> None:
         self.kernel.shutdown()
         if self.journal is not None:
-    def usage(self, owner: str) -> dict:
-        """What the tenant `owner` holds: {"sessions", "tokens", "snapshots"} (live
-        sessions, their tokens, live snapshots)."""
-        return self._call(self._op_usage(owner))
-
             self.journal.close()
             self.store.close()
 
@@ -368,11 +368,15 @@ class AsyncEngine(_EngineBase, AsyncBackend):
         journal = self._durable(op)
         result = await asyncio.wrap_future(self.kernel.call(op.fn, *op.args))
         if op.waits:
+            # NOTE: shielded: a cancelled kernel Future would make the call's end raise
+            # InvalidStateError in the loop thread (failing the next syscall or step)
+            waiting = asyncio.wrap_future(result)
             try:
-                result = await asyncio.wrap_future(result)
+                result = await asyncio.shield(waiting)
             except asyncio.CancelledError:
                 # the caller went away: stop generating, keep the tokens made so far (a
                 # score call just runs out)
+                waiting.add_done_callback(_retrieve)
                 if op.on_cancel is not None:
                     op.on_cancel()
                 raise
@@ -415,6 +419,9 @@ class AsyncEngine(_EngineBase, AsyncBackend):
     async def num_tokens(self, ids: list[str]) -> int:
         return await self._call(self._op_num_tokens(ids))
 
+    async def usage(self, owner: str) -> dict:
+        return await self._call(self._op_usage(owner))
+
     def _stream(self) -> _AsyncStream:
         return _AsyncStream(asyncio.get_running_loop(), self.journal)
 
@@ -431,13 +438,16 @@ class AsyncEngine(_EngineBase, AsyncBackend):
         await self.close()
 
 
+def _retrieve(fut: asyncio.Future) -> None:
+    """Reads the outcome of a Future nobody awaits any more (no "never retrieved" log)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 def _record(data: bytes):
     from agentos.snapshot.codec import Record
 
     if isinstance(data, Record):
-    async def usage(self, owner: str) -> dict:
-        return await self._call(self._op_usage(owner))
-
         return data
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidRequestError("a session record is bytes (from export_session)")

@@ -10,7 +10,7 @@ Routing, from the registry and the directory in Redis (see `agentos.snapshot.dur
   `session`: the worker the directory names. A fork goes to its parent's worker, which
   creates the children there; an id the directory does not know goes to any live worker
   (which answers 404 itself);
-- `GET /v1/sessions`: every live worker, their lists merged;
+- `GET /v1/sessions`, `GET /v1/snapshots`: every live worker, their lists merged;
 - `GET /v1/system`: every live worker, their stats summed (and each one's, under
   "workers"), so `agentos top` and `/dashboard` at the gateway show the deployment;
   `GET /dashboard` is served from a worker;
@@ -267,7 +267,7 @@ class Gateway:
                 await self.refresh()
             if not self.live():
                 raise OutOfCapacityError("no live workers")
-            if method == "GET" and path == "/v1/sessions":
+            if method == "GET" and path in ("/v1/sessions", "/v1/snapshots"):
                 return await self.list_sessions(request)
             if method == "GET" and path == "/v1/system":
                 return await self.system(request)
@@ -390,8 +390,9 @@ class Gateway:
             raise WorkerError(w, e, sent=True) from None
 
     async def list_sessions(self, request: Request) -> Response:
-        """GET /v1/sessions on every live worker, merged (by id, as a worker sorts them).
-        Dead workers are re-homed first, so their sessions are listed too."""
+        """GET /v1/sessions (or /v1/snapshots) on every live worker, merged (by id, as a
+        worker sorts them). Dead workers are re-homed first, so their records are listed
+        too."""
         for w in [w for w in self.workers.values() if not w.alive]:
             await self.rehome(w.id)
         live = self.live()
