@@ -127,6 +127,10 @@ def create_app(settings: ServerSettings | None = None, engine=None,
             AsyncEngine, **settings.engine_options())
         if settings.max_import_bytes is None:
             body_limits[IMPORT_PATH] = import_limit(app.state.engine, settings.max_body_bytes)
+        scopes = {n: t.cache_scope for n, t in tenants.by_name.items() if t.cache_scope}
+        if scopes:  # tenants naming one cache_scope share prefix-cache pages
+            k = app.state.engine.kernel
+            await asyncio.wrap_future(k.call(k.memory.share_cache, scopes))
         heartbeat = None
         try:
             if settings.worker:

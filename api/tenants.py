@@ -13,9 +13,10 @@ Keys come from a JSON file,
                            "max_snapshots": 1000, "admin": true}}}
 
 or from AGENTOS_API_KEYS="sk-alice-1=alice,sk-bob=bob" (a key without "=name" is its own
-tenant). Limits not given per tenant take the server's defaults. Only an `admin` tenant
-may act on the whole engine (weights, pause, sleep); on a server without keys, only
-when it was started with --allow-open-admin.
+tenant). Limits not given per tenant take the server's defaults. Tenants giving the same
+`"cache_scope": "name"` share prefix-cache pages; the others share with no one. Only an
+`admin` tenant may act on the whole engine (weights, pause, sleep); on a server without
+keys, only when it was started with --allow-open-admin.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Tenant:
     reserved_snapshots: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     admin: bool = False  # may act on the whole engine (weights, pause, sleep)
+    cache_scope: str | None = None  # prefix-cache scope shared with tenants naming it; None: its own
 
     def require_admin(self) -> None:
         if not self.admin:
@@ -139,7 +141,8 @@ class Tenants:
             own = limits.get(n, {})
             return Tenant(n, own.get("max_sessions", max_sessions), own.get("max_tokens", max_tokens),
                           own.get("max_snapshots", max_snapshots),
-                          admin=bool(own.get("admin", allow_open_admin and not self.keys)))
+                          admin=bool(own.get("admin", allow_open_admin and not self.keys)),
+                          cache_scope=str(own["cache_scope"]) if own.get("cache_scope") else None)
 
         self.by_name = {n: tenant(n) for n in names}
 

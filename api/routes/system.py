@@ -1,4 +1,10 @@
-"""The machine: liveness, state, invariants, Prometheus metrics, tokenizer."""
+"""The machine: liveness, state, invariants, Prometheus metrics, tokenizer.
+
+NOTE: counters over all tenants reveal what others do (a prefix-cache hit says that
+someone sent those tokens before), so only an admin (or the single tenant of a server
+without keys) sees the engine's counters and /metrics; another tenant sees the engine's
+state and its own counters.
+"""
 
 from __future__ import annotations
 
@@ -20,19 +26,33 @@ async def health(engine=Depends(deps.engine)) -> dict:
     return {"status": "ok"}
 
 
+TENANT_STATS = ("scheduler", "weight_version", "paused", "asleep")  # no tenant's activity
+
+
 @router.get("/v1/system")
-async def system(t: Tenant = Depends(deps.tenant), engine=Depends(deps.engine),
+async def system(request: Request, t: Tenant = Depends(deps.tenant), engine=Depends(deps.engine),
                  settings=Depends(deps.settings)) -> dict:
     """Engine stats (KV blocks, sessions by state, steps, tokens), the model and the
-    server's limits."""
+    server's limits; a tenant that is not an admin gets only the engine's state and its
+    own counters (see `tenant_stats`)."""
     usage = await engine.usage(t.name)
+    stats = await engine.stats()
+    if not (t.admin or request.app.state.tenants.open):
+        stats = tenant_stats(stats, t.name)
     return {"model": settings.model_name, "config": _public(settings.engine_options()),
             "limits": {"max_tokens_cap": settings.max_tokens_cap,
                        "max_body_bytes": settings.max_body_bytes,
                        "max_sessions": t.max_sessions, "max_tokens": t.max_tokens,
                        "max_snapshots": t.max_snapshots},
             "tenant": {"name": t.name, "sessions": usage["sessions"], "snapshots": usage["snapshots"]},
-            "stats": await engine.stats()}
+            "stats": stats}
+
+
+def tenant_stats(stats: dict, name: str) -> dict:
+    """What tenant `name` may see of the engine's stats: its state (TENANT_STATS) and the
+    prefix-cache hits of its own sessions."""
+    return {**{k: stats[k] for k in TENANT_STATS if k in stats},
+            "prefix_hit_tokens": stats.get("prefix_hit_tokens_by_owner", {}).get(name, 0)}
 
 
 @router.post("/v1/system/check")
@@ -56,6 +76,12 @@ async def detokenize(body: Detokenize, t: Tenant = Depends(deps.tenant),
 
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request, engine=Depends(deps.engine)) -> PlainTextResponse:
+    """The engine's and the app's metrics; with keys configured, for an admin key only
+    (a scraper sends it as `Authorization: Bearer KEY`)."""
+    tenants = request.app.state.tenants
+    if not tenants.open:
+        tenants.authenticate(request.headers.get("authorization", ""),
+                             request.headers.get("x-api-key", "")).require_admin()
     registry = CollectorRegistry()
     registry.register(_StatsCollector(await engine.stats()))
     body = generate_latest(registry)
@@ -102,6 +128,12 @@ class _StatsCollector:
                      "swap_out_blocks", "swap_in_blocks", "dropped_blocks", "prefix_hit_tokens",
                      "tokens_scored"):
             yield CounterMetricFamily(f"agentos_{name}", f"engine {name}", value=st[name])
+        hits = CounterMetricFamily("agentos_prefix_hit_tokens_by_tenant",
+                                   "prompt tokens taken from the prefix cache, by tenant",
+                                   labels=["tenant"])
+        for tenant, n in st.get("prefix_hit_tokens_by_owner", {}).items():
+            hits.add_metric([tenant], n)
+        yield hits
         q = GaugeMetricFamily("agentos_queue_sessions", "queued sessions by MLFQ level",
                               labels=["level"])
         for level, n in st["queue"]["by_level"].items():
