@@ -188,18 +188,25 @@ def test_a_tenant_cannot_probe_what_another_sent(url):
 
 
 def test_same_tenant_still_hits_its_own_prefix(url):
+    """A tenant's second prompt over its first one's prefix is a hit, and the hits it
+    reads are its own (not another tenant's, counted alongside)."""
     with httpx.Client(base_url=url, timeout=120) as http:
-        p = prompt(50, 3 * BS)
+        p, q = prompt(50, 3 * BS), prompt(52, 3 * BS)
         run(http, "sk-alice", p)
+        run(http, "sk-bob", q)
         before = own_hits(http, "sk-alice")
         run(http, "sk-alice", p + prompt(51, 4))
+        run(http, "sk-bob", q + prompt(53, 4))
         assert own_hits(http, "sk-alice") - before == 3 * BS
 
 
 def test_tenants_sharing_a_cache_scope_share_hits(url):
+    """Carol and Dave name one cache_scope: Dave hits what Carol sent; Alice does not."""
     with httpx.Client(base_url=url, timeout=120) as http:
         p = prompt(60, 2 * BS)
         run(http, "sk-carol", p)
-        before = own_hits(http, "sk-dave")
+        alice, dave = own_hits(http, "sk-alice"), own_hits(http, "sk-dave")
+        run(http, "sk-alice", p + prompt(62, 4))
+        assert own_hits(http, "sk-alice") == alice
         run(http, "sk-dave", p + prompt(61, 4))
-        assert own_hits(http, "sk-dave") - before == 2 * BS
+        assert own_hits(http, "sk-dave") - dave == 2 * BS
