@@ -33,8 +33,8 @@ TENANT_STATS = ("scheduler", "weight_version", "paused", "asleep")  # no tenant'
 async def system(request: Request, t: Tenant = Depends(deps.tenant), engine=Depends(deps.engine),
                  settings=Depends(deps.settings)) -> dict:
     """Engine stats (KV blocks, sessions by state, steps, tokens), the model and the
-    server's limits; a tenant that is not an admin gets only the engine's state and its
-    own counters (see `tenant_stats`)."""
+    server's limits. A tenant that is not an admin gets only the engine's state and its
+    own prefix-cache hits: the engine's counters move with other tenants' work."""
     usage = await engine.usage(t.name)
     stats = await engine.stats()
     if not (t.admin or request.app.state.tenants.open):
