@@ -210,3 +210,46 @@ def test_sdk_create_in_an_outage_succeeds_once_and_visibly(keys_file):
             s.append(text=" AGAIN")
             thread.join()
             assert c.decode(s.tokens).count("AGAIN") == 1
+
+
+def test_idempotency_keys_replay_per_tenant_and_are_bounded():
+    from fastapi.testclient import TestClient
+
+    from agentos.api.app import ServerSettings, create_app
+    from agentos.api.idempotency import Answer, IdempotencyKeys
+    from agentos.api.tenants import load_tenants
+    from agentos.engine import AsyncEngine
+
+    engine = AsyncEngine("tiny", kv_blocks=256)
+    tenants = load_tenants(env="key-a=acme,key-b=globex")
+    app = create_app(ServerSettings(), engine=engine, tenants=tenants)
+    try:
+        with TestClient(app) as c:
+            a = {"Authorization": "Bearer key-a", "Idempotency-Key": "k1"}
+            b = {"Authorization": "Bearer key-b", "Idempotency-Key": "k1"}
+            first = c.post("/v1/sessions", json={"tokens": [1, 2]}, headers=a)
+            again = c.post("/v1/sessions", json={"tokens": [1, 2]}, headers=a)
+            assert first.status_code == again.status_code == 201
+            assert again.json()["id"] == first.json()["id"]
+            assert again.headers["idempotent-replayed"] == "true"
+            # another tenant's same key is its own: a new session, nothing of acme's
+            theirs = c.post("/v1/sessions", json={"tokens": [1, 2]}, headers=b)
+            assert theirs.status_code == 201 and theirs.json()["id"] != first.json()["id"]
+            assert len(c.get("/v1/sessions", headers=a).json()["data"]) == 1
+            # a refusal is not remembered: the retry runs again
+            gone = {"Authorization": "Bearer key-a", "Idempotency-Key": "k2"}
+            assert c.post("/v1/sessions/nope/append", json={"text": "x"}, headers=gone).status_code == 404
+            assert c.post(f"/v1/sessions/{first.json()['id']}/append", json={"text": "x"},
+                          headers=gone).status_code == 200
+            # a remembered key used for another request is refused, not applied
+            other = c.post(f"/v1/sessions/{first.json()['id']}/append", json={"text": "y"},
+                           headers=gone)
+            assert other.status_code == 422 and "Idempotency-Key" in other.json()["error"]["message"]
+    finally:
+        engine.kernel.shutdown()
+    keys = IdempotencyKeys(max_keys=2, ttl_s=60)
+    for k in ("x", "y", "z"):
+        keys.put("t", k, Answer(b"", time.monotonic()))
+    assert list(keys.tenants["t"]) == ["y", "z"]  # at most max_keys per tenant
+    keys.put("t", "old", Answer(b"", time.monotonic() - 61))
+    assert keys.get("t", "old") is None and keys.get("t", "z") is not None  # at most ttl_s
