@@ -59,9 +59,9 @@ from agentos.snapshot.durable.cluster import SECRET_HEADER, WorkerInfo, WorkerRe
 
 log = logging.getLogger("agentos.gateway")
 
-FORWARD_HEADERS = ("authorization", "x-api-key", "content-type", "accept")
+FORWARD_HEADERS = ("authorization", "x-api-key", "content-type", "accept", "idempotency-key")
 RELAY_HEADERS = ("content-type", "retry-after", "www-authenticate", "cache-control",
-                 "x-accel-buffering")
+                 "x-accel-buffering", "idempotent-replayed")
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 _RECORD = re.compile(r"^/v1/(?:sessions|snapshots)/([^/]+)(?:/.*)?$")
 _NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
