@@ -97,6 +97,8 @@ class Calls:
         p.set_state(ProcState.ZOMBIE)
         self.vm.free(p.table)
         del self._scratch[p.pid]
+        if call.future.cancelled():
+            return
         if error is not None:
             call.future.set_exception(error)
         else:
@@ -129,6 +131,8 @@ class Calls:
         else:
             self.policy.remove(p)
         p.set_state(self.memory.rest_state(p))
+        if call.future.cancelled():  # its caller left; the loop must not fail on that
+            return
         if error is not None:
             call.future.set_exception(error)
         else:

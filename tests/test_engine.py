@@ -197,6 +197,24 @@ def test_generating_session_is_busy_and_close_aborts(tiny):
     tiny.check()
 
 
+def test_a_cancelled_call_does_not_stop_the_kernel(tiny):
+    """A generate whose Future its caller cancelled still ends in the loop thread (here with
+    an error: its session is closed), and the kernel keeps serving."""
+    from agentos import SamplingParams
+
+    k = tiny.kernel
+    s = tiny.create_session(tokens=[256] + [7] * 20)
+    params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+    fut = k.call(k.sys_generate, s.id, params).result(timeout=30)
+    while s.info()["num_generated"] < 2:
+        pass
+    assert fut.cancel() or fut.done()
+    s.close()
+    other = tiny.create_session(tokens=[256, 5, 6])
+    assert len(other.generate(max_tokens=4, temperature=0.0, ignore_eos=True).tokens) == 4
+    tiny.check()
+
+
 def test_context_limit_ends_generation_with_length():
     with Engine("tiny", kv_blocks=64, max_model_len=40) as engine:
         s = engine.create_session(tokens=[256] * 30)

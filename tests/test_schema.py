@@ -15,6 +15,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from agentos.api.app import ServerSettings, create_app
+from agentos.api.tenants import Tenants
 from agentos.engine import AsyncEngine
 
 _engine = AsyncEngine("tiny", kv_blocks=4096)
@@ -43,4 +44,19 @@ def _shutdown():
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 def test_api_schema(case):
     case.call_and_validate(checks=[not_a_server_error, response_schema_conformance,
+                                   status_code_conformance, content_type_conformance])
+
+
+# the same schema on a server with API keys: a tenant without admin rights, as an attacker
+# with a valid key would call it; the other tenant's sessions must stay out of reach
+keyed_app = create_app(ServerSettings(max_tokens_cap=16, max_body_bytes=1 << 20), engine=_engine,
+                       tenants=Tenants({"sk-schema-a": "a", "sk-schema-b": "b"}))
+keyed_schema = schemathesis.openapi.from_asgi("/openapi.json", keyed_app)
+
+
+@keyed_schema.parametrize()
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+def test_api_schema_with_keys(case):
+    case.call_and_validate(headers={"Authorization": "Bearer sk-schema-a"},
+                           checks=[not_a_server_error, response_schema_conformance,
                                    status_code_conformance, content_type_conformance])
