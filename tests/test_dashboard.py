@@ -26,9 +26,10 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stab
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
-    """A server whose only key is KEY (tenant alice)."""
+    """A server whose only key is KEY (tenant alice, an admin: it sees the engine's
+    counters)."""
     keys = tmp_path_factory.mktemp("keys") / "keys.json"
-    keys.write_text(json.dumps({"keys": {KEY: "alice"}}))
+    keys.write_text(json.dumps({"keys": {KEY: "alice"}, "tenants": {"alice": {"admin": True}}}))
     with run_server(["--api-keys", str(keys), "--kv-blocks", "1024", "--log-level", "warning"]) as u:
         yield u
 

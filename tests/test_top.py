@@ -170,7 +170,8 @@ def top(*args: str, api_key: str | None = None) -> subprocess.CompletedProcess:
 
 def test_top_against_a_server(tmp_path):
     keys = tmp_path / "keys.json"
-    keys.write_text(json.dumps({"keys": {"sk-alice": "alice", "sk-bob": "bob"}}))
+    keys.write_text(json.dumps({"keys": {"sk-alice": "alice", "sk-bob": "bob"},
+                                "tenants": {"alice": {"admin": True}}}))  # engine-wide counters
     with run_server(["--kv-blocks", "16", "--host-blocks", "64", "--api-keys", str(keys),
                      "--log-level", "warning"]) as url:
         with Client(url, api_key="sk-alice") as alice, Client(url, api_key="sk-bob") as bob:

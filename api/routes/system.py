@@ -26,7 +26,9 @@ async def health(engine=Depends(deps.engine)) -> dict:
     return {"status": "ok"}
 
 
-TENANT_STATS = ("scheduler", "weight_version", "paused", "asleep")  # no tenant's activity
+# what any tenant may see of the engine's stats: its state and its sizes, no one's activity
+TENANT_STATS = ("scheduler", "weight_version", "paused", "asleep")
+TENANT_KV = ("device_blocks_total", "host_blocks_total", "block_size", "block_bytes")
 
 
 @router.get("/v1/system")
@@ -49,9 +51,11 @@ async def system(request: Request, t: Tenant = Depends(deps.tenant), engine=Depe
 
 
 def tenant_stats(stats: dict, name: str) -> dict:
-    """What tenant `name` may see of the engine's stats: its state (TENANT_STATS) and the
-    prefix-cache hits of its own sessions."""
+    """What tenant `name` may see of the engine's stats: its state and sizes (TENANT_STATS,
+    TENANT_KV) and the prefix-cache hits of its own sessions."""
+    kv = stats.get("kv", {})
     return {**{k: stats[k] for k in TENANT_STATS if k in stats},
+            "kv": {k: kv[k] for k in TENANT_KV if k in kv},
             "prefix_hit_tokens": stats.get("prefix_hit_tokens_by_owner", {}).get(name, 0)}
 
 
