@@ -368,15 +368,11 @@ class AsyncEngine(_EngineBase, AsyncBackend):
         journal = self._durable(op)
         result = await asyncio.wrap_future(self.kernel.call(op.fn, *op.args))
         if op.waits:
-            # NOTE: shielded: a cancelled kernel Future would make the call's end raise
-            # InvalidStateError in the loop thread (failing the next syscall or step)
-            waiting = asyncio.wrap_future(result)
             try:
-                result = await asyncio.shield(waiting)
+                result = await asyncio.wrap_future(result)
             except asyncio.CancelledError:
                 # the caller went away: stop generating, keep the tokens made so far (a
                 # score call just runs out)
-                waiting.add_done_callback(_retrieve)
                 if op.on_cancel is not None:
                     op.on_cancel()
                 raise
@@ -436,12 +432,6 @@ class AsyncEngine(_EngineBase, AsyncBackend):
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
-
-
-def _retrieve(fut: asyncio.Future) -> None:
-    """Reads the outcome of a Future nobody awaits any more (no "never retrieved" log)."""
-    if not fut.cancelled():
-        fut.exception()
 
 
 def _record(data: bytes):
