@@ -79,6 +79,27 @@ def test_imported_kv_is_never_mapped_by_another_session():
         engine.check()
 
 
+def test_restores_and_rollbacks_keep_imported_kv_private():
+    """A snapshot of a session holding imported KV (a partial block), restored or rolled
+    back onto by a clean session and then completed: a new session with those tokens
+    generates as on a clean engine."""
+    partial = prompt(6, BS // 2)
+    record = poisoned(exported(partial), 2)
+    with Engine("tiny", kv_blocks=256) as engine:
+        snap = engine.import_session(record).snapshot()
+        restored = engine.restore(snap)
+        rolled = engine.create_session(tokens=prompt(7, 3))
+        rolled.rollback(snap)
+        for s, seed in ((restored, 8), (rolled, 9)):
+            s.append(tokens=prompt(seed, 2 * BS))
+            completed = s.tokens
+            s.generate(max_tokens=1, temperature=0.0)
+            tokens = completed + prompt(seed + 10, 5)
+            assert engine.create_session(tokens=tokens).generate(**GREEDY).tokens == \
+                clean_generate(tokens)
+        engine.check()
+
+
 def test_cache_is_scoped_per_owner_unless_shared():
     """A prompt sent by one owner gives another no prefix hits; owners that share a scope
     (MemoryManager.share_cache) do; an owner always hits its own pages."""
