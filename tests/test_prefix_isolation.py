@@ -100,6 +100,21 @@ def test_restores_and_rollbacks_keep_imported_kv_private():
         engine.check()
 
 
+def test_score_calls_on_imported_kv_keep_it_private():
+    """Scoring a continuation of a session holding an imported partial block computes
+    pages over that KV: a new session with those tokens generates as on a clean engine."""
+    partial = prompt(12, BS // 2)
+    record = poisoned(exported(partial), 3)
+    with Engine("tiny", kv_blocks=256) as engine:
+        imp = engine.import_session(record)
+        more = prompt(13, 2 * BS)
+        imp.score(tokens=more)
+        tokens = imp.tokens + more + prompt(14, 5)
+        assert engine.create_session(tokens=tokens).generate(**GREEDY).tokens == \
+            clean_generate(tokens)
+        engine.check()
+
+
 def test_cache_is_scoped_per_owner_unless_shared():
     """A prompt sent by one owner gives another no prefix hits; owners that share a scope
     (MemoryManager.share_cache) do; an owner always hits its own pages."""
