@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=16 << 20)
     serve.add_argument("--max-import-bytes", type=int, default=None,
                        help="an import's body at most (default: a full context with its KV)")
+    serve.add_argument("--body-timeout-s", type=float, default=60.0,
+                       help="seconds a request body may take to arrive (408 after; for "
+                       "weight and import uploads: each chunk)")
     _connection_flags(serve)
     serve.add_argument("--max-tokens-cap", type=int, default=4096,
                        help="max_tokens of one generate call at most (0: the context length)")

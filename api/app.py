@@ -59,6 +59,7 @@ class ServerSettings:
     max_body_bytes: int = 16 << 20  # request bodies over this are refused (413)
     max_weights_bytes: int = 64 << 30  # a weight update's body (POST /v1/weights) at most
     max_import_bytes: int | None = None  # an import's body at most (None: a full context's KV)
+    body_timeout_s: float = 60.0  # a body must arrive within this (a large one: each chunk)
     max_tokens_cap: int | None = 4096  # max_tokens per generate call at most (None: context)
     max_sessions_per_tenant: int | None = None  # default limit of live sessions per tenant
     max_tokens_per_tenant: int | None = None  # default limit of tokens held per tenant
@@ -167,7 +168,8 @@ def create_app(settings: ServerSettings | None = None, engine=None,
     body_limits = {"/v1/weights": settings.max_weights_bytes,
                    IMPORT_PATH: settings.max_import_bytes or settings.max_body_bytes}
     app.add_middleware(BodyMiddleware, max_body_bytes=settings.max_body_bytes,
-                       large=body_limits, raw={IMPORT_PATH})
+                       large=body_limits, raw={IMPORT_PATH},
+                       body_timeout_s=settings.body_timeout_s)
     app.add_middleware(AuthMiddleware, tenants=tenants,
                        cluster_secret=lambda: app.state.cluster_secret)
     app.add_middleware(FenceMiddleware, fenced=lambda: bool(

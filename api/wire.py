@@ -5,10 +5,10 @@
   secret instead (403 otherwise).
 - `BodyMiddleware` reads the request body once, refuses one over the size limit (413)
   before reading past it, drops a request whose client went away before its body was
-  whole (it is never run), refuses text with lone surrogates (400: no tokenizer or JSON
-  encoder can take them), and turns an `application/msgpack` body into JSON for
-  FastAPI's validation. A client
-  that sends `Accept: application/msgpack` gets msgpack back: `WireResponse`, the app's
+  whole (it is never run), refuses one that does not arrive in time (408), refuses text
+  with lone surrogates (400: no tokenizer or JSON encoder can take them), and turns an
+  `application/msgpack` body into JSON for FastAPI's validation. A client that sends
+  `Accept: application/msgpack` gets msgpack back: `WireResponse`, the app's
   default response class, renders to what the request asked for.
 
 Errors raised here are answered here, in the same `{"error": {"type", "message"}}` shape
@@ -17,6 +17,7 @@ as the app's exception handlers.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hmac
 import json
@@ -125,9 +126,12 @@ class BodyMiddleware:
     """Bounds request bodies and decodes msgpack ones; sets the response format."""
 
     def __init__(self, app, max_body_bytes: int, large: dict[str, int] | None = None,
-                 raw: set[str] | None = None):
+                 raw: set[str] | None = None, body_timeout_s: float = 60.0):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        # a body must arrive within this (a large one: each of its chunks), so a client
+        # that trickles it cannot hold a connection and its request forever
+        self.body_timeout_s = body_timeout_s
         self.large = large or {}  # path -> its own limit (weight uploads)
         self.raw = raw or set()  # paths whose msgpack body is handed over as it is (records)
 
@@ -166,15 +170,23 @@ class BodyMiddleware:
         """The whole body; None when the client disconnected before sending all of it.
         Raises PayloadTooLargeError as soon as the body (or its Content-Length) is over
         the path's limit, and InvalidRequestError for a body of another length than its
-        Content-Length."""
-        limit = self.large.get(scope.get("path", ""), self.max_body_bytes)
+        Content-Length, and a 408 when it does not arrive in time."""
+        path = scope.get("path", "")
+        limit = self.large.get(path, self.max_body_bytes)
+        loop = asyncio.get_running_loop()
+        deadline = None if path in self.large else loop.time() + self.body_timeout_s
         declared = _header(scope, b"content-length")
         if declared.isdigit() and int(declared) > limit:
             raise PayloadTooLargeError(f"request body of {declared} bytes is over the limit "
                                        f"of {limit}")
         chunks, size = [], 0
         while True:
-            message = await receive()
+            wait = self.body_timeout_s if deadline is None else deadline - loop.time()
+            try:
+                message = await asyncio.wait_for(receive(), max(wait, 0.0))
+            except TimeoutError:
+                raise InvalidRequestError(f"request body did not arrive within "
+                                          f"{self.body_timeout_s:g} s", status_code=408) from None
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")

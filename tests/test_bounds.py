@@ -172,7 +172,7 @@ def test_lone_surrogates_are_400(client):
 @pytest.fixture(scope="module")
 def server():
     with run_server(["--max-connections", "64", "--header-timeout-s", "1",
-                     "--log-level", "warning"]) as url:
+                     "--body-timeout-s", "1", "--log-level", "warning"]) as url:
         yield url
 
 
@@ -192,6 +192,18 @@ def test_a_body_cut_short_is_never_run(server):
         s.close()
         time.sleep(0.5)
         assert len(http.get("/v1/sessions").json()["data"]) == before
+
+
+def test_a_trickled_body_times_out(server):
+    s = _connect(server)
+    s.sendall(b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 100\r\n\r\n{")
+    t0 = time.perf_counter()
+    head = s.recv(4096)
+    s.close()
+    assert head.startswith(b"HTTP/1.1 408"), head[:100]
+    assert time.perf_counter() - t0 < 3
+    assert httpx.get(server + "/health", timeout=5).status_code == 200
 
 
 def test_a_huge_import_is_refused_before_it_is_read(server):
