@@ -21,6 +21,7 @@ write) and is skipped. Entries:
 
 from __future__ import annotations
 
+import math
 import sys
 import zlib
 from array import array
@@ -153,14 +154,17 @@ class Record:
         weight runs in order, and KV whose bytes match the layout it claims."""
         if self.kind not in ("session", "snapshot"):
             raise CodecError(f"unknown record kind {self.kind!r}")
+        if not (isinstance(self.id, str) and isinstance(self.owner, str)):
+            raise CodecError("id and owner must be strings")
         n = len(self.token_ids)
         if len(self.mask) != n:
             raise CodecError(f"record has {n} tokens but {len(self.mask)} mask flags")
         if self.mask.tobytes().translate(None, b"\x00\x01"):
             raise CodecError("mask values must be 0 (given) or 1 (generated)")
         for name in ("draws", "num_generated", "num_forks", "n"):
-            if not 0 <= getattr(self, name) <= MAX_INT:
-                raise CodecError(f"{name} must be in [0, 2**63)")
+            v = getattr(self, name)
+            if not (isinstance(v, int) and 0 <= v <= MAX_INT):
+                raise CodecError(f"{name} must be an integer in [0, 2**63)")
         if self.draws > self.mask.count(1):
             raise CodecError(f"rng.draws ({self.draws}) exceeds the record's {self.mask.count(1)} "
                              "generated tokens")
@@ -170,7 +174,7 @@ class Record:
                              f"{len(self.rng_state)}")
         if len(self.rng_state) > MAX_RNG_STATE_BYTES or len(self.rng_device) > 16:
             raise CodecError("rng state or device is too large")
-        if self.created_at != self.created_at or abs(self.created_at) == float("inf"):
+        if not (isinstance(self.created_at, (int, float)) and math.isfinite(self.created_at)):
             raise CodecError("created_at must be a finite number")
         for ref in (self.parent_id, self.session_id):
             if ref is not None and not isinstance(ref, str):
