@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import socket
+import threading
 import time
 
 import httpx
@@ -142,10 +143,19 @@ def test_text_longer_than_any_context_is_refused_untokenized(client, engine):
     assert client.post("/v1/tokenize", json={"text": "ab"}).json()["tokens"] == engine.encode("ab")
 
 
-async def test_encode_async_matches_encode(engine):
+async def test_encode_async_tokenizes_long_text_off_the_event_loop(engine, monkeypatch):
     text = "tool output " * 1000
-    assert await engine.encode_async(text) == engine.encode(text)
-    assert await engine.encode_async("hi", True) == engine.encode("hi", True)
+    threads = []
+    encode = engine.tokenizer.encode
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(engine.tokenizer, "encode", spy)
+    assert await engine.encode_async(text) == encode(text, add_special_tokens=False)
+    assert await engine.encode_async("hi", True) == encode("hi", add_special_tokens=True)
+    assert threads[0] is not threading.main_thread() and threads[1] is threading.main_thread()
 
 
 def test_lone_surrogates_are_400(client):

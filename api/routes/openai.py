@@ -121,7 +121,7 @@ async def completions(body: CompletionRequest, request: Request, t: Tenant = Dep
                       engine=Depends(deps.engine), settings=Depends(deps.settings)):
     _check_model(body, settings)
     if isinstance(body.prompt, str):
-        ids = engine.encode(body.prompt, body.session is None)
+        ids = await engine.encode_async(body.prompt, body.session is None)
     else:
         ids = list(body.prompt)
     run = _Run(engine, t, settings, body, ids, "cmpl-", "text_completion", request)
@@ -135,7 +135,7 @@ async def chat_completions(body: ChatRequest, request: Request, t: Tenant = Depe
     text = render_chat([m.flat() for m in body.messages], engine.tokenizer)
     # a model's own template writes its BOS text; the default template needs one added
     fresh = body.session is None and engine.tokenizer.chat_template is None
-    ids = engine.encode(text, fresh)
+    ids = await engine.encode_async(text, fresh)
     if body.max_completion_tokens is not None:
         body.max_tokens = body.max_completion_tokens
     run = _Run(engine, t, settings, body, ids, "chatcmpl-", "chat.completion", request)

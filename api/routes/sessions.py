@@ -50,7 +50,7 @@ async def session_info(engine, sid: str) -> dict:
 @router.post("/sessions", status_code=201, response_model=SessionInfo)
 async def create_session(body: CreateSession, t: Tenant = Depends(deps.tenant),
                          engine=Depends(deps.engine)):
-    ids = body.tokens if body.tokens is not None else engine.encode(body.prompt, True)
+    ids = body.tokens if body.tokens is not None else await engine.encode_async(body.prompt, True)
     async with t.admit(engine, sessions=1, tokens=len(ids)):
         s = await engine.create_session(tokens=ids, seed=body.seed, owner=t.name)
     return await session_info(engine, s.id)
@@ -77,7 +77,7 @@ async def close_session(sid: str, t: Tenant = Depends(deps.tenant), engine=Depen
 async def append(sid: str, body: Append, t: Tenant = Depends(deps.tenant),
                  engine=Depends(deps.engine)):
     s = Session(engine, await t.session(engine, sid))
-    ids = body.tokens if body.tokens is not None else engine.encode(body.text, False)
+    ids = body.tokens if body.tokens is not None else await engine.encode_async(body.text, False)
     async with t.admit(engine, tokens=len(ids)):
         num_tokens = await s.append(tokens=ids)
     return {"id": sid, "num_tokens": num_tokens}
@@ -173,7 +173,7 @@ async def score(sid: str, body: Score, t: Tenant = Depends(deps.tenant),
                 engine=Depends(deps.engine)):
     """Logprobs of a continuation given the session; the session is unchanged."""
     s = Session(engine, await t.session(engine, sid))
-    ids = body.tokens if body.tokens is not None else engine.encode(body.text, False)
+    ids = body.tokens if body.tokens is not None else await engine.encode_async(body.text, False)
     async with t.admit(engine, tokens=len(ids)):
         logprobs = await s.score(tokens=ids)
     return {"id": sid, "tokens": ids, "logprobs": logprobs}

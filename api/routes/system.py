@@ -69,7 +69,7 @@ async def check(t: Tenant = Depends(deps.tenant), engine=Depends(deps.engine)) -
 
 @router.post("/v1/tokenize", response_model=TokenList)
 async def tokenize(body: Tokenize, t: Tenant = Depends(deps.tenant), engine=Depends(deps.engine)):
-    return {"tokens": engine.encode(body.text, body.add_special_tokens)}
+    return {"tokens": await engine.encode_async(body.text, body.add_special_tokens)}
 
 
 @router.post("/v1/detokenize", response_model=Text)
