@@ -364,6 +364,27 @@ def _parser() -> argparse.ArgumentParser:
                      help="also draw the comparison there (needs matplotlib)")
     api.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
     api.set_defaults(func=_cmd_bench_api)
+    tenants = scenarios.add_parser(
+        "tenants", help="one tenant's turn latency while another attacks the server",
+        description="Starts `agentos serve` with two API keys; a well-behaved tenant runs "
+        "agent turns alone and while the other tenant sends the worst requests it can from "
+        "a separate process. Reports the p50/p99 turn latency under attack over alone "
+        "(target at most 1.5x), whether outputs stayed identical, and what each attack got.")
+    _model_options(tenants)
+    for flag, kind, text in (
+            ("--agents", int, "the well-behaved tenant's concurrent sessions (default 4)"),
+            ("--turns", int, "turns per session (default 6)"),
+            ("--max-tokens", int, "tokens generated per turn (default 16)"),
+            ("--rounds", int, "alone / under attack rounds (default 2)"),
+            ("--attackers", int, "concurrent attack loops (default 4)"),
+            ("--idle-connections", int, "connections that never finish their headers "
+             "(default 200)"),
+            ("--kv-blocks", int, "the server's device KV blocks (default 512)"),
+            ("--seed", int, "seeds the prompts (default 0)")):
+        tenants.add_argument(flag, type=kind, default=None, help=text)
+    tenants.add_argument("--json", metavar="PATH", default=None, help="also write results here")
+    tenants.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
+    tenants.set_defaults(func=_cmd_bench_tenants, plot=None)
     return parser
 
 
@@ -632,6 +653,15 @@ def _cmd_bench_journal(args: argparse.Namespace) -> int:
         "sessions", "prompt_len", "new_tokens", "temperature", "lengths", "op_repeats", "warmup",
         "diverge_tokens", "max_batch_tokens")))
     return _report(journal.run(bench), journal.render, args)
+
+
+def _cmd_bench_tenants(args: argparse.Namespace) -> int:
+    from agentos.bench import tenants
+
+    bench = tenants.TenantsBench(**_options(args, (
+        "model", "device", "dtype", "agents", "turns", "max_tokens", "rounds", "attackers",
+        "idle_connections", "kv_blocks", "seed")))
+    return _report(tenants.run(bench), tenants.render, args)
 
 
 def _cmd_bench_api(args: argparse.Namespace) -> int:
