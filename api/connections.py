@@ -34,9 +34,9 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_made(transport)
         self._arm()
         if len(self.connections) > self.max_connections:
-            self._make_room()
+            self._close_longest_waiting()
 
-    def _make_room(self) -> None:
+    def _close_longest_waiting(self) -> None:
         """Closes the connection waiting longest for a request (this one if none is)."""
         waiting = [c for c in self.connections if isinstance(c, GuardedH11Protocol)
                    and c is not self and c._awaiting_request() and not c.transport.is_closing()]

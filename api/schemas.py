@@ -208,4 +208,4 @@ class ErrorBody(BaseModel):
 
 
 # error answers every route may give; listed in the OpenAPI schema
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 422, 429, 503)}
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 408, 409, 413, 422, 429, 503)}

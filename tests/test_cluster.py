@@ -436,7 +436,8 @@ async def test_two_gateways_rehome_once(redis_url, ns):
 
 
 class _EngineStub:
-    """What the app's worker wiring calls on an engine."""
+    """What the app's worker wiring calls on an engine (given an import limit, the app
+    does not size one from the engine's KV)."""
 
     def __init__(self):
         self.adopted: list[str] = []
@@ -461,7 +462,7 @@ def test_worker_internal_route_fence_and_heartbeat(redis_url, ns):
     from agentos.kernel.config import Config
 
     settings = ServerSettings(Config(store=redis_url, deployment=ns[0]), worker=True,
-                              port=free_port(), heartbeat_s=0.1)
+                              port=free_port(), heartbeat_s=0.1, max_import_bytes=1 << 20)
     engine = _EngineStub()
     tenants = Tenants({"sk-a": "alice"})
     app = create_app(settings, engine=engine, tenants=tenants)
@@ -497,7 +498,7 @@ def test_worker_stop_ends_its_lease(redis_url, ns):
     from agentos.kernel.config import Config
 
     settings = ServerSettings(Config(store=redis_url, deployment=ns[0], worker_id="wx"),
-                              worker=True, heartbeat_s=5.0)
+                              worker=True, heartbeat_s=5.0, max_import_bytes=1 << 20)
     reg = WorkerRegistry(redis.Redis.from_url(redis_url), ns[1])
     with TestClient(create_app(settings, engine=_EngineStub())):
         assert reg.workers()["wx"].alive
