@@ -78,7 +78,8 @@ async def detokenize(body: Detokenize, t: Tenant = Depends(deps.tenant),
     return {"text": engine.decode(body.tokens)}
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+@router.get("/metrics", responses={200: {"content": {"text/plain": {}},
+                                         "description": "Prometheus text format"}})
 async def metrics(request: Request, engine=Depends(deps.engine)) -> PlainTextResponse:
     """The engine's and the app's metrics; with keys configured, for an admin key only
     (a scraper sends it as `Authorization: Bearer KEY`)."""
