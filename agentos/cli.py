@@ -382,6 +382,8 @@ def _parser() -> argparse.ArgumentParser:
             ("--kv-blocks", int, "the server's device KV blocks (default 512)"),
             ("--seed", int, "seeds the prompts (default 0)")):
         tenants.add_argument(flag, type=kind, default=None, help=text)
+    tenants.add_argument("--only", default=None, metavar="TEXT",
+                         help="run only the attacks whose names contain TEXT")
     tenants.add_argument("--json", metavar="PATH", default=None, help="also write results here")
     tenants.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
     tenants.set_defaults(func=_cmd_bench_tenants, plot=None)
@@ -660,7 +662,7 @@ def _cmd_bench_tenants(args: argparse.Namespace) -> int:
 
     bench = tenants.TenantsBench(**_options(args, (
         "model", "device", "dtype", "agents", "turns", "max_tokens", "rounds", "attackers",
-        "idle_connections", "kv_blocks", "seed")))
+        "idle_connections", "kv_blocks", "seed", "only")))
     return _report(tenants.run(bench), tenants.render, args)
 
 

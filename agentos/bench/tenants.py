@@ -46,6 +46,7 @@ class TenantsBench:
     max_tokens: int = 16  # tokens generated per turn
     rounds: int = 2  # alone / under attack, alternated
     attackers: int = 4  # concurrent attack loops of the other tenant
+    only: str | None = None  # run only the attacks whose names contain this
     idle_connections: int = 200  # connections that never finish their headers
     kv_blocks: int = 512
     seed: int = 0
@@ -123,8 +124,10 @@ def _under_attack(url: str, bench: TenantsBench, attacks: dict[str, dict]) -> di
     """The workload while a separate process attacks; the attack counts are added up."""
     ctx = multiprocessing.get_context("spawn")
     stop, ready, results = ctx.Event(), ctx.Event(), ctx.Queue()
-    proc = ctx.Process(target=_attack_process, args=(url, bench.attackers,
-                                                     bench.idle_connections, stop, ready, results),
+    names = [n for n in _ATTACKS if bench.only is None or bench.only in n]
+    idle = bench.idle_connections if bench.only is None or bench.only in IDLE else 0
+    proc = ctx.Process(target=_attack_process, args=(url, names, bench.attackers, idle, stop,
+                                                     ready, results),
                        daemon=True)
     proc.start()
     try:
@@ -150,22 +153,21 @@ def _under_attack(url: str, bench: TenantsBench, attacks: dict[str, dict]) -> di
 # -- the attacker (a separate process) -------------------------------------------------
 
 
-def _attack_process(url, attackers, idle_connections, stop, ready, results) -> None:
+def _attack_process(url, names, attackers, idle_connections, stop, ready, results) -> None:
     counts: dict[str, dict] = {}
     try:
-        asyncio.run(_attack(url, attackers, idle_connections, stop, ready, counts))
+        asyncio.run(_attack(url, names, attackers, idle_connections, stop, ready, counts))
     finally:
         results.put(counts)
 
 
-async def _attack(url, attackers, idle_connections, stop, ready, counts) -> None:
+async def _attack(url, names, attackers, idle_connections, stop, ready, counts) -> None:
     import httpx
 
     headers = {"Authorization": f"Bearer {EVIL_KEY}"}
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30.0,
                                  trust_env=False) as client:
         record = await _own_record(client)
-        names = list(_ATTACKS)
         ready.set()
         held = asyncio.create_task(_idle_connections(url, idle_connections, stop, counts))
 
@@ -181,7 +183,7 @@ async def _attack(url, attackers, idle_connections, stop, ready, counts) -> None
                     status = None
                 _count(counts, name, status, time.perf_counter() - t0)
 
-        await asyncio.gather(*(loop(k) for k in range(attackers)))
+        await asyncio.gather(*(loop(k) for k in range(attackers if names else 0)))
         await held
 
 
@@ -343,13 +345,16 @@ _ATTACKS = {
 }
 
 
+IDLE = "connections never finishing their headers"
+
+
 async def _idle_connections(url: str, n: int, stop, counts: dict) -> None:
     """Holds n connections that send half a request and never finish it; at the end each is
     counted as "closed by the server" or "still open"."""
     if n == 0:
         return
     host, port = url.removeprefix("http://").split(":")
-    name = "connections never finishing their headers"
+    name = IDLE
     held = []
     for _ in range(n):
         try:
