@@ -418,3 +418,29 @@ def test_agents_simulate_runs_the_real_policy_and_pager_on_modelled_time():
     names = [c["name"] for c in result["checks"]]
     assert any("per-step scheduling cost" in n for n in names)
     simulate.render(result)
+
+
+def test_bench_tenants_json(tmp_path, capsys):
+    """A short run: whatever attacks ran got the answers they must (never a 5xx), and the
+    well-behaved tenant's outputs were the same alone and under attack."""
+    path = tmp_path / "tenants.json"
+    main(["bench", "tenants", "--agents", "1", "--turns", "3", "--rounds", "1", "--attackers",
+          "2", "--idle-connections", "5", "--json", str(path)])
+    out = json.loads(path.read_text())
+    assert out["bench"] == "tenants"
+    assert out["phases"]["alone"]["turns"] == out["phases"]["attacked"]["turns"] == 3
+    assert out["identical"] is True
+    expected = {"stop list of 100,000": {"422"}, "import, draws 2^40": {"400"},
+                "import, garbage KV and mask": {"400"}, "import of 24 MiB": {"400", "413"},
+                "tokenize 12 MiB": {"400", "413"}, "lone surrogate": {"400"},
+                "generate walked away from": {"200"}, "body short of Content-Length": {"refused"},
+                "another tenant's id": {"404"}, "weights without admin": {"403"},
+                "connections never finishing their headers": {"closed by the server",
+                                                              "still open"}}
+    assert out["attacks"], "no attack ran"
+    for name, a in out["attacks"].items():
+        assert set(a["statuses"]) <= expected[name], (name, a["statuses"])
+        assert a["5xx"] == 0 and a["failed"] == 0, (name, a)
+    assert [c["name"] for c in out["checks"]][2:] == [
+        "the well-behaved tenant's outputs identical", "no attack got a 5xx"]
+    assert "What each attack got" in capsys.readouterr().out

@@ -398,7 +398,7 @@ def _summarize(bench: TenantsBench, phases: dict, attacks: dict, log: list[str])
               "identical" if identical else "differ"),
         check("no attack got a 5xx", server_errors == 0, f"{server_errors} answers 5xx"),
     ]
-    return {"benchmark": "tenants", "config": asdict(bench), "phases": stats,
+    return {"bench": "tenants", "config": asdict(bench), "phases": stats,
             "p50_ratio": p50, "p99_ratio": p99, "identical": identical, "attacks": attacks,
             "checks": checks, "passed": all(c["passed"] for c in checks),
             "server_log": log[-20:]}
