@@ -82,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-sessions-per-tenant", type=int, default=None)
     serve.add_argument("--max-tokens-per-tenant", type=int, default=None)
     serve.add_argument("--max-snapshots-per-tenant", type=int, default=None)
+    serve.add_argument("--requests-per-s-per-tenant", type=float, default=None,
+                       help="requests a second each tenant may send (bursts of one second's "
+                       "worth); past it a 429 with Retry-After, before the body is read")
+    serve.add_argument("--body-bytes-per-s-per-tenant", type=float, default=None,
+                       help="request body bytes a second each tenant may send (as above)")
     serve.add_argument("--allow-open-admin", action="store_true",
                        help="without API keys, let any request update weights and pause, "
                        "abort or sleep the engine (with keys: tenants marked admin)")
@@ -382,6 +387,12 @@ def _parser() -> argparse.ArgumentParser:
             ("--kv-blocks", int, "the server's device KV blocks (default 512)"),
             ("--seed", int, "seeds the prompts (default 0)")):
         tenants.add_argument(flag, type=kind, default=None, help=text)
+    tenants.add_argument("--requests-per-s", type=float, default=None,
+                         help="each tenant's request rate at the server (default 50)")
+    tenants.add_argument("--body-bytes-per-s", type=float, default=None,
+                         help="each tenant's body bytes a second at the server (default 1 MiB)")
+    tenants.add_argument("--no-rates", action="store_true",
+                         help="no per-tenant rates at the server")
     tenants.add_argument("--only", default=None, metavar="TEXT",
                          help="run only the attacks whose names contain TEXT")
     tenants.add_argument("--json", metavar="PATH", default=None, help="also write results here")
@@ -660,9 +671,12 @@ def _cmd_bench_journal(args: argparse.Namespace) -> int:
 def _cmd_bench_tenants(args: argparse.Namespace) -> int:
     from agentos.bench import tenants
 
-    bench = tenants.TenantsBench(**_options(args, (
+    options = _options(args, (
         "model", "device", "dtype", "agents", "turns", "max_tokens", "rounds", "attackers",
-        "idle_connections", "kv_blocks", "seed", "only")))
+        "idle_connections", "kv_blocks", "seed", "only", "requests_per_s", "body_bytes_per_s"))
+    if args.no_rates:
+        options.update(requests_per_s=None, body_bytes_per_s=None)
+    bench = tenants.TenantsBench(**options)
     return _report(tenants.run(bench), tenants.render, args)
 
 

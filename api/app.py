@@ -64,6 +64,8 @@ class ServerSettings:
     max_sessions_per_tenant: int | None = None  # default limit of live sessions per tenant
     max_tokens_per_tenant: int | None = None  # default limit of tokens held per tenant
     max_snapshots_per_tenant: int | None = None  # default limit of live snapshots per tenant
+    requests_per_s_per_tenant: float | None = None  # default request rate per tenant (429 past it)
+    body_bytes_per_s_per_tenant: float | None = None  # default body bytes a second per tenant
     allow_open_admin: bool = False  # without keys, let every request act on the engine (weights)
     started_at: int = field(default_factory=lambda: int(time.time()))
 
@@ -105,7 +107,8 @@ class ServerSettings:
         server would be open (no keys) on a non-loopback address without allow_open."""
         tenants = load_tenants(self.api_keys, None, self.max_sessions_per_tenant,
                                self.max_tokens_per_tenant, self.max_snapshots_per_tenant,
-                               self.allow_open_admin)
+                               self.allow_open_admin, self.requests_per_s_per_tenant,
+                               self.body_bytes_per_s_per_tenant)
         if tenants.open and not self.allow_open and not _is_loopback(self.host):
             raise ValueError(f"no API keys configured: refusing to serve on {self.host} "
                              "(give --api-keys or AGENTOS_API_KEYS, or --allow-open)")

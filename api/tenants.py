@@ -25,6 +25,7 @@ import asyncio
 import hmac
 import json
 import os
+import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -37,6 +38,34 @@ from agentos.kernel.errors import (
     PermissionDeniedError,
     RateLimitError,
 )
+
+
+@dataclass(slots=True, eq=False)
+class Bucket:
+    """A token bucket: refills at `rate` a second up to `rate * burst_s`. A request may
+    overdraw it (a body larger than the burst passes once the bucket is full) and later
+    requests wait until the debt is repaid, so the average stays at `rate`."""
+
+    rate: float
+    burst_s: float = 1.0
+    level: float = field(init=False)
+    at: float = field(init=False)
+
+    def __post_init__(self):
+        if not self.rate > 0:
+            raise ValueError(f"a rate must be > 0, got {self.rate!r}")
+        self.level, self.at = self.rate * self.burst_s, time.monotonic()
+
+    def wait(self, amount: float) -> float:
+        """Seconds until `amount` may be taken (0: now)."""
+        now = time.monotonic()
+        self.level = min(self.rate * self.burst_s, self.level + (now - self.at) * self.rate)
+        self.at = now
+        need = min(amount, self.rate * self.burst_s)
+        return 0.0 if self.level >= need else (need - self.level) / self.rate
+
+    def take(self, amount: float) -> None:
+        self.level -= amount
 
 
 @dataclass(slots=True, eq=False)
@@ -54,6 +83,22 @@ class Tenant:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     admin: bool = False  # may act on the whole engine (weights, pause, sleep)
     cache_scope: str | None = None  # prefix-cache scope shared with tenants naming it; None: its own
+    requests: Bucket | None = None  # requests a second, at most; None = no limit
+    body_bytes: Bucket | None = None  # request body bytes a second, at most; None = no limit
+
+    def throttle(self, body_bytes: int) -> None:
+        """Admits one request with a body of `body_bytes` against the tenant's rates, before
+        its body is read. Raises RateLimitError (with retry_after) when either is spent."""
+        buckets = [(b, n) for b, n in ((self.requests, 1), (self.body_bytes, body_bytes))
+                   if b is not None]
+        wait = max((b.wait(n) for b, n in buckets), default=0.0)
+        if wait > 0:
+            err = RateLimitError(f"tenant {self.name!r} is over its request rate; retry in "
+                                 f"{wait:.2f} s")
+            err.retry_after = wait
+            raise err
+        for b, n in buckets:
+            b.take(n)
 
     def require_admin(self) -> None:
         if not self.admin:
@@ -132,7 +177,8 @@ def _nothing() -> None:
 class Tenants:
     def __init__(self, keys: dict[str, str] | None = None, limits: dict[str, dict] | None = None,
                  max_sessions: int | None = None, max_tokens: int | None = None,
-                 max_snapshots: int | None = None, allow_open_admin: bool = False):
+                 max_snapshots: int | None = None, allow_open_admin: bool = False,
+                 requests_per_s: float | None = None, body_bytes_per_s: float | None = None):
         self.keys = dict(keys or {})
         limits = limits or {}
         names = set(self.keys.values()) or {DEFAULT}
@@ -142,7 +188,9 @@ class Tenants:
             return Tenant(n, own.get("max_sessions", max_sessions), own.get("max_tokens", max_tokens),
                           own.get("max_snapshots", max_snapshots),
                           admin=bool(own.get("admin", allow_open_admin and not self.keys)),
-                          cache_scope=str(own["cache_scope"]) if own.get("cache_scope") else None)
+                          cache_scope=str(own["cache_scope"]) if own.get("cache_scope") else None,
+                          requests=_bucket(own.get("requests_per_s", requests_per_s)),
+                          body_bytes=_bucket(own.get("body_bytes_per_s", body_bytes_per_s)))
 
         self.by_name = {n: tenant(n) for n in names}
 
@@ -169,7 +217,9 @@ class Tenants:
 
 def load_tenants(path: str | None = None, env: str | None = None,
                  max_sessions: int | None = None, max_tokens: int | None = None,
-                 max_snapshots: int | None = None, allow_open_admin: bool = False) -> Tenants:
+                 max_snapshots: int | None = None, allow_open_admin: bool = False,
+                 requests_per_s: float | None = None,
+                 body_bytes_per_s: float | None = None) -> Tenants:
     """Reads keys from the JSON file at `path` and/or the AGENTOS_API_KEYS-style string
     `env` (default: the environment variable). Raises ValueError on a malformed file or
     a key mapped to the tenant "default" (the owner of an open server's records)."""
@@ -193,4 +243,14 @@ def load_tenants(path: str | None = None, env: str | None = None,
     if DEFAULT in keys.values():
         raise ValueError(f"no API key may map to the tenant {DEFAULT!r}: it owns what an open "
                          "server (no keys) created; give that tenant another name")
-    return Tenants(keys, limits, max_sessions, max_tokens, max_snapshots, allow_open_admin)
+    return Tenants(keys, limits, max_sessions, max_tokens, max_snapshots, allow_open_admin,
+                   requests_per_s, body_bytes_per_s)
+
+
+def _bucket(rate) -> Bucket | None:
+    if rate is None:
+        return None
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
+        raise ValueError(f"a tenant's requests_per_s and body_bytes_per_s must be numbers > 0, "
+                         f"got {rate!r}")
+    return Bucket(float(rate))

@@ -21,6 +21,7 @@ import asyncio
 import contextvars
 import hmac
 import json
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -78,9 +79,16 @@ def error_body(err: APIStatusError) -> dict:
     return {"error": {"type": err.type, "message": err.message, "code": err.status_code}}
 
 
-def error_response(err: APIStatusError) -> WireResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if err.status_code == 401 else None
-    return WireResponse(error_body(err), status_code=err.status_code, headers=headers)
+def error_response(err: APIStatusError, close: bool = False) -> WireResponse:
+    """The error's response; with close, the connection closes after it (a request body
+    left unread is then never received)."""
+    headers = {"WWW-Authenticate": "Bearer"} if err.status_code == 401 else {}
+    if close:
+        headers["Connection"] = "close"
+    retry_after = getattr(err, "retry_after", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return WireResponse(error_body(err), status_code=err.status_code, headers=headers or None)
 
 
 def _header(scope: dict, name: bytes) -> str:
@@ -113,11 +121,14 @@ class AuthMiddleware:
                 err = PermissionDeniedError("internal calls need the cluster secret")
                 return await error_response(err)(scope, receive, send)
             return await self.app(scope, receive, send)
+        declared = _header(scope, b"content-length")
         try:
             tenant = self.tenants.authenticate(_header(scope, b"authorization"),
                                                _header(scope, b"x-api-key"))
-        except APIStatusError as e:
-            return await error_response(e)(scope, receive, send)
+            tenant.throttle(int(declared) if declared.isdigit() else 0)
+        except APIStatusError as e:  # refused before its body is read: not worth reading
+            unread = declared not in ("", "0") or bool(_header(scope, b"transfer-encoding"))
+            return await error_response(e, close=unread)(scope, receive, send)
         scope.setdefault("state", {})["tenant"] = tenant
         await self.app(scope, receive, send)
 
@@ -152,8 +163,9 @@ class BodyMiddleware:
                                          (b"content-length", str(len(body)).encode())]
                 elif _SURROGATE.search(body):
                     _check_unicode(body)
-        except APIStatusError as e:
-            return await error_response(e)(scope, receive, send)
+        except APIStatusError as e:  # a body too large or too slow is not worth reading on
+            close = isinstance(e, PayloadTooLargeError) or e.status_code == 408
+            return await error_response(e, close=close)(scope, receive, send)
 
         sent = False
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 
 import msgpack
 import pytest
@@ -227,6 +228,38 @@ def test_tenant_token_limit(engine):
         assert g.status_code == 200
         assert c.get(f"/v1/sessions/{sid}", headers=a).json()["num_tokens"] <= 90
         c.delete(f"/v1/sessions/{sid}", headers=a)
+
+
+def test_tenant_rates_refuse_before_the_body_is_read(engine):
+    """Past its request rate (or body bytes a second) a tenant gets 429 with Retry-After,
+    before its body is read; the other tenant is served as before, and the rate refills."""
+    a = {"authorization": "Bearer key-a"}
+    b = {"authorization": "Bearer key-b"}
+    with tenant_app(engine, requests_per_s=5, body_bytes_per_s=4096) as c:
+        statuses = [c.get("/v1/sessions", headers=a).status_code for _ in range(12)]
+        assert statuses[:5] == [200] * 5 and 429 in statuses[5:], statuses
+        r = c.get("/v1/sessions", headers=a)
+        if r.status_code == 429:
+            assert int(r.headers["retry-after"]) >= 1
+            assert r.json()["error"]["type"] == "rate_limit_error"
+        assert c.get("/v1/sessions", headers=b).status_code == 200  # b's own rate
+        time.sleep(1.1)
+        assert c.get("/v1/sessions", headers=a).status_code == 200  # refilled
+        # one body larger than a second's worth passes on a full bucket, then the debt
+        # holds the next ones off
+        big = {"tokens": [1] * 6000}  # 18 kB: over 4 s of debt
+        r = c.post("/v1/sessions", json=big, headers=b)
+        assert r.status_code == 201, r.text
+        error_of(c.post("/v1/sessions", json={"tokens": [1, 2]}, headers=b), 429)
+        c.delete(f"/v1/sessions/{r.json()['id']}", headers=b)
+
+
+def test_bad_tenant_rates_are_refused(tmp_path):
+    path = tmp_path / "keys.json"
+    for rate in (0, -1, "fast", True):
+        path.write_text(json.dumps({"keys": {"k": "t"}, "tenants": {"t": {"requests_per_s": rate}}}))
+        with pytest.raises(ValueError, match="requests_per_s"):
+            load_tenants(str(path), env="")
 
 
 def test_keys_file(tmp_path):

@@ -425,7 +425,7 @@ def test_bench_tenants_json(tmp_path, capsys):
     well-behaved tenant's outputs were the same alone and under attack."""
     path = tmp_path / "tenants.json"
     main(["bench", "tenants", "--agents", "1", "--turns", "3", "--rounds", "1", "--attackers",
-          "2", "--idle-connections", "5", "--json", str(path)])
+          "2", "--idle-connections", "5", "--no-rates", "--json", str(path)])
     out = json.loads(path.read_text())
     assert out["bench"] == "tenants"
     assert out["phases"]["alone"]["turns"] == out["phases"]["attacked"]["turns"] == 3

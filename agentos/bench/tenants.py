@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import multiprocessing
 import random
@@ -49,6 +50,10 @@ class TenantsBench:
     only: str | None = None  # run only the attacks whose names contain this
     idle_connections: int = 200  # connections that never finish their headers
     kv_blocks: int = 512
+    # each tenant's rate at the door (the server's per-tenant defaults, the same for both;
+    # the well-behaved tenant sends about 25 requests a second); None: no limit
+    requests_per_s: float | None = 50.0
+    body_bytes_per_s: float | None = float(1 << 20)
     seed: int = 0
     startup_timeout_s: float = 120.0
 
@@ -73,6 +78,10 @@ def run(bench: TenantsBench) -> dict:
                 "--log-level", "error"]
         if bench.dtype is not None:
             args += ["--dtype", bench.dtype]
+        if bench.requests_per_s is not None:
+            args += ["--requests-per-s-per-tenant", str(bench.requests_per_s)]
+        if bench.body_bytes_per_s is not None:
+            args += ["--body-bytes-per-s-per-tenant", str(bench.body_bytes_per_s)]
         log: list[str] = []
         phases: dict[str, list] = {"alone": [], "attacked": []}
         attacks: dict[str, dict] = {}
@@ -224,8 +233,8 @@ async def _stop_list(client, url, record) -> int:
         return r.status_code
     sid = r.json()["id"]
     try:
-        r = await client.post(f"/v1/sessions/{sid}/generate", json={
-            "max_tokens": 8, "stop": [f"never-{i}" for i in range(100_000)]})
+        r = await client.post(f"/v1/sessions/{sid}/generate", content=_bodies()["stops"],
+                              headers={"Content-Type": "application/json"})
         return r.status_code
     finally:
         await client.delete(f"/v1/sessions/{sid}")
@@ -261,12 +270,23 @@ async def _import_garbage_kv(client, url, record) -> int:
     return await _import(client, _crafted(record, poison))
 
 
+@functools.cache
+def _bodies() -> dict[str, bytes]:
+    """The large bodies, made once: the attacker's client spends its CPU on sending them,
+    not on building them again for each request."""
+    return {"stops": json.dumps({"max_tokens": 8,
+                                 "stop": [f"never-{i}" for i in range(100_000)]}).encode(),
+            "text": json.dumps({"text": "x" * (12 << 20)}).encode(),
+            "zeros": bytes(24 << 20)}
+
+
 async def _import_huge(client, url, record) -> int:
-    return await _import(client, record + bytes(24 << 20))
+    return await _import(client, record + _bodies()["zeros"])
 
 
 async def _tokenize_huge(client, url, record) -> int:
-    r = await client.post("/v1/tokenize", json={"text": "x" * (12 << 20)})
+    r = await client.post("/v1/tokenize", content=_bodies()["text"],
+                          headers={"Content-Type": "application/json"})
     return r.status_code
 
 
