@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from contextlib import ExitStack
 
 import httpx
 import pytest
 
+from agentos import Client
 from agentos.api.app import ServerSettings
 from agentos.api.tenants import load_tenants
 from agentos.bench.api import free_port, run_agentos, run_server
@@ -243,3 +246,164 @@ def tenant_view(http: httpx.Client, key: str) -> dict:
         snapshots[snap["id"]] = http.get(f"/v1/sessions/{restored}/tokens", headers=h).json()["tokens"]
         http.delete(f"/v1/sessions/{restored}", headers=h)
     return {"sessions": sessions, "snapshots": snapshots}
+
+
+STREAM = {"max_tokens": 400, "temperature": 0.8, "ignore_eos": True}  # the call a kill interrupts
+
+
+def tenant_history(http: httpx.Client, key: str, n: int) -> str:
+    """Sessions, a fork, a snapshot (restored) and a snapshot outliving its closed session,
+    made by `key`; returns the id of a fresh session to be interrupted mid-stream."""
+    h = as_(key)
+    sid = create(http, key, 10 + n)
+    assert http.post(f"/v1/sessions/{sid}/generate", json=GEN, headers=h).status_code == 200
+    assert http.post(f"/v1/sessions/{sid}/fork", json={"n": 2}, headers=h).status_code == 201
+    snap = http.post(f"/v1/sessions/{sid}/snapshots", headers=h).json()["id"]
+    http.post(f"/v1/sessions/{sid}/append", json={"tokens": [70, 71]}, headers=h)
+    assert http.post(f"/v1/snapshots/{snap}/restore", headers=h).status_code == 201
+    gone = create(http, key, 5)
+    assert http.post(f"/v1/sessions/{gone}/snapshots", headers=h).status_code == 201
+    assert http.delete(f"/v1/sessions/{gone}", headers=h).status_code == 200
+    return create(http, key, 8)
+
+
+def stream_until_killed(base: str, key: str, sid: str, kill) -> list[int]:
+    """Streams a generate of `sid`, calls `kill()` once 6 tokens came; returns the tokens
+    the stream handed out."""
+    streamed: list[int] = []
+
+    def run():
+        try:
+            with Client(base, api_key=key, max_retries=0, timeout=60) as c:
+                for chunk in c.session(sid).generate(**STREAM, stream=True):
+                    if chunk.token is not None:
+                        streamed.append(chunk.token)
+        except Exception:  # noqa: BLE001 - the server is killed under it
+            pass
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while len(streamed) < 6 and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.02)
+    kill()
+    thread.join(30)
+    assert 6 <= len(streamed) < STREAM["max_tokens"], len(streamed)
+    return list(streamed)
+
+
+def check_interrupted(got: list[int], acked: list[int], streamed: list[int]) -> None:
+    """The acknowledged tokens, then every token the stream handed out (durable before it
+    was sent), then at most what the call had left."""
+    assert got[: len(acked)] == acked
+    assert got[len(acked): len(acked) + len(streamed)] == streamed
+    assert len(acked) + len(streamed) <= len(got) < len(acked) + STREAM["max_tokens"]
+
+
+def check_isolated(http: httpx.Client, key: str, theirs: dict) -> None:
+    """Every one of another tenant's session and snapshot ids is a 404 for `key`."""
+    h = as_(key)
+    for sid in theirs["sessions"]:
+        for method, path in (("GET", f"/v1/sessions/{sid}"), ("GET", f"/v1/sessions/{sid}/tokens"),
+                             ("POST", f"/v1/sessions/{sid}/snapshots")):
+            assert http.request(method, path, headers=h).status_code == 404, (key, method, path)
+    for snap in theirs["snapshots"]:
+        for method, path in (("GET", f"/v1/snapshots/{snap}"),
+                             ("POST", f"/v1/snapshots/{snap}/restore")):
+            assert http.request(method, path, headers=h).status_code == 404, (key, method, path)
+
+
+def test_sigkill_mid_stream_with_keys_then_restart(tmp_path):
+    path = keys_file(tmp_path, {"sk-alice": "alice", "sk-bob": "bob"})
+    dep = "tenants-stream-" + uuid.uuid4().hex[:8]
+    with RedisServer() as redis:
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--redis", redis.url,
+                "--deployment", dep, "--api-keys", path, "--kv-blocks", "1024",
+                "--log-level", "warning"]
+        before: dict[str, dict] = {}
+        with run_agentos(args, base) as proc, httpx.Client(base_url=base, timeout=120) as http:
+            fresh = {key: tenant_history(http, key, i) for i, key in enumerate(("sk-alice", "sk-bob"))}
+            for key in ("sk-alice", "sk-bob"):
+                before[key] = tenant_view(http, key)
+                assert len(before[key]["sessions"]) == 5 and len(before[key]["snapshots"]) == 2
+            acked = before["sk-alice"]["sessions"][fresh["sk-alice"]]
+
+            def kill():
+                proc.kill()  # SIGKILL mid-stream: no shutdown handler runs
+                proc.wait()
+
+            streamed = stream_until_killed(base, "sk-alice", fresh["sk-alice"], kill)
+        with run_agentos(args, base), httpx.Client(base_url=base, timeout=120) as http:
+            after = {key: tenant_view(http, key) for key in ("sk-alice", "sk-bob")}
+            assert after["sk-bob"] == before["sk-bob"]
+            got = after["sk-alice"]["sessions"].pop(fresh["sk-alice"])
+            before["sk-alice"]["sessions"].pop(fresh["sk-alice"])
+            assert after["sk-alice"] == before["sk-alice"]
+            check_interrupted(got, acked, streamed)
+            before["sk-alice"]["sessions"][fresh["sk-alice"]] = got
+            check_isolated(http, "sk-alice", before["sk-bob"])
+            check_isolated(http, "sk-bob", before["sk-alice"])
+
+
+def wait_for_live(gateway: str, live: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{gateway}/health", timeout=10).json()["live"] != live:
+        assert time.monotonic() < deadline, f"the gateway never saw {live} live workers"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_killed_worker_mid_stream_behind_the_gateway_keeps_tenants_apart(tmp_path):
+    from agentos.snapshot.durable.store import RedisStore
+
+    path = keys_file(tmp_path, {"sk-alice": "alice", "sk-bob": "bob"})
+    dep = "tenants-gw-" + uuid.uuid4().hex[:8]
+    with RedisServer() as redis, ExitStack() as stack:
+        store = RedisStore(redis.url, dep)
+        procs = {}
+        for _ in range(2):
+            port = free_port()
+            procs[f"127.0.0.1:{port}"] = stack.enter_context(run_agentos(
+                ["serve", "--host", "127.0.0.1", "--port", str(port), "--redis", redis.url,
+                 "--deployment", dep, "--worker", "--api-keys", path, "--kv-blocks", "1024",
+                 "--heartbeat-s", "0.3", "--log-level", "warning"], f"http://127.0.0.1:{port}"))
+        gport = free_port()
+        gateway = f"http://127.0.0.1:{gport}"
+        stack.enter_context(run_agentos(
+            ["gateway", "--redis", redis.url, "--deployment", dep, "--port", str(gport),
+             "--worker-timeout", "1", "--log-level", "warning"], gateway))
+        wait_for_live(gateway, 2)
+        http = stack.enter_context(httpx.Client(base_url=gateway, timeout=120))
+        assert http.get("/v1/sessions").status_code == 401  # the workers check the keys
+        fresh = {key: tenant_history(http, key, i) for i, key in enumerate(("sk-alice", "sk-bob"))}
+        before = {key: tenant_view(http, key) for key in ("sk-alice", "sk-bob")}
+        for key in before:
+            assert len(before[key]["sessions"]) == 5 and len(before[key]["snapshots"]) == 2
+        acked = before["sk-alice"]["sessions"][fresh["sk-alice"]]
+        where = store.directory()
+        victim = where[fresh["sk-alice"]][0]
+        survivor = next(w for w in procs if w != victim)
+        on_victim = {owner for wid, owner, _, _ in where.values() if wid == victim}
+        assert on_victim == {"alice", "bob"}, where  # both tenants lose a worker
+
+        def kill():
+            procs[victim].kill()  # SIGKILL mid-stream: no shutdown handler runs
+            procs[victim].wait()
+
+        streamed = stream_until_killed(gateway, "sk-alice", fresh["sk-alice"], kill)
+        wait_for_live(gateway, 1)
+        after = {key: tenant_view(http, key) for key in ("sk-alice", "sk-bob")}
+        assert after["sk-bob"] == before["sk-bob"]
+        got = after["sk-alice"]["sessions"].pop(fresh["sk-alice"])
+        before["sk-alice"]["sessions"].pop(fresh["sk-alice"])
+        assert after["sk-alice"] == before["sk-alice"]
+        check_interrupted(got, acked, streamed)
+        before["sk-alice"]["sessions"][fresh["sk-alice"]] = got
+        check_isolated(http, "sk-alice", before["sk-bob"])
+        check_isolated(http, "sk-bob", before["sk-alice"])
+        where = store.directory()  # every record re-homed, to its tenant
+        for key, name in (("sk-alice", "alice"), ("sk-bob", "bob")):
+            ids = [*before[key]["sessions"], *before[key]["snapshots"]]
+            assert all(where[i][0] == survivor and where[i][1] == name for i in ids), where
