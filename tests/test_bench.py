@@ -428,7 +428,9 @@ def test_bench_tenants_json(tmp_path, capsys):
           "2", "--idle-connections", "5", "--no-rates", "--json", str(path)])
     out = json.loads(path.read_text())
     assert out["bench"] == "tenants"
-    assert out["phases"]["alone"]["turns"] == out["phases"]["attacked"]["turns"] == 3
+    phases = out["phases"]
+    assert phases["alone"]["turns"] == phases["attacked"]["turns"] == phases["control"]["turns"] == 3
+    assert phases["attacked"]["attacker_cores"] > 0 and phases["control"]["attacker_cores"] > 0
     assert out["identical"] is True
     expected = {"stop list of 100,000": {"422"}, "import, draws 2^40": {"400"},
                 "import, garbage KV and mask": {"400"}, "import of 24 MiB": {"400", "413"},

@@ -179,10 +179,12 @@ def test_lone_surrogates_are_400(client):
 # -- against a real server --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server():
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def server(request):
+    """A real server on each HTTP parser: the guards hold on both."""
     with run_server(["--max-connections", "64", "--header-timeout-s", "1",
-                     "--body-timeout-s", "1", "--log-level", "warning"]) as url:
+                     "--body-timeout-s", "1", "--http", request.param,
+                     "--log-level", "warning"]) as url:
         yield url
 
 

@@ -12,6 +12,12 @@ The peer is the same workload alone on the same server in the same run: the repo
 the well-behaved tenant's p50 and p99 turn latency under attack over alone (target at
 most 1.5x), whether its outputs were identical, and what each attack got (every one
 should be a 4xx or a cut-short answer, never a 5xx).
+
+The attacker's client runs on the server's machine, which a real attacker's does not: a
+third phase, the control, runs the workload beside a process that burns as much CPU as
+the attacker's client just did and sends nothing. Control over alone is what sharing
+the machine with the load generator costs; under attack over control is what the
+server's defences let through.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from agentos.bench.api import free_port, run_server
+from agentos.bench.api import free_port, run_agentos
 from agentos.bench.common import check, new_console, print_checks, print_table, ratio
 
 TARGET = 1.5  # under attack over alone, p50 and p99 turn latency
@@ -83,14 +89,45 @@ def run(bench: TenantsBench) -> dict:
         if bench.body_bytes_per_s is not None:
             args += ["--body-bytes-per-s-per-tenant", str(bench.body_bytes_per_s)]
         log: list[str] = []
-        phases: dict[str, list] = {"alone": [], "attacked": []}
+        phases: dict[str, list] = {"alone": [], "attacked": [], "control": []}
         attacks: dict[str, dict] = {}
-        with run_server(args, free_port(), log, bench.startup_timeout_s) as url:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        with run_agentos(["serve", "--host", "127.0.0.1", "--port", str(port), *args], url,
+                         log, bench.startup_timeout_s) as proc:
+            server = _cpu_clock(proc.pid)
             asyncio.run(_agents(url, bench))  # warm-up: first steps, code paths
             for _ in range(bench.rounds):
-                phases["alone"].append(asyncio.run(_agents(url, bench)))
-                phases["attacked"].append(_under_attack(url, bench, attacks))
+                phases["alone"].append(_timed({"server": server},
+                                              lambda: asyncio.run(_agents(url, bench))))
+                phases["attacked"].append(_under_attack(url, bench, attacks, server))
+                burned = phases["attacked"][-1]["cpu"]
+                phases["control"].append(_beside_burner(
+                    url, bench, server, burned["attacker_s"] / burned["wall_s"]))
     return _summarize(bench, phases, attacks, log)
+
+
+def _cpu_clock(pid: int):
+    """The CPU seconds (user + system, all threads) a process has used so far."""
+    import psutil
+
+    process = psutil.Process(pid)
+
+    def seconds() -> float:
+        t = process.cpu_times()
+        return t.user + t.system
+    return seconds
+
+
+def _timed(clocks: dict, phase) -> dict:
+    """Runs one phase; adds its wall time and the CPU seconds each process in `clocks`
+    ({name: CPU clock}) and this one (the well-behaved tenant's client) spent in it."""
+    clocks = {"client": time.process_time, **clocks}
+    wall, start = time.perf_counter(), {name: clock() for name, clock in clocks.items()}
+    out = phase()
+    out["cpu"] = {"wall_s": time.perf_counter() - wall,
+                  **{f"{name}_s": clock() - start[name] for name, clock in clocks.items()}}
+    return out
 
 
 # -- the well-behaved tenant -----------------------------------------------------------
@@ -129,7 +166,7 @@ async def _agent(client, bench: TenantsBench, i: int) -> tuple[list[float], list
     return latencies, outputs
 
 
-def _under_attack(url: str, bench: TenantsBench, attacks: dict[str, dict]) -> dict:
+def _under_attack(url: str, bench: TenantsBench, attacks: dict[str, dict], server_cpu) -> dict:
     """The workload while a separate process attacks; the attack counts are added up."""
     ctx = multiprocessing.get_context("spawn")
     stop, ready, results = ctx.Event(), ctx.Event(), ctx.Queue()
@@ -143,7 +180,8 @@ def _under_attack(url: str, bench: TenantsBench, attacks: dict[str, dict]) -> di
         if not ready.wait(60):
             raise RuntimeError("the attacking process did not start")
         time.sleep(1.0)  # the attack is under way before the first turn
-        out = asyncio.run(_agents(url, bench))
+        out = _timed({"server": server_cpu, "attacker": _cpu_clock(proc.pid)},
+                     lambda: asyncio.run(_agents(url, bench)))
     finally:
         stop.set()
         counts = results.get(timeout=120)
@@ -157,6 +195,34 @@ def _under_attack(url: str, bench: TenantsBench, attacks: dict[str, dict]) -> di
             total["statuses"][s] = total["statuses"].get(s, 0) + n
         total["seconds"] += c["seconds"]
     return out
+
+
+def _beside_burner(url: str, bench: TenantsBench, server_cpu, cores: float) -> dict:
+    """The workload beside a process that keeps `cores` of a core busy (at most one)."""
+    ctx = multiprocessing.get_context("spawn")
+    stop = ctx.Event()
+    proc = ctx.Process(target=_burn, args=(min(1.0, cores), stop), daemon=True)
+    proc.start()
+    try:
+        time.sleep(1.0)  # started, and burning, before the first turn
+        return _timed({"server": server_cpu, "attacker": _cpu_clock(proc.pid)},
+                      lambda: asyncio.run(_agents(url, bench)))
+    finally:
+        stop.set()
+        proc.join(timeout=30)
+
+
+def _burn(duty: float, stop) -> None:
+    """Keeps its CPU time at `duty` of the wall time until stopped: spins while behind,
+    sleeps while ahead (a millisecond at a time)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    while not stop.is_set():
+        if time.process_time() - cpu < duty * (time.perf_counter() - wall):
+            t = time.perf_counter()
+            while time.perf_counter() - t < 0.001:
+                pass
+        else:
+            time.sleep(0.001)
 
 
 # -- the attacker (a separate process) -------------------------------------------------
@@ -177,6 +243,7 @@ async def _attack(url, names, attackers, idle_connections, stop, ready, counts) 
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30.0,
                                  trust_env=False) as client:
         record = await _own_record(client)
+        _bodies()
         ready.set()
         held = asyncio.create_task(_idle_connections(url, idle_connections, stop, counts))
 
@@ -216,15 +283,30 @@ def _count(counts: dict, name: str, status: int | str | None, seconds: float) ->
 
 
 async def _own_record(client) -> bytes:
-    """An export of one of the attacker's own sessions, to craft imports from."""
-    r = await client.post("/v1/sessions", json={"tokens": list(range(1, 49))})
-    r.raise_for_status()
+    """An export of one of the attacker's own sessions, to craft imports from. The last
+    round's sessions are closed first (an attack's own clean-up may have been refused at
+    the door), and each call waits out its 429s (the rates may still be spent)."""
+    listed = await _patiently(client, "GET", "/v1/sessions")
+    for info in listed.json().get("data", []):
+        await _patiently(client, "DELETE", f"/v1/sessions/{info['id']}")
+    r = await _patiently(client, "POST", "/v1/sessions", json={"tokens": list(range(1, 49))})
     sid = r.json()["id"]
-    await client.post(f"/v1/sessions/{sid}/generate", json={"max_tokens": 1})
-    r = await client.get(f"/v1/sessions/{sid}/export", params={"kv": "true"})
-    r.raise_for_status()
-    await client.delete(f"/v1/sessions/{sid}")
+    await _patiently(client, "POST", f"/v1/sessions/{sid}/generate", json={"max_tokens": 1})
+    r = await _patiently(client, "GET", f"/v1/sessions/{sid}/export", params={"kv": "true"})
+    await _patiently(client, "DELETE", f"/v1/sessions/{sid}")
     return r.content
+
+
+async def _patiently(client, method: str, path: str, **kw):
+    """The call, repeated after each 429's Retry-After (for up to a minute); raises on
+    any other error."""
+    deadline = time.monotonic() + 60.0
+    while True:
+        r = await client.request(method, path, **kw)
+        if r.status_code != 429 or time.monotonic() > deadline:
+            r.raise_for_status()
+            return r
+        await asyncio.sleep(float(r.headers.get("Retry-After", "1")))
 
 
 async def _stop_list(client, url, record) -> int:
@@ -402,10 +484,20 @@ def _summarize(bench: TenantsBench, phases: dict, attacks: dict, log: list[str])
     stats = {}
     for name, runs in phases.items():
         lat = [x for r in runs for x in r["latencies"]]
+        wall = sum(r["cpu"]["wall_s"] for r in runs)
         stats[name] = {"turns": len(lat), "p50_s": _percentile(lat, 0.5),
-                       "p99_s": _percentile(lat, 0.99), "mean_s": statistics.fmean(lat)}
-    alone, attacked = stats["alone"], stats["attacked"]
+                       "p99_s": _percentile(lat, 0.99), "mean_s": statistics.fmean(lat),
+                       "wall_s": wall,
+                       # cores busy on average: where the machine's CPU went in this phase
+                       "server_cores": sum(r["cpu"]["server_s"] for r in runs) / wall,
+                       "client_cores": sum(r["cpu"]["client_s"] for r in runs) / wall,
+                       "attacker_cores": sum(r["cpu"].get("attacker_s", 0.0) for r in runs) / wall}
+    alone, attacked, control = stats["alone"], stats["attacked"], stats["control"]
     p50, p99 = ratio(attacked["p50_s"], alone["p50_s"]), ratio(attacked["p99_s"], alone["p99_s"])
+    # over alone: what the load generator's CPU costs; attacked over it: what the server lets in
+    shares = {q: {"control_over_alone": ratio(control[f"{q}_s"], alone[f"{q}_s"]),
+                  "attacked_over_control": ratio(attacked[f"{q}_s"], control[f"{q}_s"])}
+              for q in ("p50", "p99")}
     reference = phases["alone"][0]["outputs"]
     identical = all(r["outputs"] == reference for rs in phases.values() for r in rs)
     server_errors = sum(a["5xx"] for a in attacks.values())
@@ -419,17 +511,28 @@ def _summarize(bench: TenantsBench, phases: dict, attacks: dict, log: list[str])
         check("no attack got a 5xx", server_errors == 0, f"{server_errors} answers 5xx"),
     ]
     return {"bench": "tenants", "config": asdict(bench), "phases": stats,
-            "p50_ratio": p50, "p99_ratio": p99, "identical": identical, "attacks": attacks,
+            "p50_ratio": p50, "p99_ratio": p99, "shares": shares, "identical": identical,
+            "attacks": attacks,
             "checks": checks, "passed": all(c["passed"] for c in checks),
             "server_log": log[-20:]}
 
 
 def render(result: dict) -> None:
     console = new_console()
-    rows = [(name, s["turns"], s["p50_s"], s["p99_s"], s["mean_s"])
-            for name, s in result["phases"].items()]
-    print_table("The well-behaved tenant's turns (s)", ("phase", "turns", "p50", "p99", "mean"),
+    rows = [(name, s["turns"], s["p50_s"], s["p99_s"], s["mean_s"], s["server_cores"],
+             s["client_cores"], s["attacker_cores"]) for name, s in result["phases"].items()]
+    print_table("The well-behaved tenant's turns (s), and the cores each process kept busy "
+                "(attacker: the attacking client, or the control's CPU burner)",
+                ("phase", "turns", "p50", "p99", "mean", "server", "client", "attacker"),
                 rows, console)
+    shares = result["shares"]
+    print_table("Where the slowdown comes from", ("ratio", "p50", "p99"), [
+        ("under attack / alone (target <= 1.5x)", result["p50_ratio"], result["p99_ratio"]),
+        ("control / alone: the load generator's CPU on the server's cores",
+         shares["p50"]["control_over_alone"], shares["p99"]["control_over_alone"]),
+        ("under attack / control: what the server's defences let through",
+         shares["p50"]["attacked_over_control"], shares["p99"]["attacked_over_control"])],
+        console)
     rows = [(name, a["requests"], a["2xx"], a["4xx"], a["5xx"], a["failed"],
              ", ".join(f"{s}: {n}" for s, n in sorted(a["statuses"].items())), a["median_s"])
             for name, a in result["attacks"].items()]
