@@ -110,19 +110,29 @@ async def generate(sid: str, body: Generate, request: Request, t: Tenant = Depen
     return EventStream(events(chunks), on_close)
 
 
-async def until_disconnected(request: Request, call: Awaitable[T], poll_s: float = 0.2) -> T:
-    """Awaits call; cancels it when the client disconnects first (a generate is then
+async def until_disconnected(request: Request, call: Awaitable[T]) -> T:
+    """Awaits call; cancels it as soon as the client disconnects (a generate is then
     aborted, keeping the tokens it made) and raises ClientDisconnectedError."""
     task = asyncio.ensure_future(call)
+    gone = asyncio.ensure_future(_client_gone(request))
     try:
-        while not (await asyncio.wait({task}, timeout=poll_s))[0]:
-            if await request.is_disconnected():
-                raise ClientDisconnectedError("the client disconnected before the answer")
-        return task.result()
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise ClientDisconnectedError("the client disconnected before the answer")
     finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        for t in (task, gone):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(task, gone, return_exceptions=True)
+
+
+async def _client_gone(request: Request, poll_s: float = 0.2) -> None:
+    """Returns when the client has disconnected. The body was read before the call ran, so
+    the next ASGI message is the disconnect (the server sends it as the connection
+    drops); anything else falls back to polling."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(poll_s)
 
 
 class ClientDisconnectedError(APIStatusError):
