@@ -401,6 +401,7 @@ class Kernel(Calls, Lifecycle):
             self._finish(p, "abort")
         self.policy.remove(p)
         p.set_state(ProcState.ZOMBIE)
+        self.memory.register_tail(p)
         self.vm.free(p.table)
         del self.procs[pid]
         self.memory.untrack(p)

@@ -19,6 +19,7 @@ pages is a handful of array operations, not a Python loop.
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
@@ -92,6 +93,10 @@ class BlockAllocator:
         self._free_pages: list[int] = list(range(n - 1, -1, -1))
         self.digest: dict[int, bytes] = {}  # full page -> chained digest of its tokens
         self.cached: dict[bytes, int] = {}  # digest -> the page new sessions share
+        # the cached pages by what precedes them, for matches that end inside a page:
+        # (digest of the page before, first token) -> pages; page -> (that digest, tokens)
+        self.after: dict[tuple[bytes, int], set[int]] = {}
+        self.held: dict[int, tuple[bytes, array]] = {}
         self.lru: OrderedDict[int, None] = OrderedDict()  # unmapped cached device pages, oldest first
         self.evictions = 0
 
@@ -234,21 +239,45 @@ class BlockAllocator:
 
     # -- prefix cache -------------------------------------------------------------------
 
-    def register(self, page: int, digest: bytes) -> None:
-        """Records a full page's digest; it becomes the cached copy if there is none."""
+    def register(self, page: int, digest: bytes, prev: bytes | None = None,
+                 tokens: array | None = None) -> None:
+        """Records a page's digest; it becomes the cached copy if there is none. With the
+        digest before it (`prev`) and the tokens it holds (a full block, or the head of
+        one), it can also be found by `longest_match`."""
         if self.digest.get(page, digest) != digest:
             self.forget(page)
         self.digest[page] = digest
-        self.cached.setdefault(digest, page)
+        if self.cached.setdefault(digest, page) == page and prev is not None and tokens:
+            self.held[page] = (prev, tokens)
+            self.after.setdefault((prev, tokens[0]), set()).add(page)
 
     def forget(self, page: int) -> None:
         """Drops a page's digest (before it is overwritten or freed)."""
         digest = self.digest.pop(page, None)
         if digest is not None and self.cached.get(digest) == page:
             del self.cached[digest]
+        held = self.held.pop(page, None)
+        if held is not None:
+            key = (held[0], held[1][0])
+            pages = self.after[key]
+            pages.discard(page)
+            if not pages:
+                del self.after[key]
 
     def lookup(self, digest: bytes) -> int | None:
         return self.cached.get(digest)
+
+    def longest_match(self, prev: bytes, tokens: array) -> tuple[int | None, int]:
+        """The cached page after `prev` whose tokens share the longest head with `tokens`
+        (fewer than a block), and that length: (None, 0) when none shares one."""
+        best, length = None, 0
+        for page in self.after.get((prev, tokens[0]), ()) if tokens else ():
+            held = self.held[page][1]
+            n = min(len(held), len(tokens))
+            k = next((j for j in range(1, n) if held[j] != tokens[j]), n)
+            if k > length:
+                best, length = page, k
+        return best, length
 
     def flush_cache(self) -> None:
         """Empties the prefix cache: frees the LRU's pages and forgets every digest (mapped
@@ -257,6 +286,8 @@ class BlockAllocator:
         self.lru.clear()
         self.digest.clear()
         self.cached.clear()
+        self.after.clear()
+        self.held.clear()
 
     # -- invariants ---------------------------------------------------------------------
 
@@ -282,3 +313,5 @@ class BlockAllocator:
         assert len(self._free_pages) == int((~held).sum()), "page free list out of sync"
         for digest, page in self.cached.items():
             assert self.digest.get(page) == digest and held[page], "stale prefix-cache entry"
+        assert set(self.held) <= set(self.cached.values()), "a stale partial-match entry"
+        assert sum(len(v) for v in self.after.values()) == len(self.held)

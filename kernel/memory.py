@@ -189,8 +189,13 @@ class MemoryManager:
             hits.append(page)
             prev = digest
             i += 1
+        tail = 0
+        if not wait and end > i * bs:  # the rest may match the head of a cached page
+            page, tail = self.kalloc.longest_match(prev, tokens[i * bs : min(end, (i + 1) * bs)])
+            if page is not None:
+                hits.append(page)  # written only after a copy, or out of the cache (vm)
         if hits:
-            self._map_hits(p, hits, i * bs)
+            self._map_hits(p, hits, i * bs + tail)
         return not wait
 
     def _map_hits(self, p: Process, hits: list[int], end: int) -> None:
@@ -491,10 +496,32 @@ class MemoryManager:
             out.append(prev)
         return out
 
+    def register_tail(self, p: Process) -> None:
+        """Enters p's last, partly filled page into the prefix cache under the digest of
+        the tokens it holds, as p closes: a session that later starts with the same tokens
+        (a conversation sent again with its next turn) maps it and computes only what
+        follows. The first to write into it takes it out of the cache (or copies it, while
+        it is shared), so a cached page never changes under its digest."""
+        bs, k = self.block_size, p.num_cached % self.block_size
+        i = p.num_cached // bs
+        if not (k and self.config.prefix_cache and p.kv_version == self.cache_version
+                and i < p.table.num_blocks):
+            return
+        prev = self.root(p) if i == 0 else self.kalloc.digest.get(int(p.table.block_ids[i - 1]))
+        if prev is None:
+            return
+        head = p.token_ids[i * bs : i * bs + k]
+        self.kalloc.register(int(p.table.block_ids[i]), block_digest(prev, head), prev, head)
+
     def register_full(self, p: Process, start: int, end: int) -> None:
         """Enters the pages that [start, end) of p completed into the prefix cache."""
-        if not self.config.prefix_cache:
-            return
-        lo, hi = start // self.block_size, end // self.block_size
+        if not self.config.prefix_cache or p.kv_version != self.cache_version:
+            return  # (KV kept across a weight update is not what the new weights compute)
+        bs = self.block_size
+        lo, hi = start // bs, end // bs
+        prev = self.root(p) if lo == 0 else self.kalloc.digest.get(int(p.table.block_ids[lo - 1]))
         for i, digest in enumerate(self._digests(p, lo, hi), lo):
-            self.kalloc.register(int(p.table.block_ids[i]), digest)
+            assert prev is not None
+            self.kalloc.register(int(p.table.block_ids[i]), digest, prev,
+                                 p.token_ids[i * bs : (i + 1) * bs])
+            prev = digest

@@ -113,15 +113,20 @@ class VM:
         first = start // self.block_size
         new = max(0, self.blocks_for(end) - table.num_blocks)
         mapped = table.block_ids[first : min(table.num_blocks, self.blocks_for(end))]
-        shared = int((self.kalloc.refcount[mapped] > 1).sum()) if len(mapped) else 0
-        return need + new + shared
+        copied = sum(1 for page in mapped.tolist() if self._copied_on_write(page))
+        return need + new + copied
+
+    def _copied_on_write(self, page: int) -> bool:
+        """Whether writing into the page takes a copy: it is shared, or it is the prefix
+        cache's copy of its tokens (which must not change under its digest)."""
+        return bool(self.kalloc.refcount[page] > 1) or page in self.kalloc.digest
 
     def prepare_write(self, table: PageTable, start: int, end: int) -> list[tuple[int, int]] | None:
         """Makes positions [start, end) writable by this table alone. Its pages must be on
         the device.
 
-        Allocates missing pages and replaces shared ones with private copies; a private
-        page about to be overwritten leaves the prefix cache. Returns the (src, dst) page
+        Allocates missing pages and replaces shared ones, and the prefix cache's own, with
+        private copies (a cached page never changes under its digest). Returns the (src, dst) page
         copies the caller must perform before writing, or None when there are not enough
         free pages (then nothing changed).
         """
@@ -134,13 +139,11 @@ class VM:
             last_mapped = min(table.num_blocks, self.blocks_for(end))
             for i in range(start // self.block_size, last_mapped):
                 src = int(ids[i])
-                if self.kalloc.refcount[src] > 1:
+                if self._copied_on_write(src):
                     (dst,) = self.kalloc.alloc(1)
                     self.kalloc.decref([src])
                     ids[i] = dst
                     copies.append((src, dst))
-                elif src in self.kalloc.digest:
-                    self.kalloc.forget(src)
             missing = self.blocks_for(end) - table.num_blocks
             if missing > 0:
                 table.push(self.kalloc.alloc(missing))

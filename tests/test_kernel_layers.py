@@ -247,7 +247,10 @@ def test_random_operations_make_only_allowed_transitions():
     moves: set = set()
     illegal: list = []
 
-    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+    # NOTE: derandomized: the same walks every run, so the coverage asserted below (the
+    # pager's round trip) is a property of the code, not of the draw
+    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck),
+              derandomize=True)
     @given(ops=st.lists(OPS, min_size=4, max_size=24), host=st.sampled_from([24, 0]))
     def run(ops, host):
         with Engine("tiny", block_size=16, kv_blocks=12, host_blocks=host) as engine, \
