@@ -51,7 +51,8 @@ class Session:
                  top_k: int = 0, seed: int | None = None, stop: list[str] | str | None = None,
                  stop_token_ids: list[int] | None = None, ignore_eos: bool = False,
                  logprobs: bool = True, params: SamplingParams | None = None,
-                 stream: bool = False):
+                 stream: bool = False, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0):
         """Generates up to max_tokens tokens at the end of the session and appends them.
 
         Returns a Generation (tokens, text, logprobs, finish_reason: "stop", "length" or
@@ -67,7 +68,10 @@ class Session:
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
                                     top_p=top_p, top_k=top_k, seed=seed, stop=stop or [],
                                     stop_token_ids=stop_token_ids or [],
-                                    ignore_eos=ignore_eos, logprobs=logprobs)
+                                    ignore_eos=ignore_eos, logprobs=logprobs, min_p=min_p,
+                                    repetition_penalty=repetition_penalty,
+                                    presence_penalty=presence_penalty,
+                                    frequency_penalty=frequency_penalty)
         return self._backend.generate(self.id, params, stream)
 
     def score(self, text: str | None = None, tokens: list[int] | None = None):

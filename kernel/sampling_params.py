@@ -19,7 +19,11 @@ class SamplingParams:
     max_tokens: int = 16  # tokens to generate at most
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0  # nucleus mass in (0, 1]
-    top_k: int = 0  # 0 = off
+    top_k: int = 0  # 0 (or -1, as vLLM writes it) = off
+    min_p: float = 0.0  # drop tokens below min_p times the likeliest one's probability; 0 = off
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the session; 1 = off
+    presence_penalty: float = 0.0  # subtracted from tokens this call already produced
+    frequency_penalty: float = 0.0  # subtracted once per time this call produced the token
     seed: int | None = None  # reseeds the session's RNG before this call; None continues it
     stop: list[str] = field(default_factory=list)  # stop strings (not included in text)
     stop_token_ids: list[int] = field(default_factory=list)  # stop on these (kept in tokens)
@@ -37,8 +41,16 @@ class SamplingParams:
                and self.temperature >= 0, f"temperature must be a finite number >= 0, got {self.temperature}")
         _check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
                f"top_p must be in (0, 1], got {self.top_p}")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0,
-               f"top_k must be an integer >= 0, got {self.top_k!r}")
+        _check(isinstance(self.top_k, int) and self.top_k >= -1,
+               f"top_k must be an integer >= 0 (or -1: off), got {self.top_k!r}")
+        self.top_k = max(self.top_k, 0)
+        _check(_number(self.min_p) and 0 <= self.min_p <= 1,
+               f"min_p must be in [0, 1], got {self.min_p!r}")
+        _check(_number(self.repetition_penalty) and self.repetition_penalty > 0,
+               f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_number(value) and -2 <= value <= 2, f"{name} must be in [-2, 2], got {value!r}")
         _check(self.seed is None or isinstance(self.seed, int) and 0 <= self.seed < 2**63,
                f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty")
@@ -50,6 +62,16 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the logits depend on the tokens so far (the sampler needs them)."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _check(ok: bool, message: str) -> None:

@@ -130,12 +130,12 @@ def test_multi_turn_rollouts_mask_the_tool_tokens(folder):
 
 
 def test_sampling_follows_the_trainer_and_refuses_what_it_cannot_do(folder):
-    params = sampling_from_args(_trainer(folder, top_k=-1, top_p=0.9).args)
+    params = sampling_from_args(_trainer(folder, top_k=-1, top_p=0.9, min_p=0.1,
+                                         repetition_penalty=1.2).args)
     assert (params.max_tokens, params.top_k, params.top_p, params.logprobs) == (6, 0, 0.9, True)
-    with pytest.raises(ValueError, match="min_p"):
-        sampling_from_args(_trainer(folder, min_p=0.1).args)
-    with pytest.raises(ValueError, match="repetition_penalty"):
-        sampling_from_args(_trainer(folder, repetition_penalty=1.2).args)
+    assert (params.min_p, params.repetition_penalty) == (0.1, 1.2)
+    with pytest.raises(ValueError, match="generation_kwargs"):
+        sampling_from_args(_trainer(folder, generation_kwargs={"foo": 1}).args)
 
 
 def test_repeated_runs():

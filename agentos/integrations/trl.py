@@ -18,10 +18,9 @@ on each of the trainer's generation calls:
 - Prompts are tokenized with the trainer's own processing class (chat template and
   `chat_template_kwargs` for conversational prompts, as TRL does), and the token ids are
   sent: the ids the trainer computes its loss on are the ids the engine continued.
-- Sampling follows the trainer's arguments: `temperature`, `top_p`, `top_k` (0 or -1: off)
-  and `max_completion_length`; options AgentOS does not have yet (`min_p`,
-  `repetition_penalty` other than 1, `generation_kwargs`) are a clear ValueError, never
-  silently dropped.
+- Sampling follows the trainer's arguments: `temperature`, `top_p`, `top_k` (0 or -1: off),
+  `min_p`, `repetition_penalty` and `max_completion_length`; `generation_kwargs` is a
+  clear ValueError, never silently dropped.
 - Weights: whenever the trainer's `global_step` differs from the last one pushed (the first
   call included), the trainer's parameters go to the engine (HF names; weight version =
   the step) before anything is sampled, with `kv_policy` "recompute", so every completion
@@ -148,21 +147,18 @@ def prompt_ids(trainer, prompt) -> list[int]:
 
 
 def sampling_from_args(args) -> SamplingParams:
-    """SamplingParams from a GRPOConfig. Raises ValueError for a sampling option AgentOS
-    does not have (rather than sampling from another distribution than asked)."""
-    unsupported = []
-    if getattr(args, "min_p", None) not in (None, 0, 0.0):
-        unsupported.append(f"min_p={args.min_p}")
-    if getattr(args, "repetition_penalty", 1.0) not in (None, 1.0):
-        unsupported.append(f"repetition_penalty={args.repetition_penalty}")
+    """SamplingParams from a GRPOConfig. Raises ValueError for what AgentOS does not take
+    (`generation_kwargs`: rather than sampling from another distribution than asked)."""
     if getattr(args, "generation_kwargs", None):
-        unsupported.append(f"generation_kwargs={args.generation_kwargs}")
-    if unsupported:
-        raise ValueError(f"AgentOS rollouts do not support {', '.join(unsupported)} yet")
+        raise ValueError(f"AgentOS rollouts do not take generation_kwargs "
+                         f"({args.generation_kwargs}); set the trainer's sampling arguments")
     top_k = getattr(args, "top_k", 0) or 0
     max_tokens = getattr(args, "max_completion_length", None)
     if max_tokens is None:
         raise ValueError("set max_completion_length: AgentOS rollouts need a bound")
     return SamplingParams(max_tokens=int(max_tokens), temperature=float(args.temperature),
                           top_p=float(getattr(args, "top_p", 1.0) or 1.0),
-                          top_k=0 if top_k < 0 else int(top_k), logprobs=True)
+                          top_k=0 if top_k < 0 else int(top_k),
+                          min_p=float(getattr(args, "min_p", None) or 0.0),
+                          repetition_penalty=float(getattr(args, "repetition_penalty", 1.0)
+                                                   or 1.0), logprobs=True)

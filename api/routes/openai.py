@@ -43,13 +43,15 @@ class _Sampling(BaseModel):
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
     user: str | None = None
     # extra fields
     session: str | None = None  # continue this session (appending the new prompt)
     keep_session: bool = False  # keep the new session open and return its id
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=-1)
+    min_p: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, gt=0, allow_inf_nan=False)
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
 
@@ -146,8 +148,6 @@ def _check_model(body: _Sampling, settings) -> None:
     if body.model is not None and body.model not in (settings.model_name, settings.model):
         raise NotFoundError(f"the model {body.model!r} does not exist; this server serves "
                             f"{settings.model_name!r}")
-    if body.presence_penalty or body.frequency_penalty:
-        raise InvalidRequestError("presence_penalty and frequency_penalty are not supported")
     if body.session is not None and body.n > 1:
         raise InvalidRequestError("n > 1 cannot continue a session: fork it first")
 
@@ -167,7 +167,10 @@ class _Run:
         if max_tokens is None:  # as much as the context allows, within the server's cap
             max_tokens = settings.max_tokens_cap or engine.max_model_len
         fields = {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
-                  "top_k": body.top_k, "seed": body.seed, "stop": body.stop,
+                  "top_k": body.top_k, "min_p": body.min_p,
+                  "repetition_penalty": body.repetition_penalty,
+                  "presence_penalty": body.presence_penalty,
+                  "frequency_penalty": body.frequency_penalty, "seed": body.seed, "stop": body.stop,
                   "stop_token_ids": body.stop_token_ids, "ignore_eos": body.ignore_eos,
                   "logprobs": bool(body.logprobs)}
         self.params = sampling_params(fields, settings.max_tokens_cap)

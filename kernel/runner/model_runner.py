@@ -242,8 +242,10 @@ class ModelRunner:
         if rows:
             procs = [chunks[i].proc for i in sampled]
             picked = logits if len(rows) == len(logits) else logits[rows]
-            token_ids, logprobs = sample(picked, [p.call.params for p in procs],
-                                         [p.rng for p in procs])
+            params = [p.call.params for p in procs]
+            histories = ([(p.token_ids, p.call.start_len) for p in procs]
+                         if any(q.penalized for q in params) else None)
+            token_ids, logprobs = sample(picked, params, [p.rng for p in procs], histories)
             for i, t, lp in zip(sampled, token_ids, logprobs):
                 outs[i] = (t, lp)
         return outs

@@ -1,4 +1,5 @@
-"""Token sampling: greedy, temperature, top-k, top-p, with one RNG per session.
+"""Token sampling: penalties, greedy, temperature, top-k, top-p, min-p, with one RNG per
+session.
 
 Each session owns a `torch.Generator`; a sampled row draws exactly one vector of
 exponential noise from its own generator per token, so a session's draws do not depend
@@ -6,6 +7,8 @@ on what else is in the batch, and saving the generator's state is enough to repl
 """
 
 from __future__ import annotations
+
+from array import array
 
 import torch
 
@@ -21,21 +24,26 @@ def new_rng(seed: int, device: str = "cpu") -> torch.Generator:
 
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], rngs: list[torch.Generator],
+    histories: list[tuple[array, int]] | None = None,
 ) -> tuple[list[int], list[float]]:
-    """Picks one token per row of logits [S, V] (fp32).
+    """Picks one token per row of logits [S, V] (fp32). `histories` (needed when a row's
+    call has penalties): each row's session tokens and the position its call began at.
 
     Returns (token ids, logprobs), the logprob of each chosen token under the model's
-    distribution (log-softmax of the raw logits). Advances the RNG of sampled rows only.
+    distribution (log-softmax of the raw logits, before penalties, temperature and
+    filters). Advances the RNG of sampled rows only.
     """
     logprobs = torch.log_softmax(logits, dim=-1)
-    chosen = logits.argmax(dim=-1)
+    adjusted = _penalize(logits, params, histories)
+    chosen = adjusted.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
         idx = _to_device(rows, torch.long, logits.device)
-        x = logits[idx]
+        x = adjusted[idx]
         temps = _to_device([params[i].temperature for i in rows], torch.float32, x.device)
         x = x / temps[:, None]
         x = _top_k_top_p(x, [params[i].top_k for i in rows], [params[i].top_p for i in rows])
+        x = _min_p(x, [params[i].min_p for i in rows])
         probs = torch.softmax(x, dim=-1)
         # exponential race: argmax(p / E) with E ~ Exp(1) samples from p
         noise = torch.stack([
@@ -47,6 +55,45 @@ def sample(
     # token id exactly)
     both = torch.stack((chosen.to(torch.float64), lp.to(torch.float64))).cpu()
     return [int(t) for t in both[0].tolist()], both[1].tolist()
+
+
+def _penalize(logits: torch.Tensor, params: list[SamplingParams],
+              histories: list[tuple[array, int]] | None) -> torch.Tensor:
+    """The logits of rows whose call asks for penalties, adjusted for the tokens so far
+    (rows without stay as they are; the input is not changed). histories[i] is row i's
+    session tokens and where its call began: the repetition penalty looks at all of them
+    (prompt and output, as transformers and vLLM do), presence and frequency at the
+    call's output only (as OpenAI's and vLLM's do)."""
+    rows = [i for i, p in enumerate(params) if p.penalized]
+    if not rows:
+        return logits
+    assert histories is not None
+    x = logits.clone()
+    V = x.shape[1]
+    for i in rows:
+        p, (tokens, start) = params[i], histories[i]
+        ids = torch.frombuffer(tokens, dtype=torch.int32).to(device=x.device, dtype=torch.long)
+        row = x[i]
+        if p.repetition_penalty != 1.0:
+            seen = torch.zeros(V, dtype=torch.bool, device=x.device)
+            seen[ids] = True
+            r = p.repetition_penalty
+            row = torch.where(seen, torch.where(row > 0, row / r, row * r), row)
+        if p.presence_penalty or p.frequency_penalty:
+            counts = torch.bincount(ids[start:], minlength=V)[:V].to(row.dtype)
+            row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0)
+        x[i] = row
+    return x
+
+
+def _min_p(x: torch.Tensor, min_ps: list[float]) -> torch.Tensor:
+    # x: [S, V] scaled (and filtered) logits; drops tokens whose probability is below
+    # min_p times the likeliest token's (p / p_max = exp(x - x_max))
+    if not any(min_ps):
+        return x
+    ps = _to_device(min_ps, x.dtype, x.device)
+    rel = x - x.max(dim=-1, keepdim=True).values
+    return x.masked_fill(rel < torch.log(ps)[:, None], float("-inf"))
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

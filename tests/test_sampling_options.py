@@ -1,0 +1,120 @@
+"""The sampling options RL frameworks and OpenAI clients send: repetition, presence and
+frequency penalties, min-p, top_k=-1. Checked against transformers' own logits
+processors and generate, against OpenAI's formula, and for exact replay."""
+
+from __future__ import annotations
+
+from array import array
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from agentos import Engine, SamplingParams
+from agentos.api.app import ServerSettings, create_app
+from agentos.engine import AsyncEngine
+from agentos.kernel.errors import InvalidRequestError
+from agentos.kernel.runner.sampler import _min_p, _penalize, sample
+from hf_models import PAD, hf_model, make_hf_checkpoint
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_hf_checkpoint(tmp_path_factory.mktemp("m"), "llama", seed=3)
+
+
+def test_greedy_with_repetition_penalty_matches_hf_generate(folder):
+    prompt = [5, 9, 17, 33, 9, 5, 60, 61]
+    model = hf_model(str(folder))
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                             dtype=torch.long), do_sample=False, max_new_tokens=24,
+                             repetition_penalty=1.7, eos_token_id=None, pad_token_id=PAD)
+    theirs = out[0, len(prompt):].tolist()
+    with Engine(model=str(folder)) as engine:
+        s = engine.create_session(tokens=prompt)
+        ours = s.generate(max_tokens=24, temperature=0.0, ignore_eos=True,
+                          repetition_penalty=1.7).tokens
+        plain = engine.create_session(tokens=prompt).generate(
+            max_tokens=24, temperature=0.0, ignore_eos=True).tokens
+    assert ours == theirs
+    assert ours != plain  # the penalty changed the answer: the check means something
+
+
+def test_repetition_penalty_and_min_p_equal_transformers_processors():
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g) * 3
+    history = [array("i", [1, 2, 3, 2]), array("i", [7, 7]), array("i", [40, 0, 49])]
+    params = [SamplingParams(repetition_penalty=r) for r in (1.3, 0.7, 2.0)]
+    ours = _penalize(logits, params, [(h, len(h)) for h in history])
+    for i, (h, p) in enumerate(zip(history, params)):
+        ids = torch.tensor([list(h)])
+        ref = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(ids, logits[i : i + 1].clone())
+        torch.testing.assert_close(ours[i], ref[0])
+    for m in (0.05, 0.3, 1.0):
+        ref = MinPLogitsWarper(m)(None, logits.clone())
+        ours = _min_p(logits.clone(), [m] * 3)
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref)), m
+
+
+def test_presence_and_frequency_count_this_calls_output_only():
+    logits = torch.zeros(1, 10)
+    tokens = array("i", [4, 4, 4, 5, 6, 6, 5])  # the call began at 3: it made 5, 6, 6, 5
+    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    out = _penalize(logits, [p], [(tokens, 3)])[0]
+    expected = torch.zeros(10)
+    expected[5] = expected[6] = -(0.5 + 2 * 0.25)  # the prompt's 4 is not penalized
+    torch.testing.assert_close(out, expected)
+    # the logprobs stay the model's: penalties only decide which token is chosen
+    logits = torch.tensor([[2.0, 1.9, -1.0]])
+    chosen, lps = sample(logits, [SamplingParams(temperature=0.0, frequency_penalty=2.0)],
+                         [torch.Generator()], [(array("i", [0, 0]), 1)])
+    assert chosen == [1]
+    assert lps[0] == pytest.approx(torch.log_softmax(logits, -1)[0, 1].item())
+
+
+def test_penalized_sampling_replays_exactly_after_rollback():
+    params = SamplingParams(max_tokens=12, temperature=0.9, min_p=0.05, repetition_penalty=1.2,
+                            presence_penalty=0.4, frequency_penalty=0.3, top_k=-1)
+    with Engine() as engine:
+        s = engine.create_session(tokens=[10, 11, 12, 13], seed=5)
+        snap = s.snapshot()
+        first = s.generate(params=params).tokens
+        s.rollback(snap)
+        assert s.generate(params=params).tokens == first
+
+
+def test_bad_values_are_refused():
+    for bad in ({"repetition_penalty": 0.0}, {"presence_penalty": 2.5},
+                {"frequency_penalty": float("nan")}, {"min_p": 1.5}, {"top_k": -2}):
+        with pytest.raises(InvalidRequestError):
+            SamplingParams(**bad)
+    assert SamplingParams(top_k=-1).top_k == 0
+
+
+def test_the_routes_take_them():
+    engine = AsyncEngine("tiny", kv_blocks=1024)
+    try:
+        with TestClient(create_app(ServerSettings(), engine=engine)) as client:
+            sid = client.post("/v1/sessions", json={"tokens": [1, 2, 3]}).json()["id"]
+            r = client.post(f"/v1/sessions/{sid}/generate", json={
+                "max_tokens": 4, "repetition_penalty": 1.2, "presence_penalty": 0.5,
+                "frequency_penalty": 0.5, "min_p": 0.1, "top_k": -1})
+            assert r.status_code == 200 and len(r.json()["tokens"]) == 4, r.text
+            r = client.post(f"/v1/sessions/{sid}/generate", json={"presence_penalty": 3})
+            assert r.status_code == 422, r.text
+            r = client.post("/v1/completions", json={
+                "prompt": "hi", "max_tokens": 4, "presence_penalty": 0.6,
+                "frequency_penalty": 0.6, "repetition_penalty": 1.1, "min_p": 0.2, "top_k": -1})
+            assert r.status_code == 200, r.text
+            r = client.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                "frequency_penalty": -3})
+            assert r.status_code == 422, r.text  # a validation error, as everywhere
+    finally:
+        engine.kernel.shutdown()
