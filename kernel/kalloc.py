@@ -5,9 +5,11 @@ page sits in one slot of the device tier (where attention reads it) or of the ho
 (swapped out). Swapping moves a page between tiers without changing its id, so every
 page table that maps it (forks, snapshots) follows at once and nothing is rewritten.
 
-The allocator also holds the prefix cache's bookkeeping: the chained digest of each full
-page, the canonical page of each digest, and an LRU of cached device pages that no table
-maps any more (kept until their slot is needed). Each chain starts from the root of a
+The allocator also holds the prefix cache's bookkeeping: the chained digest of each cached
+page (a full block, or the head of a closed session's last block), the canonical page of
+each digest, each cached page's tokens under the digest before it (for matches that end
+inside a page), and an LRU of cached device pages that no table maps any more (kept until
+their slot is needed). Each chain starts from the root of a
 cache scope (`scope_root`), so sessions of different scopes (tenants) never share a page
 through the cache, whatever their tokens.
 
@@ -91,7 +93,7 @@ class BlockAllocator:
         self.tier = np.full(n, FREE, dtype=np.int8)
         self.slot = np.zeros(n, dtype=np.int64)
         self._free_pages: list[int] = list(range(n - 1, -1, -1))
-        self.digest: dict[int, bytes] = {}  # full page -> chained digest of its tokens
+        self.digest: dict[int, bytes] = {}  # cached page -> chained digest of its tokens
         self.cached: dict[bytes, int] = {}  # digest -> the page new sessions share
         # the cached pages by what precedes them, for matches that end inside a page:
         # (digest of the page before, first token) -> pages; page -> (that digest, tokens)

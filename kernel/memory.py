@@ -500,8 +500,8 @@ class MemoryManager:
         """Enters p's last, partly filled page into the prefix cache under the digest of
         the tokens it holds, as p closes: a session that later starts with the same tokens
         (a conversation sent again with its next turn) maps it and computes only what
-        follows. The first to write into it takes it out of the cache (or copies it, while
-        it is shared), so a cached page never changes under its digest."""
+        follows. Whoever writes into it writes into a copy (vm.prepare_write), so a cached
+        page never changes under its digest."""
         bs, k = self.block_size, p.num_cached % self.block_size
         i = p.num_cached // bs
         if not (k and self.config.prefix_cache and p.kv_version == self.cache_version
