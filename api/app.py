@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 
 from agentos.api.idempotency import IdempotencyMiddleware
 from agentos.api.observe import HttpMetrics, RequestLogMiddleware
-from agentos.api.routes import dashboard, internal, openai, sessions, snapshots, system
+from agentos.api.routes import dashboard, internal, openai, sessions, snapshots, system, vllm
 from agentos.api.routes import engine as engine_routes
 from agentos.api.tenants import Tenants, load_tenants
 from agentos.api.wire import AuthMiddleware, BodyMiddleware, WireResponse, error_response
@@ -160,7 +160,7 @@ def create_app(settings: ServerSettings | None = None, engine=None,
     app.state.heartbeat = None  # a worker's Heartbeat, from the lifespan handler
     app.state.cluster_secret = None  # read from Redis by a worker
     routers = (sessions.router, snapshots.router, openai.router, system.router,
-               engine_routes.router, internal.router, dashboard.router)
+               engine_routes.router, internal.router, dashboard.router, vllm.router)
     for r in routers:
         app.include_router(r)
     _error_handlers(app)
@@ -205,7 +205,8 @@ class FenceMiddleware:
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
-        if scope["type"] == "http" and (path.startswith("/v1/") or path == "/health") and self.fenced():
+        if scope["type"] == "http" and (path.startswith(AuthMiddleware.PATHS) or path == "/health") \
+                and self.fenced():
             err = OutOfCapacityError("this worker was fenced: its sessions moved to other "
                                      "workers; send requests through the gateway")
             return await error_response(err)(scope, receive, send)

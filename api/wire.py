@@ -110,8 +110,12 @@ class AuthMiddleware:
         self.tenants = tenants
         self.cluster_secret = cluster_secret or (lambda: None)
 
+    # vLLM's own endpoints (api/routes/vllm.py), authenticated like the /v1/ ones
+    PATHS = ("/v1/", "/inference/", "/tokenize", "/detokenize", "/get_world_size",
+             "/finish_session", "/pause", "/resume", "/sleep", "/wake_up")
+
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or not scope["path"].startswith(self.PATHS):
             return await self.app(scope, receive, send)
         _wants_msgpack.set(MSGPACK in _header(scope, b"accept"))
         if scope["path"].startswith("/v1/internal/"):
