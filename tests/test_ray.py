@@ -139,3 +139,29 @@ def test_a_dead_engine_with_a_store_comes_back_with_its_sessions(cluster):
                 assert ours == s.generate(params=GREEDY).tokens
         finally:
             pool.shutdown()
+
+
+def test_engine_control_reaches_every_actor(pool):
+    async def go():
+        a = await pool.create_session(tokens=[1, 2, 3])
+        b = await pool.create_session(tokens=[4, 5, 6])
+        await pool.pause()
+        waiting = [asyncio.ensure_future(s.generate(max_tokens=4, temperature=0.0))
+                   for s in (a, b)]
+        await asyncio.sleep(0.5)
+        assert not any(w.done() for w in waiting)  # both engines hold their calls
+        await pool.resume()
+        assert [len((await w).tokens) for w in waiting] == [4, 4]
+        long = [asyncio.ensure_future(s.generate(max_tokens=4000, ignore_eos=True))
+                for s in (a, b)]
+        await asyncio.sleep(0.5)
+        assert await pool.abort() == 2
+        assert [(await w).finish_reason for w in long] == ["abort", "abort"]
+        await pool.sleep()
+        await pool.wake_up()
+        assert len((await a.generate(max_tokens=2)).tokens) == 2
+        engines = (await pool.stats())["engines"]
+        assert len(engines) == 2 and all("kv" in e for e in engines)
+        for s in (a, b):
+            await s.close()
+    run(go())
