@@ -369,6 +369,28 @@ def _parser() -> argparse.ArgumentParser:
                      help="also draw the comparison there (needs matplotlib)")
     api.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
     api.set_defaults(func=_cmd_bench_api)
+    rl = scenarios.add_parser(
+        "rl", help="GRPO-shaped multi-turn rollouts over HTTP, with and without the prefix cache",
+        description="Runs G groups of n trajectories, T turns each (every turn sends the whole "
+        "history as token ids to /inference/v1/generate, then a tool answers after a pause), "
+        "against `agentos serve` as it is and with --no-prefix-cache. Reports rollout "
+        "tokens/s, the rollout step's wall time and the positions computed, and the ratios.")
+    _model_options(rl)
+    for flag, kind, text in (
+            ("--groups", int, "G, prompts per step (default 4)"),
+            ("--samples", int, "n, trajectories per group (default 8)"),
+            ("--turns", int, "T, generate calls per trajectory (default 3)"),
+            ("--prompt-len", int, "prompt tokens (default 256)"),
+            ("--max-tokens", int, "M, tokens per turn (default 16)"),
+            ("--tool-tokens", int, "K, tokens of each tool answer (default 24)"),
+            ("--tool-pause-ms", float, "P, each tool's run time (default 50)"),
+            ("--steps", int, "rollout steps per server (default 2; medians)"),
+            ("--kv-blocks", int, "the server's device KV blocks (default 4096)"),
+            ("--seed", int, "seeds the prompts and tools (default 0)")):
+        rl.add_argument(flag, type=kind, default=None, help=text)
+    rl.add_argument("--json", metavar="PATH", default=None, help="also write results here")
+    rl.add_argument("--strict", action="store_true", help="exit 1 when a check fails")
+    rl.set_defaults(func=_cmd_bench_rl, plot=None)
     tenants = scenarios.add_parser(
         "tenants", help="one tenant's turn latency while another attacks the server",
         description="Starts `agentos serve` with two API keys; a well-behaved tenant runs "
@@ -669,6 +691,15 @@ def _cmd_bench_journal(args: argparse.Namespace) -> int:
         "sessions", "prompt_len", "new_tokens", "temperature", "lengths", "op_repeats", "warmup",
         "diverge_tokens", "max_batch_tokens")))
     return _report(journal.run(bench), journal.render, args)
+
+
+def _cmd_bench_rl(args: argparse.Namespace) -> int:
+    from agentos.bench import rl
+
+    bench = rl.RLBench(**_options(args, (
+        "model", "device", "dtype", "groups", "samples", "turns", "prompt_len", "max_tokens",
+        "tool_tokens", "tool_pause_ms", "steps", "kv_blocks", "seed")))
+    return _report(rl.run(bench), rl.render, args)
 
 
 def _cmd_bench_tenants(args: argparse.Namespace) -> int:

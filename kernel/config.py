@@ -37,7 +37,7 @@ class Config:
     deterministic: bool = option(False, "batch-invariant results: a session's tokens and "
                                  "logprobs do not depend on what else runs (slower; "
                                  "kernel/runner/batch_invariant.py)")
-    prefix_cache: bool = option(True, "share full KV blocks between sessions with the same prefix")
+    prefix_cache: bool = option(True, "share KV between sessions with the same prefix, to the token")
     cuda_graphs: bool = option(True, "decode steps replay captured CUDA graphs (CUDA only, not "
                                "deterministic)")
     store: Any = option(None, "journal every change to 'memory' or a redis:// URL and recover "

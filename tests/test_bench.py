@@ -446,3 +446,21 @@ def test_bench_tenants_json(tmp_path, capsys):
     assert [c["name"] for c in out["checks"]][2:] == [
         "the well-behaved tenant's outputs identical", "no attack got a 5xx"]
     assert "What each attack got" in capsys.readouterr().out
+
+
+def test_bench_rl_json(tmp_path, capsys):
+    """A short run: with the prefix cache each group's prompt is prefilled once and each
+    later turn only its new tokens (the tool's and the last sampled one); without it, far
+    more. (The prompt fills whole pages: siblings that start together share full pages
+    as they are computed, but each computes a partly filled last one itself.)"""
+    path = tmp_path / "rl.json"
+    main(["bench", "rl", "--groups", "2", "--samples", "3", "--turns", "3", "--prompt-len",
+          "48", "--max-tokens", "4", "--tool-tokens", "5", "--tool-pause-ms", "0", "--steps",
+          "1", "--json", str(path)])
+    out = json.loads(path.read_text())
+    assert out["bench"] == "rl"
+    ours, peer = out["results"]["agentos"], out["results"]["no prefix cache"]
+    assert ours["tokens"] == peer["tokens"] == 2 * 3 * 3 * 4
+    assert ours["computed"] == 2 * 48 + 2 * 3 * 2 * (5 + 1)
+    assert peer["computed"] > 2 * ours["computed"]
+    assert "AgentOS over the peer" in capsys.readouterr().out
