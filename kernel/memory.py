@@ -171,7 +171,7 @@ class MemoryManager:
         i = table.num_blocks
         if p.num_cached != i * bs or not self.kalloc.cached or not self.config.prefix_cache:
             return True
-        prev = self.root(p) if i == 0 else self.kalloc.digest.get(int(table.block_ids[-1]))
+        prev = self._digest_before(p, i)
         if prev is None:
             return True
         hits: list[int] = []
@@ -482,12 +482,17 @@ class MemoryManager:
         scope they were computed in."""
         self.shared_scopes = dict(scopes)
 
+    def _digest_before(self, p: Process, i: int) -> bytes | None:
+        """The digest chaining into p's block i: its scope's root for the first block, else
+        that of page i-1 (None when that page is not hashed)."""
+        return self.root(p) if i == 0 else self.kalloc.digest.get(int(p.table.block_ids[i - 1]))
+
     def _digests(self, p: Process, lo: int, hi: int) -> list[bytes]:
         """Chained digests of p's token blocks lo..hi-1 (page lo-1 must be hashed)."""
         if hi <= lo:
             return []
         bs = self.block_size
-        prev = self.root(p) if lo == 0 else self.kalloc.digest.get(int(p.table.block_ids[lo - 1]))
+        prev = self._digest_before(p, lo)
         out = []
         for i in range(lo, hi):
             if prev is None:
@@ -507,7 +512,7 @@ class MemoryManager:
         if not (k and self.config.prefix_cache and p.kv_version == self.cache_version
                 and i < p.table.num_blocks):
             return
-        prev = self.root(p) if i == 0 else self.kalloc.digest.get(int(p.table.block_ids[i - 1]))
+        prev = self._digest_before(p, i)
         if prev is None:
             return
         head = p.token_ids[i * bs : i * bs + k]
@@ -519,7 +524,7 @@ class MemoryManager:
             return  # (KV kept across a weight update is not what the new weights compute)
         bs = self.block_size
         lo, hi = start // bs, end // bs
-        prev = self.root(p) if lo == 0 else self.kalloc.digest.get(int(p.table.block_ids[lo - 1]))
+        prev = self._digest_before(p, lo)
         for i, digest in enumerate(self._digests(p, lo, hi), lo):
             assert prev is not None
             self.kalloc.register(int(p.table.block_ids[i]), digest, prev,
