@@ -331,6 +331,10 @@ def _parser() -> argparse.ArgumentParser:
     gpu.add_argument("--seed", type=int, default=None)
     gpu.add_argument("--no-peer", dest="peer", action="store_false", default=None,
                      help="skip the transformers peer")
+    gpu.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
+                     help="run every decode step eagerly (what the graphs give)")
+    gpu.add_argument("--checkpoints", metavar="DIR", default=None,
+                     help="keep the random checkpoints in DIR and reuse them in later runs")
     gpu.add_argument("--threads", type=int, default=None)
     gpu.add_argument("--json", metavar="PATH", default=None, help="also write results here")
     gpu.add_argument("--plot", metavar="FILE.png", default=None,
@@ -727,7 +731,8 @@ def _cmd_bench_gpu(args: argparse.Namespace) -> int:
 
     bench = gpu.GpuBench(**_options(args, (
         "device", "dtype", "repeats", "block_size", "seed", "peer", "threads", "shapes", "batches",
-        "prompt_len", "new_tokens", "fork_len", "op_repeats", "swap_blocks", "copy_bytes")))
+        "prompt_len", "new_tokens", "fork_len", "op_repeats", "swap_blocks", "copy_bytes",
+        "cuda_graphs", "checkpoints")))
     return _report(gpu.run(bench), gpu.render, args)
 
 

@@ -28,6 +28,7 @@ import traceback
 import pytest
 
 CHECKS = {}  # name -> function running under the interpreter; returns None or "skip: why"
+DEVICE = "cpu"  # where the checks' tensors live: `--device cuda` runs them compiled on a GPU
 
 
 def check(fn):
@@ -38,13 +39,20 @@ def check(fn):
 # --------------------------------------------------------------------------- fixtures
 
 
+def seeded(seed: int):
+    """A seeded generator on the checks' device (the default device in `--device` runs)."""
+    import torch
+
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
 class Pool:
     """A two-layer block-major KV pool with shuffled tables; block 0 is never mapped."""
 
     def __init__(self, num_blocks: int, block_size: int, kvh: int, d: int, dtype, seed: int = 0):
         import torch
 
-        gen = torch.Generator().manual_seed(seed)
+        gen = seeded(seed)
         self.block_size = block_size
         self.kv = torch.randn(num_blocks, 2, 2, block_size, kvh, d, generator=gen).to(dtype)
         self.kv[0] = 0
@@ -88,7 +96,7 @@ def decode_case(G: int, bs: int, dtype, lens=(1, 5, 16, 37, 100), kvh: int = 2, 
 
     pool = Pool(64, bs, kvh, d, dtype, seed)
     tables = padded([pool.alloc(n) for n in lens])
-    q = torch.randn(len(lens), kvh * G, d, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    q = torch.randn(len(lens), kvh * G, d, generator=seeded(seed + 1)).to(dtype)
     return pool, q, tables, torch.tensor(lens, dtype=torch.long)
 
 
@@ -171,7 +179,7 @@ def cascade_case(dtype, G: int, bs: int, seed: int):
     owner = [0, 1, 0, 0, 1, None]
     full = [pool.alloc(n, groups[g] if g is not None else ()) for n, g in zip(lens, owner)]
     skip = [len(groups[g]) if g is not None else 0 for g in owner]
-    q = torch.randn(len(lens), 2 * G, 64, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    q = torch.randn(len(lens), 2 * G, 64, generator=seeded(seed)).to(dtype)
     meta = decode_meta(padded([t[s:] for t, s in zip(full, skip)]),
                        torch.tensor([n - s * bs for n, s in zip(lens, skip)]))
     for g in (0, 1):
@@ -212,14 +220,17 @@ def split_counts():
 
     from agentos.kernel.runner import triton_attention as T
 
-    T._num_sms = lambda device: 132
-    cuda = torch.device("cuda")
-    tiles = 32768 // 64
-    assert T._num_splits(1 * 8, tiles, cuda) == 33  # 264 programs: two per SM
-    assert T._num_splits(1 * 2, tiles, cuda) == T.MAX_SPLITS
-    assert T._num_splits(64 * 8, tiles, cuda) == 1
-    assert T._num_splits(1 * 8, 8, cuda) == 8 // T.MIN_TILES_PER_SPLIT
-    assert T._num_splits(1 * 8, 2, cuda) == 1
+    real, T._num_sms = T._num_sms, lambda device: 132
+    try:
+        cuda = torch.device("cuda")
+        tiles = 32768 // 64
+        assert T._num_splits(1 * 8, tiles, cuda) == 33  # 264 programs: two per SM
+        assert T._num_splits(1 * 2, tiles, cuda) == T.MAX_SPLITS
+        assert T._num_splits(64 * 8, tiles, cuda) == 1
+        assert T._num_splits(1 * 8, 8, cuda) == 8 // T.MIN_TILES_PER_SPLIT
+        assert T._num_splits(1 * 8, 2, cuda) == 1
+    finally:
+        T._num_sms = real
 
 
 def prefill_case(dtype, G: int, bs: int, specs, seed: int, kvh: int = 2, d: int = 64):
@@ -234,7 +245,7 @@ def prefill_case(dtype, G: int, bs: int, specs, seed: int, kvh: int = 2, d: int 
     for n, ctx in specs:
         chunks.append(PrefillChunk(q_start, n, ctx, torch.tensor(pool.alloc(ctx))))
         q_start += n
-    q = torch.randn(q_start, kvh * G, d, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    q = torch.randn(q_start, kvh * G, d, generator=seeded(seed)).to(dtype)
     return pool, q, chunks
 
 
@@ -360,8 +371,13 @@ def dispatch_mixed_step():
     meta = AttnMeta(slot_mapping=torch.zeros(len(q), dtype=torch.long), num_decodes=len(qd),
                     decode_block_tables=dmeta.decode_block_tables,
                     decode_ctx_lens=dmeta.decode_ctx_lens, shared=dmeta.shared, prefills=chunks)
-    assert A.BACKEND == "auto" and A._triton_kernels(q, pool.caches(False)[0]) is None  # CPU
-    ref = A.paged_attention(q, *pool.caches(False), meta, 0.125)
+    if q.device.type == "cpu":
+        assert A.BACKEND == "auto" and A._triton_kernels(q, pool.caches(False)[0]) is None
+    A.BACKEND = "torch"
+    try:
+        ref = A.paged_attention(q, *pool.caches(False), meta, 0.125)
+    finally:
+        A.BACKEND = "auto"
     A.BACKEND = "triton"
     try:
         assert A._triton_kernels(q, pool.caches(False)[0]) is T
@@ -383,9 +399,10 @@ def tiny_model_end_to_end():
     from agentos.kernel.runner.attention import AttnMeta, PrefillChunk
     from agentos.kernel.runner.loader import load_model
 
-    model, cfg, _ = load_model("tiny")
+    with torch.device("cpu"):  # the embedded weights come from a seeded CPU generator
+        model, cfg, _ = load_model("tiny", device=DEVICE, dtype=torch.float32)
     bs = 16
-    gen = torch.Generator().manual_seed(0)
+    gen = seeded(0)
     prompts = {"a": torch.randint(3, 250, (40,), generator=gen).tolist(),
                "b": torch.randint(3, 250, (22,), generator=gen).tolist()}
     ids_of = {"a": [5, 6, 7, 8], "b": [1, 2, 3, 4]}  # block ids, a session's table
@@ -460,10 +477,26 @@ def test_cpu_path_does_not_import_triton():
 
 
 def main() -> None:
-    """Runs every check (TRITON_INTERPRET=1 must be set) and prints {name: result} as JSON."""
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    """Runs the checks and prints {name: result} as JSON: on CPU tensors under Triton's
+    interpreter (TRITON_INTERPRET=1 must be set), or compiled on a GPU with `--device cuda`
+    (what scripts/gpu_check.sh runs). `--only a,b` runs those checks alone."""
+    import argparse
+
+    global DEVICE
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--only", default=None)
+    args = parser.parse_args()
+    DEVICE = args.device
+    if DEVICE == "cpu":
+        assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    else:
+        import torch
+
+        torch.set_default_device(DEVICE)
+    names = args.only.split(",") if args.only else list(CHECKS)
     out = {}
-    for name, fn in CHECKS.items():
+    for name, fn in ((n, CHECKS[n]) for n in names):
         t0 = time.perf_counter()
         try:
             out[name] = fn() or "ok"

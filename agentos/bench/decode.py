@@ -47,6 +47,7 @@ class DecodeBench:
     max_batch_tokens: int = 2048
     seed: int = 0  # seeds the random prompts
     threads: int | None = None  # torch intra-op threads; None: torch's default
+    cuda_graphs: bool = True  # decode steps replay captured CUDA graphs (CUDA only)
 
     def __post_init__(self):
         if self.sessions < 1 or self.prompt_len < 1 or self.new_tokens < 1 or self.repeats < 1:
@@ -67,7 +68,8 @@ async def _run(bench: DecodeBench) -> dict:
     cases = [("batch", bench.sessions)] + ([("single", 1)] if bench.single else [])
     async with AsyncEngine(model=bench.model, device=bench.device, dtype=bench.dtype,
                            block_size=bench.block_size, kv_blocks=kv_blocks,
-                           max_batch_tokens=bench.max_batch_tokens) as engine:
+                           max_batch_tokens=bench.max_batch_tokens,
+                           cuda_graphs=bench.cuda_graphs) as engine:
         kernel = engine.kernel
         if bench.prompt_len + bench.new_tokens > kernel.max_model_len:
             raise ValueError(f"prompt_len + new_tokens exceed the model's context "

@@ -19,6 +19,8 @@ test); the targets are the GPU ones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import random
 import tempfile
 import time
@@ -81,6 +83,8 @@ class GpuBench:
     block_size: int = 16
     seed: int = 0
     threads: int | None = None
+    cuda_graphs: bool = True  # off: every decode step runs eagerly (what the graphs give)
+    checkpoints: str | None = None  # keep the random checkpoints here and reuse them
 
     def __post_init__(self):
         unknown = [s for s in self.shapes if s not in SHAPES]
@@ -126,15 +130,25 @@ def _run_shape(bench: GpuBench, shape: str, copy_gb_s: float, advance) -> dict:
     each batch size, the fork/rollback part and the swap part."""
     from agentos.bench import decode, swap
 
-    with tempfile.TemporaryDirectory(prefix=f"agentos-{shape}-") as folder:
-        make_checkpoint(shape, folder, bench.dtype, bench.seed)
+    with contextlib.ExitStack() as stack:
+        if bench.checkpoints:
+            os.makedirs(bench.checkpoints, exist_ok=True)
+            folder = os.path.join(bench.checkpoints, f"{shape}-{bench.dtype}-seed{bench.seed}")
+            if not os.path.isdir(folder):  # written aside, then renamed: never half a one
+                partial = stack.enter_context(tempfile.TemporaryDirectory(dir=bench.checkpoints))
+                os.rename(make_checkpoint(shape, os.path.join(partial, "ckpt"), bench.dtype,
+                                          bench.seed), folder)
+        else:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"agentos-{shape}-"))
+            make_checkpoint(shape, folder, bench.dtype, bench.seed)
         row: dict = {"shape": shape, "batches": []}
         for b in bench.batches:
             d = decode.run(decode.DecodeBench(
                 model=folder, device=bench.device, dtype=bench.dtype, repeats=bench.repeats,
                 sessions=b, prompt_len=bench.prompt_len, new_tokens=bench.new_tokens,
                 single=False, peer=bench.peer, block_size=bench.block_size,
-                max_batch_tokens=max(2048, b * bench.prompt_len), seed=bench.seed))
+                max_batch_tokens=max(2048, b * bench.prompt_len), seed=bench.seed,
+                cuda_graphs=bench.cuda_graphs))
             case = d["cases"][0]
             steady = _steady_decode(folder, bench, b)
             row["batches"].append({"batch": b, "ours_tok_s": case["ours_tok_s"],
@@ -188,7 +202,8 @@ def _steady_decode(folder: str, bench: GpuBench, batch: int) -> dict:
         async with AsyncEngine(model=folder, device=bench.device, dtype=bench.dtype,
                                block_size=bench.block_size, kv_blocks=batch * per + 64,
                                max_batch_tokens=max(2048, batch * bench.prompt_len),
-                               max_batch_size=max(256, batch)) as engine:
+                               max_batch_size=max(256, batch),
+                               cuda_graphs=bench.cuda_graphs) as engine:
             k = engine.kernel
             rng = random.Random(bench.seed)
             times = []
@@ -241,6 +256,8 @@ def _fork_rollback(folder: str, bench: GpuBench) -> dict:
 
 
 def _summarize(bench: GpuBench, threads: int, copy_gb_s: float, shapes: list[dict]) -> dict:
+    from agentos.kernel.runner import attention
+
     checks = []
     for row in shapes:
         name = row["shape"]
@@ -262,7 +279,7 @@ def _summarize(bench: GpuBench, threads: int, copy_gb_s: float, shapes: list[dic
                             ", ".join(f"{r['direction']} {r['layout']} {r['ratio']:.2f}x"
                                       for r in row["swap"])))
     return {"bench": "gpu", "device_name": _device_name(bench.device),
-            "config": {**asdict(bench), "threads": threads,
+            "config": {**asdict(bench), "threads": threads, "attention": attention.BACKEND,
                        "dtype": dtype_name(bench.dtype) if bench.dtype else None},
             "copy_gb_s": copy_gb_s, "shapes": shapes, "checks": checks,
             "passed": all(c["passed"] for c in checks)}
@@ -287,7 +304,9 @@ def render(result: dict, console=None) -> None:
                 for b in row["batches"]]
         print_table(f"{row['shape']} on {result['device_name']} ({cfg['device']}, {cfg['dtype']}): "
                     f"{cfg['prompt_len']}-token prompts, {cfg['new_tokens']} new tokens, median of "
-                    f"{cfg['repeats']}; copy bandwidth {result['copy_gb_s']:.0f} GB/s",
+                    f"{cfg['repeats']}; attention {cfg.get('attention', 'auto')}, CUDA graphs "
+                    f"{'on' if cfg.get('cuda_graphs', True) else 'off'}; copy bandwidth "
+                    f"{result['copy_gb_s']:.0f} GB/s",
                     ["batch", "ours tok/s", "HF tok/s", "ours / HF", "decode-only tok/s",
                      "ms / step", "roofline"], rows, console)
         ops = row["ops"]
