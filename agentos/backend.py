@@ -130,6 +130,9 @@ class Operations(ABC):
     def _op_wake_up(self) -> Op[None]: ...
 
     @abstractmethod
+    def _op_reset_prefix_cache(self) -> Op[int]: ...
+
+    @abstractmethod
     def _op_stats(self) -> Op[dict]: ...
 
     @abstractmethod
@@ -266,6 +269,11 @@ class Backend(Operations):
     def wake_up(self) -> None:
         return self._call(self._op_wake_up())
 
+    def reset_prefix_cache(self) -> int:
+        """Empties the prefix cache: later sessions share no KV computed so far (sessions
+        keep what they map). Returns how many cached pages were forgotten."""
+        return self._call(self._op_reset_prefix_cache())
+
     def stats(self) -> dict:
         """Returns {"kv": {device_blocks_total, device_blocks_used, ...}, "sessions": ...}."""
         return self._call(self._op_stats())
@@ -372,6 +380,9 @@ class AsyncBackend(Operations):
 
     async def wake_up(self) -> None:
         return await self._call(self._op_wake_up())
+
+    async def reset_prefix_cache(self) -> int:
+        return await self._call(self._op_reset_prefix_cache())
 
     async def stats(self) -> dict:
         return await self._call(self._op_stats())

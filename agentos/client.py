@@ -189,6 +189,9 @@ class _ClientBase(Operations):
     def _op_sleep(self, level: int) -> _Call[None]:
         return _Call("POST", "/v1/engine/sleep", {"level": level}, _none)
 
+    def _op_reset_prefix_cache(self) -> _Call[int]:
+        return _Call("POST", "/v1/engine/reset_prefix_cache", None, lambda b: b["dropped"])
+
     def _op_wake_up(self) -> _Call[None]:
         return _Call("POST", "/v1/engine/wake_up", None, _none)
 

@@ -232,6 +232,9 @@ class _EngineBase(Operations):
     def _op_resume(self) -> _Syscall[None]:
         return _Syscall(self.kernel.sys_resume, ())
 
+    def _op_reset_prefix_cache(self) -> _Syscall[int]:
+        return _Syscall(self.kernel.sys_reset_prefix_cache, ())
+
     def _op_abort(self) -> _Syscall[int]:
         return _Syscall(self.kernel.sys_abort_all, ())
 

@@ -189,6 +189,9 @@ class EnginePool(AsyncBackend):
     def _op_wake_up(self):
         return _RayOp("wake_up", (), all=True)
 
+    def _op_reset_prefix_cache(self):
+        return _RayOp("reset_prefix_cache", (), all=True)
+
     def _op_stats(self):
         return _RayOp("stats", (), all=True)
 
@@ -282,7 +285,7 @@ def _merge(name: str, results: list) -> Any:
     """One answer of every actor's: lists joined, counts added, stats per engine."""
     if name in ("list_sessions", "list_snapshots"):
         return [x for r in results for x in r]
-    if name == "abort":
+    if name in ("abort", "reset_prefix_cache"):
         return sum(results)
     if name == "update_weights":
         return results[0]

@@ -112,7 +112,8 @@ class AuthMiddleware:
 
     # vLLM's own endpoints (api/routes/vllm.py), authenticated like the /v1/ ones
     PATHS = ("/v1/", "/inference/", "/tokenize", "/detokenize", "/get_world_size",
-             "/finish_session", "/pause", "/resume", "/sleep", "/wake_up")
+             "/finish_session", "/pause", "/resume", "/sleep", "/wake_up",
+             "/reset_prefix_cache")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith(self.PATHS):

@@ -78,6 +78,14 @@ class Lifecycle:
         self.runner.run_copies(self.memory.take_copies())
         self.runner.release_kv(weights=level == 2)
 
+    def sys_reset_prefix_cache(self) -> int:
+        """Empties the prefix cache (vLLM's reset_prefix_cache): no later session maps a
+        page cached so far; pages mapped now stay with their sessions. Returns how many
+        cached pages were forgotten."""
+        n = len(self.memory.kalloc.cached)
+        self.memory.flush_cache(self.weight_version)
+        return n
+
     def sys_wake_up(self) -> None:
         """Allocates the KV pool again (and brings the weights back) and resumes steps;
         sessions swap in or recompute as they run. Idempotent."""

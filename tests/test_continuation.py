@@ -130,3 +130,20 @@ def test_chat_completions_sent_in_full_for_ten_turns():
     finally:
         engine.kernel.shutdown()
         reference.close()
+
+
+def test_reset_prefix_cache_forgets_every_cached_page_and_nothing_running(engines):
+    cached, fresh = engines
+    conv = list(range(200, 260))
+    turn(cached, conv)
+    live = cached.create_session(tokens=conv[:40])
+    live.generate(params=GREEDY)
+    assert cached.reset_prefix_cache() > 0
+    assert cached.reset_prefix_cache() == 0  # nothing left to forget
+    ours, computed = turn(cached, conv)
+    assert computed == len(conv)  # no page was mapped: everything computed again
+    assert ours == turn(fresh, conv)[0]
+    # the live session keeps its KV and goes on as a fresh run of its tokens would
+    assert live.generate(params=GREEDY).tokens == turn(fresh, live.tokens)[0]
+    live.close()
+    cached.check()

@@ -91,6 +91,11 @@ def test_skyrl_client_drives_agentos(url):
             assert not pending.done()
             await client.resume()
             assert len((await pending)["response_ids"][0]) == 6
+            # reset_prefix_cache: the same history is computed again in full
+            await client.reset_prefix_cache()
+            before = _prefilled(url)
+            await client.generate({"prompt_token_ids": [history], "sampling_params": sampling})
+            assert _prefilled(url) - before == len(history)
             return out
         finally:
             await client.teardown()
@@ -125,7 +130,7 @@ def test_weights_pushed_over_http_reach_skyrl_generates(url):
 
 def test_the_control_plane_needs_an_admin():
     with run_server([]) as u:  # an open server without --allow-open-admin
-        for path in ("/pause", "/resume", "/sleep", "/wake_up"):
+        for path in ("/pause", "/resume", "/sleep", "/wake_up", "/reset_prefix_cache"):
             assert httpx.post(u + path).status_code == 403, path
         r = httpx.post(u + "/inference/v1/generate", json={"token_ids": [1, 2],
                                                           "sampling_params": {"max_tokens": 2}})
@@ -133,3 +138,14 @@ def test_the_control_plane_needs_an_admin():
         r = httpx.post(u + "/inference/v1/generate", json={
             "token_ids": [1], "sampling_params": {"max_tokens": 2, "best_of": 3}})
         assert r.status_code == 422  # a sampling option AgentOS lacks is refused, not ignored
+
+
+def test_reset_prefix_cache_options(url):
+    r = httpx.post(url + "/reset_prefix_cache", json={"reset_running_requests": True})
+    assert r.status_code == 400 and "reset_running_requests" in r.json()["error"]["message"]
+    assert httpx.post(url + "/reset_prefix_cache", json={"nope": 1}).status_code == 422
+    httpx.post(url + "/inference/v1/generate", json={"token_ids": list(range(3, 40)),
+                                                     "sampling_params": {"max_tokens": 2}})
+    r = httpx.post(url + "/pause", params={"mode": "keep", "clear_cache": "true"})
+    assert r.status_code == 200 and r.json()["cache_dropped"] > 0
+    assert httpx.post(url + "/resume").status_code == 200

@@ -66,6 +66,12 @@ async def sleep(body: Sleep | None = None, t: Tenant = Depends(admin), engine=De
     return {}
 
 
+@router.post("/engine/reset_prefix_cache")
+async def reset_prefix_cache(t: Tenant = Depends(admin), engine=Depends(deps.engine)) -> dict:
+    """Empties the prefix cache (every tenant's); returns {"dropped": cached pages forgotten}."""
+    return {"dropped": await engine.reset_prefix_cache()}
+
+
 @router.post("/engine/wake_up", response_model=EngineState)
 async def wake_up(t: Tenant = Depends(admin), engine=Depends(deps.engine)):
     await engine.wake_up()

@@ -10,8 +10,9 @@ plane's pause/resume/sleep/wake_up.
   `X-Session-ID` header a router uses to keep a conversation on one replica needs no
   state here.
 - `POST /tokenize`, `POST /detokenize`, `GET /get_world_size`, `POST /finish_session`.
-- `POST /pause?mode=keep|abort`, `/resume`, `/sleep?level=`, `/wake_up`: the engine as a
-  whole, so admin only (on a server without keys: --allow-open-admin).
+- `POST /pause?mode=keep|abort`, `/resume`, `/sleep?level=`, `/wake_up`,
+  `/reset_prefix_cache`: the engine as a whole, so admin only (on a server without keys:
+  --allow-open-admin).
 
 Every path here is authenticated like those under /v1/ (AuthMiddleware.PATHS).
 """
@@ -128,15 +129,15 @@ async def pause(mode: Literal["keep", "abort", "wait"] = "keep",
                 clear_cache: bool = Query(False), t: Tenant = Depends(admin),
                 engine=Depends(deps.engine)) -> dict[str, Any]:
     """keep: calls in flight wait, KV kept, until /resume; abort: they end now with the
-    tokens they made (finish_reason "abort"), then the engine pauses."""
+    tokens they made (finish_reason "abort"), then the engine pauses. clear_cache also
+    empties the prefix cache."""
     if mode == "wait":
         raise InvalidRequestError("pause mode 'wait' is not supported: use 'keep' (calls in "
                                   "flight wait, nothing lost) or 'abort'")
-    if clear_cache:
-        raise InvalidRequestError("clear_cache is not supported")
     aborted = await engine.abort() if mode == "abort" else 0
     await engine.pause()
-    return {"mode": mode, "aborted": aborted}
+    dropped = await engine.reset_prefix_cache() if clear_cache else 0
+    return {"mode": mode, "aborted": aborted, "cache_dropped": dropped}
 
 
 @router.post("/resume")
@@ -150,6 +151,23 @@ async def sleep(level: int = Query(1, ge=1, le=2), t: Tenant = Depends(admin),
                 engine=Depends(deps.engine)) -> dict[str, Any]:
     await engine.sleep(level)
     return {"level": level}
+
+
+class ResetPrefixCache(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reset_running_requests: bool = False
+
+
+@router.post("/reset_prefix_cache")
+async def reset_prefix_cache(body: ResetPrefixCache | None = None, t: Tenant = Depends(admin),
+                             engine=Depends(deps.engine)) -> dict[str, Any]:
+    """Empties the prefix cache; the KV running sessions map stays theirs."""
+    if body is not None and body.reset_running_requests:
+        raise InvalidRequestError("reset_running_requests is not supported: running sessions "
+                                  "keep their KV (tokens are never lost; update_weights "
+                                  "recomputes stale KV)")
+    return {"dropped": await engine.reset_prefix_cache()}
 
 
 @router.post("/wake_up")
