@@ -96,32 +96,57 @@ def test_verl_launches_agentos_replicas(manager):
 
 
 def test_multi_turn_through_verls_client_continues_the_session(manager, checkpoint):
+    """8 three-turn trajectories, each turn the whole history re-sent under a fresh
+    request id (what verl's client does): a follow-up turn computes only its suffix."""
+    from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput
+
     client = manager.get_client()
-    prompt = [0, 17, 42, 99, 5, 230, 41, 8]
+    handles = manager.server_handles
+    prompts = [[0, 11 + i, 42, 99, 5, 230 - i, 41, 8, 3 * i + 1] for i in range(8)]
     tool = [77, 78, 79]
 
-    async def turns():
-        first = await client.generate("conv-1", prompt_ids=prompt,
-                                      sampling_params=dict(GREEDY, max_tokens=6))
-        servers = {s: prefilled(h) for s, h in zip(manager.get_addresses(),
-                                                   manager.server_handles)}
-        history = prompt + first.token_ids + tool
-        second = await client.generate("conv-1", prompt_ids=history,
-                                       sampling_params=dict(GREEDY))  # verl's default length
-        after = {s: prefilled(h) for s, h in zip(manager.get_addresses(), manager.server_handles)}
-        return first, second, history, servers, after
+    async def turn(i, history, sampling):
+        return await client.generate(f"traj-{i}", prompt_ids=history, sampling_params=sampling)
 
-    first, second, history, before, after = run(turns())
-    assert first.stop_reason == "completed" and len(first.token_ids) == 6
-    assert len(first.log_probs) == 6 and all(x <= 0 for x in first.log_probs)
-    assert first.token_ids == local_greedy(checkpoint, prompt, 6)
-    # no max_tokens: verl's rule, min(response_length, prompt + response - len(history))
-    assert len(second.token_ids) == min(12, 64 + 12 - len(history))
-    assert second.token_ids == local_greedy(checkpoint, history, len(second.token_ids))
-    # the second turn ran where the first did (sticky) and computed only what was new:
-    # the last sampled token (whose KV the first turn never wrote) and the tool's tokens
-    grew = {s: after[s] - before[s] for s in before}
-    assert sorted(grew.values()) == [0, len(tool) + 1]
+    async def rollouts():
+        histories = [list(p) for p in prompts]
+        masks = [[] for _ in prompts]
+        logprobs = [[] for _ in prompts]
+        suffix_prefills = []
+        outs = None
+        for t in range(3):
+            before = sum(prefilled(h) for h in handles)
+            # the last turn leaves max_tokens to verl's rule (the configured response length)
+            sampling = dict(GREEDY) if t == 2 else dict(GREEDY, max_tokens=4)
+            outs = await asyncio.gather(*(turn(i, h, sampling) for i, h in enumerate(histories)))
+            if t:
+                suffix_prefills.append(sum(prefilled(h) for h in handles) - before)
+            for i, out in enumerate(outs):
+                tail = [] if t == 2 else tool
+                histories[i] += out.token_ids + tail
+                masks[i] += [1] * len(out.token_ids) + [0] * len(tail)
+                logprobs[i] += out.log_probs + [0.0] * len(tail)
+        return histories, masks, logprobs, suffix_prefills, outs
+
+    histories, masks, logprobs, suffix_prefills, last = run(rollouts())
+    # each follow-up computed the last sampled token (never written to KV) and the tool's
+    # answer, nothing of what came before: 0 tokens re-prefilled beyond the new suffix
+    assert suffix_prefills == [8 * (len(tool) + 1)] * 2
+    for i, p in enumerate(prompts):
+        out = AgentLoopOutput(prompt_ids=p, response_ids=histories[i][len(p):],
+                              response_mask=masks[i], response_logprobs=logprobs[i],
+                              num_turns=5, metrics=AgentLoopMetrics(),
+                              extra_fields=last[i].extra_fields)
+        batch = out.as_dict()
+        assert batch["responses"].shape == batch["response_mask"].shape
+        assert len(out.response_ids) == 4 + 3 + 4 + 3 + len(last[i].token_ids)
+        # verl's default length: min(response_length, prompt + response - len(history))
+        assert len(last[i].token_ids) == min(12, 64 + 12 - (len(histories[i]) - len(last[i].token_ids)))
+    # greedy through verl and AgentOS's continuation equals one fresh run of the history
+    assert histories[0][-len(last[0].token_ids):] == local_greedy(
+        checkpoint, histories[0][:-len(last[0].token_ids)], len(last[0].token_ids))
+    # both replicas served: the load balancer spread the trajectories
+    assert all(prefilled(h) > 0 for h in handles)
 
 
 def test_unsupported_inputs_are_refused_by_name(manager):
