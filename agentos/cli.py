@@ -390,8 +390,12 @@ def _parser() -> argparse.ArgumentParser:
             ("--tool-pause-ms", float, "P, each tool's run time (default 50)"),
             ("--steps", int, "rollout steps per server (default 2; medians)"),
             ("--kv-blocks", int, "the server's device KV blocks (default 4096)"),
-            ("--seed", int, "seeds the prompts and tools (default 0)")):
+            ("--seed", int, "seeds the prompts and tools (default 0)"),
+            ("--replicas", int, "with --client verl: AgentOS replicas on Ray (default 2)")):
         rl.add_argument(flag, type=kind, default=None, help=text)
+    rl.add_argument("--client", choices=["http", "verl"], default=None,
+                    help="http: /inference/v1/generate on `agentos serve` (default); verl: "
+                    "verl's LLMServerClient and load balancer over AgentOS replicas on Ray")
     rl.add_argument("--json", metavar="PATH", default=None, help="also write results here")
     rl.add_argument("--strict", action="store_true", help="exit 1 when a check fails")
     rl.set_defaults(func=_cmd_bench_rl, plot=None)
@@ -702,7 +706,7 @@ def _cmd_bench_rl(args: argparse.Namespace) -> int:
 
     bench = rl.RLBench(**_options(args, (
         "model", "device", "dtype", "groups", "samples", "turns", "prompt_len", "max_tokens",
-        "tool_tokens", "tool_pause_ms", "steps", "kv_blocks", "seed")))
+        "tool_tokens", "tool_pause_ms", "steps", "kv_blocks", "seed", "client", "replicas")))
     return _report(rl.run(bench), rl.render, args)
 
 

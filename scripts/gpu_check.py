@@ -233,7 +233,7 @@ def greedy_part(device: str, new_tokens: int) -> None:
     print(json.dumps({"device": device, "runs": out}))
 
 
-def main() -> int:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="gpu_check_out", help="folder for the logs and results")
     parser.add_argument("--device", default="cuda")
@@ -242,6 +242,11 @@ def main() -> int:
     parser.add_argument("--parts", default=None, help="comma-separated subset of the parts")
     parser.add_argument("--env", metavar="DEVICE", help=argparse.SUPPRESS)
     parser.add_argument("--greedy", nargs=2, help=argparse.SUPPRESS)
+    return parser
+
+
+def main() -> int:
+    parser = make_parser()
     args = parser.parse_args()
     if args.env:
         env_part(args.env)

@@ -15,6 +15,7 @@ checked here.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import re
 import shlex
@@ -117,6 +118,16 @@ def _with(argv: list[str], flag: str, value: str) -> list[str]:
     return [*argv, flag, value]
 
 
+def _check_gpu_check_args(argv: list[str], where: str) -> None:
+    """The flags exist and the parts named are the script's."""
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    args = gpu_check.make_parser().parse_args(argv)
+    known = {p["name"] for p in gpu_check.part_list("cuda", False)}
+    assert not args.parts or set(args.parts.split(",")) <= known, f"{where}: {argv}"
+
+
 def test_every_command_is_run_or_checked(server, redis):
     bench_tests = (ROOT / "tests" / "test_bench.py").read_text()
     seen = set()
@@ -124,6 +135,9 @@ def test_every_command_is_run_or_checked(server, redis):
     for where, cmd in commands():
         if cmd == CI_LINE or cmd in CI_LINE.split(" && ") or cmd == "pip install -e .":
             continue  # run by CI itself (the quickstart's install is the test install's subset)
+        if cmd.startswith("bash scripts/gpu_check.sh"):  # its dry run: tests/test_gpu_check.py
+            _check_gpu_check_args(shlex.split(cmd)[2:], where)
+            continue
         assert cmd.startswith(("agentos ", "python -m agentos")), f"{where}: unchecked {cmd!r}"
         argv = _argv(cmd)
         _parser().parse_args(argv)  # every flag exists (SystemExit otherwise)

@@ -25,7 +25,7 @@ from verl.workers.config import RolloutConfig  # noqa: E402
 from verl.workers.rollout.llm_server import LLMServerManager  # noqa: E402
 
 from agentos import Engine, SamplingParams  # noqa: E402
-from agentos.integrations.verl import AgentOSReplica, ServerAdapter  # noqa: E402
+from agentos.integrations.verl import AgentOSReplica, ServerAdapter, config_section  # noqa: E402
 from hf_models import make_hf_checkpoint  # noqa: E402
 
 GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0,
@@ -46,31 +46,17 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def manager(checkpoint):
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    rollout = OmegaConf.structured(RolloutConfig(
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    rollout = config_section(RolloutConfig(
         name="agentos", nnodes=1, n_gpus_per_node=2, tensor_model_parallel_size=1,
         prompt_length=64, response_length=12, max_model_len=256, max_num_seqs=16,
         max_num_batched_tokens=512, engine_kwargs={"agentos": {"kv_blocks": 256}}))
-    name_targets(rollout)
     model = OmegaConf.create({"_target_": "verl.workers.config.HFModelConfig", "path": checkpoint})
     config = OmegaConf.create({"actor_rollout_ref": {"rollout": rollout, "model": model}})
     m = LLMServerManager.create(config)  # verl's own: replicas, load balancer
     yield m
     ray.shutdown()
-
-
-def name_targets(node) -> None:
-    """Sets each config node's `_target_` to its dataclass, as verl's yaml configs write it
-    (verl turns config sections back into dataclasses through hydra's instantiate)."""
-    from omegaconf import DictConfig
-
-    if not isinstance(node, DictConfig) or node._is_none():
-        return
-    kind = OmegaConf.get_type(node)
-    if "_target_" in node and not node._target_ and kind is not dict:
-        node._target_ = f"{kind.__module__}.{kind.__qualname__}"
-    for key in node:
-        name_targets(node._get_node(key))
 
 
 def run(coro):
@@ -87,6 +73,25 @@ def local_greedy(checkpoint, prompt, n, weights=None):
 
 def prefilled(handle) -> int:
     return ray.get(handle.stats.remote())["tokens_prefilled"]
+
+
+def test_bench_rl_through_verls_client(checkpoint):
+    """`agentos bench rl --client verl` (first: it names its replicas as the manager
+    fixture does, and ends them): without the prefix cache every turn recomputes its
+    whole history; with it, a follow-up computes only its suffix."""
+    from agentos.bench import rl
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    b = rl.RLBench(model=checkpoint, client="verl", replicas=2, groups=2, samples=2, turns=2,
+                   prompt_len=32, max_tokens=4, tool_tokens=4, tool_pause_ms=0, steps=1,
+                   kv_blocks=128)
+    out = rl.run(b)
+    ours, peer = out["results"]["agentos"]["computed"], out["results"]["no prefix cache"]["computed"]
+    assert peer == 4 * (32 + (32 + 4 + 4))  # 4 trajectories, two whole histories each
+    # each group's prompt once per replica its samples went to, then 4 + 1 per follow-up
+    assert 2 * 32 + 4 * 5 <= ours <= 4 * 32 + 4 * 5
+    assert out["results"]["agentos"]["tokens"] == 4 * 2 * 4
 
 
 def test_verl_launches_agentos_replicas(manager):

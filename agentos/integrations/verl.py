@@ -343,6 +343,26 @@ class ServerAdapter(BaseRollout):
             await server.set_global_steps.remote(global_steps)
 
 
+def config_section(config: Any):
+    """A verl config dataclass (e.g. `RolloutConfig(name="agentos", ...)`) as the DictConfig
+    verl's scripts pass around, every section naming its `_target_` as verl's yaml files
+    do (verl turns sections back into dataclasses through hydra's instantiate)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    def name(node) -> None:
+        if not isinstance(node, DictConfig) or node._is_none():
+            return
+        kind = OmegaConf.get_type(node)
+        if "_target_" in node and not node._target_ and kind is not dict:
+            node._target_ = f"{kind.__module__}.{kind.__qualname__}"
+        for key in node:
+            name(node._get_node(key))
+
+    section = OmegaConf.structured(config)
+    name(section)
+    return section
+
+
 def register() -> None:
     """Makes "agentos" a rollout name verl knows (idempotent)."""
     RolloutReplicaRegistry.register(NAME, lambda: AgentOSReplica)
@@ -351,4 +371,4 @@ def register() -> None:
 
 register()
 
-__all__ = ["AgentOSReplica", "AgentOSServer", "ServerAdapter", "register"]
+__all__ = ["AgentOSReplica", "AgentOSServer", "ServerAdapter", "config_section", "register"]
