@@ -142,3 +142,34 @@ def test_repeated_runs():
     assert repeated_runs(["a", "a", "b", "b", "a"]) == [("a", 2), ("b", 2), ("a", 1)]
     chat = [{"role": "user", "content": "x"}]
     assert repeated_runs([chat, list(chat)]) == [(chat, 2)]
+
+
+def test_a_peft_models_adapters_are_merged_into_the_pushed_weights(folder):
+    """LoRA on the attention and a trained lm_head copy (modules_to_save): the engine gets
+    the merged weights under the base names, and its greedy tokens are the merged model's
+    argmax; the trainer's model keeps its adapters unmerged."""
+    peft = pytest.importorskip("peft")
+    trainer = _trainer(folder)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                             modules_to_save=["lm_head"], init_lora_weights=False)
+    names = set(dict(trainer.model.named_parameters()))
+    model = peft.get_peft_model(trainer.model, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    trainer.model = model
+    with Engine(model=str(folder)) as engine:
+        rollouts = rollout_func(engine)
+        push = rollouts.push_weights(trainer)
+        assert push.tensors == len(names)
+        prompt = [1, 40, 41, 42, 43]
+        ours = engine.create_session(tokens=prompt).generate(
+            max_tokens=6, temperature=0.0, ignore_eos=True).tokens
+        with torch.no_grad():
+            ids = list(prompt)
+            for _ in range(6):  # the PEFT model as the trainer holds it: adapters active
+                logits = model(torch.tensor([ids])).logits[0, -1]
+                ids.append(int(logits.argmax()))
+        assert ours == ids[len(prompt):]
+        assert not any(getattr(m, "merged", False) for m in model.modules())

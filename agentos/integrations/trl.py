@@ -23,7 +23,8 @@ on each of the trainer's generation calls:
   clear ValueError, never silently dropped.
 - Weights: whenever the trainer's `global_step` differs from the last one pushed (the first
   call included), the trainer's parameters go to the engine (HF names; weight version =
-  the step) before anything is sampled, with `kv_policy` "recompute", so every completion
+  the step; a PEFT model's adapters merged into its base weights first) before anything
+  is sampled, with `kv_policy` "recompute", so every completion
   is sampled from the weights of the step that asked for it. `versions` records each push.
 - Multi-turn: with `agent_fn` (an `agentos.rl.AgentFn`: `await agent_fn(rollout_session)`,
   generating and appending tool output), each completion is the whole multi-turn
@@ -91,12 +92,11 @@ class TRLRollout:
         if step == self.synced_step and not force:
             return None
         model = trainer.accelerator.unwrap_model(trainer.model)
-        if hasattr(model, "peft_config"):
-            raise NotImplementedError("a PEFT (adapter) model: merge its adapters into the base "
-                                      "weights before pushing them; not done here yet")
-        # parameters, not state_dict: no buffers, and a tied weight once
-        weights = {name: p.detach() for name, p in model.named_parameters()}
         t0 = time.perf_counter()
+        if hasattr(model, "peft_config"):
+            weights = merged_peft_weights(model)
+        else:  # parameters, not state_dict: no buffers, and a tied weight once
+            weights = {name: p.detach() for name, p in model.named_parameters()}
         version = self._run(self.worker.update_weights(weights, version=step,
                                                        kv_policy=self.kv_policy))
         push = WeightPush(step, version, len(weights), time.perf_counter() - t0)
@@ -109,6 +109,25 @@ class TRLRollout:
 
     def close(self) -> None:
         self._loop.close()
+
+
+def merged_peft_weights(model) -> dict[str, Any]:
+    """A PEFT model's weights under the base model's HF names, its adapters merged in
+    (merge_adapter, a copy, unmerge_adapter: the trainer's model is left as it was).
+    Adapter tensors are left out; `modules_to_save` copies stand for their module."""
+    model.merge_adapter()
+    try:
+        weights = {}
+        for name, p in model.named_parameters():
+            if model.prefix in name or ".original_module." in name:
+                continue  # the adapters themselves, and a replaced module's old copy
+            name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            for adapter in model.peft_config:
+                name = name.replace(f".modules_to_save.{adapter}.", ".")
+            weights[name] = p.detach().clone()
+        return weights
+    finally:
+        model.unmerge_adapter()
 
 
 def rollout_func(backend, agent_fn: AgentFn | None = None, sync_weights: bool = True,
