@@ -115,7 +115,7 @@ class Operations(ABC):
                            kv_policy: str) -> Op[int]: ...
 
     @abstractmethod
-    def _op_pause(self) -> Op[None]: ...
+    def _op_pause(self, wait: bool) -> Op[None]: ...
 
     @abstractmethod
     def _op_resume(self) -> Op[None]: ...
@@ -249,9 +249,11 @@ class Backend(Operations):
         have. Every generated token records the weight version that sampled it."""
         return self._call(self._op_update_weights(named_tensors, version, kv_policy))
 
-    def pause(self) -> None:
-        """Stops stepping: calls in flight wait (nothing is lost) until resume()."""
-        return self._call(self._op_pause())
+    def pause(self, wait: bool = False) -> None:
+        """Stops stepping: calls in flight wait (nothing is lost) until resume(). wait: calls
+        in flight run to their end first (generate calls arriving meanwhile are held until
+        resume), and this returns once the engine is paused."""
+        return self._call(self._op_pause(wait))
 
     def resume(self) -> None:
         return self._call(self._op_resume())
@@ -366,8 +368,8 @@ class AsyncBackend(Operations):
                              kv_policy: str = "recompute") -> int:
         return await self._call(self._op_update_weights(named_tensors, version, kv_policy))
 
-    async def pause(self) -> None:
-        return await self._call(self._op_pause())
+    async def pause(self, wait: bool = False) -> None:
+        return await self._call(self._op_pause(wait))
 
     async def resume(self) -> None:
         return await self._call(self._op_resume())

@@ -177,8 +177,8 @@ class _ClientBase(Operations):
                      content=_safetensors(named_tensors),
                      params=_drop_none({"version": version, "kv_policy": kv_policy}))
 
-    def _op_pause(self) -> _Call[None]:
-        return _Call("POST", "/v1/engine/pause", None, _none)
+    def _op_pause(self, wait: bool) -> _Call[None]:
+        return _Call("POST", "/v1/engine/pause", {"wait": True} if wait else None, _none)
 
     def _op_resume(self) -> _Call[None]:
         return _Call("POST", "/v1/engine/resume", None, _none)

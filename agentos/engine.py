@@ -226,7 +226,9 @@ class _EngineBase(Operations):
         items = list(named_tensors.items() if hasattr(named_tensors, "items") else named_tensors)
         return _Syscall(self.kernel.sys_update_weights, (items, version, kv_policy))
 
-    def _op_pause(self) -> _Syscall[None]:
+    def _op_pause(self, wait: bool) -> _Syscall[None]:
+        if wait:
+            return _Syscall(self.kernel.sys_pause_when_idle, (), waits=True)
         return _Syscall(self.kernel.sys_pause, ())
 
     def _op_resume(self) -> _Syscall[None]:

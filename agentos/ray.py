@@ -174,8 +174,8 @@ class EnginePool(AsyncBackend):
         weights = dict(named_tensors)  # (name, tensor) pairs or a dict: one object for all
         return _RayOp("update_weights", (ray.put(weights), version, kv_policy), all=True)
 
-    def _op_pause(self):
-        return _RayOp("pause", (), all=True)
+    def _op_pause(self, wait):
+        return _RayOp("pause", (wait,), all=True)
 
     def _op_resume(self):
         return _RayOp("resume", (), all=True)

@@ -81,6 +81,10 @@ class Sleep(Request):
     level: int = Field(1, ge=1, le=2)
 
 
+class Pause(Request):
+    wait: bool = False  # let the calls in flight end first
+
+
 class Fork(Request):
     n: int = Field(1, ge=1, le=256)
 

@@ -24,7 +24,16 @@ class Calls:
         """Starts a generate call on the session; returns a Future of its Generation.
         on_token(token, text delta, logprob) is called in the loop thread per token (token
         None: the end). Raises NotFoundError / ConflictError / ContextLengthError /
-        InvalidRequestError; changes nothing then."""
+        InvalidRequestError; changes nothing then. While a pause(wait=True) drains, a
+        valid call is held and starts at resume (or ends at an abort)."""
+        if self._drains:
+            self._check_generate(pid, params)
+            outer: Future = Future()
+            self._held.append((pid, params, on_token, outer))
+            return outer
+        return self._start_generate(pid, params, on_token)
+
+    def _check_generate(self, pid: str, params: SamplingParams) -> Process:
         p = self.idle_proc(pid)
         if p.num_tokens >= self.max_model_len:
             raise ContextLengthError(
@@ -33,6 +42,11 @@ class Calls:
         bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequestError(f"stop token id {bad[0]} is outside the vocabulary")
+        return p
+
+    def _start_generate(self, pid: str, params: SamplingParams,
+                        on_token: Callable[[int, str, float | None], None] | None) -> Future:
+        p = self._check_generate(pid, params)
         start_rng = p.rng.get_state()
         if params.seed is not None:
             p.rng.manual_seed(params.seed)

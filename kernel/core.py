@@ -100,6 +100,8 @@ class Kernel(Calls, Lifecycle):
         self.weight_version = 0  # of the weights loaded now; recorded per generated token
         self._paused = False  # no steps run (pause, sleep); syscalls still apply
         self._asleep = False  # the KV pool is released
+        self._drains: list[Future] = []  # pause(wait=True) callers: resolved once paused
+        self._held: list[tuple] = []  # generate calls that arrived while draining
         self._fingerprint: tuple[int, str] | None = None
         self.eos_ids = frozenset(m.model_config.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.vocab_size = m.model_config.vocab_size
@@ -159,9 +161,12 @@ class Kernel(Calls, Lifecycle):
             except Exception as e:  # a failed step must not leave callers hanging
                 self._fail_running(e)
             self.syscalls.retry()
+            self._settle_drains()
             self._commit()
         error = EngineClosedError("engine is closed")
         self.syscalls.drain(error)
+        for *_, held in self._held:
+            held.set_exception(error)
         for p in [*self.procs.values(), *self._scratch.values()]:
             if p.call is not None and not p.call.future.done():
                 p.call.future.set_exception(error)

@@ -6,6 +6,8 @@ method runs in the loop thread.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import torch
 
 from agentos.kernel.errors import ConflictError, InvalidRequestError
@@ -18,15 +20,56 @@ class Lifecycle:
         kept); other syscalls still apply. Idempotent."""
         self._paused = True
 
+    def sys_pause_when_idle(self) -> Future:
+        """pause(wait=True): calls in flight run to their end while generate calls that
+        arrive meanwhile are held (they start at resume); then steps stop. Returns a
+        Future resolved once paused (at once when nothing is in flight)."""
+        future: Future = Future()
+        self._drains.append(future)
+        self._settle_drains()
+        return future
+
+    def _settle_drains(self) -> None:
+        """Pauses and resolves the waiting pause(wait=True) callers once no generate or
+        score call is in flight. The loop calls it after every step."""
+        if not self._drains:
+            return
+        if any(p.call is not None for p in [*self.procs.values(), *self._scratch.values()]):
+            return
+        self._paused = True
+        drains, self._drains = self._drains, []
+        for f in drains:
+            f.set_result(None)
+
+    def _release_held(self) -> None:
+        """Starts the generate calls held while a pause(wait=True) drained, in arrival
+        order; one that cannot start now (its session closed, say) fails alone."""
+        held, self._held = self._held, []
+        for pid, params, on_token, outer in held:
+            if outer.cancelled():
+                continue  # its caller left while it was held
+            try:
+                inner = self._start_generate(pid, params, on_token)
+            except Exception as e:
+                outer.set_exception(e)
+                continue
+            inner.add_done_callback(lambda f, outer=outer: _chain(f, outer))
+
     def sys_resume(self) -> None:
-        """Runs steps again after pause (not while asleep: wake_up does)."""
+        """Runs steps again after pause (not while asleep: wake_up does); a pause(wait=True)
+        still draining is called off (its callers return) and held calls start."""
         if self._asleep:
             raise ConflictError("the engine is asleep; wake_up() first")
+        drains, self._drains = self._drains, []
+        for f in drains:
+            f.set_result(None)
+        self._release_held()
         self._paused = False
 
     def sys_abort_all(self) -> int:
         """Ends every generate call in flight now with finish_reason "abort"; the tokens made
         so far, and their KV, stay in the sessions. Returns how many were ended."""
+        self._release_held()  # calls held by a draining pause end too
         calls = [p for p in self.procs.values() if isinstance(p.call, GenerateCall)]
         for p in calls:
             self._finish(p, "abort")
@@ -93,3 +136,13 @@ class Lifecycle:
             self.runner.restore_kv()
             self._asleep = False
         self._paused = False
+
+
+def _chain(inner: Future, outer: Future) -> None:
+    """Hands a held call's result (or error) to the Future its caller waits on."""
+    if outer.cancelled():
+        return
+    if inner.exception() is not None:
+        outer.set_exception(inner.exception())
+    else:
+        outer.set_result(inner.result())

@@ -9,7 +9,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Query, Request
 
 from agentos.api import deps
-from agentos.api.schemas import ERRORS, EngineState, Sleep, WeightsOut
+from agentos.api.schemas import ERRORS, EngineState, Pause, Sleep, WeightsOut
 from agentos.api.tenants import Tenant
 from agentos.kernel.errors import InvalidRequestError
 
@@ -44,8 +44,11 @@ async def update_weights(request: Request, version: int | None = Query(None, ge=
 
 
 @router.post("/engine/pause", response_model=EngineState)
-async def pause(t: Tenant = Depends(admin), engine=Depends(deps.engine)):
-    await engine.pause()
+async def pause(body: Pause | None = None, t: Tenant = Depends(admin),
+                engine=Depends(deps.engine)):
+    """Stops stepping; with {"wait": true}, once the calls in flight have ended (generate
+    calls arriving meanwhile wait for resume)."""
+    await engine.pause(wait=body is not None and body.wait)
     return {}
 
 

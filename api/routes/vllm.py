@@ -10,7 +10,7 @@ plane's pause/resume/sleep/wake_up.
   `X-Session-ID` header a router uses to keep a conversation on one replica needs no
   state here.
 - `POST /tokenize`, `POST /detokenize`, `GET /get_world_size`, `POST /finish_session`.
-- `POST /pause?mode=keep|abort`, `/resume`, `/sleep?level=`, `/wake_up`,
+- `POST /pause?mode=keep|abort|wait`, `/resume`, `/sleep?level=`, `/wake_up`,
   `/reset_prefix_cache`: the engine as a whole, so admin only (on a server without keys:
   --allow-open-admin).
 
@@ -129,13 +129,11 @@ async def pause(mode: Literal["keep", "abort", "wait"] = "keep",
                 clear_cache: bool = Query(False), t: Tenant = Depends(admin),
                 engine=Depends(deps.engine)) -> dict[str, Any]:
     """keep: calls in flight wait, KV kept, until /resume; abort: they end now with the
-    tokens they made (finish_reason "abort"), then the engine pauses. clear_cache also
+    tokens they made (finish_reason "abort"), then the engine pauses; wait: they run to
+    their end (new generates wait for /resume), then the engine pauses. clear_cache also
     empties the prefix cache."""
-    if mode == "wait":
-        raise InvalidRequestError("pause mode 'wait' is not supported: use 'keep' (calls in "
-                                  "flight wait, nothing lost) or 'abort'")
     aborted = await engine.abort() if mode == "abort" else 0
-    await engine.pause()
+    await engine.pause(wait=mode == "wait")
     dropped = await engine.reset_prefix_cache() if clear_cache else 0
     return {"mode": mode, "aborted": aborted, "cache_dropped": dropped}
 
