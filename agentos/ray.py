@@ -23,7 +23,8 @@ tool of AgentOS works over it. Each actor (`EngineActor`) owns an `AsyncEngine`.
   actor. Without a store the sessions are gone: the call raises `EngineLostError` naming
   them, and the pool forgets them.
 
-Streaming generates are not carried over Ray yet (`stream=True` raises).
+Streamed generates (`stream=True`) come from the actor chunk by chunk through a Ray
+streaming generator; closing the stream aborts the call (its tokens stay).
 """
 
 from __future__ import annotations
@@ -66,6 +67,16 @@ class EngineActor:
         if name in ("encode", "decode"):
             return getattr(self.engine, name)(*args)
         return _plain(await getattr(self.engine, name)(*args))
+
+    async def stream(self, session_id: str, params: SamplingParams):
+        """A streamed generate, chunk by chunk (a Ray streaming generator); cancelled by
+        the caller, it aborts the call, which keeps the tokens it made."""
+        chunks = await self.engine.generate(session_id, params, stream=True)
+        try:
+            async for chunk in chunks:
+                yield dataclasses.astuple(chunk)
+        finally:
+            await chunks.aclose()
 
     def ready(self) -> bool:
         return True
@@ -123,9 +134,7 @@ class EnginePool(AsyncBackend):
         return _RayOp("append", (session_id, text, tokens), session_id)
 
     def _op_generate(self, session_id, params: SamplingParams, stream: bool):
-        if stream:
-            raise NotImplementedError("streaming generates are not carried over Ray yet")
-        return _RayOp("generate", (session_id, params), session_id)
+        return _RayOp("stream" if stream else "generate", (session_id, params), session_id)
 
     def _op_score(self, session_id, text, tokens):
         return _RayOp("score", (session_id, text, tokens), session_id)
@@ -215,6 +224,9 @@ class EnginePool(AsyncBackend):
     async def _on(self, i: int, op: _RayOp) -> Any:
         from ray.exceptions import RayActorError
 
+        if op.name == "stream":
+            chunks = self.actors[i].stream.options(num_returns="streaming").remote(*op.args)
+            return _PoolStream(chunks, i)
         try:
             result = await self.actors[i].call.remote(op.name, *op.args)
         except RayActorError:
@@ -279,6 +291,52 @@ class EnginePool(AsyncBackend):
         for a in self.actors:
             ray.kill(a)
         self.actors = []
+
+
+class _PoolStream:
+    """A streamed generate from an actor: an async iterator of GenerationChunks (the
+    AsyncEngine's stream, carried by a Ray streaming generator). aclose() cancels it,
+    which aborts the call on the actor."""
+
+    def __init__(self, refs, actor: int):
+        self._refs = refs
+        self._actor = actor
+        self._closed = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        from ray.exceptions import RayActorError
+
+        from agentos.kernel.process import GenerationChunk
+
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            ref = await self._refs.__anext__()
+            return GenerationChunk(*await ref)
+        except StopAsyncIteration:
+            self._closed = True
+            raise
+        except RayActorError:
+            self._closed = True
+            raise EngineLostError(f"engine {self._actor} died during a streamed generate; "
+                                  "the tokens it made are in the session if it comes back "
+                                  "from the store") from None
+
+    async def aclose(self) -> None:
+        import ray
+
+        if not self._closed:
+            self._closed = True
+            ray.cancel(self._refs)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
 
 
 def _merge(name: str, results: list) -> Any:

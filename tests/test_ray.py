@@ -165,3 +165,28 @@ def test_engine_control_reaches_every_actor(pool):
         for s in (a, b):
             await s.close()
     run(go())
+
+
+def test_streamed_generates_come_chunk_by_chunk_and_close_aborts(pool):
+    async def go():
+        s = await pool.create_session(tokens=[1, 2, 3, 4])
+        chunks = [c async for c in await pool.generate(s.id, GREEDY, stream=True)]
+        assert [c.finish_reason for c in chunks] == [None] * 6 + ["length"]
+        tokens = [c.token for c in chunks[:-1]]
+        with Engine("tiny") as local:
+            assert tokens == local.create_session(tokens=[1, 2, 3, 4]).generate(
+                params=GREEDY).tokens
+        # closing a stream early aborts the call on the actor; the tokens stay
+        long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+        stream = await pool.generate(s.id, long, stream=True)
+        first = await stream.__anext__()
+        await stream.aclose()
+        deadline = asyncio.get_running_loop().time() + 30
+        while (await pool.session_info(s.id))["state"] in ("runnable", "running"):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.02)
+        got = await s.get_tokens()
+        assert got[:10] == [1, 2, 3, 4, *tokens] and got[10] == first.token
+        assert len(got) < 10 + 400  # aborted, not run to its end
+        await s.close()
+    run(go())
