@@ -28,7 +28,7 @@ def make_hf_checkpoint(
     num_kv_heads: int = 2, rope_scaling: dict | None = None, shards: int = 1, seed: int = 0,
     vocab_size: int = 320, with_tokenizer: bool = False, **overrides,
 ) -> Path:
-    """Writes a small random transformers model of `kind` ("llama", "qwen2", "mistral")
+    """Writes a small random transformers model of `kind` ("llama", "qwen2", "qwen3", "mistral")
     with `save_pretrained` into `path` and returns the folder.
 
     bias: llama attention_bias (q/k/v/o); qwen2 always has q/k/v bias. shards > 1 cuts the
@@ -59,6 +59,11 @@ def make_hf_checkpoint(
     elif kind == "qwen2":
         config = Qwen2Config(**common, rope_parameters=rope, **overrides)
         model_cls = Qwen2ForCausalLM
+    elif kind == "qwen3":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        config = Qwen3Config(**common, head_dim=HEAD_DIM, rope_parameters=rope, **overrides)
+        model_cls = Qwen3ForCausalLM
     elif kind == "mistral":
         config = MistralConfig(**{**common, "head_dim": HEAD_DIM, "sliding_window": None,
                                   "rope_parameters": rope, **overrides})

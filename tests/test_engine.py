@@ -34,7 +34,7 @@ def _used(engine) -> int:
     return engine.stats()["kv"]["device_blocks_used"]
 
 
-@pytest.mark.parametrize("kind,tie", [("llama", False), ("qwen2", True)])
+@pytest.mark.parametrize("kind,tie", [("llama", False), ("qwen2", True), ("qwen3", False)])
 def test_batched_chunked_greedy_matches_transformers(tmp_path, kind, tie):
     path = make_hf_checkpoint(tmp_path / kind, kind, tie=tie, num_kv_heads=2)
     g = torch.Generator().manual_seed(1)

@@ -29,6 +29,8 @@ CHECKPOINTS = {
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}),
     "qwen2_tied": dict(kind="qwen2", tie=True),
     "mistral": dict(kind="mistral"),
+    "qwen3": dict(kind="qwen3"),
+    "qwen3_tied": dict(kind="qwen3", tie=True, num_kv_heads=1),
     "sharded": dict(kind="llama", shards=3, seed=1),
 }
 
@@ -110,6 +112,15 @@ def test_prefill_matches_hf(loaded):
     prompt = tokens(19, seed=1, vocab=cfg.vocab_size)
     logits = run_step(model, Pages(cfg), prefills=[("a", prompt)])
     assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, hf_logits(folder, prompt), atol=ATOL, rtol=0)
+
+
+def test_dense_logits_match_hf(loaded):
+    """The trainer's view (a plain causal forward, no KV cache) of every model shape."""
+    model, cfg, folder = loaded
+    prompt = tokens(17, seed=6, vocab=cfg.vocab_size)
+    with torch.no_grad():
+        logits = model.dense_logits(torch.tensor(prompt))
     torch.testing.assert_close(logits, hf_logits(folder, prompt), atol=ATOL, rtol=0)
 
 

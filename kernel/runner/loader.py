@@ -24,9 +24,9 @@ from agentos.kernel.runner.model import LlamaModel, ModelConfig
 from agentos.kernel.runner.rope import rope_inv_freq, rope_table
 from agentos.kernel.runner.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 _ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-                  "MistralForCausalLM": "mistral"}
+                  "Qwen3ForCausalLM": "qwen3", "MistralForCausalLM": "mistral"}
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -92,7 +92,7 @@ def load_model(
 def hf_model_config(hf: dict) -> ModelConfig:
     """Returns the ModelConfig of a HF config dict after checking that this engine runs it.
 
-    Raises ValueError for a model type other than llama/qwen2/mistral, for active
+    Raises ValueError for a model type other than llama/qwen2/qwen3/mistral, for active
     sliding-window attention (which the paged attention does not implement), and naming
     the field for one that is missing, malformed or out of bounds (a size past the sanity
     bounds, an epsilon or RoPE parameter that would make every call NaN).
@@ -182,12 +182,12 @@ def _check_checkpoint(cfg: ModelConfig, files: list[Path]) -> None:
 def _check_sliding_window(hf: dict, model_type: str) -> None:
     window = hf.get("sliding_window")
     max_len = hf.get("max_position_embeddings", 2048)
-    if model_type not in ("mistral", "qwen2") or window is None or window >= max_len:
+    if model_type not in ("mistral", "qwen2", "qwen3") or window is None or window >= max_len:
         return
     if model_type == "mistral":
         active = hf.get("use_sliding_window", True)
     else:
-        # NOTE: Qwen2 slides only when use_sliding_window, and then only in the layers
+        # NOTE: Qwen2/3 slide only when use_sliding_window, and then only in the layers
         # listed as sliding (by default those from max_window_layers on).
         layer_types = hf.get("layer_types") or [
             "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"

@@ -41,6 +41,7 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before RoPE
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     model_type: str = "llama"
@@ -84,6 +85,7 @@ class ModelConfig:
             o_bias=attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
             hidden_act=hf.get("hidden_act", "silu"),
+            qk_norm=model_type == "qwen3",
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             model_type=model_type,
@@ -120,14 +122,25 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.scale = cfg.head_dim ** -0.5
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+
+    def qkv(self, x, cos, sin):
+        """x [T, hidden] -> q [T, H, D], k and v [T, KVH, D], q and k rotated."""
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), v.view(T, self.num_kv_heads, self.head_dim)
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta: AttnMeta):
         # x: [T, hidden]
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = _rotate(q.view(T, self.num_heads, self.head_dim), cos, sin)
-        k = _rotate(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv(x, cos, sin)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         o = paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
         return self.o_proj(o.reshape(T, self.q_size))
@@ -204,11 +217,7 @@ class LlamaModel(nn.Module):
         sin = self.sin_table[positions].to(x.dtype)[:, None, :]
         for layer in self.layers:
             a = layer.self_attn
-            h = layer.input_layernorm(x)
-            q, k, v = a.qkv_proj(h).split([a.q_size, a.kv_size, a.kv_size], dim=-1)
-            q = _rotate(q.view(T, a.num_heads, a.head_dim), cos, sin)
-            k = _rotate(k.view(T, a.num_kv_heads, a.head_dim), cos, sin)
-            v = v.view(T, a.num_kv_heads, a.head_dim)
+            q, k, v = a.qkv(layer.input_layernorm(x), cos, sin)
             o = _dense_attention(q, k, v, a.scale, self.linear is not F.linear)
             x = x + a.o_proj(o.reshape(T, a.q_size))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
@@ -329,6 +338,8 @@ def _expected_hf_names(cfg: ModelConfig) -> list[str]:
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+        if cfg.qk_norm:
+            names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             names.append(p + f"self_attn.{proj}.weight")
             if (proj != "o_proj" and cfg.qkv_bias) or (proj == "o_proj" and cfg.o_bias):
