@@ -37,7 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from agentos import __version__
+
     parser = argparse.ArgumentParser(prog="agentos", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"agentos {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="create, generate, snapshot, fork, roll back",
@@ -568,10 +571,13 @@ def _serve_settings(args: argparse.Namespace) -> ServerSettings:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
     import uvicorn
 
     from agentos.api.app import create_app
     from agentos.api.observe import configure_logging
+    from agentos.engine import AsyncEngine
 
     settings = _serve_settings(args)  # bad engine options end here, before any startup
     if settings.worker and not settings.redis_url:
@@ -594,15 +600,66 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             print(f"agentos serve: {e}", file=sys.stderr)
             return 1
     try:
-        app = create_app(settings)
+        tenants = settings.tenants()
     except ValueError as e:  # the keys: malformed, or a key claiming the tenant "default"
         print(f"agentos serve: {e}", file=sys.stderr)
         return 2
-    configure_logging(args.log_format, args.log_level)
-    # NOTE: uvicorn's access log off: the app logs each request once, with its request id
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                timeout_graceful_shutdown=5, **_uvicorn_options(args))
+    try:  # the port first: a taken one is found before the model is loaded
+        sock = _listen(args.host, args.port)
+    except OSError as e:
+        print(f"agentos serve: cannot listen on {args.host}:{args.port}: {e.strerror or e}",
+              file=sys.stderr)
+        return 2
+    try:
+        engine = AsyncEngine(**settings.engine_options())
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+        sock.close()
+        print(f"agentos serve: cannot load the model {settings.config.model!r}: {e}",
+              file=sys.stderr)
+        return 2
+    try:
+        app = create_app(settings, engine=engine, tenants=tenants)
+        configure_logging(args.log_format, args.log_level)
+        print(_summary(engine, settings), file=sys.stderr, flush=True)
+        # NOTE: uvicorn's access log off: the app logs each request once, with its request id
+        config = uvicorn.Config(app, log_level=args.log_level, access_log=False,
+                                timeout_graceful_shutdown=5, **_uvicorn_options(args))
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        asyncio.run(engine.close())
+        sock.close()
     return 0
+
+
+def _listen(host: str, port: int):
+    """A socket bound to host:port (listening is left to uvicorn); OSError if taken."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _summary(engine, settings) -> str:
+    """One line: what is served, where, and how much KV it holds."""
+    k = engine.kernel
+    kv = k.memory.kv_stats()
+    tokens = kv["device_blocks_total"] * k.block_size
+    host = kv.get("host_blocks_total", 0) * k.block_size
+    full = tokens // k.max_model_len
+    fits = (f"{full:,} full-length sessions of {k.max_model_len:,}" if full
+            else f"under one full-length session of {k.max_model_len:,}")
+    return (f"agentos serve: {k.config.model} on {k.runner.device} "
+            f"({str(k.dtype).removeprefix('torch.')}), KV {tokens:,} tokens ({fits})"
+            + (f", host tier {host:,} tokens" if host else "")
+            + f"; {settings.url} (dashboard {settings.url}/dashboard, docs {settings.url}/docs)")
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
@@ -806,6 +863,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     rows += [[k, v] for k, v in stats.items() if isinstance(v, (int, float))]
     print_table("engine stats (after the children generated, before rollback)",
                 ["stat", "value"], rows, console)
+    if args.model == "tiny":
+        console.print("note: the tiny model has random weights (built from a fixed seed), so "
+                      "its text is noise; what it shows is the syscalls and their timings. "
+                      "A real model: agentos run --model /path/to/a/hf/checkpoint/folder")
     return 0 if restored_ids == snap_ids else 1
 
 

@@ -93,6 +93,7 @@ def test_run_subprocess():
     out = " ".join(r.stdout.split())  # rich wraps long lines
     assert "fork (n=2)" in out and "equal to the snapshot" in out
     assert "device_blocks_used" in out
+    assert "the tiny model has random weights" in out
 
 
 def test_import_cli_stays_light():
