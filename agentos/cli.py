@@ -23,6 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     back session unequal to its snapshot); 2 bad arguments or model."""
     parser = _parser()
     args = parser.parse_args(argv)
+    missing = _missing_bench_extra(args)
+    if missing:  # fail now, not once a long benchmark has run
+        parser.exit(2, f"agentos: error: {missing}\n")
     if getattr(args, "plot", None):  # fail now, not once a long benchmark has run
         from agentos.bench.plot import require_matplotlib
 
@@ -34,6 +37,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
         parser.exit(2, f"agentos: error: {e}\n")
+    except ImportError as e:  # an optional extra missing: one line, not a traceback
+        parser.exit(2, f"agentos: error: {e}\n")
+
+
+def _missing_bench_extra(args: argparse.Namespace) -> str | None:
+    """Why this benchmark cannot run here (its transformers peer, or gpu's checkpoints,
+    need the bench extra), or None."""
+    import importlib.util
+
+    if args.command != "bench":
+        return None
+    needs = args.scenario == "gpu" or (args.scenario in ("fork", "decode")
+                                       and getattr(args, "peer", None) is not False)
+    if not needs or importlib.util.find_spec("transformers") is not None:
+        return None
+    hint = "" if args.scenario == "gpu" else " (or --no-peer to skip the peer)"
+    return (f"`agentos bench {args.scenario}` compares against transformers, which is not "
+            f"installed: pip install 'agentos[bench]'{hint}")
 
 
 def _parser() -> argparse.ArgumentParser:

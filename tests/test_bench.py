@@ -465,3 +465,20 @@ def test_bench_rl_json(tmp_path, capsys):
     assert ours["computed"] == 2 * 48 + 2 * 3 * 2 * (5 + 1)
     assert peer["computed"] > 2 * ours["computed"]
     assert "AgentOS over the peer" in capsys.readouterr().out
+
+
+def test_a_missing_bench_extra_is_found_before_any_work(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else real(name, *a))
+    for argv in (["bench", "decode"], ["bench", "fork"], ["bench", "gpu", "--device", "cpu"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert "pip install 'agentos[bench]'" in capsys.readouterr().err
+    # without the peer it needs nothing more: the check lets it through
+    from agentos.cli import _missing_bench_extra, _parser
+
+    assert _missing_bench_extra(_parser().parse_args(["bench", "decode", "--no-peer"])) is None

@@ -118,6 +118,16 @@ def _with(argv: list[str], flag: str, value: str) -> list[str]:
     return [*argv, flag, value]
 
 
+INSTALLS = ("pip install -e .", 'pip install -e ".[bench]"')
+
+
+def test_the_documented_installs_are_within_the_test_install():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(extras["bench"]) <= set(extras["test"])
+
+
 def _check_gpu_check_args(argv: list[str], where: str) -> None:
     """The flags exist and the parts named are the script's."""
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
@@ -133,8 +143,8 @@ def test_every_command_is_run_or_checked(server, redis):
     seen = set()
     servers: dict[str, list[list[str]]] = {}  # per block, started together (workers, gateway)
     for where, cmd in commands():
-        if cmd == CI_LINE or cmd in CI_LINE.split(" && ") or cmd == "pip install -e .":
-            continue  # run by CI itself (the quickstart's install is the test install's subset)
+        if cmd == CI_LINE or cmd in CI_LINE.split(" && ") or cmd in INSTALLS:
+            continue  # run by CI itself (these installs are subsets of the test install's)
         if cmd.startswith("bash scripts/gpu_check.sh"):  # its dry run: tests/test_gpu_check.py
             _check_gpu_check_args(shlex.split(cmd)[2:], where)
             continue
