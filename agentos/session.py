@@ -52,7 +52,8 @@ class Session:
                  stop_token_ids: list[int] | None = None, ignore_eos: bool = False,
                  logprobs: bool = True, params: SamplingParams | None = None,
                  stream: bool = False, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0):
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 logit_bias: dict[int, float] | None = None):
         """Generates up to max_tokens tokens at the end of the session and appends them.
 
         Returns a Generation (tokens, text, logprobs, finish_reason: "stop", "length" or
@@ -71,7 +72,8 @@ class Session:
                                     ignore_eos=ignore_eos, logprobs=logprobs, min_p=min_p,
                                     repetition_penalty=repetition_penalty,
                                     presence_penalty=presence_penalty,
-                                    frequency_penalty=frequency_penalty)
+                                    frequency_penalty=frequency_penalty,
+                                    logit_bias=logit_bias or {})
         return self._backend.generate(self.id, params, stream)
 
     def score(self, text: str | None = None, tokens: list[int] | None = None):

@@ -8,11 +8,21 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from agentos.kernel.sampling_params import MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS, MAX_STOPS
+from agentos.kernel.sampling_params import (
+    MAX_LOGIT_BIAS,
+    MAX_STOP_CHARS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_STOPS,
+)
 
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+# {token id: bias in [-100, 100]}; JSON object keys are strings (msgpack's may be ints),
+# read as token ids by SamplingParams (a key that is not one is a 400 naming it)
+LogitBias = Annotated[dict[int | str, Annotated[float, Field(ge=-100, le=100,
+                                                            allow_inf_nan=False)]],
+                      Field(max_length=MAX_LOGIT_BIAS)]
 
 
 class Request(BaseModel):
@@ -59,6 +69,7 @@ class Generate(Request):
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     ignore_eos: bool = False
     logprobs: bool = True
+    logit_bias: LogitBias | None = None
     stream: bool = False
 
 

@@ -42,6 +42,10 @@ class Calls:
         bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequestError(f"stop token id {bad[0]} is outside the vocabulary")
+        bad = [t for t in params.logit_bias if t >= self.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"logit_bias token id {bad[0]} is outside the vocabulary "
+                                      f"({self.vocab_size} tokens)")
         return p
 
     def _start_generate(self, pid: str, params: SamplingParams,

@@ -12,6 +12,7 @@ from agentos.kernel.errors import InvalidRequestError
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024  # biased tokens per call (OpenAI allows 300)
 
 
 @dataclass(slots=True)
@@ -29,6 +30,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # stop on these (kept in tokens)
     ignore_eos: bool = False  # do not stop at the model's end-of-sequence tokens
     logprobs: bool = True  # report the logprob of each chosen token
+    # added to these tokens' logits before any choice (greedy too); -100 bans, 100 forces
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -58,6 +61,7 @@ class SamplingParams:
                f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters")
         _check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
                f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids")
+        self.logit_bias = _logit_bias(self.logit_bias)
 
     @property
     def greedy(self) -> bool:
@@ -68,6 +72,25 @@ class SamplingParams:
         """Whether the logits depend on the tokens so far (the sampler needs them)."""
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
+
+
+def _logit_bias(bias) -> dict[int, float]:
+    """{token id: bias}; OpenAI's JSON has the ids as strings."""
+    if not bias:
+        return {}
+    _check(isinstance(bias, dict) and len(bias) <= MAX_LOGIT_BIAS,
+           f"logit_bias must be an object of at most {MAX_LOGIT_BIAS} entries")
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key) if not isinstance(key, bool) else -1
+        except (TypeError, ValueError):
+            token = -1
+        _check(token >= 0, f"logit_bias keys must be token ids (integers >= 0), got {key!r}")
+        _check(_number(value) and -100 <= value <= 100,
+               f"logit_bias values must be in [-100, 100], got {value!r} for token {token}")
+        out[token] = float(value)
+    return out
 
 
 def _number(x) -> bool:

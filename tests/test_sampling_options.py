@@ -118,3 +118,63 @@ def test_the_routes_take_them():
             assert r.status_code == 422, r.text  # a validation error, as everywhere
     finally:
         engine.kernel.shutdown()
+
+
+def test_logit_bias_matches_transformers_sequence_bias(folder):
+    prompt = [5, 9, 17, 33, 9, 5, 60, 61]
+    bias = {11: 6.0, 12: 4.5, 40: -3.0}
+    model = hf_model(str(folder))
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                             dtype=torch.long), do_sample=False, max_new_tokens=16,
+                             sequence_bias={(t,): b for t, b in bias.items()}, eos_token_id=None,
+                             pad_token_id=PAD)
+    theirs = out[0, len(prompt):].tolist()
+    with Engine(model=str(folder)) as engine:
+        ours = engine.create_session(tokens=prompt).generate(
+            max_tokens=16, temperature=0.0, ignore_eos=True, logit_bias=bias)
+        plain = engine.create_session(tokens=prompt).generate(
+            max_tokens=16, temperature=0.0, ignore_eos=True)
+    assert ours.tokens == theirs
+    assert ours.tokens != plain.tokens  # the bias changed the answer
+    # the logprobs stay the model's: the bias only decides which token is chosen
+    first = hf_model(str(folder))(torch.tensor([prompt])).logits[0, -1].log_softmax(-1)
+    assert ours.logprobs[0] == pytest.approx(first[ours.tokens[0]].item(), abs=1e-4)
+
+
+def test_logit_bias_replays_exactly_after_rollback():
+    with Engine("tiny") as engine:
+        s = engine.create_session(tokens=[1, 2, 3], seed=4)
+        snap = s.snapshot()
+        params = SamplingParams(max_tokens=12, temperature=1.0, logit_bias={7: 3.0, 8: -100})
+        first = s.generate(params=params).tokens
+        s.rollback(snap)
+        assert s.generate(params=params).tokens == first
+        assert 8 not in first
+
+
+def test_logit_bias_on_the_routes():
+    engine = AsyncEngine("tiny", kv_blocks=1024)
+    try:
+        with TestClient(create_app(ServerSettings(), engine=engine)) as client:
+            r = client.post("/v1/completions", json={
+                "prompt": "hi", "max_tokens": 5, "temperature": 0, "logit_bias": {"77": 100}})
+            assert r.status_code == 200, r.text
+            sid = client.post("/v1/sessions", json={"tokens": [1, 2, 3]}).json()["id"]
+            r = client.post(f"/v1/sessions/{sid}/generate", json={
+                "max_tokens": 5, "temperature": 0.7, "logit_bias": {"77": 100}})
+            assert r.json()["tokens"] == [77] * 5
+            r = client.post("/inference/v1/generate", json={
+                "token_ids": [1, 2], "sampling_params": {"max_tokens": 3, "logit_bias": {"9": 100}}})
+            assert r.json()["choices"][0]["token_ids"] == [9, 9, 9]
+            for bad, status in (({"77": 101}, 422), ({"x": 1}, 400), ({"-3": 1}, 400),
+                                ({str(i): 1 for i in range(1025)}, 422),
+                                ({"1000000": 5}, 400)):
+                r = client.post(f"/v1/sessions/{sid}/generate", json={"logit_bias": bad})
+                assert r.status_code == status, (bad if len(bad) < 5 else len(bad), r.text)
+            r = client.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                "logit_bias": {"1000000": 5}})
+            assert r.status_code == 400 and "logit_bias" in r.text
+    finally:
+        engine.kernel.shutdown()

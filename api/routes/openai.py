@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agentos.api import deps
 from agentos.api.routes.sessions import sampling_params, until_disconnected
-from agentos.api.schemas import ERRORS, TokenId
+from agentos.api.schemas import ERRORS, LogitBias, TokenId
 from agentos.api.tenants import Tenant
 from agentos.api.wire import EventStream, error_body, sse
 from agentos.chat import render_chat
@@ -54,6 +54,7 @@ class _Sampling(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0, allow_inf_nan=False)
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
+    logit_bias: LogitBias | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -172,7 +173,7 @@ class _Run:
                   "presence_penalty": body.presence_penalty,
                   "frequency_penalty": body.frequency_penalty, "seed": body.seed, "stop": body.stop,
                   "stop_token_ids": body.stop_token_ids, "ignore_eos": body.ignore_eos,
-                  "logprobs": bool(body.logprobs)}
+                  "logprobs": bool(body.logprobs), "logit_bias": body.logit_bias}
         self.params = sampling_params(fields, settings.max_tokens_cap)
         self.sessions: list[Session] = []
         self.temporary: list[Session] = []

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from agentos.api import deps
 from agentos.api.routes.engine import admin
 from agentos.api.routes.sessions import sampling_params, until_disconnected
-from agentos.api.schemas import ERRORS, TokenId
+from agentos.api.schemas import ERRORS, LogitBias, TokenId
 from agentos.api.tenants import Tenant
 from agentos.kernel.errors import InvalidRequestError
 
@@ -51,6 +51,7 @@ class VLLMSampling(BaseModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
+    logit_bias: LogitBias | None = None
     logprobs: int | None = Field(None, ge=0, le=20)  # any number: the chosen token's
     n: Literal[1] = 1
     skip_special_tokens: bool = True  # token ids out: nothing to skip

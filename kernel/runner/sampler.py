@@ -34,7 +34,7 @@ def sample(
     filters). Advances the RNG of sampled rows only.
     """
     logprobs = torch.log_softmax(logits, dim=-1)
-    adjusted = _penalize(logits, params, histories)
+    adjusted = _bias(_penalize(logits, params, histories), logits, params)
     chosen = adjusted.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
@@ -83,6 +83,20 @@ def _penalize(logits: torch.Tensor, params: list[SamplingParams],
             counts = torch.bincount(ids[start:], minlength=V)[:V].to(row.dtype)
             row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0)
         x[i] = row
+    return x
+
+
+def _bias(x: torch.Tensor, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """x with each row's logit_bias added (a copy when x is still the model's logits)."""
+    rows = [i for i, p in enumerate(params) if p.logit_bias]
+    if not rows:
+        return x
+    if x is logits:
+        x = x.clone()
+    for i in rows:
+        bias = params[i].logit_bias
+        ids = torch.tensor(list(bias), dtype=torch.long, device=x.device)
+        x[i, ids] += torch.tensor(list(bias.values()), dtype=x.dtype, device=x.device)
     return x
 
 
