@@ -464,9 +464,10 @@ class _Stream:
         self._abort: Callable[[], Any] | None = None
         self._finished = False
 
-    def on_token(self, token: int | None, delta: str, logprob: float | None) -> None:
+    def on_token(self, token: int | None, delta: str, logprob: float | None,
+                 top: list[tuple[int, float]] | None = None) -> None:
         if token is not None or delta:  # runs in the loop thread
-            self._put(GenerationChunk(token, delta, logprob))
+            self._put(GenerationChunk(token, delta, logprob, None, top))
 
     def _put(self, item) -> None:
         self._queue.put(item)

@@ -13,6 +13,7 @@ from agentos.kernel.sampling_params import (
     MAX_STOP_CHARS,
     MAX_STOP_TOKEN_IDS,
     MAX_STOPS,
+    MAX_TOP_LOGPROBS,
 )
 
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -70,6 +71,7 @@ class Generate(Request):
     ignore_eos: bool = False
     logprobs: bool = True
     logit_bias: LogitBias | None = None
+    top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
     stream: bool = False
 
 
@@ -162,6 +164,8 @@ class GenerationOut(BaseModel):
     logprobs: list[float] | None
     finish_reason: Literal["stop", "length", "abort"]
     weight_versions: list[int] | None = None  # per token: the weights that sampled it
+    # per token, with top_logprobs: [token id, logprob] pairs, likeliest first
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class ScoreOut(BaseModel):

@@ -122,12 +122,15 @@ class Calls:
         else:
             call.future.set_result((call.logprobs, call.dist))
 
-    def _on_token(self, p: Process, token: int, logprob: float) -> None:
-        """Takes a token sampled for p's generate call; ends the call when it is done."""
+    def _on_token(self, p: Process, token: int, logprob: float,
+                  top: list[tuple[int, float]] | None = None) -> None:
+        """Takes a token sampled for p's generate call (with its top_logprobs alternatives
+        when the call asked); ends the call when it is done."""
         p.push_generated(token, self.weight_version)
         if self.journal is not None:
             self.journal.generated(p, token, not p.call.params.greedy, self.weight_version)
-        reason = p.call.push(token, logprob, self.weight_version, p.num_tokens >= self.max_model_len)
+        reason = p.call.push(token, logprob, self.weight_version,
+                             p.num_tokens >= self.max_model_len, top)
         if reason:
             self._finish(p, reason)
 

@@ -59,6 +59,8 @@ class Generation:
     logprobs: list[float] | None
     finish_reason: str  # "stop", "length" or "abort"
     weight_versions: list[int] | None = None  # per token: the weights that sampled it
+    # per token, when asked (top_logprobs): the likeliest tokens, (id, logprob) best first
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass(slots=True)
@@ -79,6 +81,7 @@ class GenerationChunk:
     text: str  # text delta (held back while it could still become a stop string)
     logprob: float | None = None
     finish_reason: str | None = None
+    top_logprobs: list[tuple[int, float]] | None = None  # when the call asked for them
 
 
 @dataclass(slots=True)
@@ -91,9 +94,11 @@ class GenerateCall:
     detok: Any  # IncrementalDetokenizer
     start_len: int = 0  # session length when the call began; an error undoes back to it
     start_rng: Any = None  # the RNG state before the call (before any reseed)
-    on_token: Callable[[int | None, str, float | None], None] | None = None  # None id: end
+    # (token, text delta, logprob, top_logprobs); None id: the end
+    on_token: Callable[..., None] | None = None
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     text: str = ""  # decoded so far (cut at a stop string)
     emitted: int = 0  # characters of text already streamed to on_token
     stopped_by_string: bool = False
@@ -112,14 +117,18 @@ class GenerateCall:
         self.stopped_by_string = True
         return True
 
-    def push(self, token: int, logprob: float, version: int, at_limit: bool) -> str | None:
-        """Adds a token sampled by weights `version`: its logprob and text, streamed to
-        on_token. Returns the finish reason once the call is done ("stop", or "length" also
-        when `at_limit`, the session being at the context limit), else None."""
+    def push(self, token: int, logprob: float, version: int, at_limit: bool,
+             top: list[tuple[int, float]] | None = None) -> str | None:
+        """Adds a token sampled by weights `version`: its logprob (and top alternatives)
+        and text, streamed to on_token. Returns the finish reason once the call is done
+        ("stop", or "length" also when `at_limit`, the session being at the context limit),
+        else None."""
         self.tokens.append(token)
         self.weight_versions.append(version)
         if self.params.logprobs:
             self.logprobs.append(logprob)
+        if self.params.top_logprobs:
+            self.top_logprobs.append(top or [])
         searched = len(self.text)
         self.text += self.detok.push(token)
         reason = None
@@ -130,7 +139,7 @@ class GenerateCall:
         if reason is not None and not self.stopped_by_string:
             self.text += self.detok.flush()
         if self.on_token is not None:
-            self.on_token(token, self.emit(final=reason is not None), logprob)
+            self.on_token(token, self.emit(final=reason is not None), logprob, top)
         return reason
 
     def result(self, reason: str) -> Generation:
@@ -141,7 +150,9 @@ class GenerateCall:
             if self.on_token is not None:
                 self.on_token(None, self.emit(final=True), None)
         logprobs = list(self.logprobs) if self.params.logprobs else None
-        return Generation(list(self.tokens), self.text, logprobs, reason, list(self.weight_versions))
+        tops = list(self.top_logprobs) if self.params.top_logprobs else None
+        return Generation(list(self.tokens), self.text, logprobs, reason,
+                          list(self.weight_versions), tops)
 
     def emit(self, final: bool) -> str:
         """The text delta safe to stream now: held back while it could start a stop string."""

@@ -13,6 +13,7 @@ MAX_STOPS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGIT_BIAS = 1024  # biased tokens per call (OpenAI allows 300)
+MAX_TOP_LOGPROBS = 20  # alternatives reported per token (OpenAI's limit)
 
 
 @dataclass(slots=True)
@@ -32,6 +33,7 @@ class SamplingParams:
     logprobs: bool = True  # report the logprob of each chosen token
     # added to these tokens' logits before any choice (greedy too); -100 bans, 100 forces
     logit_bias: dict[int, float] = field(default_factory=dict)
+    top_logprobs: int = 0  # also report the k likeliest tokens and their logprobs per token
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -62,6 +64,9 @@ class SamplingParams:
         _check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
                f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids")
         self.logit_bias = _logit_bias(self.logit_bias)
+        _check(isinstance(self.top_logprobs, int) and not isinstance(self.top_logprobs, bool)
+               and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+               f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}")
 
     @property
     def greedy(self) -> bool:

@@ -72,7 +72,7 @@ def test_presence_and_frequency_count_this_calls_output_only():
     torch.testing.assert_close(out, expected)
     # the logprobs stay the model's: penalties only decide which token is chosen
     logits = torch.tensor([[2.0, 1.9, -1.0]])
-    chosen, lps = sample(logits, [SamplingParams(temperature=0.0, frequency_penalty=2.0)],
+    chosen, lps, _ = sample(logits, [SamplingParams(temperature=0.0, frequency_penalty=2.0)],
                          [torch.Generator()], [(array("i", [0, 0]), 1)])
     assert chosen == [1]
     assert lps[0] == pytest.approx(torch.log_softmax(logits, -1)[0, 1].item())
@@ -176,5 +176,66 @@ def test_logit_bias_on_the_routes():
                 "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
                 "logit_bias": {"1000000": 5}})
             assert r.status_code == 400 and "logit_bias" in r.text
+    finally:
+        engine.kernel.shutdown()
+
+
+def test_top_logprobs_are_the_models_likeliest_tokens(folder):
+    from hf_models import hf_logits
+
+    prompt = [5, 9, 17, 33, 9, 5, 60, 61]
+    with Engine(model=str(folder)) as engine:
+        g = engine.create_session(tokens=prompt).generate(params=SamplingParams(
+            max_tokens=6, temperature=0.0, ignore_eos=True, top_logprobs=4))
+        chunks = list(engine.create_session(tokens=prompt).generate(params=SamplingParams(
+            max_tokens=6, temperature=0.0, ignore_eos=True, top_logprobs=4), stream=True))
+        plain = engine.create_session(tokens=prompt).generate(max_tokens=6, temperature=0.0,
+                                                              ignore_eos=True)
+    assert plain.top_logprobs is None  # only when asked
+    ref = hf_logits(folder, prompt + g.tokens[:-1])[len(prompt) - 1:].log_softmax(-1)
+    assert len(g.top_logprobs) == 6
+    for j, top in enumerate(g.top_logprobs):
+        values, ids = ref[j].topk(4)
+        assert [t for t, _ in top] == ids.tolist()
+        torch.testing.assert_close(torch.tensor([x for _, x in top]), values, atol=1e-4, rtol=0)
+        assert top[0] == (g.tokens[j], g.logprobs[j])  # greedy: the likeliest is the chosen
+    assert [c.top_logprobs for c in chunks[:-1]] == g.top_logprobs
+    with pytest.raises(InvalidRequestError):
+        SamplingParams(top_logprobs=21)
+
+
+def test_top_logprobs_on_the_openai_routes():
+    engine = AsyncEngine("tiny", kv_blocks=1024)
+    try:
+        with TestClient(create_app(ServerSettings(), engine=engine)) as client:
+            msgs = [{"role": "user", "content": "hi"}]
+            r = client.post("/v1/chat/completions", json={
+                "messages": msgs, "max_tokens": 3, "logprobs": True, "top_logprobs": 3})
+            content = r.json()["choices"][0]["logprobs"]["content"]
+            assert len(content) == 3
+            for entry in content:
+                tops = entry["top_logprobs"]
+                assert len(tops) == 3 and tops[0]["logprob"] >= tops[1]["logprob"] >= tops[2]["logprob"]
+                assert entry["logprob"] <= tops[0]["logprob"]
+            r = client.post("/v1/chat/completions", json={
+                "messages": msgs, "max_tokens": 3, "top_logprobs": 3})
+            assert r.status_code == 400 and "logprobs" in r.json()["error"]["message"]
+            r = client.post("/v1/completions", json={
+                "prompt": "hi", "max_tokens": 3, "temperature": 0, "logprobs": 2})
+            lp = r.json()["choices"][0]["logprobs"]
+            assert all(2 <= len(d) <= 3 for d in lp["top_logprobs"])
+            for d, piece, x in zip(lp["top_logprobs"], lp["tokens"], lp["token_logprobs"]):
+                assert d[piece] == x
+            with client.stream("POST", "/v1/chat/completions", json={
+                    "messages": msgs, "max_tokens": 2, "logprobs": True, "top_logprobs": 2,
+                    "stream": True}) as s:
+                events = [line for line in s.iter_lines() if line.startswith("data: {")]
+            tops = [e for e in events if '"top_logprobs": [{' in e or '"top_logprobs":[{' in e]
+            assert len(tops) == 2
+            sid = client.post("/v1/sessions", json={"tokens": [1, 2, 3]}).json()["id"]
+            r = client.post(f"/v1/sessions/{sid}/generate", json={"max_tokens": 2, "top_logprobs": 5})
+            assert [len(t) for t in r.json()["top_logprobs"]] == [5, 5]
+            r = client.post(f"/v1/sessions/{sid}/generate", json={"top_logprobs": 21})
+            assert r.status_code == 422
     finally:
         engine.kernel.shutdown()

@@ -3,9 +3,10 @@
 Each request runs on a session: a fresh one (closed afterwards unless `keep_session`), or
 the one named by the extra field `session`, which the prompt / messages are appended to
 so an agent continues its conversation without re-sending it. With n > 1 the prompt is
-prefilled once and forked n ways. Extra fields: session, keep_session, top_k,
-ignore_eos, stop_token_ids. Logprobs are those of the chosen tokens (top_logprobs lists
-only the chosen token).
+prefilled once and forked n ways. Extra fields: session, keep_session, top_k, min_p,
+repetition_penalty, ignore_eos, stop_token_ids. Logprobs are the model's (before
+penalties, bias and temperature): the chosen token's and, with chat's top_logprobs or
+completions' logprobs number, the k likeliest tokens at each position.
 """
 
 from __future__ import annotations
@@ -173,7 +174,8 @@ class _Run:
                   "presence_penalty": body.presence_penalty,
                   "frequency_penalty": body.frequency_penalty, "seed": body.seed, "stop": body.stop,
                   "stop_token_ids": body.stop_token_ids, "ignore_eos": body.ignore_eos,
-                  "logprobs": bool(body.logprobs), "logit_bias": body.logit_bias}
+                  "logprobs": bool(body.logprobs), "logit_bias": body.logit_bias,
+                  "top_logprobs": _top_k(body)}
         self.params = sampling_params(fields, settings.max_tokens_cap)
         self.sessions: list[Session] = []
         self.temporary: list[Session] = []
@@ -240,27 +242,38 @@ class _Run:
         return {"prompt_tokens": self.prompt_len, "completion_tokens": completion,
                 "total_tokens": self.prompt_len + completion}
 
-    def _logprobs(self, tokens: list[int], logprobs: list[float] | None, chat: bool):
+    def _logprobs(self, tokens: list[int], logprobs: list[float] | None, chat: bool,
+                  tops: list | None = None):
+        """OpenAI's logprobs object: each chosen token's logprob and, when asked, the k
+        likeliest tokens at that position (chat: exactly k; completions: the k and the
+        chosen one, as vLLM answers)."""
         if not self.body.logprobs or logprobs is None:
             return None
         pieces = [self.engine.decode([t]) for t in tokens]
+        alts = tops or [[] for _ in tokens]
         if chat:
             return {"content": [{"token": p, "logprob": lp, "bytes": list(p.encode()),
-                                 "top_logprobs": [{"token": p, "logprob": lp, "bytes": list(p.encode())}]
-                                 if self.body.top_logprobs else []}
-                                for p, lp in zip(pieces, logprobs)]}
+                                 "top_logprobs": [self._entry(t, x) for t, x in alt]}
+                                for p, lp, alt in zip(pieces, logprobs, alts)]}
         offsets, pos = [], 0
         for p in pieces:
             offsets.append(pos)
             pos += len(p)
-        return {"tokens": pieces, "token_logprobs": logprobs,
-                "top_logprobs": [{p: lp} for p, lp in zip(pieces, logprobs)], "text_offset": offsets}
+        top = [{**{self.engine.decode([t]): x for t, x in alt}, p: lp}
+               for p, lp, alt in zip(pieces, logprobs, alts)]
+        return {"tokens": pieces, "token_logprobs": logprobs, "top_logprobs": top,
+                "text_offset": offsets}
+
+    def _entry(self, token: int, logprob: float) -> dict:
+        piece = self.engine.decode([token])
+        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
 
     def _response(self, gens, chat: bool) -> dict:
         choices = []
         for i, g in enumerate(gens):
             choice: dict[str, Any] = {"index": i, "finish_reason": g.finish_reason,
-                                      "logprobs": self._logprobs(g.tokens, g.logprobs, chat)}
+                                      "logprobs": self._logprobs(g.tokens, g.logprobs, chat,
+                                                                 g.top_logprobs)}
             if chat:
                 choice["message"] = {"role": "assistant", "content": g.text}
             else:
@@ -277,10 +290,12 @@ class _Run:
         return out
 
     def _chunk(self, i: int, chat: bool, text: str | None, finish_reason: str | None,
-               token: int | None = None, logprob: float | None = None, first: bool = False) -> str:
+               token: int | None = None, logprob: float | None = None, first: bool = False,
+               top: list | None = None) -> str:
         choice: dict[str, Any] = {"index": i, "finish_reason": finish_reason, "logprobs": None}
         if token is not None and logprob is not None:
-            choice["logprobs"] = self._logprobs([token], [logprob], chat)
+            choice["logprobs"] = self._logprobs([token], [logprob], chat,
+                                                None if top is None else [top])
         if chat:
             choice["delta"] = ({"role": "assistant", "content": text or ""} if first
                                else {} if text is None else {"content": text})
@@ -330,7 +345,8 @@ class _Run:
                     yield self._chunk(i, chat, None if chat else "", item.finish_reason)
                 else:
                     num_generated[i] += item.token is not None
-                    yield self._chunk(i, chat, item.text, None, item.token, item.logprob)
+                    yield self._chunk(i, chat, item.text, None, item.token, item.logprob,
+                                      top=item.top_logprobs)
             if (self.body.stream_options or {}).get("include_usage"):
                 yield self._event([], chat, usage=self._usage(num_generated))
             yield "data: [DONE]\n\n"
@@ -338,3 +354,13 @@ class _Run:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _top_k(body) -> int:
+    """Alternatives per token: chat's top_logprobs (which needs logprobs: true, as OpenAI
+    requires), completions' logprobs number."""
+    if isinstance(body, ChatRequest):
+        if body.top_logprobs and not body.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs: true")
+        return body.top_logprobs or 0
+    return body.logprobs or 0

@@ -25,13 +25,15 @@ def new_rng(seed: int, device: str = "cpu") -> torch.Generator:
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], rngs: list[torch.Generator],
     histories: list[tuple[array, int]] | None = None,
-) -> tuple[list[int], list[float]]:
+) -> tuple[list[int], list[float], list[list[tuple[int, float]] | None]]:
     """Picks one token per row of logits [S, V] (fp32). `histories` (needed when a row's
     call has penalties): each row's session tokens and the position its call began at.
 
-    Returns (token ids, logprobs), the logprob of each chosen token under the model's
-    distribution (log-softmax of the raw logits, before penalties, temperature and
-    filters). Advances the RNG of sampled rows only.
+    Returns (token ids, logprobs, tops): the logprob of each chosen token under the
+    model's distribution (log-softmax of the raw logits, before penalties, bias,
+    temperature and filters), and for rows whose call asks for top_logprobs the k
+    likeliest tokens under that same distribution, (id, logprob) most likely first (None
+    for the others). Advances the RNG of sampled rows only.
     """
     logprobs = torch.log_softmax(logits, dim=-1)
     adjusted = _bias(_penalize(logits, params, histories), logits, params)
@@ -54,7 +56,19 @@ def sample(
     # NOTE: one device-to-host read per step, both results together (float64 holds any
     # token id exactly)
     both = torch.stack((chosen.to(torch.float64), lp.to(torch.float64))).cpu()
-    return [int(t) for t in both[0].tolist()], both[1].tolist()
+    return [int(t) for t in both[0].tolist()], both[1].tolist(), _tops(logprobs, params)
+
+
+def _tops(logprobs: torch.Tensor, params: list[SamplingParams]) -> list:
+    """Each asking row's top_logprobs alternatives (one more device-to-host read, only
+    when some row asks)."""
+    ks = [p.top_logprobs for p in params]
+    k = max(ks)
+    if not k:
+        return [None] * len(params)
+    values, ids = logprobs.topk(k, dim=-1)
+    values, ids = values.cpu().tolist(), ids.cpu().tolist()
+    return [list(zip(ids[i][:n], values[i][:n])) if n else None for i, n in enumerate(ks)]
 
 
 def _penalize(logits: torch.Tensor, params: list[SamplingParams],
