@@ -22,8 +22,8 @@ class Calls:
     def sys_generate(self, pid: str, params: SamplingParams,
                      on_token: Callable[[int, str, float | None], None] | None = None) -> Future:
         """Starts a generate call on the session; returns a Future of its Generation.
-        on_token(token, text delta, logprob) is called in the loop thread per token (token
-        None: the end). Raises NotFoundError / ConflictError / ContextLengthError /
+        on_token(token, text delta, logprob, top_logprobs or None) is called in the loop
+        thread per token (token None: the end). Raises NotFoundError / ConflictError / ContextLengthError /
         InvalidRequestError; changes nothing then. While a pause(wait=True) drains, a
         valid call is held and starts at resume (or ends at an abort)."""
         if self._drains:

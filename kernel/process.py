@@ -148,7 +148,7 @@ class GenerateCall:
         if reason == "abort":
             self.text += self.detok.flush()
             if self.on_token is not None:
-                self.on_token(None, self.emit(final=True), None)
+                self.on_token(None, self.emit(final=True), None, None)
         logprobs = list(self.logprobs) if self.params.logprobs else None
         tops = list(self.top_logprobs) if self.params.top_logprobs else None
         return Generation(list(self.tokens), self.text, logprobs, reason,

@@ -164,7 +164,7 @@ def test_failed_generate_is_undone_in_the_journal():
     s.generate(max_tokens=3, temperature=1.0, ignore_eos=True)
     before = s.tokens
 
-    def boom(token, delta, logprob):
+    def boom(token, delta, logprob, top):
         raise RuntimeError("client callback failed")
 
     fut = e.kernel.call(e.kernel.sys_generate, s.id, agentos.SamplingParams(max_tokens=5, temperature=1.0,
