@@ -887,7 +887,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.model == "tiny":
         console.print("note: the tiny model has random weights (built from a fixed seed), so "
                       "its text is noise; what it shows is the syscalls and their timings. "
-                      "A real model: agentos run --model /path/to/a/hf/checkpoint/folder")
+                      "A real model: agentos run --model /path/to/a/hf/checkpoint/folder "
+                      "(or a Hugging Face Hub id, org/name)")
     return 0 if restored_ids == snap_ids else 1
 
 

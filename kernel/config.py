@@ -21,7 +21,9 @@ def option(default: Any, text: str, choices: tuple[str, ...] | None = None) -> A
 
 @dataclass(slots=True)
 class Config:
-    model: str = option("tiny", "'tiny' (embedded, built from a fixed seed) or a HF model folder")
+    model: str = option("tiny", "'tiny' (embedded, built from a fixed seed), a HF model folder, "
+                        "or a Hugging Face Hub id (org/name, from the local cache when offline)")
+    revision: str | None = option(None, "with a Hub id: the branch, tag or commit")
     device: str = option("cpu", "cpu, cuda or cuda:N")
     dtype: str | None = option(None, "float32, bfloat16 or float16; unset: float32 on cpu, "
                                 "bfloat16 on cuda", DTYPES)

@@ -36,7 +36,7 @@ def load_machine(config: Config) -> Machine:
     """Loads the model and allocates the KV pools, sized from free memory where the config
     leaves them unset. Raises what loading raises (FileNotFoundError, ValueError, ...)."""
     dtype = _DTYPES[config.dtype] if config.dtype else None
-    model, mc, tokenizer = load_model(config.model, config.device, dtype)
+    model, mc, tokenizer = load_model(config.model, config.device, dtype, config.revision)
     dtype = next(model.parameters()).dtype
     max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
     block_bytes = ModelRunner.block_bytes(model, config.block_size, dtype)

@@ -52,7 +52,7 @@ def test_serve_defaults_are_config_defaults():
 
 
 def test_engine_options_pass_every_field_by_its_name():
-    config = Config(model="m", device="cuda:1", dtype="float16", block_size=32, kv_blocks=7,
+    config = Config(model="m", revision="v1", device="cuda:1", dtype="float16", block_size=32, kv_blocks=7,
                     host_blocks=0, max_batch_tokens=99, max_batch_size=5, max_model_len=123,
                     scheduler="fcfs", deterministic=True, prefix_cache=False, cuda_graphs=False,
                     store="redis://h:1/0", deployment="d", worker_id="w", seed=9)

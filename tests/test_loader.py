@@ -82,7 +82,7 @@ def test_hf_tokenizer_and_eos_ids(llama_dir, tmp_path):
 
 
 def test_missing_things(tmp_path, llama_dir):
-    with pytest.raises(FileNotFoundError, match="neither 'tiny' nor a folder"):
+    with pytest.raises(FileNotFoundError, match="neither 'tiny', a folder"):
         load_model(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_model(str(tmp_path))

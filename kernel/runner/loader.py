@@ -46,8 +46,10 @@ _SIZES = (("vocab_size", "vocab_size", 1 << 24), ("hidden_size", "hidden_size", 
 
 def load_model(
     model: str, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+    revision: str | None = None,
 ) -> tuple[LlamaModel, ModelConfig, Tokenizer]:
-    """Builds the model named by `model` ("tiny" or a HF folder) on `device` in `dtype`.
+    """Builds the model named by `model` ("tiny", a HF folder, or a Hugging Face Hub id
+    resolved by `resolve_model`) on `device` in `dtype`.
 
     dtype None (or "auto") means float32 on cpu and, elsewhere, the config's
     `torch_dtype`/`dtype`, else bfloat16. Returns (model in eval mode without grads, its
@@ -61,10 +63,7 @@ def load_model(
         hf = tiny_hf_config()
         folder = None
     else:
-        folder = Path(model)
-        if not folder.is_dir():
-            raise FileNotFoundError(
-                f"model {model!r} is neither 'tiny' nor a folder holding a HF checkpoint")
+        folder = Path(resolve_model(model, revision))
         hf = _read_json(folder / "config.json", "config.json")
     cfg = hf_model_config(hf)
     dtype = _resolve_dtype(dtype, device, hf)
@@ -87,6 +86,39 @@ def load_model(
         net.load_hf_weights((name, t.to(dtype) if t.is_floating_point() else t)
                             for name, t in count(weights))
     return net.eval(), cfg, tokenizer
+
+
+# what a checkpoint needs from the Hub: config, generation config, tokenizer, weights
+HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "*.safetensors", "*.safetensors.index.json"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model(model: str, revision: str | None = None) -> str:
+    """The local folder of `model`: a folder as it is; else a Hugging Face Hub id
+    (`org/name`) through huggingface_hub's cache (HF_HOME, HF_HUB_OFFLINE and HF_TOKEN as
+    it reads them), downloading only the files in HUB_FILES. Raises FileNotFoundError in
+    one line (how to point at a local folder) when neither works."""
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        return str(folder)
+    if not _HUB_ID.match(model) or model.startswith((".", "~")):
+        raise FileNotFoundError(f"model {model!r} is neither 'tiny', a folder holding a HF "
+                                "checkpoint, nor a Hugging Face Hub id (org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(f"model {model!r} looks like a Hub id, but huggingface_hub is "
+                                "not installed; give a local checkpoint folder") from None
+    try:
+        return snapshot_download(model, revision=revision, allow_patterns=HUB_FILES)
+    except Exception as e:  # offline and not cached, no such repo or revision, no network
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(
+            f"model {model!r}{f' at revision {revision!r}' if revision else ''} could not be "
+            f"had from the Hugging Face Hub ({type(e).__name__}: {reason[:200]}); download it "
+            "where there is a network (huggingface-cli download) or give --model a local "
+            "checkpoint folder") from None
 
 
 def hf_model_config(hf: dict) -> ModelConfig:
