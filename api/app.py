@@ -150,7 +150,7 @@ def create_app(settings: ServerSettings | None = None, engine=None,
                 await app.state.engine.close()
 
     app = FastAPI(title="AgentOS", version=_version(), lifespan=lifespan,
-                  default_response_class=WireResponse,
+                  default_response_class=WireResponse, docs_url=None, redoc_url=None,
                   description="Agent sessions as processes: create, append, generate, fork, "
                   "snapshot, roll back. JSON, or msgpack with Content-Type / Accept "
                   "application/msgpack.")
@@ -163,6 +163,7 @@ def create_app(settings: ServerSettings | None = None, engine=None,
                engine_routes.router, internal.router, dashboard.router, vllm.router)
     for r in routers:
         app.include_router(r)
+    _docs(app)
     _error_handlers(app)
     # innermost: it sees the tenant and the whole body
     app.add_middleware(IdempotencyMiddleware,
@@ -294,6 +295,34 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+DOCS_ASSETS = "/docs-assets"
+
+
+def _docs(app: FastAPI) -> None:
+    """GET /docs: Swagger UI (5.x: it reads FastAPI's OpenAPI 3.1) with its scripts and
+    styles served from here, the copy the swagger-ui-py package ships, so the page works
+    with no network."""
+    import importlib.util
+    from pathlib import Path
+
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    spec = importlib.util.find_spec("swagger_ui")  # its files only: nothing of it runs
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the swagger-ui-py package (a dependency) is not installed")
+    static = Path(spec.submodule_search_locations[0]) / "static"
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(static)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url, title="AgentOS API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")
 
 
 def _version() -> str:

@@ -160,3 +160,21 @@ class Dom(HTMLParser):
     def edges(self) -> set[tuple[str, str, str]]:
         return {(a["data-from"], a["data-to"], a["data-edge"]) for _, a in self.elements
                 if "data-edge" in a}
+
+
+def test_api_docs_work_offline(url, tmp_path):
+    """/docs loads Swagger UI from this server only (no CDN), and Chromium renders the
+    operations from /openapi.json with no other host reachable."""
+    page = httpx.get(f"{url}/docs", trust_env=False)
+    assert page.status_code == 200
+    refs = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page.text)
+    assert refs and all(r.startswith("/docs-assets/") for r in refs), refs
+    assert "cdn." not in page.text and "unpkg" not in page.text
+    for ref in refs:
+        asset = httpx.get(url + ref, trust_env=False)
+        assert asset.status_code == 200 and len(asset.content) > 500, ref
+    browser = chromium()
+    # every host but this server is unreachable for the browser
+    dom = run_chromium(browser, tmp_path / "docs", "--host-resolver-rules=MAP * ~NOTFOUND, "
+                       "EXCLUDE 127.0.0.1", "--dump-dom", f"{url}/docs")
+    assert "opblock" in dom and "/v1/sessions" in dom  # the operations were rendered
