@@ -34,9 +34,14 @@ def _used(engine) -> int:
     return engine.stats()["kv"]["device_blocks_used"]
 
 
-@pytest.mark.parametrize("kind,tie", [("llama", False), ("qwen2", True), ("qwen3", False)])
-def test_batched_chunked_greedy_matches_transformers(tmp_path, kind, tie):
-    path = make_hf_checkpoint(tmp_path / kind, kind, tie=tie, num_kv_heads=2)
+@pytest.mark.parametrize("kind,tie,extra", [
+    ("llama", False, {}), ("qwen2", True, {}), ("qwen3", False, {}),
+    # a sliding window shorter than every prompt and than the generation
+    ("mistral", False, {"sliding_window": 9}),
+    ("qwen2", False, {"use_sliding_window": True, "sliding_window": 7, "max_window_layers": 1}),
+])
+def test_batched_chunked_greedy_matches_transformers(tmp_path, kind, tie, extra):
+    path = make_hf_checkpoint(tmp_path / kind, kind, tie=tie, num_kv_heads=2, **extra)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (5, 23, 40, 57)]
     # a 16-token budget forces chunked prefill mixed with other sessions' decodes
@@ -321,3 +326,20 @@ def test_top_k_beyond_the_vocabulary_means_off(tiny):
     assert huge.tokens == off.tokens
     s.close()
     snap.delete()
+
+
+def test_sliding_window_in_deterministic_mode_matches_transformers(tmp_path):
+    """The batch-invariant attention masks the window too: greedy equals transformers, and
+    a session alone equals it inside a batch, token for token."""
+    path = make_hf_checkpoint(tmp_path / "m", "mistral", num_kv_heads=2, sliding_window=5)
+    prompts = [list(range(3, 20)), list(range(40, 51))]
+    with Engine(str(path), kv_blocks=256, block_size=4, deterministic=True) as engine:
+        sessions = [engine.create_session(tokens=p) for p in prompts]
+        with ThreadPoolExecutor(2) as pool:
+            gens = list(pool.map(lambda s: s.generate(max_tokens=20, temperature=0.0,
+                                                      ignore_eos=True), sessions))
+        alone = engine.create_session(tokens=prompts[0]).generate(
+            max_tokens=20, temperature=0.0, ignore_eos=True)
+    for p, gen in zip(prompts, gens):
+        assert gen.tokens == hf_generate(path, p, 20)
+    assert alone.tokens == gens[0].tokens and alone.logprobs == gens[0].logprobs

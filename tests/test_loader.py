@@ -127,21 +127,21 @@ def test_unsupported_configs(tmp_path, changes, match):
         load_model(str(folder))
 
 
-def test_sliding_window(tmp_path):
+def test_sliding_window_layers_follow_the_config(tmp_path):
+    """Which layers slide, read as transformers reads it (the attention itself is checked
+    against transformers in test_model.py)."""
     folder = make_hf_checkpoint(tmp_path / "mistral", "mistral", sliding_window=16)
-    with pytest.raises(ValueError, match="sliding-window attention"):
-        load_model(str(folder))
+    assert load_model(str(folder))[1].layer_windows == [16, 16, 16]
     edit_config(folder, use_sliding_window=False)
-    load_model(str(folder))
+    assert load_model(str(folder))[1].layer_windows == [None] * 3
     folder = make_hf_checkpoint(tmp_path / "qwen", "qwen2", use_sliding_window=True,
                                 sliding_window=16, max_window_layers=1)
-    with pytest.raises(ValueError, match="sliding-window attention"):
+    assert load_model(str(folder))[1].layer_windows == [None, 16, 16]
+    edit_config(folder, use_sliding_window=False)
+    assert load_model(str(folder))[1].layer_windows == [None] * 3
+    edit_config(folder, use_sliding_window=True, sliding_window=0)
+    with pytest.raises(ValueError, match="sliding_window"):
         load_model(str(folder))
-    # a window as long as the context is no window at all
-    edit_config(folder, sliding_window=512)
-    load_model(str(folder))
-    edit_config(folder, sliding_window=16, use_sliding_window=False)
-    load_model(str(folder))
 
 
 def test_model_type_from_architectures(tmp_path):

@@ -30,6 +30,10 @@ CHECKPOINTS = {
     "qwen2_tied": dict(kind="qwen2", tie=True),
     "mistral": dict(kind="mistral"),
     "qwen3": dict(kind="qwen3"),
+    # windows shorter than the prompts (19-21 tokens): every path masks old keys
+    "mistral_sliding": dict(kind="mistral", sliding_window=6),
+    "qwen2_sliding_layers": dict(kind="qwen2", use_sliding_window=True, sliding_window=5,
+                                 max_window_layers=1),
     "qwen3_tied": dict(kind="qwen3", tie=True, num_kv_heads=1),
     "sharded": dict(kind="llama", shards=3, seed=1),
 }

@@ -78,16 +78,20 @@ def write_kv(
 
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta, scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention of the step's queries over the paged cache (already holding the new K/V).
+    With a sliding `window`, a query sees only the `window` keys ending at its own
+    position (Mistral's and Qwen's sliding layers, as transformers masks them).
 
     q: [T, H, D] -> returns [T, H, D].
     """
     if meta.deterministic:
         from agentos.kernel.runner.batch_invariant import attention
 
-        return attention(q, k_cache, v_cache, meta, scale)
-    fast = _triton_kernels(q, k_cache)
+        return attention(q, k_cache, v_cache, meta, scale, window)
+    # NOTE: sliding-window layers take the torch path (the Triton kernels have no window yet)
+    fast = None if window is not None else _triton_kernels(q, k_cache)
     if fast is not None:
         try:
             return fast.paged_attention(q, k_cache, v_cache, meta, scale)
@@ -99,10 +103,11 @@ def paged_attention(
             _disable_triton(e)
     out = torch.empty_like(q)
     if meta.num_decodes:
-        out[: meta.num_decodes] = _decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale)
+        out[: meta.num_decodes] = _decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale,
+                                          window)
     for c in meta.prefills:
         out[c.q_start : c.q_start + c.q_len] = _prefill(q[c.q_start : c.q_start + c.q_len],
-                                                        k_cache, v_cache, c, scale)
+                                                        k_cache, v_cache, c, scale, window)
     return out
 
 
@@ -150,16 +155,20 @@ def gather_blocks(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     return rows.view(*tables.shape[:-1], tables.shape[-1] * cache.shape[1], *cache.shape[2:])
 
 
-def _decode(q, k_cache, v_cache, meta: AttnMeta, scale: float) -> torch.Tensor:
+def _decode(q, k_cache, v_cache, meta: AttnMeta, scale: float,
+            window: int | None = None) -> torch.Tensor:
     # q: [B, H, D]; one query per session at the end of its context.
-    if meta.shared:
+    if meta.shared and window is None:  # a window hides most of a shared prefix: plain path
         return _decode_cascade(q, k_cache, v_cache, meta, scale)
     B, H, D = q.shape
     KVH = k_cache.shape[2]
     k = gather_blocks(k_cache, meta.decode_block_tables).transpose(1, 2)  # [B, KVH, L, D]
     v = gather_blocks(v_cache, meta.decode_block_tables).transpose(1, 2)  # L = max_blocks * bs
     L = k.shape[2]
-    valid = torch.arange(L, device=q.device)[None, :] < meta.decode_ctx_lens[:, None]  # [B, L]
+    keys = torch.arange(L, device=q.device)[None, :]
+    valid = keys < meta.decode_ctx_lens[:, None]  # [B, L]
+    if window is not None:
+        valid &= keys >= meta.decode_ctx_lens[:, None] - window
     # NOTE: grouped-query heads become the query axis of their kv head ([B, KVH, G, D]), and
     # 4-d inputs reach the fused SDPA kernels (3-d ones fall back to the slow math path)
     qg = q.view(B, KVH, H // KVH, D)
@@ -219,7 +228,8 @@ def _attention_lse(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Ten
     return torch.matmul(torch.exp(s - lse[..., None]), v.float()), lse
 
 
-def _prefill(q, k_cache, v_cache, c: PrefillChunk, scale: float) -> torch.Tensor:
+def _prefill(q, k_cache, v_cache, c: PrefillChunk, scale: float,
+             window: int | None = None) -> torch.Tensor:
     # q: [n, H, D] at positions ctx_len - n .. ctx_len - 1.
     n, H, D = q.shape
     KVH = k_cache.shape[2]
@@ -230,12 +240,15 @@ def _prefill(q, k_cache, v_cache, c: PrefillChunk, scale: float) -> torch.Tensor
         k = k.repeat_interleave(G, dim=1)
         v = v.repeat_interleave(G, dim=1)
     start = c.ctx_len - n
-    if start == 0:
+    if start == 0 and window is None:
         mask, causal = None, True  # the whole context is new: plain causal
     else:
-        # key j is visible to query i when j <= start + i
+        # key j is visible to query i when j <= start + i (and within the window)
         rows = torch.arange(n, device=q.device)[:, None] + start
-        mask, causal = torch.arange(c.ctx_len, device=q.device)[None, :] <= rows, False  # [n, ctx]
+        keys = torch.arange(c.ctx_len, device=q.device)[None, :]
+        mask, causal = keys <= rows, False  # [n, ctx]
+        if window is not None:
+            mask &= keys > rows - window
     # NOTE: 4-d inputs (a batch of one) reach the fused SDPA kernels; 3-d ones take the
     # math path, 5-7x slower on CPU for long contexts
     out = F.scaled_dot_product_attention(

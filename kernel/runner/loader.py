@@ -124,8 +124,7 @@ def resolve_model(model: str, revision: str | None = None) -> str:
 def hf_model_config(hf: dict) -> ModelConfig:
     """Returns the ModelConfig of a HF config dict after checking that this engine runs it.
 
-    Raises ValueError for a model type other than llama/qwen2/qwen3/mistral, for active
-    sliding-window attention (which the paged attention does not implement), and naming
+    Raises ValueError for a model type other than llama/qwen2/qwen3/mistral, and naming
     the field for one that is missing, malformed or out of bounds (a size past the sanity
     bounds, an epsilon or RoPE parameter that would make every call NaN).
     """
@@ -146,10 +145,6 @@ def hf_model_config(hf: dict) -> ModelConfig:
     except (TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as e:
         raise ValueError(f"config.json has a malformed field: {e}") from None
     _check_config(cfg)
-    try:
-        _check_sliding_window(hf, model_type)
-    except (TypeError, KeyError) as e:
-        raise ValueError(f"config.json has a malformed sliding-window field: {e}") from None
     return cfg
 
 
@@ -209,27 +204,6 @@ def _check_checkpoint(cfg: ModelConfig, files: list[Path]) -> None:
         if shapes[name] != shape:
             raise ValueError(f"checkpoint {name!r} has shape {shapes[name]}; config.json says "
                              f"{shape}")
-
-
-def _check_sliding_window(hf: dict, model_type: str) -> None:
-    window = hf.get("sliding_window")
-    max_len = hf.get("max_position_embeddings", 2048)
-    if model_type not in ("mistral", "qwen2", "qwen3") or window is None or window >= max_len:
-        return
-    if model_type == "mistral":
-        active = hf.get("use_sliding_window", True)
-    else:
-        # NOTE: Qwen2/3 slide only when use_sliding_window, and then only in the layers
-        # listed as sliding (by default those from max_window_layers on).
-        layer_types = hf.get("layer_types") or [
-            "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
-            for i in range(hf["num_hidden_layers"])]
-        active = hf.get("use_sliding_window", False) and "sliding_attention" in layer_types
-    if active:
-        raise ValueError(
-            f"{model_type} config uses sliding-window attention (sliding_window={window} < "
-            f"max_position_embeddings={max_len}), which is not supported; a checkpoint "
-            "trained with full attention can set use_sliding_window: false")
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:

@@ -42,6 +42,8 @@ class ModelConfig:
     mlp_bias: bool = False
     hidden_act: str = "silu"
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before RoPE
+    # per layer: the sliding window (keys a query sees, itself included), None: full
+    layer_windows: list[int | None] = field(default_factory=list)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     model_type: str = "llama"
@@ -86,10 +88,37 @@ class ModelConfig:
             mlp_bias=bool(hf.get("mlp_bias", False)),
             hidden_act=hf.get("hidden_act", "silu"),
             qk_norm=model_type == "qwen3",
+            layer_windows=_layer_windows(hf, model_type),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             model_type=model_type,
         )
+
+
+def _layer_windows(hf: dict, model_type: str) -> list[int | None]:
+    """Each layer's sliding window as transformers reads the config: Mistral slides in
+    every layer when `sliding_window` is set (and `use_sliding_window` is not false);
+    Qwen2/3 only with `use_sliding_window`, in the layers `layer_types` names
+    "sliding_attention" (by default those from `max_window_layers` on)."""
+    layers = hf["num_hidden_layers"]
+    window = hf.get("sliding_window")
+    if window is None or model_type not in ("mistral", "qwen2", "qwen3"):
+        return [None] * layers
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"sliding_window must be an integer >= 1, got {window!r}")
+    if model_type == "mistral":
+        types = hf.get("layer_types") or ["sliding_attention"] * layers
+        if hf.get("use_sliding_window") is False:
+            types = ["full_attention"] * layers
+    elif not hf.get("use_sliding_window", False):
+        types = ["full_attention"] * layers
+    else:
+        types = hf.get("layer_types") or [
+            "sliding_attention" if i >= hf.get("max_window_layers", layers) else "full_attention"
+            for i in range(layers)]
+    if len(types) != layers:
+        raise ValueError(f"layer_types has {len(types)} entries for {layers} layers")
+    return [window if t == "sliding_attention" else None for t in types]
 
 
 class RMSNorm(nn.Module):
@@ -114,8 +143,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
+        self.window = cfg.layer_windows[layer] if cfg.layer_windows else None
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
@@ -142,7 +172,7 @@ class Attention(nn.Module):
         T = x.shape[0]
         q, k, v = self.qkv(x, cos, sin)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        o = paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
+        o = paged_attention(q, k_cache, v_cache, meta, self.scale, self.window)  # [T, H, D]
         return self.o_proj(o.reshape(T, self.q_size))
 
 
@@ -160,10 +190,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
@@ -179,7 +209,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(
             cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -218,7 +248,7 @@ class LlamaModel(nn.Module):
         for layer in self.layers:
             a = layer.self_attn
             q, k, v = a.qkv(layer.input_layernorm(x), cos, sin)
-            o = _dense_attention(q, k, v, a.scale, self.linear is not F.linear)
+            o = _dense_attention(q, k, v, a.scale, self.linear is not F.linear, a.window)
             x = x + a.o_proj(o.reshape(T, a.q_size))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         x = self.norm(x)
@@ -309,18 +339,25 @@ def _fusions(cfg: ModelConfig) -> dict[str, tuple[str, int, int]]:
     }
 
 
-def _dense_attention(q, k, v, scale: float, batch_invariant: bool) -> torch.Tensor:
-    # q: [T, H, D], k, v: [T, KVH, D] of one whole sequence; causal; returns [T, H, D]
+def _dense_attention(q, k, v, scale: float, batch_invariant: bool,
+                     window: int | None = None) -> torch.Tensor:
+    # q: [T, H, D], k, v: [T, KVH, D] of one whole sequence; causal (within the sliding
+    # window when there is one); returns [T, H, D]
     T, H, D = q.shape
     KVH = k.shape[1]
     if batch_invariant:
         from agentos.kernel.runner.batch_invariant import session_attention
 
-        return session_attention(q, k, v, scale)
+        return session_attention(q, k, v, scale, window)
     k = k.repeat_interleave(H // KVH, dim=1)
     v = v.repeat_interleave(H // KVH, dim=1)
+    mask = None
+    if window is not None:
+        i = torch.arange(T, device=q.device)
+        mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                         v.transpose(0, 1)[None], is_causal=True, scale=scale)
+                                         v.transpose(0, 1)[None], attn_mask=mask,
+                                         is_causal=mask is None, scale=scale)
     return out[0].transpose(0, 1)
 
 
