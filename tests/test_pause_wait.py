@@ -25,6 +25,13 @@ def _running(engine: Engine, n: int = 1) -> None:
         time.sleep(0.002)
 
 
+def _until(condition) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
 @pytest.fixture()
 def engine():
     with Engine("tiny", kv_blocks=256) as e:
@@ -35,19 +42,22 @@ def test_calls_in_flight_finish_new_ones_wait_for_resume(engine):
     a = engine.create_session(tokens=list(range(3, 20)))
     b = engine.create_session(tokens=list(range(30, 40)))
     with ThreadPoolExecutor(3) as pool:
-        first = pool.submit(a.generate, params=LONG)
-        _running(engine)
-        paused = pool.submit(engine.pause, wait=True)
-        time.sleep(0.05)
-        second = pool.submit(b.generate, params=SHORT)  # arrives while draining: held
-        paused.result(timeout=60)
-        # the pause returned only after the call in flight ended, whole
-        assert first.done() and first.result().finish_reason == "length"
-        assert len(first.result().tokens) == 60
-        assert engine.stats()["paused"] and not second.done()
-        time.sleep(0.1)
-        assert not second.done()  # held: no step runs while paused
-        engine.resume()
+        try:
+            first = pool.submit(a.generate, params=LONG)
+            _running(engine)
+            paused = pool.submit(engine.pause, wait=True)
+            time.sleep(0.05)
+            second = pool.submit(b.generate, params=SHORT)  # arrives while draining: held
+            paused.result(timeout=60)
+            # the pause returned only after the call in flight ended, whole (a call still
+            # in flight would now be frozen by the pause, and this would time out)
+            done = first.result(timeout=10)
+            assert done.finish_reason == "length" and len(done.tokens) == 60
+            assert engine.stats()["paused"]
+            time.sleep(0.1)
+            assert not second.done()  # held: no step runs while paused
+        finally:
+            engine.resume()  # never leave a held call waiting (the pool joins it)
         out = second.result(timeout=60)
     assert out.finish_reason == "length" and len(out.tokens) == 3
     with Engine("tiny", kv_blocks=256) as fresh:  # the held call ran as it would have alone
@@ -63,19 +73,24 @@ def test_nothing_in_flight_pauses_at_once_and_abort_ends_held_calls(engine):
     a = engine.create_session(tokens=list(range(3, 20)))
     b = engine.create_session(tokens=list(range(30, 40)))
     with ThreadPoolExecutor(3) as pool:
-        first = pool.submit(a.generate, params=LONG)
-        _running(engine)
-        engine.pause()  # keep: the call in flight is frozen, so a wait-pause cannot finish
-        waiting = pool.submit(engine.pause, wait=True)
-        held = pool.submit(b.generate, params=SHORT)
-        time.sleep(0.1)
-        assert not waiting.done() and not held.done()
-        assert engine.abort() == 2  # the frozen call and the held one
-        waiting.result(timeout=60)  # nothing left in flight: paused
-        assert first.result().finish_reason == "abort"
-        assert held.result().finish_reason == "abort" and held.result().tokens == []
+        try:
+            first = pool.submit(a.generate, params=LONG)
+            _running(engine)
+            engine.pause()  # keep: the call in flight is frozen, so a wait-pause cannot finish
+            waiting = pool.submit(engine.pause, wait=True)
+            _until(lambda: engine.kernel._drains)  # the wait-pause is draining
+            held = pool.submit(b.generate, params=SHORT)
+            _until(lambda: engine.kernel._held)  # and b's generate is held by it
+            time.sleep(0.1)
+            assert not waiting.done() and not held.done()
+            assert engine.abort() == 2  # the frozen call and the held one
+            waiting.result(timeout=60)  # nothing left in flight: paused
+            assert first.result(timeout=10).finish_reason == "abort"
+            out = held.result(timeout=10)
+            assert out.finish_reason == "abort" and out.tokens == []
+        finally:
+            engine.resume()  # never leave a call waiting (the pool joins it)
     assert b.tokens == list(range(30, 40))  # the held call changed nothing
-    engine.resume()
     assert len(b.generate(params=SHORT).tokens) == 3
     engine.check()
 
