@@ -673,7 +673,7 @@ def _summary(engine, settings) -> str:
     k = engine.kernel
     kv = k.memory.kv_stats()
     tokens = kv["device_blocks_total"] * k.block_size
-    host = kv.get("host_blocks_total", 0) * k.block_size
+    host = kv["host_blocks_total"] * k.block_size
     full = tokens // k.max_model_len
     fits = (f"{full:,} full-length sessions of {k.max_model_len:,}" if full
             else f"under one full-length session of {k.max_model_len:,}")
