@@ -343,3 +343,21 @@ def test_sliding_window_in_deterministic_mode_matches_transformers(tmp_path):
     for p, gen in zip(prompts, gens):
         assert gen.tokens == hf_generate(path, p, 20)
     assert alone.tokens == gens[0].tokens and alone.logprobs == gens[0].logprobs
+
+
+def test_sliding_window_forks_decoding_together_match_transformers(tmp_path):
+    """Forks of one long session decode in one batch over their shared blocks; with a window
+    wider than what follows the shared prefix, the window reaches into the shared blocks, so
+    sliding layers must attend each row's whole table (no shared-prefix cascade)."""
+    path = make_hf_checkpoint(tmp_path / "m", "mistral", num_kv_heads=2, sliding_window=30)
+    prompt = torch.randint(3, 320, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    with Engine(str(path), kv_blocks=512, block_size=4) as engine:
+        s = engine.create_session(tokens=prompt)
+        s.generate(max_tokens=1, temperature=0.0, ignore_eos=True)
+        kids = s.fork(n=4)
+        with ThreadPoolExecutor(4) as pool:
+            outs = list(pool.map(lambda k: k.generate(max_tokens=20, temperature=0.0,
+                                                      ignore_eos=True).tokens, kids))
+        assert engine.stats()["steps"] < 4 * 20  # the forks really decoded together
+        ref = hf_generate(path, s.tokens, 20)
+    assert outs == [ref] * 4

@@ -158,7 +158,8 @@ def gather_blocks(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
 def _decode(q, k_cache, v_cache, meta: AttnMeta, scale: float,
             window: int | None = None) -> torch.Tensor:
     # q: [B, H, D]; one query per session at the end of its context.
-    if meta.shared and window is None:  # a window hides most of a shared prefix: plain path
+    if meta.shared:  # never with sliding layers: their tables are whole (see model_runner)
+        assert window is None, "a sliding layer needs whole decode tables, not a cascade"
         return _decode_cascade(q, k_cache, v_cache, meta, scale)
     B, H, D = q.shape
     KVH = k_cache.shape[2]

@@ -29,6 +29,10 @@ class ModelRunner:
         cfg = model.cfg
         self.model = model
         self.deterministic = deterministic  # batch-invariant kernels (see batch_invariant.py)
+        # NOTE: shared prefixes are attended once for all their rows (the cascade) only when
+        # no layer slides: one step's AttnMeta serves every layer, and a sliding layer needs
+        # each row's whole table (the window's start falls anywhere in it)
+        self.cascade = not deterministic and not any(cfg.layer_windows)
         self.block_size = block_size
         self.device = torch.device(device)
         # NOTE: block-major, so one block of every layer is one contiguous run of bytes and
@@ -161,7 +165,7 @@ class ModelRunner:
             if span is not None:
                 logits_idx.extend(range(q_start + span[0] - c.start, q_start + span[1] - c.start))
         positions, slots = np.concatenate(pos_parts), np.concatenate(slot_parts)
-        shared = shared_prefixes(dec_tables, dec_lens, bs) if dec_tables and not self.deterministic else []
+        shared = shared_prefixes(dec_tables, dec_lens, bs) if dec_tables and self.cascade else []
         if not prefills:  # decode only: each span is at most the chunk's one position
             if self.graphs is not None and not (shared and prefers_cascade(shared, dec_tables)):
                 try:
