@@ -11,6 +11,10 @@ Parts:
 - greedy: 64 greedy tokens of four prompts, batched, on the tiny model (fp32), with the
   torch and the Triton attention, eager and under CUDA graphs: every token list must be
   identical, and the graph runs must replay captured graphs (replays > captures > 0).
+- families: random small HF checkpoints of each supported family (Llama, Qwen3, Mistral's
+  sliding window, Qwen2's sliding layers) written with transformers: batched, chunked
+  greedy through the engine with each attention path, eager and under CUDA graphs, must
+  equal transformers' `generate` on the same weights.
 - bench_gpu: `agentos bench gpu` (Qwen2.5-0.5B and Llama-3.2-1B shapes: decode at batch
   1/8/32/128 against HF generate, batch-1 roofline, 32k fork/rollback, swap).
 - bench_gpu_torch_attention, bench_gpu_no_graphs: the Llama-3.2-1B decode again with the
@@ -71,6 +75,8 @@ def part_list(device: str, dry: bool) -> list[dict]:
              env=kernel_env, limit=600 if dry else 180),
     ]
     parts.append(dict(name="greedy", argv=[__file__, "--greedy", device, str(new_tokens)],
+                      env=kernel_env, limit=240))
+    parts.append(dict(name="families", argv=[__file__, "--families", device, str(new_tokens)],
                       env=kernel_env, limit=240))
     parts += [
         dict(name="bench_gpu", argv=[*bench, "gpu", *gpu_args], limit=360, json=True),
@@ -146,6 +152,13 @@ def summarize(parts: dict) -> list[dict]:
                 s = r["capture_stats"]
                 add(f"{n}: CUDA graphs replay", s["graph_replays"] > s["graphs_captured"] > 0,
                     f"{s['graphs_captured']} captured, {s['graph_replays']} replays")
+    families = parts.get("families", {}).get("result")
+    if families:
+        for kind, runs in families["models"].items():
+            differ = [n for n, r in runs.items() if n != "transformers" and r != runs["transformers"]]
+            add(f"{kind}: greedy equals transformers ({', '.join(runs)})", not differ,
+                "differ: " + ", ".join(differ) if differ else
+                f"{len(runs['transformers'])} prompts x {len(runs['transformers'][0])} tokens")
     for name in ("bench_gpu", "determinism", "agents", "tree"):
         result = parts.get(name, {}).get("result")
         for c in (result or {}).get("checks", []):
@@ -233,6 +246,53 @@ def greedy_part(device: str, new_tokens: int) -> None:
     print(json.dumps({"device": device, "runs": out}))
 
 
+# (kind, transformers config overrides): each family's distinct attention, windows shorter
+# than the longer prompts and than the generations
+FAMILIES = [
+    ("llama", {}),
+    ("qwen3", {}),
+    ("mistral", {"sliding_window": 9}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 7, "max_window_layers": 1}),
+]
+
+
+def families_part(device: str, new_tokens: int) -> None:
+    """Batched, chunked greedy on each family's random checkpoint with each attention path
+    (eager and under graphs on CUDA) and transformers' generate on the same weights;
+    prints {"models": {kind: {config: tokens per prompt}}}."""
+    import tempfile
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from agentos import Engine
+    from agentos.kernel.runner import attention
+    from hf_models import hf_generate, make_hf_checkpoint
+
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 320, (n,), generator=gen).tolist() for n in (5, 23, 40, 57)]
+    paths = ["torch"] + ([] if os.environ.get("TRITON_INTERPRET") == "1" else ["triton"])
+    graphs = [False] + ([True] if device.startswith("cuda") else [])
+    models = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, extra in FAMILIES:
+            path = make_hf_checkpoint(Path(tmp) / kind, kind, num_kv_heads=2, **extra)
+            runs = {"transformers": [hf_generate(path, p, new_tokens) for p in prompts]}
+            for attn in paths:
+                for g in graphs:
+                    attention.BACKEND = attn
+                    # a 16-token step budget: chunked prefill beside other sessions' decodes
+                    with Engine(str(path), device=device, dtype="float32", kv_blocks=512,
+                                block_size=4, max_batch_tokens=16, cuda_graphs=g) as engine:
+                        sessions = [engine.create_session(tokens=p) for p in prompts]
+                        with ThreadPoolExecutor(len(sessions)) as pool:
+                            runs[f"{attn}_{'graphs' if g else 'eager'}"] = list(pool.map(
+                                lambda s: s.generate(max_tokens=new_tokens, temperature=0.0,
+                                                     ignore_eos=True).tokens, sessions))
+            models[f"{kind}{'_sliding' if extra else ''}"] = runs
+    print(json.dumps({"device": device, "models": models}))
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="gpu_check_out", help="folder for the logs and results")
@@ -242,6 +302,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--parts", default=None, help="comma-separated subset of the parts")
     parser.add_argument("--env", metavar="DEVICE", help=argparse.SUPPRESS)
     parser.add_argument("--greedy", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--families", nargs=2, help=argparse.SUPPRESS)
     return parser
 
 
@@ -254,6 +315,10 @@ def main() -> int:
     if args.greedy:
         device, n = args.greedy
         greedy_part(device, int(n))
+        return 0
+    if args.families:
+        device, n = args.families
+        families_part(device, int(n))
         return 0
     device = "cpu" if args.dry_run else args.device
     out = Path(args.out).resolve()

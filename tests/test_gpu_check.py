@@ -15,7 +15,7 @@ def test_dry_run_runs_every_part(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["dry_run"] and report["env"]["torch"], proc.stdout[-3000:] + proc.stderr[-3000:]
     parts = report["parts"]
-    assert list(parts) == ["env", "triton_kernels", "greedy", "bench_gpu",
+    assert list(parts) == ["env", "triton_kernels", "greedy", "families", "bench_gpu",
                            "bench_gpu_torch_attention", "bench_gpu_no_graphs", "determinism",
                            "agents", "tree"]
     assert {n: p["status"] for n, p in parts.items()} == {n: "ok" for n in parts}
@@ -24,6 +24,8 @@ def test_dry_run_runs_every_part(tmp_path):
     assert kernels["passed"], kernels
     (greedy,) = [c for name, c in checks.items() if "greedy tokens identical" in name]
     assert greedy["passed"], greedy
+    families = [c for name, c in checks.items() if "greedy equals transformers" in name]
+    assert len(families) == 4 and all(c["passed"] for c in families), families
     for bench in ("bench_gpu", "determinism", "agents", "tree"):  # their checks are carried over
         assert any(name.startswith(f"{bench}: ") for name in checks), bench
     variants = [parts[n]["result"]["config"] for n in ("bench_gpu_torch_attention",

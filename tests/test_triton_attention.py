@@ -249,17 +249,17 @@ def prefill_case(dtype, G: int, bs: int, specs, seed: int, kvh: int = 2, d: int 
     return pool, q, chunks
 
 
-def prefill_reference(q, pool, chunks, scale):
+def prefill_reference(q, pool, chunks, scale, window=None):
     from agentos.kernel.runner import attention as A
 
     out = q.new_zeros(q.shape)
     for c in chunks:
         out[c.q_start : c.q_start + c.q_len] = A._prefill(q[c.q_start : c.q_start + c.q_len],
-                                                          *pool.caches(False), c, scale)
+                                                          *pool.caches(False), c, scale, window)
     return out
 
 
-def run_prefill(q, pool, chunks, scale, **tiles):
+def run_prefill(q, pool, chunks, scale, window=None, **tiles):
     import torch
 
     from agentos.kernel.runner import triton_attention as T
@@ -267,7 +267,7 @@ def run_prefill(q, pool, chunks, scale, **tiles):
     tables = padded([c.block_table.tolist() for c in chunks])
     info = torch.tensor([[c.q_start, c.q_len, c.ctx_len] for c in chunks])
     return T.prefill(q, *pool.caches(True), tables, info, max(c.q_len for c in chunks), scale,
-                     out=q.new_zeros(q.shape), **tiles)
+                     out=q.new_zeros(q.shape), window=window, **tiles)
 
 
 # chunks: cached context before the chunk (start > 0, also mid-block), a whole prompt
@@ -286,6 +286,31 @@ def prefill_fp32():
             # the default tiles, and small ones: many query tiles and diagonal key tiles
             for tiles in ({}, dict(block_m=16, block_n=16), dict(block_m=32, block_n=64)):
                 close(run_prefill(q, pool, chunks, 0.125, **tiles), ref, torch.float32)
+
+
+@check
+def sliding_window():
+    """Windows narrower than a key tile, across tile and block edges, and wider than every
+    context: decodes (with and without splits) and prefill chunks (with cached context,
+    whole prompts, tiles where some rows see nothing yet) equal the torch path's mask."""
+    import torch
+
+    from agentos.kernel.runner import attention as A
+    from agentos.kernel.runner import triton_attention as T
+
+    for window in (1, 5, 16, 17, 40, 1000):
+        pool, q, tables, ctx = decode_case(2, 16, torch.float32, seed=window)
+        ref = A._decode(q, *pool.caches(False), decode_meta(tables, ctx), 0.125, window)
+        for splits, block_n in ((None, None), (1, 16), (3, 16), (2, 32)):
+            out = T.decode(q, *pool.caches(True), tables, ctx, 0.125, num_splits=splits,
+                           block_n=block_n, window=window)
+            close(out, ref, torch.float32)
+        for G in (1, 4):
+            pool, q, chunks = prefill_case(torch.float32, G, 16, PREFILL_SPECS, seed=window + G)
+            ref = prefill_reference(q, pool, chunks, 0.125, window)
+            for tiles in ({}, dict(block_m=16, block_n=16), dict(block_m=32, block_n=32)):
+                close(run_prefill(q, pool, chunks, 0.125, window=window, **tiles), ref,
+                      torch.float32)
 
 
 @check

@@ -90,11 +90,10 @@ def paged_attention(
         from agentos.kernel.runner.batch_invariant import attention
 
         return attention(q, k_cache, v_cache, meta, scale, window)
-    # NOTE: sliding-window layers take the torch path (the Triton kernels have no window yet)
-    fast = None if window is not None else _triton_kernels(q, k_cache)
+    fast = _triton_kernels(q, k_cache)
     if fast is not None:
         try:
-            return fast.paged_attention(q, k_cache, v_cache, meta, scale)
+            return fast.paged_attention(q, k_cache, v_cache, meta, scale, window)
         except Exception as e:  # e.g. a kernel that does not compile for this GPU
             if BACKEND == "triton":
                 raise

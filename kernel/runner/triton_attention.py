@@ -85,14 +85,17 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, qpos, K, V, table, ctx_len, lo, hi, scale_log2,
+def _attend(acc, m_i, l_i, q, qpos, K, V, table, ctx_len, lo, hi, scale_log2, window,
             stride_kb, stride_kt, stride_vb, stride_vt,
             BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-            MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax of query rows q [BLOCK_M, D] over key tiles lo..hi-1 of one paged
-    sequence. K, V point at the kv head; table at the sequence's block table. Without
-    MASKED every key of every tile must exist and be visible to every row. Returns the
-    updated (acc [BLOCK_M, D] fp32, m_i [BLOCK_M] base-2 max, l_i [BLOCK_M] sum)."""
+            MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """Online softmax of query rows q [BLOCK_M, D] at positions qpos [BLOCK_M] over key
+    tiles lo..hi-1 of one paged sequence. K, V point at the kv head; table at the
+    sequence's block table. Without MASKED every key of every tile must exist and be
+    visible to every row; with it, CAUSAL hides keys after a row's position and WINDOW
+    those `window` or more before it. Returns the updated (acc [BLOCK_M, D] fp32, m_i
+    [BLOCK_M] base-2 max, l_i [BLOCK_M] sum)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for t in range(lo, hi):
@@ -114,12 +117,21 @@ def _attend(acc, m_i, l_i, q, qpos, K, V, table, ctx_len, lo, hi, scale_log2,
             visible = valid[None, :]
             if CAUSAL:
                 visible = visible & (keys[None, :] <= qpos[:, None])
+            if WINDOW:
+                visible = visible & (keys[None, :] > qpos[:, None] - window)
             s = tl.where(visible, s, float("-inf"))
-        # every row has a finite max from its first tile on (key 0, or a valid key of a
-        # decode split), so no -inf - -inf below
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        if WINDOW:
+            # a row can see nothing in a tile where the window of another row of the tile
+            # starts: subtract 0 instead of its -inf max (no -inf - -inf), which leaves its
+            # acc, max and sum untouched
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            # every row has a finite max from its first tile on (key 0, or a valid key of a
+            # decode split), so no -inf - -inf below
+            m_sub = m_new
+        alpha = tl.exp2(m_i - m_sub)
+        p = tl.exp2(s - m_sub[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASKED:
             v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
@@ -132,12 +144,12 @@ def _attend(acc, m_i, l_i, q, qpos, K, V, table, ctx_len, lo, hi, scale_log2,
 
 @triton.jit
 def _decode_kernel(Q, K, V, Tables, CtxLens, Out, Lse, PartO, PartM, PartL,
-                   scale_log2, num_queries,
+                   scale_log2, window, num_queries,
                    stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                    stride_vh, stride_tab, stride_ot, stride_oh, stride_lt,
                    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                   HAS_LSE: tl.constexpr, PRECISION: tl.constexpr):
+                   HAS_LSE: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr):
     # grid: (sequences * row tiles, kv heads, splits); rows = num_queries * G per kv head
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -155,11 +167,18 @@ def _decode_kernel(Q, K, V, Tables, CtxLens, Out, Lse, PartO, PartM, PartL,
 
     ctx_len = tl.load(CtxLens + seq)
     num_tiles = tl.cdiv(ctx_len, BLOCK_N)
+    full = ctx_len // BLOCK_N  # tiles with every key valid
+    qpos = tl.zeros([BLOCK_M], dtype=tl.int64) + (ctx_len - 1)  # every row is the last token
+    if WINDOW:
+        first_key = tl.maximum(ctx_len - window, 0)  # the oldest key the window shows
+    else:
+        first_key = ctx_len * 0
+    t0 = first_key // BLOCK_N  # the tile holding it, and the first tile it fills whole
+    whole = tl.cdiv(first_key, BLOCK_N)
     # this split's share of the sequence's own tiles (balanced per sequence, so short rows
     # in a batch of long ones leave their extra splits empty rather than lopsided)
-    lo = split * num_tiles // NUM_SPLITS
-    hi = (split + 1) * num_tiles // NUM_SPLITS
-    full = ctx_len // BLOCK_N  # tiles with every key valid
+    lo = t0 + split * (num_tiles - t0) // NUM_SPLITS
+    hi = t0 + (split + 1) * (num_tiles - t0) // NUM_SPLITS
     table = Tables + seq.to(tl.int64) * stride_tab
     Kh = K + kvh.to(tl.int64) * stride_kh
     Vh = V + kvh.to(tl.int64) * stride_vh
@@ -167,12 +186,19 @@ def _decode_kernel(Q, K, V, Tables, CtxLens, Out, Lse, PartO, PartM, PartL,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, rows, Kh, Vh, table, ctx_len, lo, tl.minimum(hi, full),
-                            scale_log2, stride_kb, stride_kt, stride_vb, stride_vt,
-                            BLOCK_N, BLOCK_SIZE, HEAD_DIM, False, False, PRECISION)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, rows, Kh, Vh, table, ctx_len, tl.maximum(lo, full), hi,
-                            scale_log2, stride_kb, stride_kt, stride_vb, stride_vt,
-                            BLOCK_N, BLOCK_SIZE, HEAD_DIM, True, False, PRECISION)
+    if WINDOW:  # the tile where the window starts mid-tile
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, Kh, Vh, table, ctx_len, lo,
+                                tl.minimum(hi, whole), scale_log2, window,
+                                stride_kb, stride_kt, stride_vb, stride_vt,
+                                BLOCK_N, BLOCK_SIZE, HEAD_DIM, True, False, True, PRECISION)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, Kh, Vh, table, ctx_len, tl.maximum(lo, whole),
+                            tl.minimum(hi, full), scale_log2, window,
+                            stride_kb, stride_kt, stride_vb, stride_vt,
+                            BLOCK_N, BLOCK_SIZE, HEAD_DIM, False, False, False, PRECISION)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, Kh, Vh, table, ctx_len,
+                            tl.maximum(tl.maximum(lo, full), whole), hi, scale_log2, window,
+                            stride_kb, stride_kt, stride_vb, stride_vt,
+                            BLOCK_N, BLOCK_SIZE, HEAD_DIM, True, False, WINDOW, PRECISION)
 
     if NUM_SPLITS == 1:
         out = acc / l_i[:, None]
@@ -216,12 +242,12 @@ def _reduce_kernel(PartO, PartM, PartL, Out, Lse, num_queries, stride_ot, stride
 
 
 @triton.jit
-def _prefill_kernel(Q, K, V, Tables, Chunks, Out, scale_log2,
+def _prefill_kernel(Q, K, V, Tables, Chunks, Out, scale_log2, window,
                     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                     stride_vh, stride_tab, stride_ot, stride_oh,
                     G: tl.constexpr, TOKENS: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    WINDOW: tl.constexpr, PRECISION: tl.constexpr):
     # grid: (query tiles of the longest chunk, kv heads, chunks); Chunks [C, 3] int64 holds
     # (q_start, q_len, ctx_len) per chunk; a query tile is TOKENS = BLOCK_M // G tokens
     kvh = tl.program_id(1)
@@ -247,8 +273,15 @@ def _prefill_kernel(Q, K, V, Tables, Chunks, Out, scale_log2,
 
     first = start + mt * TOKENS  # the tile's smallest and largest query positions
     last = start + tl.minimum((mt + 1) * TOKENS, q_len) - 1
-    full = (first + 1) // BLOCK_N  # tiles whose keys every row of the tile sees
+    full = (first + 1) // BLOCK_N  # tiles up to the first whose keys some row cannot see yet
     hi = tl.cdiv(last + 1, BLOCK_N)
+    if WINDOW:
+        # tiles from lo on hold keys some row sees; from whole on every row sees them all
+        lo = tl.maximum(first - window + 1, 0) // BLOCK_N
+        whole = tl.maximum(lo, tl.minimum(tl.cdiv(tl.maximum(last - window + 1, 0), BLOCK_N), full))
+    else:
+        lo = first * 0
+        whole = lo
     table = Tables + c.to(tl.int64) * stride_tab
     Kh = K + kvh.to(tl.int64) * stride_kh
     Vh = V + kvh.to(tl.int64) * stride_vh
@@ -256,12 +289,16 @@ def _prefill_kernel(Q, K, V, Tables, Chunks, Out, scale_log2,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, Kh, Vh, table, ctx_len, 0, full, scale_log2,
-                            stride_kb, stride_kt, stride_vb, stride_vt,
-                            BLOCK_N, BLOCK_SIZE, HEAD_DIM, False, True, PRECISION)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, Kh, Vh, table, ctx_len, full, hi, scale_log2,
-                            stride_kb, stride_kt, stride_vb, stride_vt,
-                            BLOCK_N, BLOCK_SIZE, HEAD_DIM, True, True, PRECISION)
+    if WINDOW:  # the tiles where the rows' windows start
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, Kh, Vh, table, ctx_len, lo, whole,
+                                scale_log2, window, stride_kb, stride_kt, stride_vb, stride_vt,
+                                BLOCK_N, BLOCK_SIZE, HEAD_DIM, True, True, True, PRECISION)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, Kh, Vh, table, ctx_len, whole, full,
+                            scale_log2, window, stride_kb, stride_kt, stride_vb, stride_vt,
+                            BLOCK_N, BLOCK_SIZE, HEAD_DIM, False, True, False, PRECISION)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, Kh, Vh, table, ctx_len, tl.maximum(full, whole),
+                            hi, scale_log2, window, stride_kb, stride_kt, stride_vb, stride_vt,
+                            BLOCK_N, BLOCK_SIZE, HEAD_DIM, True, True, WINDOW, PRECISION)
     out = acc / l_i[:, None]
     tl.store(Out + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok[:, None])
@@ -274,7 +311,7 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
            block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float, *,
            queries_per_seq: int = 1, out: torch.Tensor | None = None,
            lse: torch.Tensor | None = None, num_splits: int | None = None,
-           block_n: int | None = None) -> torch.Tensor:
+           block_n: int | None = None, window: int | None = None) -> torch.Tensor:
     """Attention of queries at the end of paged sequences over all their cached tokens.
 
     q: [S * n, H, D], n = queries_per_seq consecutive queries per sequence (n = 1: one
@@ -282,6 +319,7 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     (padding beyond a sequence's blocks is never read); ctx_lens [S] (>= 1). Writes the
     output into `out` ([S * n, H, D], any float dtype, default a new tensor like q) and, if
     given, the natural-log log-sum-exp of each (query, head) into `lse` [S * n, H] fp32.
+    With a `window`, each query sees only the `window` newest keys (n must be 1).
     num_splits / block_n override the split count and key tile (tests). Returns `out`.
     """
     T, H, D = q.shape
@@ -298,6 +336,9 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     row_tiles = triton.cdiv(num_rows, block_m)
     block_n, num_warps, num_stages = _decode_config(D, q.element_size(), block_n)
     max_tiles = triton.cdiv(block_tables.shape[1] * k_cache.shape[1], block_n)
+    if window is not None:
+        assert queries_per_seq == 1, "a window is per query: one query per sequence"
+        max_tiles = min(max_tiles, triton.cdiv(window, block_n) + 1)
     splits = num_splits or _num_splits(S * row_tiles * KVH, max_tiles, q.device)
     parts = [q] * 3  # unused pointers when there is one split
     if splits > 1:
@@ -308,11 +349,12 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     lse_stride = lse.stride(0) if lse is not None else 0
     _decode_kernel[(S * row_tiles, KVH, splits)](
         q, k_cache, v_cache, block_tables, ctx_lens, out, lse_arg, *parts,
-        scale * LOG2E, queries_per_seq,
+        scale * LOG2E, window or 0, queries_per_seq,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         block_tables.stride(0), out.stride(0), out.stride(1), lse_stride,
         G=G, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=D,
-        NUM_SPLITS=splits, HAS_LSE=lse is not None, PRECISION=_precision(q.dtype),
+        NUM_SPLITS=splits, HAS_LSE=lse is not None, WINDOW=window is not None,
+        PRECISION=_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:
@@ -326,13 +368,15 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 def prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
             chunks: torch.Tensor, max_q_len: int, scale: float, *, out: torch.Tensor | None = None,
-            block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+            block_m: int | None = None, block_n: int | None = None,
+            window: int | None = None) -> torch.Tensor:
     """Causal attention of prefill chunks over their paged context, all chunks in one launch.
 
     q: [T, H, D]; chunks [C, 3] int64 rows (q_start, q_len, ctx_len): chunk c's queries are
     q[q_start : q_start + q_len], at positions ctx_len - q_len .. ctx_len - 1, and its
     context the first ctx_len tokens of block_tables[c] ([C, W]). max_q_len bounds q_len
-    (it sizes the grid). Writes those rows of `out` (default a new tensor like q; other
+    (it sizes the grid). With a `window`, a query sees only the `window` keys ending at
+    its own position. Writes those rows of `out` (default a new tensor like q; other
     rows untouched) and returns it. block_m / block_n override the tiles (tests).
     """
     T, H, D = q.shape
@@ -346,29 +390,32 @@ def prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block
     assert block_m >= G, "a query tile must hold every head of a group"
     tokens = block_m // G
     _prefill_kernel[(triton.cdiv(max_q_len, tokens), KVH, chunks.shape[0])](
-        q, k_cache, v_cache, block_tables, chunks, out, scale * LOG2E,
+        q, k_cache, v_cache, block_tables, chunks, out, scale * LOG2E, window or 0,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         block_tables.stride(0), out.stride(0), out.stride(1),
         G=G, TOKENS=tokens, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[1],
-        HEAD_DIM=D, PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        HEAD_DIM=D, WINDOW=window is not None, PRECISION=_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta,
-                    scale: float) -> torch.Tensor:
-    """attention.paged_attention's contract (q: [T, H, D] -> [T, H, D]) on the Triton kernels;
-    the caller checked `available` and `supports`."""
+                    scale: float, window: int | None = None) -> torch.Tensor:
+    """attention.paged_attention's contract (q: [T, H, D] -> [T, H, D], a sliding `window`
+    or None) on the Triton kernels; the caller checked `available` and `supports`."""
     out = torch.empty_like(q)
     prep = _prepare(meta, q.device, k_cache.shape[1])
     B = meta.num_decodes
     if B and not meta.shared:
         decode(q[:B], k_cache, v_cache, meta.decode_block_tables, meta.decode_ctx_lens, scale,
-               out=out[:B])
+               out=out[:B], window=window)
     elif B:
+        assert window is None, "a sliding layer needs whole decode tables, not a cascade"
         out[:B] = _decode_cascade(q[:B], k_cache, v_cache, meta, prep.prefix_lens, scale)
     if meta.prefills:
-        prefill(q, k_cache, v_cache, prep.tables, prep.chunks, prep.max_q_len, scale, out=out)
+        prefill(q, k_cache, v_cache, prep.tables, prep.chunks, prep.max_q_len, scale, out=out,
+                window=window)
     return out
 
 
