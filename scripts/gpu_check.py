@@ -72,12 +72,12 @@ def part_list(device: str, dry: bool) -> list[dict]:
         dict(name="env", argv=[__file__, "--env", device], limit=60),
         dict(name="triton_kernels", argv=[str(ROOT / "tests" / "test_triton_attention.py"),
                                           "--device", device, *kernels],
-             env=kernel_env, limit=600 if dry else 180),
+             env=kernel_env, limit=600 if dry else 300),
     ]
     parts.append(dict(name="greedy", argv=[__file__, "--greedy", device, str(new_tokens)],
                       env=kernel_env, limit=240))
     parts.append(dict(name="families", argv=[__file__, "--families", device, str(new_tokens)],
-                      env=kernel_env, limit=240))
+                      env=kernel_env, limit=300))
     parts += [
         dict(name="bench_gpu", argv=[*bench, "gpu", *gpu_args], limit=360, json=True),
         dict(name="bench_gpu_torch_attention", argv=[*bench, "gpu", *variant_args],

@@ -63,7 +63,7 @@ SHAPES: dict[str, dict] = {
         max_position_embeddings=4096, tie_word_embeddings=True, rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
-ROOFLINE_SHAPE = "llama-3.2-1b"  # the roofline target is on this shape
+ROOFLINE_SHAPE = "llama-3.2-1b"  # the roofline target is stated on this shape
 
 
 @dataclass(slots=True)
