@@ -157,11 +157,15 @@ class _EngineBase(Operations):
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams")
         k = self.kernel
+        # NOTE: a constraint is compiled here, in the caller's thread, not in the loop
+        grammar = params.constraint
+        compiled = k.grammars.compile(grammar) if grammar is not None else None
         if not stream:
-            return _Syscall(k.sys_generate, (session_id, params), timed="generate", changes=True,
-                            waits=True, on_cancel=lambda: k.call(k.sys_abort, session_id))
+            return _Syscall(k.sys_generate, (session_id, params, None, compiled), timed="generate",
+                            changes=True, waits=True,
+                            on_cancel=lambda: k.call(k.sys_abort, session_id))
         chunks = self._stream()
-        return _Syscall(k.sys_generate, (session_id, params, chunks.on_token),
+        return _Syscall(k.sys_generate, (session_id, params, chunks.on_token, compiled),
                         lambda fut: chunks.attach(fut, lambda: k.call(k.sys_abort, session_id)),
                         changes=True)
 

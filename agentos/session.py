@@ -53,7 +53,8 @@ class Session:
                  logprobs: bool = True, params: SamplingParams | None = None,
                  stream: bool = False, min_p: float = 0.0, repetition_penalty: float = 1.0,
                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                 logit_bias: dict[int, float] | None = None):
+                 logit_bias: dict[int, float] | None = None, json_schema: dict | bool | None = None,
+                 grammar: str | None = None, regex: str | None = None):
         """Generates up to max_tokens tokens at the end of the session and appends them.
 
         Returns a Generation (tokens, text, logprobs, finish_reason: "stop", "length" or
@@ -64,6 +65,11 @@ class Session:
         With stream=True returns an iterator (an async iterator on async backends) of
         GenerationChunk: one per token, then one with finish_reason. Leaving the iteration
         early ends the call; the tokens made so far stay in the session.
+
+        At most one constraint: `json_schema` (a JSON schema; True: any JSON object), a Lark
+        `grammar` or a `regex`; only text it allows is generated, and the call stops once it
+        is complete. Cut short (max_tokens), it stays open: the next call with the same
+        constraint continues it, also in forks and after a rollback.
         """
         if params is None:
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
@@ -73,7 +79,8 @@ class Session:
                                     repetition_penalty=repetition_penalty,
                                     presence_penalty=presence_penalty,
                                     frequency_penalty=frequency_penalty,
-                                    logit_bias=logit_bias or {})
+                                    logit_bias=logit_bias or {}, json_schema=json_schema,
+                                    grammar=grammar, regex=regex)
         return self._backend.generate(self.id, params, stream)
 
     def score(self, text: str | None = None, tokens: list[int] | None = None):

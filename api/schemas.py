@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from agentos.kernel.grammar import MAX_GRAMMAR_CHARS
 from agentos.kernel.sampling_params import (
     MAX_LOGIT_BIAS,
     MAX_STOP_CHARS,
@@ -72,6 +73,11 @@ class Generate(Request):
     logprobs: bool = True
     logit_bias: LogitBias | None = None
     top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
+    # a constraint on the text, at most one (see SamplingParams): a JSON schema (true: any
+    # JSON object), a Lark grammar, a regex
+    json_schema: dict | bool | None = None
+    grammar: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
+    regex: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
     stream: bool = False
 
 

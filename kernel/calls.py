@@ -10,8 +10,10 @@ import uuid
 from array import array
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import Any
 
 from agentos.kernel.errors import ContextLengthError, InvalidRequestError
+from agentos.kernel.grammar import Constraint
 from agentos.kernel.process import GenerateCall, Process, ProcState, ScoreCall
 from agentos.kernel.runner.tokenizer import IncrementalDetokenizer
 from agentos.kernel.sampling_params import SamplingParams
@@ -20,18 +22,21 @@ from agentos.kernel.syscalls import Defer
 
 class Calls:
     def sys_generate(self, pid: str, params: SamplingParams,
-                     on_token: Callable[[int, str, float | None], None] | None = None) -> Future:
+                     on_token: Callable[[int, str, float | None], None] | None = None,
+                     compiled: Any = None) -> Future:
         """Starts a generate call on the session; returns a Future of its Generation.
         on_token(token, text delta, logprob, top_logprobs or None) is called in the loop
         thread per token (token None: the end). Raises NotFoundError / ConflictError / ContextLengthError /
         InvalidRequestError; changes nothing then. While a pause(wait=True) drains, a
-        valid call is held and starts at resume (or ends at an abort)."""
+        valid call is held and starts at resume (or ends at an abort). `compiled`: the
+        params' constraint compiled by the caller (grammar.Compiler), so the loop thread
+        does not compile it (it does when not given)."""
         if self._drains:
             self._check_generate(pid, params)
             outer: Future = Future()
-            self._held.append((pid, params, on_token, outer))
+            self._held.append((pid, params, on_token, compiled, outer))
             return outer
-        return self._start_generate(pid, params, on_token)
+        return self._start_generate(pid, params, on_token, compiled)
 
     def _check_generate(self, pid: str, params: SamplingParams) -> Process:
         p = self.idle_proc(pid)
@@ -49,8 +54,10 @@ class Calls:
         return p
 
     def _start_generate(self, pid: str, params: SamplingParams,
-                        on_token: Callable[[int, str, float | None], None] | None) -> Future:
+                        on_token: Callable[[int, str, float | None], None] | None,
+                        compiled: Any = None) -> Future:
         p = self._check_generate(pid, params)
+        p.grammar = self._constraint(p, params.constraint, compiled)
         start_rng = p.rng.get_state()
         if params.seed is not None:
             p.rng.manual_seed(params.seed)
@@ -65,6 +72,22 @@ class Calls:
                               start_len=p.num_tokens, start_rng=start_rng)
         self.wake(p)
         return p.call.future
+
+    def _constraint(self, p: Process, grammar: str | None, compiled: Any) -> Constraint | None:
+        """The constraint of p's next call: its open one when the call names the same
+        grammar and it is not complete (caught up with tokens appended since), else a new
+        one from p's end. Raises InvalidRequestError (a grammar that does not compile, or
+        appended tokens that break the open one)."""
+        if grammar is None:
+            return None
+        g = p.grammar
+        if g is not None and g.grammar == grammar:
+            g.sync(p.token_ids)
+            if not g.done:
+                return g
+        g = Constraint(grammar, p.num_tokens, compiled or self.grammars.compile(grammar))
+        g.sync(p.token_ids)
+        return g
 
     def sys_abort(self, pid: str) -> None:
         """Ends the session's generate call at the next step; tokens so far are kept."""
@@ -129,8 +152,11 @@ class Calls:
         p.push_generated(token, self.weight_version)
         if self.journal is not None:
             self.journal.generated(p, token, not p.call.params.greedy, self.weight_version)
+        g = p.grammar
+        if g is not None:
+            g.advance(token)
         reason = p.call.push(token, logprob, self.weight_version,
-                             p.num_tokens >= self.max_model_len, top)
+                             p.num_tokens >= self.max_model_len, top, g is not None and g.done)
         if reason:
             self._finish(p, reason)
 
@@ -144,6 +170,8 @@ class Calls:
         if error is not None:
             p.undo(call)
             self.vm.truncate(p.table, p.num_cached)
+            if p.grammar is not None:
+                p.grammar.matcher = None  # replayed from the tokens kept, at the next call
         if self.journal is not None:
             self.journal.call_ended(p, sampled=not call.params.greedy and bool(call.tokens),
                                     undone=error is not None)

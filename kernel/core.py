@@ -33,6 +33,7 @@ import torch
 from agentos.kernel.calls import Calls
 from agentos.kernel.config import Config
 from agentos.kernel.costs import CostModel, measure_swap
+from agentos.kernel.grammar import Compiler
 from agentos.kernel.errors import (
     ConflictError,
     ContextLengthError,
@@ -105,6 +106,7 @@ class Kernel(Calls, Lifecycle):
         self._fingerprint: tuple[int, str] | None = None
         self.eos_ids = frozenset(m.model_config.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.vocab_size = m.model_config.vocab_size
+        self.grammars = Compiler(self.tokenizer, self.vocab_size, self.eos_ids)
         self.stats = {"steps": 0, "tokens_generated": 0, "tokens_prefilled": 0, "forks": 0,
                       "step_time_s": 0.0, "tokens_scored": 0, "idle_steps": 0, "swapped_s": 0.0,
                       "sched_s": 0.0}
@@ -393,6 +395,7 @@ class Kernel(Calls, Lifecycle):
                                  p.num_cached, rng, p.pid, p.kv_version, p.owner)
             c.weight_runs = p.weight_runs[:]
             c.cache_scope = p.cache_scope
+            c.grammar = p.grammar.copy() if p.grammar is not None else None
             children.append(c)
         self.stats["forks"] += n
         p.num_forks += n

@@ -45,11 +45,11 @@ class Lifecycle:
         """Starts the generate calls held while a pause(wait=True) drained, in arrival
         order; one that cannot start now (its session closed, say) fails alone."""
         held, self._held = self._held, []
-        for pid, params, on_token, outer in held:
+        for pid, params, on_token, compiled, outer in held:
             if outer.cancelled():
                 continue  # its caller left while it was held
             try:
-                inner = self._start_generate(pid, params, on_token)
+                inner = self._start_generate(pid, params, on_token, compiled)
             except Exception as e:
                 outer.set_exception(e)
                 continue

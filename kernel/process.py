@@ -118,11 +118,11 @@ class GenerateCall:
         return True
 
     def push(self, token: int, logprob: float, version: int, at_limit: bool,
-             top: list[tuple[int, float]] | None = None) -> str | None:
+             top: list[tuple[int, float]] | None = None, complete: bool = False) -> str | None:
         """Adds a token sampled by weights `version`: its logprob (and top alternatives)
         and text, streamed to on_token. Returns the finish reason once the call is done
-        ("stop", or "length" also when `at_limit`, the session being at the context limit),
-        else None."""
+        ("stop", also when `complete`: its constraint's grammar is; or "length", also when
+        `at_limit`, the session being at the context limit), else None."""
         self.tokens.append(token)
         self.weight_versions.append(version)
         if self.params.logprobs:
@@ -132,7 +132,7 @@ class GenerateCall:
         searched = len(self.text)
         self.text += self.detok.push(token)
         reason = None
-        if token in self.stop_ids or self.params.stop and self.cut_at_stop(searched):
+        if token in self.stop_ids or complete or self.params.stop and self.cut_at_stop(searched):
             reason = "stop"
         elif len(self.tokens) >= self.params.max_tokens or at_limit:
             reason = "length"
@@ -216,6 +216,7 @@ class Process:
     queue_wait_s: float = 0.0  # seconds spent runnable but not running, over its life
     resident_steps: int = 0  # steps it must run before it may be evicted again (hysteresis)
     pause_s: float | None = None  # moving average of its idle time between calls (tool pauses)
+    grammar: Any = None  # the open constraint on its text (grammar.Constraint), or None
 
     def set_state(self, new: ProcState) -> None:
         """Moves the process to state `new`: the one place a state changes. Staying in a

@@ -34,6 +34,11 @@ class SamplingParams:
     # added to these tokens' logits before any choice (greedy too); -100 bans, 100 forces
     logit_bias: dict[int, float] = field(default_factory=dict)
     top_logprobs: int = 0  # also report the k likeliest tokens and their logprobs per token
+    # a constraint on the text (at most one; see kernel/grammar.py): a JSON schema (True:
+    # any JSON object), a Lark grammar or a regex. The session keeps it open across calls
+    json_schema: dict | bool | None = None
+    grammar: str | None = None
+    regex: str | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -67,10 +72,18 @@ class SamplingParams:
         _check(isinstance(self.top_logprobs, int) and not isinstance(self.top_logprobs, bool)
                and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
                f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}")
+        self.constraint  # noqa: B018 (validates)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def constraint(self) -> str | None:
+        """The llguidance grammar of the call's constraint, or None."""
+        from agentos.kernel.grammar import grammar_of
+
+        return grammar_of(self.json_schema, self.grammar, self.regex)
 
     @property
     def penalized(self) -> bool:

@@ -14,6 +14,7 @@ import time
 import uuid
 from array import array
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -41,6 +42,9 @@ class SnapshotRecord:
     weight_runs: list[tuple[int, int]] = field(default_factory=list)
     num_generated: int = 0
     cache_scope: str | None = None  # its session's (Process.cache_scope): its pages' scope
+    # its session's open constraint, at rest (grammar.Constraint: the grammar and where it
+    # began; a rollback replays the tokens since into a fresh matcher)
+    grammar: Any = None
 
     @property
     def num_tokens(self) -> int:
@@ -80,7 +84,7 @@ class SnapshotTable:
             mask=p.mask[:], num_cached=p.num_cached, table=k.vm.fork(p.table),
             rng_state=p.rng.get_state(), kv_version=p.kv_version, owner=p.owner,
             weight_runs=p.weight_runs[:], num_generated=p.num_generated,
-            cache_scope=p.cache_scope,
+            cache_scope=p.cache_scope, grammar=p.grammar.at_rest() if p.grammar else None,
         )
         self.records[rec.id] = rec
         if self.journal is not None:
@@ -105,6 +109,7 @@ class SnapshotTable:
         p.rng.set_state(rec.rng_state)
         p.weight_runs = rec.weight_runs[:]
         p.cache_scope = rec.cache_scope  # its pages are the snapshot's now
+        p.grammar = rec.grammar.at_rest() if rec.grammar else None
         k.policy.remove(p)
         k.wake(p)
         if self.journal is not None:
@@ -137,6 +142,7 @@ class SnapshotTable:
                           rec.num_cached, rng, rec.session_id, rec.kv_version, rec.owner)
         p.weight_runs = rec.weight_runs[:]
         p.cache_scope = rec.cache_scope
+        p.grammar = rec.grammar.at_rest() if rec.grammar else None
         if self.journal is not None:
             self.journal.restored(rec, p)
         return p.pid

@@ -249,7 +249,9 @@ class ModelRunner:
             params = [p.call.params for p in procs]
             histories = ([(p.token_ids, p.call.start_len) for p in procs]
                          if any(q.penalized for q in params) else None)
-            token_ids, logprobs, tops = sample(picked, params, [p.rng for p in procs], histories)
+            grammars = [p.grammar for p in procs]
+            token_ids, logprobs, tops = sample(picked, params, [p.rng for p in procs], histories,
+                                               grammars if any(grammars) else None)
             for i, t, lp, top in zip(sampled, token_ids, logprobs, tops):
                 outs[i] = (t, lp, top)
         return outs

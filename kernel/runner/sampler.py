@@ -24,10 +24,12 @@ def new_rng(seed: int, device: str = "cpu") -> torch.Generator:
 
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], rngs: list[torch.Generator],
-    histories: list[tuple[array, int]] | None = None,
+    histories: list[tuple[array, int]] | None = None, grammars: list | None = None,
 ) -> tuple[list[int], list[float], list[list[tuple[int, float]] | None]]:
     """Picks one token per row of logits [S, V] (fp32). `histories` (needed when a row's
     call has penalties): each row's session tokens and the position its call began at.
+    `grammars`: each row's constraint (grammar.Constraint) or None; a constrained row
+    picks among the tokens its grammar allows next.
 
     Returns (token ids, logprobs, tops): the logprob of each chosen token under the
     model's distribution (log-softmax of the raw logits, before penalties, bias,
@@ -36,7 +38,8 @@ def sample(
     for the others). Advances the RNG of sampled rows only.
     """
     logprobs = torch.log_softmax(logits, dim=-1)
-    adjusted = _bias(_penalize(logits, params, histories), logits, params)
+    adjusted = _constrain(_bias(_penalize(logits, params, histories), logits, params), logits,
+                          grammars)
     chosen = adjusted.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
@@ -111,6 +114,23 @@ def _bias(x: torch.Tensor, logits: torch.Tensor, params: list[SamplingParams]) -
         bias = params[i].logit_bias
         ids = torch.tensor(list(bias), dtype=torch.long, device=x.device)
         x[i, ids] += torch.tensor(list(bias.values()), dtype=x.dtype, device=x.device)
+    return x
+
+
+def _constrain(x: torch.Tensor, logits: torch.Tensor, grammars: list | None) -> torch.Tensor:
+    """x with the tokens each constrained row's grammar forbids at -inf (a copy when x is
+    still the model's logits)."""
+    rows = [i for i, g in enumerate(grammars or ()) if g is not None]
+    if not rows:
+        return x
+    from agentos.kernel.grammar import allowed_tokens
+
+    assert grammars is not None
+    allowed = allowed_tokens([grammars[i] for i in rows], x.shape[1], x.device)
+    if x is logits:
+        x = x.clone()
+    idx = _to_device(rows, torch.long, x.device)
+    x[idx] = x[idx].masked_fill(~allowed, float("-inf"))
     return x
 
 
