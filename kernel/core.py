@@ -33,7 +33,6 @@ import torch
 from agentos.kernel.calls import Calls
 from agentos.kernel.config import Config
 from agentos.kernel.costs import CostModel, measure_swap
-from agentos.kernel.grammar import Compiler
 from agentos.kernel.errors import (
     ConflictError,
     ContextLengthError,
@@ -42,6 +41,7 @@ from agentos.kernel.errors import (
     NotFoundError,
     OutOfCapacityError,
 )
+from agentos.kernel.grammar import Compiler
 from agentos.kernel.hooks import Hooks, KernelHooks, KernelJournal
 from agentos.kernel.kalloc import DEVICE, HOST, BlockAllocator
 from agentos.kernel.lifecycle import Lifecycle

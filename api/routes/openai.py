@@ -25,15 +25,21 @@ from agentos.api.routes.sessions import sampling_params, until_disconnected
 from agentos.api.schemas import ERRORS, LogitBias, TokenId
 from agentos.api.tenants import Tenant
 from agentos.api.wire import EventStream, error_body, sse
-from agentos.chat import render_chat
+from agentos.chat import MAX_TOOLS, ToolFormat, render_chat, tool_format
 from agentos.kernel.errors import AgentOSError, APIStatusError, InvalidRequestError, NotFoundError
 from agentos.session import Session
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=ERRORS)
 
 
+# OpenAI fields this server does not implement: a 400 naming the field, never ignored
+_UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options")
+
+
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # NOTE: other fields are kept (not validated) so that _check_model can refuse the
+    # unsupported ones by name with a 400
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -56,6 +62,8 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
     logit_bias: LogitBias | None = None
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}
+    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -77,6 +85,7 @@ class Message(BaseModel):
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
 
     def flat(self) -> dict[str, Any]:
         content = self.content if not isinstance(self.content, list) else "".join(
@@ -86,7 +95,23 @@ class Message(BaseModel):
             out["name"] = self.name
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
         return out
+
+
+class Function(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: Function
 
 
 class ChatRequest(_Sampling):
@@ -94,6 +119,10 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
 
 
 class ModelCard(BaseModel):
@@ -136,17 +165,81 @@ async def completions(body: CompletionRequest, request: Request, t: Tenant = Dep
 async def chat_completions(body: ChatRequest, request: Request, t: Tenant = Depends(deps.tenant),
                            engine=Depends(deps.engine), settings=Depends(deps.settings)):
     _check_model(body, settings)
-    text = render_chat([m.flat() for m in body.messages], engine.tokenizer)
+    tools, calls = _tool_plan(body, engine.tokenizer)
+    text = render_chat([m.flat() for m in body.messages], engine.tokenizer,
+                       tools=[t.model_dump(exclude_none=True) for t in body.tools or []])
     # a model's own template writes its BOS text; the default template needs one added
     fresh = body.session is None and engine.tokenizer.chat_template is None
     ids = await engine.encode_async(text, fresh)
     if body.max_completion_tokens is not None:
         body.max_tokens = body.max_completion_tokens
-    run = _Run(engine, t, settings, body, ids, "chatcmpl-", "chat.completion", request)
+    run = _Run(engine, t, settings, body, ids, "chatcmpl-", "chat.completion", request,
+               tools=tools, tool_grammar=calls)
     return await run.respond(chat=True)
 
 
+def _tool_plan(body: ChatRequest, tokenizer) -> tuple[ToolFormat | None, str | None]:
+    """(the format to parse tool calls in, or None: no parsing; the grammar the output
+    must follow, or None) from tools and tool_choice: "none" parses nothing, "auto"
+    parses what the model writes, "required" and a named function constrain the output
+    to calls (of that function) whose arguments follow its parameters' schema."""
+    choice = body.tool_choice
+    if body.tools is None:
+        if choice not in (None, "none"):
+            raise InvalidRequestError("tool_choice needs tools")
+        return None, None
+    if choice is None:
+        choice = "auto"
+    functions = [t.function.model_dump(exclude_none=True) for t in body.tools]
+    names = [f["name"] for f in functions]
+    if len(set(names)) != len(names):
+        raise InvalidRequestError("tools: function names must be unique")
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        if name not in names:
+            raise InvalidRequestError(f"tool_choice names no function of tools: {choice!r}")
+        functions = [f for f in functions if f["name"] == name]
+    elif choice not in ("none", "auto", "required"):
+        raise InvalidRequestError(f"tool_choice must be none, auto, required or a function, "
+                                  f"not {choice!r}")
+    if choice == "none":
+        return None, None
+    if body.response_format is not None and body.response_format.get("type") != "text":
+        raise InvalidRequestError("response_format with tools is supported only with "
+                                  "tool_choice none")
+    fmt = tool_format(tokenizer)
+    if choice == "auto":
+        return fmt, None
+    return fmt, fmt.grammar(functions, body.parallel_tool_calls and not isinstance(choice, dict))
+
+
+def _response_format(body) -> dict | bool | None:
+    """The json_schema constraint of response_format (True: any JSON object), or None."""
+    rf = body.response_format
+    if rf is None or rf.get("type") == "text":
+        return None
+    if rf.get("type") == "json_object":
+        return True
+    if rf.get("type") == "json_schema":
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict):
+            raise InvalidRequestError("response_format json_schema needs a json_schema object")
+        schema = spec.get("schema", True)
+        if schema is not True and not isinstance(schema, dict):
+            raise InvalidRequestError("response_format json_schema.schema must be an object")
+        return schema
+    raise InvalidRequestError(f"response_format type must be text, json_object or json_schema, "
+                              f"not {rf.get('type')!r}")
+
+
 def _check_model(body: _Sampling, settings) -> None:
+    extra = body.model_extra or {}
+    given = [f for f in _UNSUPPORTED if extra.get(f) is not None]
+    if extra.get("modalities") not in (None, ["text"]):
+        given.append("modalities")
+    if given:
+        raise InvalidRequestError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} "
+                                  "not supported by this server")
     if body.model is not None and body.model not in (settings.model_name, settings.model):
         raise NotFoundError(f"the model {body.model!r} does not exist; this server serves "
                             f"{settings.model_name!r}")
@@ -158,8 +251,10 @@ class _Run:
     """One OpenAI-style request: its sessions, their generations, the response."""
 
     def __init__(self, engine, tenant: Tenant, settings, body, ids: list[int], prefix: str,
-                 object_name: str, request: Request):
+                 object_name: str, request: Request, tools: ToolFormat | None = None,
+                 tool_grammar: str | None = None):
         self.engine, self.tenant, self.settings, self.body = engine, tenant, settings, body
+        self.tools = tools  # parse the output for tool calls in this format
         self.request = request
         self.ids = ids
         self.id = prefix + uuid.uuid4().hex[:24]
@@ -175,7 +270,8 @@ class _Run:
                   "frequency_penalty": body.frequency_penalty, "seed": body.seed, "stop": body.stop,
                   "stop_token_ids": body.stop_token_ids, "ignore_eos": body.ignore_eos,
                   "logprobs": bool(body.logprobs), "logit_bias": body.logit_bias,
-                  "top_logprobs": _top_k(body)}
+                  "top_logprobs": _top_k(body), "json_schema": _response_format(body),
+                  "grammar": tool_grammar}
         self.params = sampling_params(fields, settings.max_tokens_cap)
         self.sessions: list[Session] = []
         self.temporary: list[Session] = []
@@ -276,6 +372,12 @@ class _Run:
                                                                  g.top_logprobs)}
             if chat:
                 choice["message"] = {"role": "assistant", "content": g.text}
+                content, calls = self.tools.parse(g.text) if self.tools else (g.text, [])
+                if calls:
+                    choice["message"] = {"role": "assistant", "content": content,
+                                         "tool_calls": calls}
+                    if g.finish_reason == "stop":
+                        choice["finish_reason"] = "tool_calls"
             else:
                 prefix = self.engine.decode(self.ids) if self.body.echo else ""
                 choice["text"] = prefix + g.text
@@ -326,6 +428,8 @@ class _Run:
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
         num_generated = [0] * len(streams)
+        held = [_HeldCalls(self.tools, self.params.grammar is not None) if self.tools else None
+                for _ in streams]
         try:
             if chat:
                 for i in range(len(streams)):
@@ -342,10 +446,22 @@ class _Run:
                     err = item if isinstance(item, APIStatusError) else APIStatusError(str(item), 500)
                     yield sse(error_body(err))
                 elif item.finish_reason is not None:
-                    yield self._chunk(i, chat, None if chat else "", item.finish_reason)
+                    reason = item.finish_reason
+                    if (h := held[i]) is not None:
+                        content, calls = h.end()
+                        if content:
+                            yield self._chunk(i, chat, content, None)
+                        if calls:
+                            yield self._event([{"index": i, "finish_reason": None, "logprobs": None,
+                                                "delta": {"tool_calls": [
+                                                    {"index": j, **c} for j, c in enumerate(calls)]}}],
+                                              chat)
+                            reason = "tool_calls" if reason == "stop" else reason
+                    yield self._chunk(i, chat, None if chat else "", reason)
                 else:
                     num_generated[i] += item.token is not None
-                    yield self._chunk(i, chat, item.text, None, item.token, item.logprob,
+                    text = item.text if held[i] is None else held[i].push(item.text) or None
+                    yield self._chunk(i, chat, text, None, item.token, item.logprob,
                                       top=item.top_logprobs)
             if (self.body.stream_options or {}).get("include_usage"):
                 yield self._event([], chat, usage=self._usage(num_generated))
@@ -354,6 +470,35 @@ class _Run:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _HeldCalls:
+    """A streamed choice's text when tools are on: content streams until the text could
+    be tool calls (all of it when the output is constrained to calls); what is held back
+    is parsed at the end and sent as tool_calls deltas, one per call."""
+
+    def __init__(self, fmt: ToolFormat, only_calls: bool):
+        self.fmt, self.calls_begun, self.text = fmt, only_calls, ""
+
+    def push(self, delta: str) -> str:
+        """Takes a text delta; returns the content that can be streamed now."""
+        self.text += delta
+        if self.calls_begun:
+            return ""
+        at = self.text.find(self.fmt.start)
+        if at >= 0:
+            out, self.text, self.calls_begun = self.text[:at], self.text[at:], True
+            return out
+        # hold back a tail that could still grow into the start of a call
+        keep = next((k for k in range(min(len(self.fmt.start) - 1, len(self.text)), 0, -1)
+                     if self.fmt.start.startswith(self.text[-k:])), 0)
+        out, self.text = self.text[: len(self.text) - keep], self.text[len(self.text) - keep :]
+        return out
+
+    def end(self) -> tuple[str | None, list[dict]]:
+        """(content still held, the tool calls) at the end of the choice."""
+        content, calls = self.fmt.parse(self.text)
+        return (content if calls else self.text), calls
 
 
 def _top_k(body) -> int:

@@ -20,13 +20,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from agentos.kernel.runner.model import LlamaModel, ModelConfig
+from agentos.kernel.runner.model import LlamaModel, ModelConfig, canonical_hf_name
 from agentos.kernel.runner.rope import rope_inv_freq, rope_table
 from agentos.kernel.runner.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe")
 _ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-                  "Qwen3ForCausalLM": "qwen3", "MistralForCausalLM": "mistral"}
+                  "Qwen3ForCausalLM": "qwen3", "MistralForCausalLM": "mistral",
+                  "MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe"}
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -42,6 +43,10 @@ _SIZES = (("vocab_size", "vocab_size", 1 << 24), ("hidden_size", "hidden_size", 
           ("num_heads", "num_attention_heads", 1 << 10),
           ("num_kv_heads", "num_key_value_heads", 1 << 10), ("head_dim", "head_dim", 1 << 12),
           ("max_position_embeddings", "max_position_embeddings", 1 << 22))
+# the same for the MoE sizes, checked when a layer is MoE
+_MOE_SIZES = (("num_experts", "num_local_experts / num_experts", 1 << 12),
+              ("num_experts_per_tok", "num_experts_per_tok", 1 << 12),
+              ("moe_intermediate_size", "moe_intermediate_size", 1 << 18))
 
 
 def load_model(
@@ -124,7 +129,7 @@ def resolve_model(model: str, revision: str | None = None) -> str:
 def hf_model_config(hf: dict) -> ModelConfig:
     """Returns the ModelConfig of a HF config dict after checking that this engine runs it.
 
-    Raises ValueError for a model type other than llama/qwen2/qwen3/mistral, and naming
+    Raises ValueError for a model type other than SUPPORTED_MODEL_TYPES, and naming
     the field for one that is missing, malformed or out of bounds (a size past the sanity
     bounds, an epsilon or RoPE parameter that would make every call NaN).
     """
@@ -150,7 +155,7 @@ def hf_model_config(hf: dict) -> ModelConfig:
 
 def _check_config(cfg: ModelConfig) -> None:
     """Raises ValueError, naming the field, unless the model these numbers describe can run."""
-    for name, key, limit in _SIZES:
+    for name, key, limit in _SIZES + (_MOE_SIZES if any(cfg.moe_layers) else ()):
         v = getattr(cfg, name)
         if not (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= limit):
             raise ValueError(f"config.json: {key} must be an integer in [1, {limit}], got {v!r}")
@@ -176,18 +181,20 @@ def _check_config(cfg: ModelConfig) -> None:
 def _check_checkpoint(cfg: ModelConfig, files: list[Path]) -> None:
     """Raises ValueError unless the checkpoint's tensors (read from the file headers, not
     loaded) have the layers and shapes the config says, so that a config claiming more
-    or larger layers than its weights is refused before the model is allocated."""
+    or larger layers than its weights is refused before the model is allocated. Experts
+    may be stacked (transformers 5) or one tensor per expert (Mixtral's older names too)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                shapes[name.removeprefix("model.")] = tuple(f.get_slice(name).get_shape())
+                shapes[canonical_hf_name(name.removeprefix("model."))] = \
+                    tuple(f.get_slice(name).get_shape())
     layers = {int(m.group(1)) for n in shapes if (m := re.match(r"layers\.(\d+)\.", n))}
     if len(layers) != cfg.num_layers:
         raise ValueError(f"config.json: num_hidden_layers is {cfg.num_layers}, but the "
                          f"checkpoint holds {len(layers)} layers")
     h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    inter = cfg.intermediate_size
+    inter, moe_inter, experts = cfg.intermediate_size, cfg.moe_intermediate_size, cfg.num_experts
     expected = {"embed_tokens.weight": (cfg.vocab_size, h), "norm.weight": (h,)}
     if not cfg.tie_word_embeddings:
         expected["lm_head.weight"] = (cfg.vocab_size, h)
@@ -195,9 +202,24 @@ def _check_checkpoint(cfg: ModelConfig, files: list[Path]) -> None:
         p = f"layers.{i}."
         expected |= {p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
                      p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                     p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
-                     p + "mlp.down_proj.weight": (h, inter), p + "input_layernorm.weight": (h,),
-                     p + "post_attention_layernorm.weight": (h,)}
+                     p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+        if not (cfg.moe_layers and cfg.moe_layers[i]):
+            expected |= {p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                         p + "mlp.down_proj.weight": (h, inter)}
+            continue
+        expected[p + "mlp.gate.weight"] = (experts, h)
+        stacked = p + "mlp.experts.gate_up_proj"
+        if stacked in shapes:
+            expected[stacked] = (experts, 2 * moe_inter, h)
+        else:
+            expected |= {p + f"mlp.experts.{e}.{proj}.weight": (moe_inter, h)
+                         for e in range(experts) for proj in ("gate_proj", "up_proj")}
+        stacked = p + "mlp.experts.down_proj"
+        if stacked in shapes:
+            expected[stacked] = (experts, h, moe_inter)
+        else:
+            expected |= {p + f"mlp.experts.{e}.down_proj.weight": (h, moe_inter)
+                         for e in range(experts)}
     for name, shape in expected.items():
         if name not in shapes:
             raise ValueError(f"checkpoint lacks {name!r}")
