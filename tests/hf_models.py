@@ -26,15 +26,19 @@ TOKENIZER_TEXTS = [
 def make_hf_checkpoint(
     path: str | Path, kind: str = "llama", *, tie: bool = False, bias: bool = False,
     num_kv_heads: int = 2, rope_scaling: dict | None = None, shards: int = 1, seed: int = 0,
-    vocab_size: int = 320, with_tokenizer: bool = False, **overrides,
+    vocab_size: int = 320, with_tokenizer: bool = False, stacked_experts: bool = False,
+    **overrides,
 ) -> Path:
-    """Writes a small random transformers model of `kind` ("llama", "qwen2", "qwen3", "mistral")
-    with `save_pretrained` into `path` and returns the folder.
+    """Writes a small random transformers model of `kind` ("llama", "qwen2", "qwen3", "mistral",
+    "mixtral", "qwen3_moe") with `save_pretrained` into `path` and returns the folder.
 
     bias: llama attention_bias (q/k/v/o); qwen2 always has q/k/v bias. shards > 1 cuts the
     safetensors into about that many files (with an index). Weights are re-drawn from a
     generator seeded `seed` with std 0.1 (norm weights 1 +- 0.1, biases non-zero), so
-    greedy outputs are not degenerate. overrides go to the transformers config.
+    greedy outputs are not degenerate. overrides go to the transformers config. MoE kinds
+    default to 4 experts, top-2 (qwen3_moe: experts 40 wide); save_pretrained writes one
+    tensor per expert (Mixtral: `block_sparse_moe.experts.{e}.w1/w2/w3`), or with
+    `stacked_experts` the stacked tensors transformers 5 holds (`save_original_format=False`).
     """
     from transformers import (
         LlamaConfig,
@@ -68,6 +72,19 @@ def make_hf_checkpoint(
         config = MistralConfig(**{**common, "head_dim": HEAD_DIM, "sliding_window": None,
                                   "rope_parameters": rope, **overrides})
         model_cls = MistralForCausalLM
+    elif kind == "mixtral":
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        config = MixtralConfig(**{**common, "head_dim": HEAD_DIM, "rope_parameters": rope,
+                                  "num_local_experts": 4, "num_experts_per_tok": 2, **overrides})
+        model_cls = MixtralForCausalLM
+    elif kind == "qwen3_moe":
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        config = Qwen3MoeConfig(**{**common, "head_dim": HEAD_DIM, "rope_parameters": rope,
+                                   "num_experts": 4, "num_experts_per_tok": 2,
+                                   "moe_intermediate_size": 40, **overrides})
+        model_cls = Qwen3MoeForCausalLM
     else:
         raise ValueError(f"unknown kind {kind!r}")
     _quiet_transformers()
@@ -82,7 +99,8 @@ def make_hf_checkpoint(
     if shards > 1:
         total = sum(p.numel() * p.element_size() for p in model.parameters())
         max_shard = total // shards + 1
-    model.save_pretrained(folder, max_shard_size=max_shard or "50GB")
+    model.save_pretrained(folder, max_shard_size=max_shard or "50GB",
+                          save_original_format=not stacked_experts)
     if with_tokenizer:
         make_bpe_tokenizer(folder)
     return folder

@@ -1,13 +1,19 @@
-"""Llama-family decoder (Llama 2/3, Qwen2/2.5, Mistral) over the paged KV cache.
+"""Llama-family decoder (Llama 2/3, Qwen2/2.5, Qwen3, Mistral, and the Mixture-of-Experts
+Mixtral and Qwen3-MoE) over the paged KV cache.
 
-RMSNorm, RoPE, grouped-query attention, SwiGLU, optional q/k/v (and o) bias, tied or
-untied embeddings. Parameters follow HF names except two fusions: q/k/v -> `qkv_proj`
-and gate/up -> `gate_up_proj`, so each layer runs two matmuls where HF runs five.
+RMSNorm, RoPE, grouped-query attention, SwiGLU (or a sparse MoE of SwiGLU experts, see
+moe.py), optional q/k/v (and o) bias, tied or untied embeddings. Parameters follow HF
+names except two fusions: q/k/v -> `qkv_proj` and gate/up -> `gate_up_proj`, so each layer
+runs two matmuls where HF runs five. Experts are stacked as transformers 5 holds them
+(`mlp.experts.gate_up_proj` [E, 2 * I, H], `mlp.experts.down_proj` [E, H, I]); checkpoints
+with one tensor per expert (Mixtral's `block_sparse_moe.experts.{e}.w1/w3/w2`, Qwen's
+`mlp.experts.{e}.gate_proj/up_proj/down_proj`) load into them too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agentos.kernel.runner.attention import AttnMeta, paged_attention, write_kv
+from agentos.kernel.runner.moe import Experts, SparseMoE
 from agentos.kernel.runner.rope import rope_inv_freq, rope_table
 
 _ACTS = {"silu": F.silu, "gelu": F.gelu,
@@ -44,6 +51,12 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before RoPE
     # per layer: the sliding window (keys a query sees, itself included), None: full
     layer_windows: list[int | None] = field(default_factory=list)
+    # Mixture of Experts (Mixtral, Qwen3-MoE); with no MoE layer every layer is a dense MLP
+    num_experts: int = 0  # routed experts of each MoE layer
+    num_experts_per_tok: int = 0  # experts each token is routed to (top-k)
+    moe_intermediate_size: int = 0  # each expert's SwiGLU width (Mixtral: intermediate_size)
+    norm_topk_prob: bool = True  # top-k routing weights renormalized to sum 1 (Mixtral always)
+    moe_layers: list[bool] = field(default_factory=list)  # per layer: MoE (True) or dense MLP
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     model_type: str = "llama"
@@ -53,6 +66,9 @@ class ModelConfig:
             raise ValueError("num_heads must be a multiple of num_kv_heads")
         if self.hidden_act not in _ACTS:
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r}")
+        if any(self.moe_layers) and not (1 <= self.num_experts_per_tok <= self.num_experts):
+            raise ValueError(f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], "
+                             f"got {self.num_experts_per_tok}")
 
     @classmethod
     def from_hf(cls, hf: dict) -> ModelConfig:
@@ -87,8 +103,9 @@ class ModelConfig:
             o_bias=attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
             hidden_act=hf.get("hidden_act", "silu"),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             layer_windows=_layer_windows(hf, model_type),
+            **_moe_fields(hf, model_type),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             model_type=model_type,
@@ -98,20 +115,27 @@ class ModelConfig:
 def _layer_windows(hf: dict, model_type: str) -> list[int | None]:
     """Each layer's sliding window as transformers reads the config: Mistral slides in
     every layer when `sliding_window` is set (and `use_sliding_window` is not false);
-    Qwen2/3 only with `use_sliding_window`, in the layers `layer_types` names
-    "sliding_attention" (by default those from `max_window_layers` on)."""
+    Mixtral in every layer when it is set (its config has neither `use_sliding_window` nor
+    `layer_types`); Qwen3-MoE in every layer with `use_sliding_window` (ignoring
+    `layer_types` and `max_window_layers`); Qwen2/3 only with `use_sliding_window`, in the
+    layers `layer_types` names "sliding_attention" (by default those from
+    `max_window_layers` on)."""
     layers = hf["num_hidden_layers"]
     window = hf.get("sliding_window")
-    if window is None or model_type not in ("mistral", "qwen2", "qwen3"):
+    if window is None or model_type not in ("mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe"):
         return [None] * layers
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise ValueError(f"sliding_window must be an integer >= 1, got {window!r}")
-    if model_type == "mistral":
+    if model_type == "mixtral":
+        types = ["sliding_attention"] * layers
+    elif model_type == "mistral":
         types = hf.get("layer_types") or ["sliding_attention"] * layers
         if hf.get("use_sliding_window") is False:
             types = ["full_attention"] * layers
     elif not hf.get("use_sliding_window", False):
         types = ["full_attention"] * layers
+    elif model_type == "qwen3_moe":
+        types = ["sliding_attention"] * layers
     else:
         types = hf.get("layer_types") or [
             "sliding_attention" if i >= hf.get("max_window_layers", layers) else "full_attention"
@@ -119,6 +143,37 @@ def _layer_windows(hf: dict, model_type: str) -> list[int | None]:
     if len(types) != layers:
         raise ValueError(f"layer_types has {len(types)} entries for {layers} layers")
     return [window if t == "sliding_attention" else None for t in types]
+
+
+def _moe_fields(hf: dict, model_type: str) -> dict:
+    """The MoE fields of ModelConfig as transformers reads the config, its defaults for
+    missing keys included: Mixtral routes in every layer to experts of intermediate_size
+    and always renormalizes the top-k; Qwen3-MoE routes in layer i unless i is in
+    `mlp_only_layers` or (i + 1) is not a multiple of `decoder_sparse_step`, to experts of
+    moe_intermediate_size, renormalizing only with `norm_topk_prob`."""
+    layers = hf["num_hidden_layers"]
+    if model_type not in ("mixtral", "qwen3_moe"):
+        return {"moe_layers": [False] * layers}
+    mixtral = model_type == "mixtral"
+    # NOTE: transformers 5 writes num_local_experts for both; Hub Qwen3-MoE configs say num_experts
+    experts = hf.get("num_local_experts", hf.get("num_experts", 8 if mixtral else 128))
+    if not isinstance(experts, int) or isinstance(experts, bool) or experts < (1 if mixtral else 0):
+        raise ValueError(f"num_local_experts / num_experts must be a count of experts, got {experts!r}")
+    if mixtral:
+        moe_layers = [True] * layers
+    else:
+        step = hf.get("decoder_sparse_step", 1)
+        if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+            raise ValueError(f"decoder_sparse_step must be an integer >= 1, got {step!r}")
+        dense = set(hf.get("mlp_only_layers") or [])
+        moe_layers = [experts > 0 and i not in dense and (i + 1) % step == 0 for i in range(layers)]
+    return {
+        "num_experts": experts,
+        "num_experts_per_tok": hf.get("num_experts_per_tok", 2 if mixtral else 8),
+        "moe_intermediate_size": hf["intermediate_size"] if mixtral else hf.get("moe_intermediate_size", 768),
+        "norm_topk_prob": True if mixtral else bool(hf.get("norm_topk_prob", False)),
+        "moe_layers": moe_layers,
+    }
 
 
 class RMSNorm(nn.Module):
@@ -195,7 +250,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp: nn.Module = MLP(cfg)
+        if cfg.moe_layers and cfg.moe_layers[layer]:
+            self.mlp = SparseMoE(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok,
+                                 cfg.moe_intermediate_size, _ACTS[cfg.hidden_act],
+                                 cfg.norm_topk_prob, fp32_weights=cfg.model_type == "mixtral")
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
@@ -218,6 +277,18 @@ class LlamaModel(nn.Module):
         self.register_buffer("cos_table", cos, persistent=False)  # [P, D] fp32
         self.register_buffer("sin_table", sin, persistent=False)
         self.linear = F.linear  # batch_invariant.make_batch_invariant swaps in its own
+
+    @property
+    def linear(self) -> Callable[..., torch.Tensor]:
+        """The matmul of the logits and of the experts' stacked weights."""
+        return self._linear
+
+    @linear.setter
+    def linear(self, fn: Callable[..., torch.Tensor]) -> None:
+        self._linear = fn
+        for m in self.modules():
+            if isinstance(m, Experts):
+                m.linear = fn
 
     @torch.inference_mode()
     def forward(
@@ -256,22 +327,27 @@ class LlamaModel(nn.Module):
         return self.linear(x, w).float()
 
     def hf_named_tensors(self) -> dict[str, torch.Tensor]:
-        """The weights under their HF names (q/k/v and gate/up split again): what
-        `update_hf_weights` and a HF checkpoint take. Views, not copies."""
-        out = {}
+        """The weights under their HF names (q/k/v and gate/up split again, experts stacked
+        as transformers 5 names them): what `update_hf_weights` and a HF checkpoint take.
+        Views, not copies."""
+        out: dict[str, torch.Tensor] = {}
+        fusions = _fusions(self.cfg)
         for name, p in self.named_parameters():
-            if "qkv_proj" in name or "gate_up_proj" in name:
-                for part, (whole, start, size) in _fusions(self.cfg).items():
-                    if whole in name:
-                        out["model." + name.replace(whole, part)] = p[start : start + size]
-            elif name.startswith("lm_head"):
+            if name.startswith("lm_head"):
                 out[name] = p
-            else:
+                continue
+            parts = {part: (start, size) for part, (whole, start, size) in fusions.items()
+                     if f".{whole}." in name}
+            for part, (start, size) in parts.items():
+                whole = fusions[part][0]
+                out["model." + name.replace(whole, part)] = p[start : start + size]
+            if not parts:
                 out["model." + name] = p
         return out
 
     def load_hf_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copies HF-named tensors into the model, fusing q/k/v and gate/up.
+        """Copies HF-named tensors into the model, fusing q/k/v and gate/up, and stacking
+        experts given one tensor per expert.
 
         Raises ValueError naming the first missing or unexpected tensor; a model that
         raised is not to be used.
@@ -279,52 +355,45 @@ class LlamaModel(nn.Module):
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, t in weights:
-            name = name.removeprefix("model.")
+            name = canonical_hf_name(name.removeprefix("model."))
             if name.endswith("rotary_emb.inv_freq"):
                 continue
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: some checkpoints still carry a copy
-            target, offset = _fused_target(name, self.cfg)
+            target, index = _fused_target(name, self.cfg)
             if target not in params:
                 raise ValueError(f"unexpected weight {name!r} in checkpoint")
-            p = params[target]
+            dst = params[target] if index is None else params[target][index]
+            if tuple(dst.shape) != tuple(t.shape):
+                raise ValueError(f"{name}: shape {tuple(t.shape)} != {tuple(dst.shape)}")
             with torch.no_grad():
-                if offset is None:
-                    if tuple(p.shape) != tuple(t.shape):
-                        raise ValueError(f"{name}: shape {tuple(t.shape)} != {tuple(p.shape)}")
-                    p.copy_(t)
-                else:
-                    start, size = offset
-                    if t.shape[0] != size or tuple(t.shape[1:]) != tuple(p.shape[1:]):
-                        raise ValueError(f"{name}: unexpected shape {tuple(t.shape)}")
-                    p[start : start + size].copy_(t)
-            loaded.add(name)
+                dst.copy_(t)
+            loaded.update(_covered_names(name, self.cfg))
         missing = [n for n in _expected_hf_names(self.cfg) if n not in loaded]
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}")
 
-
     def update_hf_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copies some or all HF-named tensors into the model (a trainer's update). Every
-        name and shape is checked before anything is copied: on ValueError the model is
-        unchanged."""
+        """Copies some or all HF-named tensors into the model (a trainer's update), experts
+        stacked or one tensor per expert. Every name and shape is checked before anything
+        is copied: on ValueError the model is unchanged."""
         params = dict(self.named_parameters())
         plan = []
         for name, t in weights:
-            name = name.removeprefix("model.")
+            name = canonical_hf_name(name.removeprefix("model."))
             if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.lm_head is None):
                 continue
-            target, offset = _fused_target(name, self.cfg)
+            target, index = _fused_target(name, self.cfg)
             p = params.get(target)
             if p is None:
                 raise ValueError(f"unexpected weight {name!r}")
-            shape = tuple(p.shape) if offset is None else (offset[1], *p.shape[1:])
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{name}: shape {tuple(t.shape)} != {shape}")
-            plan.append((p, offset, t))
+            dst = p if index is None else p[index]
+            if tuple(t.shape) != tuple(dst.shape):
+                raise ValueError(f"{name}: shape {tuple(t.shape)} != {tuple(dst.shape)}")
+            plan.append((dst, t))
         with torch.no_grad():
-            for p, offset, t in plan:
-                (p if offset is None else p[offset[0] : offset[0] + offset[1]]).copy_(t)
+            for dst, t in plan:
+                dst.copy_(t)
 
 
 def _fusions(cfg: ModelConfig) -> dict[str, tuple[str, int, int]]:
@@ -361,11 +430,50 @@ def _dense_attention(q, k, v, scale: float, batch_invariant: bool,
     return out[0].transpose(0, 1)
 
 
-def _fused_target(name: str, cfg: ModelConfig) -> tuple[str, tuple[int, int] | None]:
+# older Mixtral names -> the names Qwen-style MoE checkpoints (and this model) use
+_ALIASES = ((re.compile(r"\.block_sparse_moe\."), ".mlp."),
+            (re.compile(r"(\.experts\.\d+)\.w1\."), r"\1.gate_proj."),
+            (re.compile(r"(\.experts\.\d+)\.w3\."), r"\1.up_proj."),
+            (re.compile(r"(\.experts\.\d+)\.w2\."), r"\1.down_proj."))
+_EXPERT = re.compile(r"(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+_STACKED = re.compile(r"(layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)")
+
+
+def canonical_hf_name(name: str) -> str:
+    """A HF tensor name (without "model.") with Mixtral's older expert names
+    (`block_sparse_moe`, `experts.{e}.w1/w3/w2`) as `mlp` and `gate_proj/up_proj/down_proj`."""
+    if "block_sparse_moe" in name or "experts" in name:
+        for pattern, repl in _ALIASES:
+            name = pattern.sub(repl, name)
+    return name
+
+
+def _fused_target(name: str, cfg: ModelConfig) -> tuple[str, tuple | None]:
+    """(parameter, index into it) of the HF tensor `name` (canonical, without "model."):
+    index None for the whole parameter. An unknown name comes back as it is."""
+    if m := _EXPERT.fullmatch(name):
+        stem, e, proj = m.group(1), int(m.group(2)), m.group(3)
+        if e >= cfg.num_experts:
+            return name, None
+        inter = cfg.moe_intermediate_size
+        if proj == "down_proj":
+            return f"{stem}.down_proj", (e,)
+        rows = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
+        return f"{stem}.gate_up_proj", (e, rows)
     for part, (whole, start, size) in _fusions(cfg).items():
         if f".{part}." in name:
-            return name.replace(part, whole), (start, size)
+            return name.replace(part, whole), (slice(start, start + size),)
     return name, None
+
+
+def _covered_names(name: str, cfg: ModelConfig) -> list[str]:
+    """The names in _expected_hf_names that the HF tensor `name` provides: a stacked
+    expert tensor stands for that projection of every expert."""
+    m = _STACKED.fullmatch(name)
+    if m is None:
+        return [name]
+    parts = ("gate_proj", "up_proj") if m.group(2) == "gate_up_proj" else ("down_proj",)
+    return [f"{m.group(1)}.{e}.{part}.weight" for e in range(cfg.num_experts) for part in parts]
 
 
 def _expected_hf_names(cfg: ModelConfig) -> list[str]:
@@ -381,6 +489,11 @@ def _expected_hf_names(cfg: ModelConfig) -> list[str]:
             names.append(p + f"self_attn.{proj}.weight")
             if (proj != "o_proj" and cfg.qkv_bias) or (proj == "o_proj" and cfg.o_bias):
                 names.append(p + f"self_attn.{proj}.bias")
+        if cfg.moe_layers and cfg.moe_layers[i]:
+            names.append(p + "mlp.gate.weight")
+            names += [p + f"mlp.experts.{e}.{proj}.weight" for e in range(cfg.num_experts)
+                      for proj in ("gate_proj", "up_proj", "down_proj")]
+            continue
         for proj in ("gate_proj", "up_proj", "down_proj"):
             names.append(p + f"mlp.{proj}.weight")
             if cfg.mlp_bias:
