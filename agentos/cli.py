@@ -314,6 +314,18 @@ def _parser() -> argparse.ArgumentParser:
     det.add_argument("--max-batch-tokens", type=int, default=None, help="default 512")
     det.set_defaults(func=_cmd_bench_determinism)
 
+    structured = scenarios.add_parser(
+        "structured", help="what a JSON-schema constraint costs in decode tokens/s",
+        description="Concurrent sessions generate the same number of tokens unconstrained "
+        "and under a JSON schema they cannot complete in that budget (alternating runs, "
+        "medians); checks the cost is under 15%%, that the outputs are JSON prefixes and "
+        "that completed documents validate.")
+    _bench_options(structured, peer=False)
+    structured.add_argument("--sessions", type=int, default=None, help="default 32")
+    structured.add_argument("--prompt-len", type=int, default=None, help="default 64")
+    structured.add_argument("--new-tokens", type=int, default=None, help="default 128")
+    structured.set_defaults(func=_cmd_bench_structured)
+
     journal = scenarios.add_parser("journal", help="the journal's cost: generate throughput and "
                                    "fork/snapshot/rollback latency, Redis vs in-memory store",
                                    description="Runs the same work with the journal writing to "
@@ -758,6 +770,15 @@ def _cmd_bench_agents(args: argparse.Namespace) -> int:
         "memory_fraction", "max_batch_size", "seats", "max_batch_tokens", "block_size", "seed",
         "seeds", "threads")))
     return _report(agents.run(bench), agents.render, args)
+
+
+def _cmd_bench_structured(args: argparse.Namespace) -> int:
+    from agentos.bench import structured
+
+    bench = structured.StructuredBench(**_options(args, (
+        "model", "device", "dtype", "repeats", "seed", "threads", "sessions", "prompt_len",
+        "new_tokens", "block_size")))
+    return _report(structured.run(bench), structured.render, args)
 
 
 def _cmd_bench_determinism(args: argparse.Namespace) -> int:

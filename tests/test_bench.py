@@ -350,6 +350,21 @@ def test_bench_determinism_json(tmp_path):
     assert out["passed"] and {c["name"] for c in out["checks"]}
 
 
+def test_bench_structured_json(tmp_path):
+    """Both modes generate the same tokens; the constrained outputs are JSON prefixes and
+    the completed documents validate (the cost is a measurement: not asserted here)."""
+    path = tmp_path / "structured.json"
+    main(["bench", "structured", "--sessions", "3", "--new-tokens", "12", "--prompt-len", "8",
+          "--repeats", "1", "--json", str(path), "--plot", str(tmp_path / "s.png")])
+    assert_png(tmp_path / "s.png")
+    out = json.loads(path.read_text())
+    checks = {c["name"]: c for c in out["checks"]}
+    for name, c in checks.items():
+        assert c["passed"] or name.startswith("a JSON-schema constraint costs"), c
+    assert out["modes"]["free"]["tokens"] == out["modes"]["json_schema"]["tokens"] == 36
+    assert out["cost"] > 0
+
+
 JOURNAL_ARGS = ["--sessions", "3", "--prompt-len", "16", "--new-tokens", "4", "--repeats", "3",
                 "--lengths", "32,80", "--op-repeats", "3", "--warmup", "1"]
 

@@ -135,10 +135,17 @@ def _validate_calls(calls, names=("get_weather", "get_time")):
         jsonschema.validate(json.loads(c.function.arguments), schemas[c.function.name])
 
 
+def _twenty(fn):
+    """fn(0..19), concurrently: the server batches them."""
+    with ThreadPoolExecutor(20) as pool:
+        list(pool.map(fn, range(20)))
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_required_tool_calls_parse_and_validate(oai, stream):
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
-    for i in range(20):
+
+    def one(i: int) -> None:
         # NOTE: one call per answer: with parallel calls allowed, the random weights rarely
         # choose to end after a call (parallel calls are checked below)
         kw = dict(model="tiny", messages=messages, tools=TOOLS, tool_choice="required",
@@ -147,7 +154,7 @@ def test_required_tool_calls_parse_and_validate(oai, stream):
             choice = oai.chat.completions.create(**kw).choices[0]
             assert choice.finish_reason == "tool_calls", choice
             _validate_calls(choice.message.tool_calls)
-            continue
+            return
         calls: dict[int, dict] = {}
         finish = None
         for chunk in oai.chat.completions.create(stream=True, **kw):
@@ -161,6 +168,8 @@ def test_required_tool_calls_parse_and_validate(oai, stream):
         for entry in calls.values():
             schema = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}[entry["name"]]
             jsonschema.validate(json.loads(entry["arguments"]), schema)
+
+    _twenty(one)
 
 
 def test_parallel_tool_calls_cut_by_max_tokens_keep_the_complete_ones(oai):
@@ -199,7 +208,8 @@ def test_named_none_and_auto_tool_choice(oai):
 @pytest.mark.parametrize("stream", [False, True])
 def test_response_format_json_schema_validates(oai, stream):
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
-    for i in range(20):
+
+    def one(i: int) -> None:
         kw = dict(model="tiny", messages=[{"role": "user", "content": f"Person {i}"}],
                   response_format=fmt, temperature=1.0, seed=i, max_tokens=300)
         if stream:
@@ -208,6 +218,8 @@ def test_response_format_json_schema_validates(oai, stream):
         else:
             text = oai.chat.completions.create(**kw).choices[0].message.content
         jsonschema.validate(json.loads(text), PERSON)
+
+    _twenty(one)
 
 
 def test_unsupported_fields_are_400s_naming_them(oai):

@@ -507,7 +507,32 @@ def _gpu(fig, r: dict) -> None:
             "/ step time / device copy bandwidth")
 
 
+def _structured(fig, r: dict) -> None:
+    cfg, modes = r["config"], r["modes"]
+    _title(fig, "constrained decoding: what a JSON schema costs",
+           f"{cfg['sessions']} concurrent sessions x {cfg['new_tokens']} tokens at temperature 1, "
+           f"{cfg['prompt_len']}-token prompts, median of {_count(cfg['repeats'], 'run')} per "
+           f"mode; {_machine(cfg)}")
+    ax = fig.add_subplot()
+    names = [n for n in ("free", "json_schema") if n in modes]
+    xs = range(len(names))
+    bars = ax.bar(xs, [modes[n]["tok_s"] for n in names], 0.4,
+                  color=[PEER if n == "free" else OURS for n in names])
+    cost = _num(r.get("cost"))
+    ax.bar_label(bars, labels=[f"{fmt(modes[n]['tok_s'])} tok/s" + (
+        f"\ntime per token {_times(cost)} unconstrained" if n == "json_schema" and _ok(cost) else "")
+        for n in names], padding=2, fontsize=9, fontweight="bold")
+    ax.set_xticks(list(xs), ["unconstrained", "JSON schema"])
+    ax.set_ylim(0, max(modes[n]["tok_s"] for n in names) * 1.2)
+    ax.set_ylabel("generated tokens / s")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    passed = sum(c["passed"] for c in r["checks"])
+    _footer(fig, f"targets: {passed}/{len(r['checks'])} met")
+
+
 _DRAWERS: dict[str, Callable[[Any, dict], None]] = {
     "fork": _fork, "decode": _decode, "tree": _tree, "agents": _agents, "swap": _swap,
     "determinism": _determinism, "api": _api, "journal": _journal, "gpu": _gpu,
+    "structured": _structured,
 }
