@@ -331,16 +331,16 @@ class LlamaModel(nn.Module):
         as transformers 5 names them): what `update_hf_weights` and a HF checkpoint take.
         Views, not copies."""
         out: dict[str, torch.Tensor] = {}
-        fusions = _fusions(self.cfg)
         for name, p in self.named_parameters():
             if name.startswith("lm_head"):
                 out[name] = p
                 continue
-            parts = {part: (start, size) for part, (whole, start, size) in fusions.items()
-                     if f".{whole}." in name}
-            for part, (start, size) in parts.items():
-                whole = fusions[part][0]
-                out["model." + name.replace(whole, part)] = p[start : start + size]
+            # a fused parameter goes out as its HF parts; stacked experts as they are
+            parts = [(name.replace(whole, part), start, size)
+                     for part, (whole, start, size) in _fusions(self.cfg).items()
+                     if f".{whole}." in name]
+            for hf_name, start, size in parts:
+                out["model." + hf_name] = p[start : start + size]
             if not parts:
                 out["model." + name] = p
         return out

@@ -38,8 +38,8 @@ class Experts(nn.Module):
 class SparseMoE(nn.Module):
     """Router (`gate`, no bias) plus experts, computed as transformers does: softmax of the
     router logits in fp32, top-k, the k weights renormalized to sum 1 when norm_topk_prob
-    (Mixtral always), then each expert's output scaled by its weight and summed in expert
-    order."""
+    (Mixtral always), then each expert's output scaled by its weight and a token's k of
+    them summed (see _sum_slots)."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, inter: int,
                  act: Callable[[torch.Tensor], torch.Tensor], norm_topk_prob: bool,
@@ -71,34 +71,41 @@ class SparseMoE(nn.Module):
         order = torch.argsort(flat, stable=True)  # the pairs grouped by expert
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # one host sync
         flat_weights = weights.flatten()
-        out = torch.zeros_like(x)
-        # NOTE: one gather, two matmuls and a scatter per expert with tokens. A GPU-grade
-        # path permutes the tokens by expert once and runs every expert's rows in one grouped
-        # GEMM launch (gate_up, then down), without this loop or its host sync; the sums
-        # per token would then need a fixed order to stay batch-invariant.
+        # each pair's weighted expert output, in the dtype of the product (fp32 for Mixtral)
+        pair_out = x.new_empty(T * k, x.shape[1], dtype=torch.promote_types(x.dtype, weights.dtype))
+        # NOTE: one gather, two matmuls and a row write per expert with tokens. A GPU-grade
+        # path runs every expert's rows in one grouped GEMM launch (gate_up, then down;
+        # torch._grouped_mm or a fused MoE kernel) over the tokens permuted by expert once,
+        # without this loop or its host sync.
         start = 0
         for e, n in enumerate(counts):
             if n:
                 pairs = order[start : start + n]
-                tokens = pairs // k
-                y = self.experts.expert(x[tokens], e) * flat_weights[pairs, None]
-                # each token at most once per expert, so a token's sum runs in expert order
-                # (as in transformers) whatever else is in the batch. NOTE: index_put_, not
-                # index_add_: on CPU in inference mode the latter runs as a threaded
-                # scatter_add, milliseconds per call when the cores are busy
-                out.index_put_((tokens,), y.to(x.dtype), accumulate=True)
+                pair_out[pairs] = self.experts.expert(x[pairs // k], e) * flat_weights[pairs, None]
             start += n
-        return out
+        return _sum_slots(pair_out.view(T, k, -1), x.dtype)
 
     def forward_dense(self, x: torch.Tensor, weights: torch.Tensor,
                       ids: torch.Tensor) -> torch.Tensor:
         """forward without the host sync, for CUDA graph capture (a decode step): every
-        expert runs over every row, and rows not routed to it add exact zeros, in the same
-        expert order. E / k times the matmul work of forward."""
-        out = torch.zeros_like(x)
+        expert runs over every row and fills the slots routed to it, so each slot holds the
+        same product as in forward. E / k times the matmul work of forward."""
+        T, k = ids.shape
+        pair_out = x.new_zeros(T, k, x.shape[1], dtype=torch.promote_types(x.dtype, weights.dtype))
         for e in range(self.num_experts):
-            routed = ids == e  # [T, k]
-            w = (weights * routed).sum(dim=-1, keepdim=True)  # [T, 1]: 0 where not routed
-            y = (self.experts.expert(x, e) * w).to(x.dtype)
-            out = out + torch.where(routed.any(dim=-1, keepdim=True), y, 0)
-        return out
+            y = self.experts.expert(x, e)[:, None] * weights[..., None]  # [T, k, H]
+            pair_out = torch.where((ids == e)[..., None], y, pair_out)
+        return _sum_slots(pair_out, x.dtype)
+
+
+def _sum_slots(pair_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[T, k, H] -> [T, H]: each token's k weighted expert outputs summed in slot order in
+    fp32, then rounded once to dtype, as transformers' default experts path sums them.
+
+    NOTE: added one slot at a time rather than by .sum(dim=1), whose reduction order on a
+    GPU may depend on the number of rows: this way a token's sum does not depend on what
+    else is in the batch (deterministic mode)."""
+    acc = pair_out[:, 0].float()
+    for j in range(1, pair_out.shape[1]):
+        acc = acc + pair_out[:, j]
+    return acc.to(dtype)
