@@ -4,6 +4,7 @@ processors and generate, against OpenAI's formula, and for exact replay."""
 
 from __future__ import annotations
 
+import json
 from array import array
 
 import pytest
@@ -237,5 +238,30 @@ def test_top_logprobs_on_the_openai_routes():
             assert [len(t) for t in r.json()["top_logprobs"]] == [5, 5]
             r = client.post(f"/v1/sessions/{sid}/generate", json={"top_logprobs": 21})
             assert r.status_code == 422
+    finally:
+        engine.kernel.shutdown()
+
+
+def test_vllm_generate_route_top_logprobs_and_structured_outputs():
+    engine = AsyncEngine("tiny", kv_blocks=1024)
+    try:
+        with TestClient(create_app(ServerSettings(), engine=engine)) as client:
+            body = {"token_ids": [1, 2, 3], "sampling_params": {
+                "max_tokens": 3, "temperature": 0, "logprobs": 4}}
+            content = client.post("/inference/v1/generate", json=body).json()[
+                "choices"][0]["logprobs"]["content"]
+            ref = client.post("/v1/sessions/" + client.post(
+                "/v1/sessions", json={"tokens": [1, 2, 3]}).json()["id"] + "/generate",
+                json={"max_tokens": 3, "temperature": 0, "top_logprobs": 4}).json()["top_logprobs"]
+            assert [[(t["token_id"], t["logprob"]) for t in c["top_logprobs"]] for c in content] \
+                == [[tuple(x) for x in top] for top in ref]
+            schema = {"type": "object", "properties": {"k": {"enum": ["a", "b"]}},
+                      "required": ["k"], "additionalProperties": False}
+            r = client.post("/inference/v1/generate", json={"token_ids": [1, 2], "sampling_params": {
+                "max_tokens": 40, "structured_outputs": {"json": schema}}})
+            assert json.loads(r.json()["choices"][0]["text"])["k"] in ("a", "b")
+            r = client.post("/inference/v1/generate", json={"token_ids": [1, 2], "sampling_params": {
+                "max_tokens": 40, "structured_outputs": {"choice": ["a"]}}})
+            assert r.status_code == 400 and "structured_outputs" in r.text
     finally:
         engine.kernel.shutdown()

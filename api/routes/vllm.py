@@ -3,7 +3,10 @@
 plane's pause/resume/sleep/wake_up.
 
 - `POST /inference/v1/generate` `{"token_ids", "sampling_params", "model"}` answers
-  `{"choices": [{"token_ids", "finish_reason", "logprobs": {"content": [{"logprob"}]}}]}`.
+  `{"choices": [{"token_ids", "finish_reason", "logprobs": {"content": [{"logprob"}]}}]}`
+  (with `logprobs: k > 0`, each entry also lists the k likeliest tokens as
+  `top_logprobs: [{"token_id", "logprob"}]`; `structured_outputs` constrains the output to
+  a JSON schema, any JSON object, a regex or a Lark grammar).
   Each call runs on a session of its own that closes when it ends; a later call whose
   tokens continue the same history (an agent's next turn, re-sent in full) maps the KV
   the last one left in the prefix cache and computes only what is new, so the
@@ -56,6 +59,25 @@ class VLLMSampling(BaseModel):
     n: Literal[1] = 1
     skip_special_tokens: bool = True  # token ids out: nothing to skip
     include_stop_str_in_output: bool = False
+    # {"json": schema} | {"json_object": true} | {"regex": ...} | {"grammar": Lark}
+    structured_outputs: dict[str, Any] | None = None
+
+
+def _structured(spec: dict[str, Any] | None) -> dict[str, Any]:
+    """The constraint fields of vLLM's structured_outputs (one kind; others are a 400)."""
+    if not spec:
+        return {}
+    given = {k: v for k, v in spec.items() if v not in (None, False)}
+    unknown = set(given) - {"json", "json_object", "regex", "grammar"}
+    if unknown or len(given) != 1:
+        raise InvalidRequestError("structured_outputs takes exactly one of json, json_object, "
+                                  f"regex, grammar (Lark); got {sorted(spec)}")
+    (kind, value), = given.items()
+    if kind == "json":
+        return {"json_schema": value}
+    if kind == "json_object":
+        return {"json_schema": True}
+    return {kind: value}
 
 
 class InferenceGenerate(BaseModel):
@@ -72,8 +94,11 @@ async def inference_generate(body: InferenceGenerate, request: Request,
                              settings=Depends(deps.settings)) -> dict[str, Any]:
     """Continues token_ids; see the module docstring."""
     sp = body.sampling_params
-    fields = sp.model_dump(exclude={"n", "skip_special_tokens", "include_stop_str_in_output"})
+    fields = sp.model_dump(exclude={"n", "skip_special_tokens", "include_stop_str_in_output",
+                                    "structured_outputs"})
     fields["logprobs"] = sp.logprobs is not None
+    fields["top_logprobs"] = sp.logprobs or 0
+    fields.update(_structured(sp.structured_outputs))
     params = sampling_params(fields, settings.max_tokens_cap)
     release = await t.reserve(engine, sessions=1, tokens=len(body.token_ids) + params.max_tokens)
     try:
@@ -84,7 +109,13 @@ async def inference_generate(body: InferenceGenerate, request: Request,
             await engine.close_session(s.id)
     finally:
         release()
-    logprobs = None if g.logprobs is None else {"content": [{"logprob": x} for x in g.logprobs]}
+    logprobs = None
+    if g.logprobs is not None:
+        tops = g.top_logprobs or [None] * len(g.logprobs)
+        logprobs = {"content": [
+            {"logprob": x, **({"top_logprobs": [{"token_id": t, "logprob": v} for t, v in top]}
+                              if top is not None else {})}
+            for x, top in zip(g.logprobs, tops)]}
     return {"choices": [{"index": 0, "token_ids": g.tokens, "text": g.text,
                          "finish_reason": g.finish_reason, "logprobs": logprobs}]}
 
