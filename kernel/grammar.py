@@ -149,20 +149,35 @@ class Constraint:
         self.consumed += 1
 
 
-def allowed_tokens(constraints: list[Constraint], vocab_size: int, device):
+def grammar_masks(constraints: list, vocab_size: int) -> tuple | None:
+    """The next-token masks of the constraints that are not None: None when there is
+    none, else (their indices in `constraints`, a [n, vocab_size] bool CPU tensor of the
+    tokens each allows)."""
+    rows = [i for i, c in enumerate(constraints) if c is not None]
+    if not rows:
+        return None
+    # NOTE: computed in the loop thread, before the forward pass. A worker thread running
+    # them beside the forward was slower on a 2-core CPU (it takes a core from the
+    # model's matmuls); on a GPU server with cores to spare it would hide them.
+    return rows, allowed_tokens([constraints[i] for i in rows], vocab_size)
+
+
+def allowed_tokens(constraints: list[Constraint], vocab_size: int):
     """[n, vocab_size] bool: the tokens each constraint's grammar allows next."""
     import torch
 
     words = (vocab_size + 31) // 32
     bits = torch.zeros(len(constraints), words, dtype=torch.int32)
-    # NOTE: one matcher after the other in this thread (a few microseconds each, outside
-    # the GIL). llguidance's thread pool (LLExecutor) was slower here: its workers keep
-    # spinning after the masks are done, taking cores from the model's matmuls (1.5x
-    # the step time at 32 sessions on 2 cores). Not llguidance.torch either: its import
-    # compiles a kernel with torch.compile.
+    # NOTE: one matcher after the other (a few microseconds each, outside the GIL).
+    # llguidance's own thread pool (LLExecutor) was slower here: its workers keep spinning
+    # after the masks are done, taking cores from the model's matmuls (1.5x the step time
+    # at 32 sessions on 2 cores). Not llguidance.torch either: its import compiles a
+    # kernel with torch.compile.
     ptr, stride = bits.data_ptr(), words * 4
     for i, c in enumerate(constraints):
         c.matcher.unsafe_compute_mask_ptr(ptr + i * stride, stride)
-    shifts = torch.arange(32, dtype=torch.int32)
-    allowed = ((bits[:, :, None] >> shifts) & 1).view(len(constraints), words * 32)[:, :vocab_size]
-    return allowed.bool().to(device, non_blocking=True)
+    import numpy as np
+
+    return torch.from_numpy(np.unpackbits(bits.numpy().view(np.uint8), axis=1,
+                                          bitorder="little")[:, :vocab_size].view(np.bool_))
+

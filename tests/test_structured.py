@@ -241,3 +241,20 @@ def test_unsupported_fields_are_400s_naming_them(oai):
     with pytest.raises(openai.BadRequestError, match="does not compile"):
         oai.chat.completions.create(**base, response_format={
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}})
+
+
+def test_json_schema_with_a_bpe_tokenizer(tmp_path):
+    """A HF checkpoint's byte-level BPE tokenizer (multi-byte tokens, llguidance reading its
+    tokenizer.json): the outputs still validate."""
+    from hf_models import make_hf_checkpoint
+
+    path = make_hf_checkpoint(tmp_path / "m", "llama", with_tokenizer=True)
+    with Engine(str(path), kv_blocks=512) as e:
+        sessions = [e.create_session(prompt="data", seed=i) for i in range(6)]
+        with ThreadPoolExecutor(6) as pool:
+            gens = list(pool.map(lambda s: s.generate(params=_json({"json_schema": PERSON})),
+                                 sessions))
+    for g in gens:
+        assert g.finish_reason == "stop", g
+        jsonschema.validate(json.loads(g.text), PERSON)
+    assert any(len(g.text) > len(g.tokens) for g in gens)  # tokens of several bytes were used

@@ -12,6 +12,7 @@ import logging
 import numpy as np
 import torch
 
+from agentos.kernel.grammar import grammar_masks
 from agentos.kernel.process import ScoreCall
 from agentos.kernel.runner.attention import AttnMeta, PrefillChunk, SharedPrefix
 from agentos.kernel.runner.cuda_graphs import CaptureError, DecodeGraphs, prefers_cascade
@@ -165,6 +166,10 @@ class ModelRunner:
             if span is not None:
                 logits_idx.extend(range(q_start + span[0] - c.start, q_start + span[1] - c.start))
         positions, slots = np.concatenate(pos_parts), np.concatenate(slot_parts)
+        # the grammar masks of the rows to sample
+        masks = grammar_masks([c.proc.grammar for c, span in zip(chunks, spans)
+                               if span is not None and not isinstance(c.proc.call, ScoreCall)],
+                              self.model.cfg.vocab_size)
         shared = shared_prefixes(dec_tables, dec_lens, bs) if dec_tables and self.cascade else []
         if not prefills:  # decode only: each span is at most the chunk's one position
             if self.graphs is not None and not (shared and prefers_cascade(shared, dec_tables)):
@@ -177,10 +182,11 @@ class ModelRunner:
                     self.graphs, logits = None, None
                 if logits is not None:
                     need = [i for i, span in enumerate(spans) if span is not None]
-                    return self._outputs(chunks, spans, logits if len(need) == len(chunks) else logits[need])
+                    return self._outputs(chunks, spans, logits if len(need) == len(chunks) else logits[need],
+                                         masks)
             self.num_eager_decodes += 1
         logits = self._forward(ids, positions, slots, logits_idx, prefills, dec_tables, dec_lens, shared)
-        return self._outputs(chunks, spans, logits)
+        return self._outputs(chunks, spans, logits, masks)
 
     def _forward(self, ids: list[int], positions: np.ndarray, slots: np.ndarray,
                  logits_idx: list[int], prefills: list[tuple[int, int, int, np.ndarray]],
@@ -226,8 +232,9 @@ class ModelRunner:
         dev = host.to(self.device, non_blocking=True)
         return [d.view(a.shape) for d, a in zip(dev.split(sizes), parts)]
 
-    def _outputs(self, chunks: list[Chunk], spans: list, logits: torch.Tensor) -> list:
-        # logits: [S, V] fp32, the rows of every chunk's span in chunk order
+    def _outputs(self, chunks: list[Chunk], spans: list, logits: torch.Tensor, masks=None) -> list:
+        # logits: [S, V] fp32, the rows of every chunk's span in chunk order; masks: the
+        # grammar masks of the sampled rows (grammar.grammar_masks) or None
         outs: list = [None] * len(chunks)
         rows: list[int] = []  # rows to sample, with their chunks
         sampled: list[int] = []
@@ -249,9 +256,8 @@ class ModelRunner:
             params = [p.call.params for p in procs]
             histories = ([(p.token_ids, p.call.start_len) for p in procs]
                          if any(q.penalized for q in params) else None)
-            grammars = [p.grammar for p in procs]
             token_ids, logprobs, tops = sample(picked, params, [p.rng for p in procs], histories,
-                                               grammars if any(grammars) else None)
+                                               masks)
             for i, t, lp, top in zip(sampled, token_ids, logprobs, tops):
                 outs[i] = (t, lp, top)
         return outs

@@ -24,12 +24,13 @@ def new_rng(seed: int, device: str = "cpu") -> torch.Generator:
 
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], rngs: list[torch.Generator],
-    histories: list[tuple[array, int]] | None = None, grammars: list | None = None,
+    histories: list[tuple[array, int]] | None = None,
+    allowed: tuple[list[int], torch.Tensor] | None = None,
 ) -> tuple[list[int], list[float], list[list[tuple[int, float]] | None]]:
     """Picks one token per row of logits [S, V] (fp32). `histories` (needed when a row's
     call has penalties): each row's session tokens and the position its call began at.
-    `grammars`: each row's constraint (grammar.Constraint) or None; a constrained row
-    picks among the tokens its grammar allows next.
+    `allowed`: the rows under a grammar and the tokens each may pick ([n, V] bool, from
+    grammar.grammar_masks); the others are never chosen.
 
     Returns (token ids, logprobs, tops): the logprob of each chosen token under the
     model's distribution (log-softmax of the raw logits, before penalties, bias,
@@ -39,7 +40,7 @@ def sample(
     """
     logprobs = torch.log_softmax(logits, dim=-1)
     adjusted = _constrain(_bias(_penalize(logits, params, histories), logits, params), logits,
-                          grammars)
+                          allowed)
     chosen = adjusted.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
@@ -117,20 +118,20 @@ def _bias(x: torch.Tensor, logits: torch.Tensor, params: list[SamplingParams]) -
     return x
 
 
-def _constrain(x: torch.Tensor, logits: torch.Tensor, grammars: list | None) -> torch.Tensor:
+def _constrain(x: torch.Tensor, logits: torch.Tensor,
+               allowed: tuple[list[int], torch.Tensor] | None) -> torch.Tensor:
     """x with the tokens each constrained row's grammar forbids at -inf (a copy when x is
     still the model's logits)."""
-    rows = [i for i, g in enumerate(grammars or ()) if g is not None]
-    if not rows:
+    if allowed is None:
         return x
-    from agentos.kernel.grammar import allowed_tokens
-
-    assert grammars is not None
-    allowed = allowed_tokens([grammars[i] for i in rows], x.shape[1], x.device)
+    rows, mask = allowed
     if x is logits:
         x = x.clone()
+    mask = mask.to(x.device, non_blocking=True)
+    if len(rows) == x.shape[0]:
+        return x.masked_fill_(~mask, float("-inf"))
     idx = _to_device(rows, torch.long, x.device)
-    x[idx] = x[idx].masked_fill(~allowed, float("-inf"))
+    x[idx] = x[idx].masked_fill(~mask, float("-inf"))
     return x
 
 
