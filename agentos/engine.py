@@ -153,13 +153,15 @@ class _EngineBase(Operations):
         return _Syscall(self.kernel.sys_append, (session_id, ids), timed="append", changes=True)
 
     def _op_generate(self, session_id: str, params: SamplingParams,
-                     stream: bool) -> _Syscall[Any]:
+                     stream: bool, compiled: Any = None) -> _Syscall[Any]:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams")
         k = self.kernel
         # NOTE: a constraint is compiled here, in the caller's thread, not in the loop
+        # (AsyncEngine compiles it on a worker thread first: not on the event loop either)
         grammar = params.constraint
-        compiled = k.grammars.compile(grammar) if grammar is not None else None
+        if grammar is not None and compiled is None:
+            compiled = k.grammars.compile(grammar)
         if not stream:
             return _Syscall(k.sys_generate, (session_id, params, None, compiled), timed="generate",
                             changes=True, waits=True,
@@ -370,6 +372,14 @@ class AsyncEngine(_EngineBase, AsyncBackend):
 
     `async with AsyncEngine(model="tiny") as engine: ...`
     """
+
+    async def generate(self, session_id: str, params: SamplingParams,
+                       stream: bool = False) -> Any:
+        compiled = None
+        if isinstance(params, SamplingParams) and (grammar := params.constraint) is not None:
+            # a large grammar compiles for tens of milliseconds: not on the event loop
+            compiled = await asyncio.to_thread(self.kernel.grammars.compile, grammar)
+        return await self._call(self._op_generate(session_id, params, stream, compiled))
 
     async def _call(self, op: Op[T]) -> T:
         assert isinstance(op, _Syscall)
