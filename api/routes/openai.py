@@ -4,7 +4,8 @@ Each request runs on a session: a fresh one (closed afterwards unless `keep_sess
 the one named by the extra field `session`, which the prompt / messages are appended to
 so an agent continues its conversation without re-sending it. With n > 1 the prompt is
 prefilled once and forked n ways. Extra fields: session, keep_session, top_k, min_p,
-repetition_penalty, ignore_eos, stop_token_ids. Logprobs are the model's (before
+repetition_penalty, ignore_eos, stop_token_ids. Chat takes tools, tool_choice,
+parallel_tool_calls and response_format (see chat_completions). Logprobs are the model's (before
 penalties, bias and temperature): the chosen token's and, with chat's top_logprobs or
 completions' logprobs number, the k likeliest tokens at each position.
 """
@@ -164,6 +165,17 @@ async def completions(body: CompletionRequest, request: Request, t: Tenant = Dep
 @router.post("/chat/completions", responses=_STREAMS)
 async def chat_completions(body: ChatRequest, request: Request, t: Tenant = Depends(deps.tenant),
                            engine=Depends(deps.engine), settings=Depends(deps.settings)):
+    """OpenAI's chat completions. `tools` are rendered by the model's chat template;
+    `tool_choice` "auto" (the default with tools) parses the calls the model writes,
+    "required" or a named function constrain the output to calls whose arguments follow
+    the function's parameter schema (one call, or several with `parallel_tool_calls`),
+    "none" parses nothing. Calls come back as `tool_calls` with finish_reason "tool_calls"
+    (streamed as one delta per call, content before them streaming as it comes). The
+    formats: `<tool_call>` JSON (Qwen, Hermes and the default template), Mistral's
+    `[TOOL_CALLS]`, Llama 3's JSON with "parameters". `response_format` json_object /
+    json_schema constrains the content to JSON (to the schema). Unsupported fields
+    (functions, function_call, audio, prediction, web_search_options, modalities other
+    than text) are a 400 naming them."""
     _check_model(body, settings)
     tools, calls = _tool_plan(body, engine.tokenizer)
     text = render_chat([m.flat() for m in body.messages], engine.tokenizer,
