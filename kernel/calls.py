@@ -57,7 +57,11 @@ class Calls:
                         on_token: Callable[[int, str, float | None], None] | None,
                         compiled: Any = None) -> Future:
         p = self._check_generate(pid, params)
-        p.grammar = self._constraint(p, params.constraint, compiled)
+        g = self._constraint(p, params.constraint, compiled)
+        if g is not p.grammar:
+            p.grammar = g
+            if self.journal is not None:
+                self.journal.constrained(p)
         start_rng = p.rng.get_state()
         if params.seed is not None:
             p.rng.manual_seed(params.seed)

@@ -15,10 +15,13 @@ thread: a large schema can take milliseconds to compile.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from agentos.kernel.errors import InvalidRequestError
+
+log = logging.getLogger("agentos.grammar")
 
 MAX_GRAMMAR_CHARS = 64 * 1024  # a schema, Lark grammar or regex, as text
 
@@ -80,6 +83,18 @@ class Compiler:
         if m.is_error():
             raise InvalidRequestError(f"the constraint does not compile: {m.get_error()}")
         return m
+
+    def restore(self, grammar: str | None, start: int) -> Constraint | None:
+        """A recorded open constraint (a recovered, imported or fetched record), its
+        matcher to be replayed from the tokens; None when there is none or it no longer
+        compiles (logged: the session then continues unconstrained)."""
+        if grammar is None:
+            return None
+        try:
+            return Constraint(grammar, start, self.compile(grammar))
+        except InvalidRequestError as e:
+            log.warning("a recorded constraint was dropped: %s", e)
+            return None
 
 
 def _ll_tokenizer(llguidance, tokenizer, vocab_size: int, eos_ids: list[int]):

@@ -38,6 +38,9 @@ FORMAT_VERSION = 1
 # offset); a state of another device is only a seed (see journal.rng_from), bounded in size
 RNG_STATE_BYTES = {"cpu": 5056, "cuda": 16}
 MAX_RNG_STATE_BYTES = 1 << 16
+# an open constraint's grammar (llguidance's JSON around a schema, Lark grammar or regex
+# of at most grammar.MAX_GRAMMAR_CHARS characters, escaped)
+MAX_GRAMMAR_BYTES = 1 << 18
 MAX_INT = 2**63 - 1  # counters and versions are int64 wherever they go (msgpack, torch)
 KV_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
 
@@ -107,6 +110,9 @@ class Record:
     weight_runs: list[list[int]] = field(default_factory=list)  # [first token, version] per run
     n: int = 0  # the number of the last entry applied
     kv: dict | None = None  # optional KV of the first kv["num_tokens"] tokens
+    # the session's open constraint (kernel/grammar.py): its grammar and first token
+    grammar: str | None = None
+    grammar_start: int = 0
 
     def to_body(self) -> dict:
         body = {"id": self.id, "kind": self.kind, "owner": self.owner,
@@ -118,6 +124,8 @@ class Record:
                 "weight_runs": self.weight_runs, "n": self.n}
         if self.kv is not None:
             body["kv"] = self.kv
+        if self.grammar is not None:
+            body["grammar"] = {"text": self.grammar, "start": self.grammar_start}
         return body
 
     def pack(self) -> bytes:
@@ -142,6 +150,8 @@ class Record:
                       num_forks=int(b.get("num_forks", 0)),
                       weight_runs=[list(map(int, r)) for r in b.get("weight_runs", [])],
                       n=int(b.get("n", 0)), kv=b.get("kv"))
+            if (g := b.get("grammar")) is not None:
+                rec.grammar, rec.grammar_start = g["text"], int(g["start"])
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise CodecError(f"record is missing or has a malformed field: {e}") from None
         rec.check()
@@ -182,6 +192,11 @@ class Record:
         _check_runs(self.weight_runs, n)
         if self.kv is not None:
             _check_kv(self.kv, n)
+        if self.grammar is not None and not (
+                isinstance(self.grammar, str) and len(self.grammar) <= MAX_GRAMMAR_BYTES
+                and isinstance(self.grammar_start, int) and 0 <= self.grammar_start <= n):
+            raise CodecError(f"grammar must be a string of at most {MAX_GRAMMAR_BYTES} "
+                             "characters starting within the tokens")
 
     def apply(self, blob: bytes) -> None:
         """Replays one journal entry (skipped when already applied). Raises CodecError."""
@@ -213,6 +228,8 @@ class Record:
                 self.weight_runs = [r for r in self.weight_runs if r[0] < cut]
                 self.rng_state, self.draws = bytes(e["state"]), 0
                 self.num_generated = int(e["num_generated"])
+            elif op == "gram":
+                self.grammar, self.grammar_start = e.get("text"), int(e.get("start", 0))
             elif op == "who":
                 for name in ("id", "kind", "owner", "parent_id", "session_id", "created_at",
                              "num_generated", "num_forks"):

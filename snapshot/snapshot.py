@@ -130,7 +130,8 @@ class SnapshotTable:
                               mask=rec.mask, num_cached=0, table=PageTable(), rng_state=rng.get_state(),
                               kv_version=k.weight_version, created_at=rec.created_at, owner=rec.owner,
                               weight_runs=[tuple(r) for r in rec.weight_runs],
-                              num_generated=rec.num_generated)
+                              num_generated=rec.num_generated,
+                              grammar=k.grammars.restore(rec.grammar, rec.grammar_start))
 
     def sys_restore(self, snap_id: str) -> str:
         """Creates a new session equal to the snapshot; returns its id."""
@@ -171,7 +172,8 @@ class SnapshotTable:
             id=rec.id, session_id=rec.session_id or "", token_ids=rec.token_ids, mask=rec.mask,
             num_cached=0, table=PageTable(), rng_state=rng_state,
             kv_version=self.kernel.weight_version, created_at=rec.created_at, owner=rec.owner,
-            weight_runs=[tuple(r) for r in rec.weight_runs], num_generated=rec.num_generated)
+            weight_runs=[tuple(r) for r in rec.weight_runs], num_generated=rec.num_generated,
+            grammar=self.kernel.grammars.restore(rec.grammar, rec.grammar_start))
 
     def sys_export(self, pid: str, kv: bool = False) -> bytes:
         """The session as a record blob (snapshot/codec.py), with the KV bytes of its cached
@@ -212,6 +214,7 @@ class SnapshotTable:
         p = k.new_process(rec.token_ids, rec.mask, table, num_cached, rng, None, None, owner)
         p.num_generated, p.num_forks = rec.num_generated, rec.num_forks
         p.weight_runs = [tuple(r) for r in rec.weight_runs]
+        p.grammar = k.grammars.restore(rec.grammar, rec.grammar_start)
         if num_cached:
             p.cache_scope = "import:" + p.pid
             k.memory.register_full(p, 0, num_cached - num_cached % k.block_size)

@@ -74,7 +74,9 @@ def record_of(p: Process, n: int = 0) -> Record:
     return Record(id=p.pid, kind="session", owner=p.owner, token_ids=p.token_ids, mask=p.mask,
                   rng_state=rng_bytes(p.rng), rng_device=p.rng.device.type, created_at=p.created_at,
                   parent_id=p.parent_id, num_generated=p.num_generated, num_forks=p.num_forks,
-                  weight_runs=[list(r) for r in p.weight_runs], n=n)
+                  weight_runs=[list(r) for r in p.weight_runs], n=n,
+                  grammar=p.grammar.grammar if p.grammar is not None else None,
+                  grammar_start=p.grammar.start if p.grammar is not None else 0)
 
 
 class Journal:
@@ -284,6 +286,12 @@ class Journal:
     def appended(self, p: Process, token_ids: list[int]) -> None:
         self._entry(p.pid, "add", t=codec.tokens_to_bytes(array("i", token_ids)))
 
+    def constrained(self, p: Process) -> None:
+        """The session's open constraint changed (a call began a new one, or none)."""
+        g = p.grammar
+        self._entry(p.pid, "gram", text=g.grammar if g is not None else None,
+                    start=g.start if g is not None else 0)
+
     def reseeded(self, p: Process) -> None:
         self._entry(p.pid, "rng", state=rng_bytes(p.rng))
 
@@ -414,7 +422,8 @@ class Journal:
                 parent_id=rec.parent_id, created_at=rec.created_at,
                 num_generated=rec.num_generated, num_forks=rec.num_forks,
                 kv_version=kernel.weight_version,
-                owner=rec.owner, weight_runs=[tuple(r) for r in rec.weight_runs]))
+                owner=rec.owner, weight_runs=[tuple(r) for r in rec.weight_runs],
+                grammar=kernel.grammars.restore(rec.grammar, rec.grammar_start)))
         else:
             snaps.install(rec, rng.get_state())
 
