@@ -142,3 +142,106 @@ def _seq(before: str, rule: str, more: str, after: str) -> str:
     literals left out)."""
     parts = [_lark_str(before) if before else "", rule, more, _lark_str(after) if after else ""]
     return " ".join(p for p in parts if p)
+
+
+class ToolCallStream:
+    """Tool calls as OpenAI streams them, from text arriving in pieces: each call's id,
+    type and name as soon as its name is complete, then its arguments' JSON as it grows.
+
+    A character scanner over the calls' JSON objects (strings, escapes and nesting
+    tracked), so each piece costs its own length, not the text's. Only objects whose
+    name comes before their arguments stream early (the order the constrained grammar
+    writes); any other is sent whole once complete. Text outside the objects (the
+    format's markers) is skipped."""
+
+    def __init__(self, fmt: ToolFormat):
+        self.fmt = fmt
+        self.text = ""
+        self.calls: list[dict] = []  # per object: id, name, args (start, end), sent, done
+        self._pos = 0
+        self._depth = 0
+        self._in_str = self._esc = False
+        self._str_start = 0
+        self._expect = "key"
+        self._key: str | None = None
+
+    def push(self, piece: str) -> list[dict]:
+        """Takes more text; returns the tool_calls deltas it completes."""
+        self.text += piece
+        self._scan()
+        return self._deltas(final=False)
+
+    def end(self) -> list[dict]:
+        """The deltas still owed at the end (calls sent whole, the last arguments)."""
+        return self._deltas(final=True)
+
+    def _scan(self) -> None:
+        text, keys = self.text, (self.fmt.args_key, "arguments", "parameters")
+        for i in range(self._pos, len(text)):
+            c = text[i]
+            if self._in_str:
+                if self._esc:
+                    self._esc = False
+                elif c == "\\":
+                    self._esc = True
+                elif c == '"':
+                    self._in_str = False
+                    if self._depth == 1:
+                        self._string(text[self._str_start : i + 1])
+            elif c == '"':
+                self._in_str, self._str_start = True, i
+            elif c in "{[":
+                if self._depth == 0:
+                    if c == "[":
+                        continue  # Mistral's list of calls
+                    self.calls.append({"id": None, "name": None, "args": [None, None],
+                                       "sent": 0, "done": False, "start": i})
+                    self._expect, self._key = "key", None
+                elif self._depth == 1 and self._expect == "value" and self._key in keys:
+                    self.calls[-1]["args"][0] = i
+                self._depth += 1
+            elif c in "}]" and self._depth > 0:
+                self._depth -= 1
+                call = self.calls[-1]
+                if self._depth == 1 and call["args"][0] is not None and call["args"][1] is None:
+                    call["args"][1] = i + 1
+                elif self._depth == 0:
+                    call["done"], call["end"] = True, i + 1
+            elif self._depth == 1 and c in ":,":
+                self._expect = "value" if c == ":" else "key"
+        self._pos = len(text)
+
+    def _string(self, literal: str) -> None:
+        try:
+            value = json.loads(literal)
+        except ValueError:
+            return
+        if self._expect == "key":
+            self._key = value
+        elif self._key == "name" and self.calls[-1]["name"] is None:
+            self.calls[-1]["name"] = value
+
+    def _deltas(self, final: bool) -> list[dict]:
+        out = []
+        for index, call in enumerate(self.calls):
+            early = call["name"] is not None and call["args"][0] is not None
+            if not (early or call["done"] or final) or call["name"] is None:
+                continue
+            if call["id"] is None:
+                call["id"] = "call_" + uuid.uuid4().hex[:24]
+                out.append({"index": index, "id": call["id"], "type": "function",
+                            "function": {"name": call["name"], "arguments": ""}})
+            start, end = call["args"]
+            if start is None:  # no arguments seen: whatever the object holds, once done
+                if call["done"] and not call["sent"]:
+                    obj = json.loads(self.text[call["start"] : call["end"]])
+                    args = obj.get(self.fmt.args_key, obj.get("arguments", obj.get("parameters", {})))
+                    call["sent"] = 1
+                    out.append({"index": index, "function": {"arguments": json.dumps(args)}})
+                continue
+            upto = end if end is not None else len(self.text)
+            piece = self.text[start + call["sent"] : upto]
+            if piece:
+                call["sent"] += len(piece)
+                out.append({"index": index, "function": {"arguments": piece}})
+        return out

@@ -160,11 +160,14 @@ def test_required_tool_calls_parse_and_validate(oai, stream):
         for chunk in oai.chat.completions.create(stream=True, **kw):
             for c in chunk.choices:
                 for d in c.delta.tool_calls or []:
-                    entry = calls.setdefault(d.index, {"id": d.id, "name": "", "arguments": ""})
+                    entry = calls.setdefault(d.index, {"id": d.id, "name": "", "arguments": "",
+                                                       "pieces": 0})
                     entry["name"] += d.function.name or ""
                     entry["arguments"] += d.function.arguments or ""
+                    entry["pieces"] += bool(d.function.arguments)
                 finish = c.finish_reason or finish
         assert finish == "tool_calls" and calls
+        assert all(e["pieces"] > 1 for e in calls.values())  # the arguments stream as they grow
         for entry in calls.values():
             schema = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}[entry["name"]]
             jsonschema.validate(json.loads(entry["arguments"]), schema)
@@ -258,3 +261,33 @@ def test_json_schema_with_a_bpe_tokenizer(tmp_path):
         assert g.finish_reason == "stop", g
         jsonschema.validate(json.loads(g.text), PERSON)
     assert any(len(g.text) > len(g.tokens) for g in gens)  # tokens of several bytes were used
+
+
+@pytest.mark.parametrize("fmt,text", [
+    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "P\\"a}ris", '
+               '"unit": "c"}}\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": '
+               '{"zone": "utc"}}\n</tool_call>'),
+    ("mistral", '[TOOL_CALLS][{"name": "f", "arguments": {"x": [1, {"y": "]}"}]}}, '
+                '{"arguments": {"a": 1}, "name": "g"}]'),
+    ("llama3_json", '{"name": "f", "parameters": {"x": 1}}'),
+])
+def test_tool_call_stream_sends_names_then_growing_arguments(fmt, text):
+    """However the text is cut, the deltas add up to the calls the whole text parses to:
+    brackets and quotes inside strings do not confuse it; a call whose arguments come
+    before its name is sent once the name is known."""
+    from agentos.chat import FORMATS, ToolCallStream
+
+    for step in (1, 3, 7, len(text)):
+        stream = ToolCallStream(FORMATS[fmt])
+        deltas = [d for i in range(0, len(text), step) for d in stream.push(text[i : i + step])]
+        deltas += stream.end()
+        got: dict[int, dict] = {}
+        for d in deltas:
+            entry = got.setdefault(d["index"], {"name": "", "arguments": ""})
+            if "id" in d:
+                assert d["type"] == "function" and d["id"].startswith("call_")
+                entry["name"] += d["function"]["name"]
+            entry["arguments"] += d["function"]["arguments"]
+        _, want = FORMATS[fmt].parse(text)
+        assert [(e["name"], json.loads(e["arguments"])) for e in got.values()] == [
+            (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in want]

@@ -26,7 +26,7 @@ from agentos.api.routes.sessions import sampling_params, until_disconnected
 from agentos.api.schemas import ERRORS, LogitBias, TokenId
 from agentos.api.tenants import Tenant
 from agentos.api.wire import EventStream, error_body, sse
-from agentos.chat import MAX_TOOLS, ToolFormat, render_chat, tool_format
+from agentos.chat import MAX_TOOLS, ToolCallStream, ToolFormat, render_chat, tool_format
 from agentos.kernel.errors import AgentOSError, APIStatusError, InvalidRequestError, NotFoundError
 from agentos.session import Session
 
@@ -419,6 +419,10 @@ class _Run:
             choice["session_id"] = kept
         return self._event([choice], chat)
 
+    def _calls_chunk(self, i: int, deltas: list[dict]) -> str:
+        return self._event([{"index": i, "finish_reason": None, "logprobs": None,
+                             "delta": {"tool_calls": deltas}}], chat=True)
+
     def _event(self, choices: list[dict], chat: bool, **extra) -> str:
         chunk = {"id": self.id, "object": self.object + ".chunk" if chat else self.object,
                  "created": self.created, "model": self.settings.model_name, "choices": choices,
@@ -460,21 +464,24 @@ class _Run:
                 elif item.finish_reason is not None:
                     reason = item.finish_reason
                     if (h := held[i]) is not None:
-                        content, calls = h.end()
+                        content, deltas, called = h.end()
                         if content:
                             yield self._chunk(i, chat, content, None)
-                        if calls:
-                            yield self._event([{"index": i, "finish_reason": None, "logprobs": None,
-                                                "delta": {"tool_calls": [
-                                                    {"index": j, **c} for j, c in enumerate(calls)]}}],
-                                              chat)
-                            reason = "tool_calls" if reason == "stop" else reason
+                        if deltas:
+                            yield self._calls_chunk(i, deltas)
+                        if called and reason == "stop":
+                            reason = "tool_calls"
                     yield self._chunk(i, chat, None if chat else "", reason)
                 else:
                     num_generated[i] += item.token is not None
-                    text = item.text if held[i] is None else held[i].push(item.text) or None
+                    text, deltas = item.text, []
+                    if held[i] is not None:
+                        content, deltas = held[i].push(item.text)
+                        text = content or None
                     yield self._chunk(i, chat, text, None, item.token, item.logprob,
                                       top=item.top_logprobs)
+                    if deltas:
+                        yield self._calls_chunk(i, deltas)
             if (self.body.stream_options or {}).get("include_usage"):
                 yield self._event([], chat, usage=self._usage(num_generated))
             yield "data: [DONE]\n\n"
@@ -486,31 +493,39 @@ class _Run:
 
 class _HeldCalls:
     """A streamed choice's text when tools are on: content streams until the text could
-    be tool calls (all of it when the output is constrained to calls); what is held back
-    is parsed at the end and sent as tool_calls deltas, one per call."""
+    be tool calls (all of it is calls when the output is constrained to them); from there
+    the calls stream as tool_calls deltas (ToolCallStream): a call's name once written,
+    then its arguments as they grow. Text held as possible calls that turns out to hold
+    none is sent as content at the end."""
 
     def __init__(self, fmt: ToolFormat, only_calls: bool):
-        self.fmt, self.calls_begun, self.text = fmt, only_calls, ""
+        self.fmt, self.text = fmt, ""
+        self.calls: ToolCallStream | None = ToolCallStream(fmt) if only_calls else None
 
-    def push(self, delta: str) -> str:
-        """Takes a text delta; returns the content that can be streamed now."""
+    def push(self, delta: str) -> tuple[str, list[dict]]:
+        """Takes a text delta; returns (the content, the tool_calls deltas) to send now."""
+        if self.calls is not None:
+            return "", self.calls.push(delta)
         self.text += delta
-        if self.calls_begun:
-            return ""
         at = self.text.find(self.fmt.start)
         if at >= 0:
-            out, self.text, self.calls_begun = self.text[:at], self.text[at:], True
-            return out
+            out, rest, self.text = self.text[:at], self.text[at:], ""
+            self.calls = ToolCallStream(self.fmt)
+            return out, self.calls.push(rest)
         # hold back a tail that could still grow into the start of a call
         keep = next((k for k in range(min(len(self.fmt.start) - 1, len(self.text)), 0, -1)
                      if self.fmt.start.startswith(self.text[-k:])), 0)
         out, self.text = self.text[: len(self.text) - keep], self.text[len(self.text) - keep :]
-        return out
+        return out, []
 
-    def end(self) -> tuple[str | None, list[dict]]:
-        """(content still held, the tool calls) at the end of the choice."""
-        content, calls = self.fmt.parse(self.text)
-        return (content if calls else self.text), calls
+    def end(self) -> tuple[str, list[dict], bool]:
+        """(content still held, the last tool_calls deltas, whether there were calls)."""
+        if self.calls is None:
+            return self.text, [], False
+        deltas = self.calls.end()
+        if not any(c["id"] for c in self.calls.calls):
+            return self.calls.text, [], False
+        return "", deltas, True
 
 
 def _top_k(body) -> int:
