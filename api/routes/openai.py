@@ -170,7 +170,8 @@ async def chat_completions(body: ChatRequest, request: Request, t: Tenant = Depe
     "required" or a named function constrain the output to calls whose arguments follow
     the function's parameter schema (one call, or several with `parallel_tool_calls`),
     "none" parses nothing. Calls come back as `tool_calls` with finish_reason "tool_calls"
-    (streamed as one delta per call, content before them streaming as it comes). The
+    (streamed as OpenAI does: each call's name once written, then its arguments as they
+    grow; content before the calls streams as it comes). The
     formats: `<tool_call>` JSON (Qwen, Hermes and the default template), Mistral's
     `[TOOL_CALLS]`, Llama 3's JSON with "parameters". `response_format` json_object /
     json_schema constrains the content to JSON (to the schema). Unsupported fields
