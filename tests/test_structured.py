@@ -291,3 +291,23 @@ def test_tool_call_stream_sends_names_then_growing_arguments(fmt, text):
         _, want = FORMATS[fmt].parse(text)
         assert [(e["name"], json.loads(e["arguments"])) for e in got.values()] == [
             (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in want]
+
+
+def test_vllm_structured_outputs_and_guided_fields_on_the_openai_routes(oai):
+    import openai
+
+    msgs = [{"role": "user", "content": "yes or no?"}]
+    choices = ["yes", "no", 'say "hi"']
+    r = oai.chat.completions.create(model="tiny", messages=msgs, max_tokens=20, extra_body={
+        "structured_outputs": {"choice": choices}})
+    assert r.choices[0].message.content in choices
+    r = oai.completions.create(model="tiny", prompt="id:", max_tokens=20,
+                               extra_body={"guided_regex": "[0-9]{4}"})
+    assert re.fullmatch("[0-9]{4}", r.choices[0].text)
+    r = oai.chat.completions.create(model="tiny", messages=msgs, max_tokens=200, extra_body={
+        "guided_json": WEATHER})
+    jsonschema.validate(json.loads(r.choices[0].message.content), WEATHER)
+    with pytest.raises(openai.BadRequestError, match="each constrain the output"):
+        oai.chat.completions.create(model="tiny", messages=msgs, max_tokens=2,
+                                    response_format={"type": "json_object"},
+                                    extra_body={"guided_regex": "a"})

@@ -22,7 +22,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from agentos.api import deps
-from agentos.api.routes.sessions import sampling_params, until_disconnected
+from agentos.api.routes.sessions import sampling_params, structured_fields, until_disconnected
 from agentos.api.schemas import ERRORS, LogitBias, TokenId
 from agentos.api.tenants import Tenant
 from agentos.api.wire import EventStream, error_body, sse
@@ -65,6 +65,13 @@ class _Sampling(BaseModel):
     logit_bias: LogitBias | None = None
     # {"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}
     response_format: dict[str, Any] | None = None
+    # vLLM's: {"json" | "json_object" | "regex" | "grammar" | "choice": ...}, and its
+    # older guided_* fields
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
+    guided_choice: list[str] | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -226,6 +233,25 @@ def _tool_plan(body: ChatRequest, tokenizer) -> tuple[ToolFormat | None, str | N
     return fmt, fmt.grammar(functions, body.parallel_tool_calls and not isinstance(choice, dict))
 
 
+def _constraint(body, tool_grammar: str | None) -> dict[str, Any]:
+    """The SamplingParams constraint of a request: tool calls, response_format, or vLLM's
+    structured_outputs / guided_* fields; more than one is a 400."""
+    given = {}
+    if tool_grammar is not None:
+        given["tools"] = {"grammar": tool_grammar}
+    if (schema := _response_format(body)) is not None:
+        given["response_format"] = {"json_schema": schema}
+    legacy = {"json": body.guided_json, "regex": body.guided_regex,
+              "grammar": body.guided_grammar, "choice": body.guided_choice}
+    if any(v is not None for v in legacy.values()):
+        given["guided_*"] = structured_fields(legacy)
+    if body.structured_outputs:
+        given["structured_outputs"] = structured_fields(body.structured_outputs)
+    if len(given) > 1:
+        raise InvalidRequestError(f"{' and '.join(given)} each constrain the output: give one")
+    return next(iter(given.values()), {})
+
+
 def _response_format(body) -> dict | bool | None:
     """The json_schema constraint of response_format (True: any JSON object), or None."""
     rf = body.response_format
@@ -283,8 +309,7 @@ class _Run:
                   "frequency_penalty": body.frequency_penalty, "seed": body.seed, "stop": body.stop,
                   "stop_token_ids": body.stop_token_ids, "ignore_eos": body.ignore_eos,
                   "logprobs": bool(body.logprobs), "logit_bias": body.logit_bias,
-                  "top_logprobs": _top_k(body), "json_schema": _response_format(body),
-                  "grammar": tool_grammar}
+                  "top_logprobs": _top_k(body), **_constraint(body, tool_grammar)}
         self.params = sampling_params(fields, settings.max_tokens_cap)
         self.sessions: list[Session] = []
         self.temporary: list[Session] = []

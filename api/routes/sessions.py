@@ -4,9 +4,10 @@ tokens, close."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable
 from dataclasses import asdict
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
@@ -140,6 +141,28 @@ class ClientDisconnectedError(APIStatusError):
 
     status_code = 499
     type = "client_disconnected"
+
+
+def structured_fields(spec: dict[str, Any] | None) -> dict[str, Any]:
+    """The SamplingParams constraint of vLLM's `structured_outputs` (json, json_object,
+    regex, grammar (Lark), choice): exactly one kind; anything else is a 400."""
+    if not spec:
+        return {}
+    given = {k: v for k, v in spec.items() if v not in (None, False)}
+    unknown = set(given) - {"json", "json_object", "regex", "grammar", "choice"}
+    if unknown or len(given) != 1:
+        raise InvalidRequestError("structured_outputs takes exactly one of json, json_object, "
+                                  f"regex, grammar (Lark), choice; got {sorted(spec)}")
+    (kind, value), = given.items()
+    if kind == "json":
+        return {"json_schema": json.loads(value) if isinstance(value, str) else value}
+    if kind == "json_object":
+        return {"json_schema": True}
+    if kind == "choice":
+        if not (isinstance(value, list) and value and all(isinstance(c, str) and c for c in value)):
+            raise InvalidRequestError("structured_outputs.choice must be a list of strings")
+        return {"grammar": "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in value)}
+    return {kind: value}
 
 
 def sampling_params(fields: dict, max_tokens_cap: int | None) -> SamplingParams:

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agentos.api import deps
 from agentos.api.routes.engine import admin
-from agentos.api.routes.sessions import sampling_params, until_disconnected
+from agentos.api.routes.sessions import sampling_params, structured_fields, until_disconnected
 from agentos.api.schemas import ERRORS, LogitBias, TokenId
 from agentos.api.tenants import Tenant
 from agentos.kernel.errors import InvalidRequestError
@@ -59,25 +59,9 @@ class VLLMSampling(BaseModel):
     n: Literal[1] = 1
     skip_special_tokens: bool = True  # token ids out: nothing to skip
     include_stop_str_in_output: bool = False
-    # {"json": schema} | {"json_object": true} | {"regex": ...} | {"grammar": Lark}
+    # {"json": schema} | {"json_object": true} | {"regex": ...} | {"grammar": Lark} |
+    # {"choice": [strings]}
     structured_outputs: dict[str, Any] | None = None
-
-
-def _structured(spec: dict[str, Any] | None) -> dict[str, Any]:
-    """The constraint fields of vLLM's structured_outputs (one kind; others are a 400)."""
-    if not spec:
-        return {}
-    given = {k: v for k, v in spec.items() if v not in (None, False)}
-    unknown = set(given) - {"json", "json_object", "regex", "grammar"}
-    if unknown or len(given) != 1:
-        raise InvalidRequestError("structured_outputs takes exactly one of json, json_object, "
-                                  f"regex, grammar (Lark); got {sorted(spec)}")
-    (kind, value), = given.items()
-    if kind == "json":
-        return {"json_schema": value}
-    if kind == "json_object":
-        return {"json_schema": True}
-    return {kind: value}
 
 
 class InferenceGenerate(BaseModel):
@@ -98,7 +82,7 @@ async def inference_generate(body: InferenceGenerate, request: Request,
                                     "structured_outputs"})
     fields["logprobs"] = sp.logprobs is not None
     fields["top_logprobs"] = sp.logprobs or 0
-    fields.update(_structured(sp.structured_outputs))
+    fields.update(structured_fields(sp.structured_outputs))
     params = sampling_params(fields, settings.max_tokens_cap)
     release = await t.reserve(engine, sessions=1, tokens=len(body.token_ids) + params.max_tokens)
     try:
