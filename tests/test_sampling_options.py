@@ -261,7 +261,10 @@ def test_vllm_generate_route_top_logprobs_and_structured_outputs():
                 "max_tokens": 40, "structured_outputs": {"json": schema}}})
             assert json.loads(r.json()["choices"][0]["text"])["k"] in ("a", "b")
             r = client.post("/inference/v1/generate", json={"token_ids": [1, 2], "sampling_params": {
-                "max_tokens": 40, "structured_outputs": {"choice": ["a"]}}})
+                "max_tokens": 40, "structured_outputs": {"choice": ["ab", "cd"]}}})
+            assert r.json()["choices"][0]["text"] in ("ab", "cd")
+            r = client.post("/inference/v1/generate", json={"token_ids": [1, 2], "sampling_params": {
+                "max_tokens": 40, "structured_outputs": {"structural_tag": "x"}}})
             assert r.status_code == 400 and "structured_outputs" in r.text
     finally:
         engine.kernel.shutdown()
