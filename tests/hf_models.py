@@ -30,12 +30,14 @@ def make_hf_checkpoint(
     **overrides,
 ) -> Path:
     """Writes a small random transformers model of `kind` ("llama", "qwen2", "qwen3", "mistral",
-    "mixtral", "qwen3_moe") with `save_pretrained` into `path` and returns the folder.
+    "mixtral", "qwen3_moe", "gemma", "gemma2") with `save_pretrained` into `path` and returns
+    the folder.
 
     bias: llama attention_bias (q/k/v/o); qwen2 always has q/k/v bias. shards > 1 cuts the
     safetensors into about that many files (with an index). Weights are re-drawn from a
-    generator seeded `seed` with std 0.1 (norm weights 1 +- 0.1, biases non-zero), so
-    greedy outputs are not degenerate. overrides go to the transformers config. MoE kinds
+    generator seeded `seed` with std 0.1 (norm weights 1 +- 0.1, biases non-zero; Gemma's
+    norm weights are offsets from 1, so they are drawn +- 0.1), so greedy outputs are not
+    degenerate. overrides go to the transformers config (and may replace the shared sizes). MoE kinds
     default to 4 experts, top-2 (qwen3_moe: experts 40 wide); save_pretrained writes one
     tensor per expert (Mixtral: `block_sparse_moe.experts.{e}.w1/w2/w3`), or with
     `stacked_experts` the stacked tensors transformers 5 holds (`save_original_format=False`).
@@ -85,6 +87,18 @@ def make_hf_checkpoint(
                                    "num_experts": 4, "num_experts_per_tok": 2,
                                    "moe_intermediate_size": 40, **overrides})
         model_cls = Qwen3MoeForCausalLM
+    elif kind == "gemma":
+        from transformers import GemmaConfig, GemmaForCausalLM
+
+        config = GemmaConfig(**{**common, "head_dim": HEAD_DIM, "attention_bias": bias,
+                                "rope_parameters": rope, **overrides})
+        model_cls = GemmaForCausalLM
+    elif kind == "gemma2":
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        config = Gemma2Config(**{**common, "head_dim": HEAD_DIM, "attention_bias": bias,
+                                 "rope_parameters": rope, **overrides})
+        model_cls = Gemma2ForCausalLM
     else:
         raise ValueError(f"unknown kind {kind!r}")
     _quiet_transformers()
@@ -93,7 +107,8 @@ def make_hf_checkpoint(
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen) * 0.1
-            p.copy_(1.0 + noise if name.endswith("norm.weight") else noise)
+            one = 0.0 if kind.startswith("gemma") else 1.0  # Gemma norms scale by (1 + weight)
+            p.copy_(one + noise if name.endswith("norm.weight") else noise)
     folder = Path(path)
     max_shard = None
     if shards > 1:

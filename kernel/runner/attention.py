@@ -78,22 +78,23 @@ def write_kv(
 
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta, scale: float,
-    window: int | None = None,
+    window: int | None = None, cap: float | None = None,
 ) -> torch.Tensor:
     """Attention of the step's queries over the paged cache (already holding the new K/V).
     With a sliding `window`, a query sees only the `window` keys ending at its own
-    position (Mistral's and Qwen's sliding layers, as transformers masks them).
+    position (Mistral's, Qwen's and Gemma 2's sliding layers, as transformers masks them).
+    With a soft-cap `cap` (Gemma 2), each scaled score s becomes tanh(s / cap) * cap.
 
     q: [T, H, D] -> returns [T, H, D].
     """
     if meta.deterministic:
         from agentos.kernel.runner.batch_invariant import attention
 
-        return attention(q, k_cache, v_cache, meta, scale, window)
+        return attention(q, k_cache, v_cache, meta, scale, window, cap)
     fast = _triton_kernels(q, k_cache)
     if fast is not None:
         try:
-            return fast.paged_attention(q, k_cache, v_cache, meta, scale, window)
+            return fast.paged_attention(q, k_cache, v_cache, meta, scale, window, cap)
         except Exception as e:  # e.g. a kernel that does not compile for this GPU
             if BACKEND == "triton":
                 raise
@@ -103,11 +104,31 @@ def paged_attention(
     out = torch.empty_like(q)
     if meta.num_decodes:
         out[: meta.num_decodes] = _decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale,
-                                          window)
+                                          window, cap)
     for c in meta.prefills:
         out[c.q_start : c.q_start + c.q_len] = _prefill(q[c.q_start : c.q_start + c.q_len],
-                                                        k_cache, v_cache, c, scale, window)
+                                                        k_cache, v_cache, c, scale, window, cap)
     return out
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+         scale: float, cap: float | None = None, causal: bool = False) -> torch.Tensor:
+    """F.scaled_dot_product_attention (q [..., M, D], k, v [..., L, D], a boolean mask
+    broadcastable to [..., M, L], True where a key is visible, or `causal`), with the
+    scores soft-capped by `cap` when it is not None.
+
+    NOTE: SDPA has no soft-cap, so capped scores take the explicit path in the order
+    transformers' eager Gemma 2 attention computes them: scale, cap and the weights' matmul
+    in q's dtype, softmax in fp32."""
+    if cap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    s = torch.tanh(torch.matmul(q, k.transpose(-2, -1)) * scale / cap) * cap  # [..., M, L]
+    if causal:
+        M, L = s.shape[-2:]
+        mask = torch.ones(M, L, dtype=torch.bool, device=q.device).tril(L - M)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 def _triton_kernels(q: torch.Tensor, k_cache: torch.Tensor):
@@ -155,11 +176,11 @@ def gather_blocks(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
 
 
 def _decode(q, k_cache, v_cache, meta: AttnMeta, scale: float,
-            window: int | None = None) -> torch.Tensor:
+            window: int | None = None, cap: float | None = None) -> torch.Tensor:
     # q: [B, H, D]; one query per session at the end of its context.
     if meta.shared:  # never with sliding layers: their tables are whole (see model_runner)
         assert window is None, "a sliding layer needs whole decode tables, not a cascade"
-        return _decode_cascade(q, k_cache, v_cache, meta, scale)
+        return _decode_cascade(q, k_cache, v_cache, meta, scale, cap)
     B, H, D = q.shape
     KVH = k_cache.shape[2]
     k = gather_blocks(k_cache, meta.decode_block_tables).transpose(1, 2)  # [B, KVH, L, D]
@@ -172,11 +193,12 @@ def _decode(q, k_cache, v_cache, meta: AttnMeta, scale: float,
     # NOTE: grouped-query heads become the query axis of their kv head ([B, KVH, G, D]), and
     # 4-d inputs reach the fused SDPA kernels (3-d ones fall back to the slow math path)
     qg = q.view(B, KVH, H // KVH, D)
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=valid[:, None, None, :], scale=scale)
+    out = sdpa(qg, k, v, valid[:, None, None, :], scale, cap)
     return out.reshape(B, H, D)
 
 
-def _decode_cascade(q, k_cache, v_cache, meta: AttnMeta, scale: float) -> torch.Tensor:
+def _decode_cascade(q, k_cache, v_cache, meta: AttnMeta, scale: float,
+                    cap: float | None = None) -> torch.Tensor:
     """Decode attention in parts merged by their log-sum-exp: each shared prefix once, as
     one attention for all the rows that map it (its K/V gathered once, not once per
     session), and each row's own suffix. q: [B, H, D] -> [B, H, D]."""
@@ -191,7 +213,7 @@ def _decode_cascade(q, k_cache, v_cache, meta: AttnMeta, scale: float) -> torch.
     hidden = torch.arange(Ls, device=q.device)[None, :] >= meta.decode_ctx_lens[:, None]
     mask = torch.zeros(B, 1, 1, Ls, dtype=q.dtype, device=q.device).masked_fill_(
         hidden[:, None, None, :], float("-inf"))
-    o, lse = _attention_lse(qg, k, v, mask, scale)  # [B, KVH, G, D] fp32, [B, KVH, G]
+    o, lse = _attention_lse(qg, k, v, mask, scale, cap)  # [B, KVH, G, D] fp32, [B, KVH, G]
     for sp in meta.shared:
         n = len(sp.rows)
         every = n == B  # one prefix shared by the whole batch: no row indexing
@@ -199,7 +221,7 @@ def _decode_cascade(q, k_cache, v_cache, meta: AttnMeta, scale: float) -> torch.
         kp = gather_blocks(k_cache, sp.block_table[None]).transpose(1, 2)  # [1, KVH, Lp, D]
         vp = gather_blocks(v_cache, sp.block_table[None]).transpose(1, 2)
         qr = qg[rows].transpose(0, 1).reshape(1, KVH, n * G, D)
-        op, lp = _attention_lse(qr, kp, vp, None, scale)
+        op, lp = _attention_lse(qr, kp, vp, None, scale, cap)
         op = op.view(KVH, n, G, D).transpose(0, 1)
         lp = lp.view(KVH, n, G).transpose(0, 1)
         lr = lse[rows]
@@ -215,13 +237,17 @@ def _decode_cascade(q, k_cache, v_cache, meta: AttnMeta, scale: float) -> torch.
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def _attention_lse(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_lse(q, k, v, mask, scale: float,
+                   cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention with its log-sum-exp: q [B, h, M, D], k, v [B, h, L, D], mask additive
-    [B, 1, 1, L] or None. Returns (out [B, h, M, D] fp32, lse [B, h, M] fp32)."""
-    if q.device.type == "cpu" and _FLASH_CPU is not None:
+    [B, 1, 1, L] or None, scores soft-capped by cap. Returns (out [B, h, M, D] fp32, lse
+    [B, h, M] fp32)."""
+    if q.device.type == "cpu" and _FLASH_CPU is not None and cap is None:
         out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
         return out.float(), lse.float()
     s = torch.matmul(q.float(), k.float().transpose(2, 3)) * scale
+    if cap is not None:
+        s = torch.tanh(s / cap) * cap
     if mask is not None:
         s = s + mask.float()
     lse = torch.logsumexp(s, dim=-1)
@@ -229,7 +255,7 @@ def _attention_lse(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Ten
 
 
 def _prefill(q, k_cache, v_cache, c: PrefillChunk, scale: float,
-             window: int | None = None) -> torch.Tensor:
+             window: int | None = None, cap: float | None = None) -> torch.Tensor:
     # q: [n, H, D] at positions ctx_len - n .. ctx_len - 1.
     n, H, D = q.shape
     KVH = k_cache.shape[2]
@@ -251,8 +277,6 @@ def _prefill(q, k_cache, v_cache, c: PrefillChunk, scale: float,
             mask &= keys > rows - window
     # NOTE: 4-d inputs (a batch of one) reach the fused SDPA kernels; 3-d ones take the
     # math path, 5-7x slower on CPU for long contexts
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-        attn_mask=mask, is_causal=causal, scale=scale,
-    )  # [1, H, n, D]
+    out = sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+               mask, scale, cap, causal)  # [1, H, n, D]
     return out[0].transpose(0, 1)

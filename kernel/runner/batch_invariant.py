@@ -50,7 +50,7 @@ def make_batch_invariant(model: nn.Module) -> None:
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta,
-              scale: float, window: int | None = None) -> torch.Tensor:
+              scale: float, window: int | None = None, cap: float | None = None) -> torch.Tensor:
     """paged_attention's contract (q: [T, H, D] -> [T, H, D]), batch-invariant. The step's
     decodes run together (one query each); each prefill chunk runs on its own."""
     out = torch.empty_like(q)
@@ -60,30 +60,31 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
         pos = (ctx - 1)[:, None]  # [B, 1]
         k = _keys(k_cache, meta.decode_block_tables)
         v = _keys(v_cache, meta.decode_block_tables)
-        out[:B] = attend(q[:B, None], k, v, pos, scale, window)[:, 0]
+        out[:B] = attend(q[:B, None], k, v, pos, scale, window, cap)[:, 0]
     for c in meta.prefills:
         pos = torch.arange(c.ctx_len - c.q_len, c.ctx_len, device=q.device)[None]
         k = _keys(k_cache, c.block_table[None])
         v = _keys(v_cache, c.block_table[None])
         out[c.q_start : c.q_start + c.q_len] = attend(
-            q[None, c.q_start : c.q_start + c.q_len], k, v, pos, scale, window)[0]
+            q[None, c.q_start : c.q_start + c.q_len], k, v, pos, scale, window, cap)[0]
     return out
 
 
 def session_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                      window: int | None = None) -> torch.Tensor:
+                      window: int | None = None, cap: float | None = None) -> torch.Tensor:
     """Causal attention of one whole sequence (the dense forward): q [T, H, D], k, v
     [T, KVH, D] -> [T, H, D]; the same arithmetic per query as the paged path."""
     T = q.shape[0]
     pos = torch.arange(T, device=q.device)[None]
-    return attend(q[None], _pad_keys(k[None]), _pad_keys(v[None]), pos, scale, window)[0]
+    return attend(q[None], _pad_keys(k[None]), _pad_keys(v[None]), pos, scale, window, cap)[0]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-           scale: float, window: int | None = None) -> torch.Tensor:
+           scale: float, window: int | None = None, cap: float | None = None) -> torch.Tensor:
     """q: [B, n, H, D] at positions pos [B, n]; k, v: [B, L, KVH, D] with L a multiple of
     SPLIT (keys past a query's position, and with a sliding window those `window` or more
-    behind it, are masked). Returns [B, n, H, D].
+    behind it, are masked); scores soft-capped by `cap` (Gemma 2) unless it is None.
+    Returns [B, n, H, D].
 
     Each split of SPLIT keys gets its own max, exp-sum and weighted sum of values; the
     splits are then combined in order under the query's overall max. A split past the
@@ -104,6 +105,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
     ks = k.view(B, ns, SPLIT, KVH, D).permute(0, 3, 1, 4, 2)  # [B, KVH, ns, D, SPLIT]
     vs = v.view(B, ns, SPLIT, KVH, D).permute(0, 3, 1, 2, 4)  # [B, KVH, ns, SPLIT, D]
     s = torch.matmul(qg[:, :, None], ks).float() * scale  # [B, KVH, ns, M, SPLIT]
+    if cap is not None:  # elementwise: as batch-invariant as the scores
+        s = torch.tanh(s / cap) * cap
     keys = torch.arange(L, device=q.device).view(ns, 1, SPLIT)
     visible = keys[None] <= rows_pos[:, None, :, None]  # [B, ns, M, SPLIT]
     if window is not None:  # splits wholly behind the window add exact zeros, like those past it

@@ -24,10 +24,12 @@ from agentos.kernel.runner.model import LlamaModel, ModelConfig, canonical_hf_na
 from agentos.kernel.runner.rope import rope_inv_freq, rope_table
 from agentos.kernel.runner.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe", "gemma",
+                         "gemma2")
 _ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
                   "Qwen3ForCausalLM": "qwen3", "MistralForCausalLM": "mistral",
-                  "MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe"}
+                  "MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe",
+                  "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2"}
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -163,6 +165,11 @@ def _check_config(cfg: ModelConfig) -> None:
         raise ValueError(f"config.json: rms_norm_eps must be in (0, 1), got {cfg.rms_norm_eps}")
     if not 0 < cfg.rope_theta < math.inf:
         raise ValueError(f"config.json: rope_theta must be a positive number, got {cfg.rope_theta}")
+    for key, v in (("query_pre_attn_scalar", cfg.query_pre_attn_scalar),
+                   ("attn_logit_softcapping", cfg.attn_logit_softcap),
+                   ("final_logit_softcapping", cfg.final_logit_softcap)):
+        if v is not None and not 0 < v < math.inf:  # None: not used (or no cap)
+            raise ValueError(f"config.json: {key} must be a positive number, got {v}")
     ids = [*cfg.eos_token_ids, *([] if cfg.bos_token_id is None else [cfg.bos_token_id])]
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
         raise ValueError("config.json: bos_token_id and eos_token_id must be token ids")
@@ -203,6 +210,9 @@ def _check_checkpoint(cfg: ModelConfig, files: list[Path]) -> None:
         expected |= {p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
                      p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
                      p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+        if cfg.sandwich_norms:
+            expected |= {p + "pre_feedforward_layernorm.weight": (h,),
+                         p + "post_feedforward_layernorm.weight": (h,)}
         if not (cfg.moe_layers and cfg.moe_layers[i]):
             expected |= {p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
                          p + "mlp.down_proj.weight": (h, inter)}

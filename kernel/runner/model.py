@@ -1,8 +1,12 @@
-"""Llama-family decoder (Llama 2/3, Qwen2/2.5, Qwen3, Mistral, and the Mixture-of-Experts
-Mixtral and Qwen3-MoE) over the paged KV cache.
+"""Llama-family decoder (Llama 2/3, Qwen2/2.5, Qwen3, Mistral, Gemma, Gemma 2, and the
+Mixture-of-Experts Mixtral and Qwen3-MoE) over the paged KV cache.
 
 RMSNorm, RoPE, grouped-query attention, SwiGLU (or a sparse MoE of SwiGLU experts, see
-moe.py), optional q/k/v (and o) bias, tied or untied embeddings. Parameters follow HF
+moe.py), optional q/k/v (and o) bias, tied or untied embeddings. Gemma changes a few
+details: RMSNorm scales by (1 + weight), embeddings are scaled by sqrt(hidden_size), the
+MLP gates with tanh-approximated GELU; Gemma 2 adds a norm after attention and after the
+MLP, tanh soft-capping of attention scores and of the final logits, and its own
+attention scale. Parameters follow HF
 names except two fusions: q/k/v -> `qkv_proj` and gate/up -> `gate_up_proj`, so each layer
 runs two matmuls where HF runs five. Experts are stacked as transformers 5 holds them
 (`mlp.experts.gate_up_proj` [E, 2 * I, H], `mlp.experts.down_proj` [E, H, I]); checkpoints
@@ -12,6 +16,7 @@ with one tensor per expert (Mixtral's `block_sparse_moe.experts.{e}.w1/w3/w2`, Q
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -20,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agentos.kernel.runner.attention import AttnMeta, paged_attention, write_kv
+from agentos.kernel.runner.attention import AttnMeta, paged_attention, sdpa, write_kv
 from agentos.kernel.runner.moe import Experts, SparseMoE
 from agentos.kernel.runner.rope import rope_inv_freq, rope_table
 
@@ -57,6 +62,13 @@ class ModelConfig:
     moe_intermediate_size: int = 0  # each expert's SwiGLU width (Mixtral: intermediate_size)
     norm_topk_prob: bool = True  # top-k routing weights renormalized to sum 1 (Mixtral always)
     moe_layers: list[bool] = field(default_factory=list)  # per layer: MoE (True) or dense MLP
+    norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + weight), in fp32
+    scale_embeddings: bool = False  # Gemma: embeddings are multiplied by sqrt(hidden_size)
+    # Gemma 2: each layer also norms the attention output and the MLP input and output
+    sandwich_norms: bool = False
+    query_pre_attn_scalar: float | None = None  # Gemma 2: attention scale is this ** -0.5
+    attn_logit_softcap: float | None = None  # Gemma 2: scores -> tanh(s / cap) * cap
+    final_logit_softcap: float | None = None  # Gemma 2: the same on the output logits
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     model_type: str = "llama"
@@ -75,6 +87,10 @@ class ModelConfig:
         """Reads a HF config dict (transformers 4.x `rope_scaling` or 5.x `rope_parameters`)."""
         if "text_config" in hf and "hidden_size" not in hf:
             hf = {**hf, **hf["text_config"]}
+        model_type = hf.get("model_type", "llama")
+        # NOTE: Gemma configs on the Hub leave out keys whose transformers defaults differ
+        # from Llama's (tied embeddings, head_dim 256, the soft-caps)
+        hf = {**_FAMILY_DEFAULTS.get(model_type, {}), **hf}
         heads = hf["num_attention_heads"]
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = float(rope.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0)
@@ -84,7 +100,6 @@ class ModelConfig:
             rope["_max_position_embeddings"] = hf.get("max_position_embeddings", 2048)
         eos = hf.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        model_type = hf.get("model_type", "llama")
         attention_bias = bool(hf.get("attention_bias", False))
         return cls(
             vocab_size=hf["vocab_size"],
@@ -102,14 +117,54 @@ class ModelConfig:
             qkv_bias=attention_bias or model_type == "qwen2",
             o_bias=attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            hidden_act=hf.get("hidden_act", "silu"),
+            hidden_act=_hidden_act(hf, model_type),
             qk_norm=model_type in ("qwen3", "qwen3_moe"),
             layer_windows=_layer_windows(hf, model_type),
             **_moe_fields(hf, model_type),
+            **_gemma_fields(hf, model_type),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             model_type=model_type,
         )
+
+
+# transformers' defaults for keys a config.json may leave out, where they differ from Llama's
+_FAMILY_DEFAULTS: dict[str, dict] = {
+    "gemma": {"head_dim": 256, "max_position_embeddings": 8192, "tie_word_embeddings": True},
+    "gemma2": {"head_dim": 256, "max_position_embeddings": 8192, "tie_word_embeddings": True,
+               "query_pre_attn_scalar": 256, "sliding_window": 4096,
+               "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0},
+}
+
+
+def _hidden_act(hf: dict, model_type: str) -> str:
+    """The MLP's activation as transformers reads it: Gemma 2 from `hidden_activation`,
+    Gemma from `hidden_act` with its legacy "gelu" meaning the tanh approximation."""
+    if model_type == "gemma2":
+        return hf.get("hidden_activation") or "gelu_pytorch_tanh"
+    if model_type == "gemma":
+        act = hf.get("hidden_act") or "gelu_pytorch_tanh"
+        return "gelu_pytorch_tanh" if act == "gelu" else act
+    return hf.get("hidden_act", "silu")
+
+
+def _gemma_fields(hf: dict, model_type: str) -> dict:
+    """The Gemma fields of ModelConfig (none for other families)."""
+    if model_type not in ("gemma", "gemma2"):
+        return {}
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError("use_bidirectional_attention (an encoder, not a decoder) is not supported")
+    gemma = {"norm_plus_one": True, "scale_embeddings": True}
+    if model_type == "gemma":
+        return gemma
+
+    def cap(key: str) -> float | None:
+        return None if hf.get(key) is None else float(hf[key])
+
+    return {**gemma, "sandwich_norms": True,
+            "query_pre_attn_scalar": float(hf["query_pre_attn_scalar"]),
+            "attn_logit_softcap": cap("attn_logit_softcapping"),
+            "final_logit_softcap": cap("final_logit_softcapping")}
 
 
 def _layer_windows(hf: dict, model_type: str) -> list[int | None]:
@@ -119,14 +174,23 @@ def _layer_windows(hf: dict, model_type: str) -> list[int | None]:
     `layer_types`); Qwen3-MoE in every layer with `use_sliding_window` (ignoring
     `layer_types` and `max_window_layers`); Qwen2/3 only with `use_sliding_window`, in the
     layers `layer_types` names "sliding_attention" (by default those from
-    `max_window_layers` on)."""
+    `max_window_layers` on); Gemma 2 in the layers `layer_types` names (by default every
+    other one, from the first)."""
     layers = hf["num_hidden_layers"]
     window = hf.get("sliding_window")
-    if window is None or model_type not in ("mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe"):
+    if model_type == "gemma2":
+        types = hf.get("layer_types") or [
+            "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        if window is None and "sliding_attention" in types:
+            raise ValueError("layer_types names sliding layers, but sliding_window is not set")
+    if window is None or model_type not in ("mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe",
+                                            "gemma2"):
         return [None] * layers
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise ValueError(f"sliding_window must be an integer >= 1, got {window!r}")
-    if model_type == "mixtral":
+    if model_type == "gemma2":
+        pass  # read above
+    elif model_type == "mixtral":
         types = ["sliding_attention"] * layers
     elif model_type == "mistral":
         types = hf.get("layer_types") or ["sliding_attention"] * layers
@@ -177,17 +241,35 @@ def _moe_fields(hf: dict, model_type: str) -> dict:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """RMSNorm; with `plus_one` (Gemma) the weight is an offset from 1: x * (1 + weight)."""
+
+    def __init__(self, dim: int, eps: float, plus_one: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
         self.eps = eps
+        self.plus_one = plus_one
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # computed in fp32 like the HF reference, then cast back
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:
+            # NOTE: Gemma scales before the cast back (in fp32), Llama after it
+            return (x * (1.0 + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma 2's soft-capping, tanh(x / cap) * cap, in x's dtype; x itself when cap is None."""
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+@functools.cache
+def _embed_scale(hidden_size: int, dtype: torch.dtype) -> float:
+    # NOTE: transformers multiplies by sqrt(hidden_size) held as a tensor of the model's
+    # dtype (in bf16, sqrt(3072) = 55.43 becomes 55.5): the same rounded value, as a float
+    return torch.tensor(hidden_size ** 0.5).to(dtype).item()
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -206,7 +288,8 @@ class Attention(nn.Module):
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
-        self.scale = cfg.head_dim ** -0.5
+        self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+        self.softcap = cfg.attn_logit_softcap
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -227,7 +310,8 @@ class Attention(nn.Module):
         T = x.shape[0]
         q, k, v = self.qkv(x, cos, sin)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        o = paged_attention(q, k_cache, v_cache, meta, self.scale, self.window)  # [T, H, D]
+        o = paged_attention(q, k_cache, v_cache, meta, self.scale, self.window,
+                            self.softcap)  # [T, H, D]
         return self.o_proj(o.reshape(T, self.q_size))
 
 
@@ -245,11 +329,24 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Attention then MLP, each added to the residual stream. Llama norms each one's input
+    (`input_layernorm`, `post_attention_layernorm`); Gemma 2 ("sandwich") norms the input
+    and the output of each (`input_layernorm` and `post_attention_layernorm` around the
+    attention, `pre_feedforward_layernorm` and `post_feedforward_layernorm` around the MLP)."""
+
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+        def norm() -> RMSNorm:
+            return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one)
+
+        self.input_layernorm = norm()
         self.self_attn = Attention(cfg, layer)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = norm()
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
         self.mlp: nn.Module = MLP(cfg)
         if cfg.moe_layers and cfg.moe_layers[layer]:
             self.mlp = SparseMoE(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok,
@@ -257,7 +354,17 @@ class DecoderLayer(nn.Module):
                                  cfg.norm_topk_prob, fp32_weights=cfg.model_type == "mixtral")
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
+        a = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
+        return self.add_mlp(self.add_attention(x, a))
+
+    def add_attention(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The residual x plus the attention output a (of input_layernorm(x))."""
+        return x + (self.post_attention_layernorm(a) if self.sandwich else a)
+
+    def add_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual x plus the MLP's output."""
+        if self.sandwich:
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -269,7 +376,7 @@ class LlamaModel(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(
             cfg.hidden_size, cfg.vocab_size, bias=False)
         inv_freq, scaling = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -297,14 +404,23 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [T]; kv: [N, L, 2, bs, KVH, D]; returns fp32 logits [S, V]
         for the tokens at logits_indices [S]."""
-        x = self.embed_tokens(input_ids)  # [T, hidden]
+        x = self.embed(input_ids)  # [T, hidden]
         cos = self.cos_table[positions].to(x.dtype)[:, None, :]  # [T, 1, D]
         sin = self.sin_table[positions].to(x.dtype)[:, None, :]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv[:, i, 0], kv[:, i, 1], meta)
-        x = self.norm(x[logits_indices])
+        return self.logits(x[logits_indices])
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [T] -> embeddings [T, hidden] (Gemma: times sqrt(hidden_size))."""
+        x = self.embed_tokens(input_ids)
+        return x * _embed_scale(self.cfg.hidden_size, x.dtype) if self.cfg.scale_embeddings else x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The last hidden states x [S, hidden] -> fp32 logits [S, V]: final norm, the
+        output projection and (Gemma 2) its soft-cap, in the model's dtype until the end."""
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return self.linear(x, w).float()
+        return softcap(self.linear(self.norm(x), w), self.cfg.final_logit_softcap).float()
 
     def dense_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The trainer's view: logits [T, V] (fp32) of every position of one sequence
@@ -313,18 +429,15 @@ class LlamaModel(nn.Module):
         kernels as the engine, so it reproduces the engine's logprobs bit for bit."""
         T = input_ids.shape[0]
         positions = torch.arange(T, device=input_ids.device)
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         cos = self.cos_table[positions].to(x.dtype)[:, None, :]
         sin = self.sin_table[positions].to(x.dtype)[:, None, :]
         for layer in self.layers:
             a = layer.self_attn
             q, k, v = a.qkv(layer.input_layernorm(x), cos, sin)
-            o = _dense_attention(q, k, v, a.scale, self.linear is not F.linear, a.window)
-            x = x + a.o_proj(o.reshape(T, a.q_size))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        x = self.norm(x)
-        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return self.linear(x, w).float()
+            o = _dense_attention(q, k, v, a.scale, self.linear is not F.linear, a.window, a.softcap)
+            x = layer.add_mlp(layer.add_attention(x, a.o_proj(o.reshape(T, a.q_size))))
+        return self.logits(x)
 
     def hf_named_tensors(self) -> dict[str, torch.Tensor]:
         """The weights under their HF names (q/k/v and gate/up split again, experts stacked
@@ -409,24 +522,23 @@ def _fusions(cfg: ModelConfig) -> dict[str, tuple[str, int, int]]:
 
 
 def _dense_attention(q, k, v, scale: float, batch_invariant: bool,
-                     window: int | None = None) -> torch.Tensor:
+                     window: int | None = None, cap: float | None = None) -> torch.Tensor:
     # q: [T, H, D], k, v: [T, KVH, D] of one whole sequence; causal (within the sliding
-    # window when there is one); returns [T, H, D]
+    # window when there is one), scores soft-capped by cap; returns [T, H, D]
     T, H, D = q.shape
     KVH = k.shape[1]
     if batch_invariant:
         from agentos.kernel.runner.batch_invariant import session_attention
 
-        return session_attention(q, k, v, scale, window)
+        return session_attention(q, k, v, scale, window, cap)
     k = k.repeat_interleave(H // KVH, dim=1)
     v = v.repeat_interleave(H // KVH, dim=1)
     mask = None
     if window is not None:
         i = torch.arange(T, device=q.device)
         mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                         v.transpose(0, 1)[None], attn_mask=mask,
-                                         is_causal=mask is None, scale=scale)
+    out = sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+               mask, scale, cap, causal=mask is None)
     return out[0].transpose(0, 1)
 
 
@@ -483,6 +595,8 @@ def _expected_hf_names(cfg: ModelConfig) -> list[str]:
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+        if cfg.sandwich_norms:
+            names += [p + "pre_feedforward_layernorm.weight", p + "post_feedforward_layernorm.weight"]
         if cfg.qk_norm:
             names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):

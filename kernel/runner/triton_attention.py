@@ -85,17 +85,27 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, qpos, K, V, table, ctx_len, lo, hi, scale_log2, window,
+def _tanh(x):
+    # NOTE: from exp2, not libdevice's tanh, which Triton's interpreter (the tests) lacks;
+    # exp2 of -2|x| never overflows, and the sign is restored exactly
+    t = tl.exp2(tl.abs(x) * (-2.0 * LOG2E))  # exp(-2|x|)
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def _attend(acc, m_i, l_i, q, qpos, K, V, table, ctx_len, lo, hi, scale_log2, cap_log2, window,
             stride_kb, stride_kt, stride_vb, stride_vt,
             BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
             MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-            PRECISION: tl.constexpr):
+            SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax of query rows q [BLOCK_M, D] at positions qpos [BLOCK_M] over key
     tiles lo..hi-1 of one paged sequence. K, V point at the kv head; table at the
     sequence's block table. Without MASKED every key of every tile must exist and be
     visible to every row; with it, CAUSAL hides keys after a row's position and WINDOW
-    those `window` or more before it. Returns the updated (acc [BLOCK_M, D] fp32, m_i
-    [BLOCK_M] base-2 max, l_i [BLOCK_M] sum)."""
+    those `window` or more before it. With SOFTCAP the scores are soft-capped (cap_log2 is
+    the cap times log2(e), in the scores' base-2 units). Returns the updated (acc
+    [BLOCK_M, D] fp32, m_i [BLOCK_M] base-2 max, l_i [BLOCK_M] sum)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for t in range(lo, hi):
@@ -113,6 +123,8 @@ def _attend(acc, m_i, l_i, q, qpos, K, V, table, ctx_len, lo, hi, scale_log2, wi
         else:
             k = tl.load(k_ptrs)
         s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [M, N], base-2 logits
+        if SOFTCAP:  # tanh(s / cap) * cap, the same in base-2 units
+            s = cap_log2 * _tanh(s / cap_log2)
         if MASKED:
             visible = valid[None, :]
             if CAUSAL:
@@ -144,12 +156,13 @@ def _attend(acc, m_i, l_i, q, qpos, K, V, table, ctx_len, lo, hi, scale_log2, wi
 
 @triton.jit
 def _decode_kernel(Q, K, V, Tables, CtxLens, Out, Lse, PartO, PartM, PartL,
-                   scale_log2, window, num_queries,
+                   scale_log2, cap_log2, window, num_queries,
                    stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                    stride_vh, stride_tab, stride_ot, stride_oh, stride_lt,
                    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                   HAS_LSE: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+                   HAS_LSE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                   PRECISION: tl.constexpr):
     # grid: (sequences * row tiles, kv heads, splits); rows = num_queries * G per kv head
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -188,17 +201,17 @@ def _decode_kernel(Q, K, V, Tables, CtxLens, Out, Lse, PartO, PartM, PartL,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     if WINDOW:  # the tile where the window starts mid-tile
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, Kh, Vh, table, ctx_len, lo,
-                                tl.minimum(hi, whole), scale_log2, window,
+                                tl.minimum(hi, whole), scale_log2, cap_log2, window,
                                 stride_kb, stride_kt, stride_vb, stride_vt,
-                                BLOCK_N, BLOCK_SIZE, HEAD_DIM, True, False, True, PRECISION)
+                                BLOCK_N, BLOCK_SIZE, HEAD_DIM, True, False, True, SOFTCAP, PRECISION)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, Kh, Vh, table, ctx_len, tl.maximum(lo, whole),
-                            tl.minimum(hi, full), scale_log2, window,
+                            tl.minimum(hi, full), scale_log2, cap_log2, window,
                             stride_kb, stride_kt, stride_vb, stride_vt,
-                            BLOCK_N, BLOCK_SIZE, HEAD_DIM, False, False, False, PRECISION)
+                            BLOCK_N, BLOCK_SIZE, HEAD_DIM, False, False, False, SOFTCAP, PRECISION)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, Kh, Vh, table, ctx_len,
-                            tl.maximum(tl.maximum(lo, full), whole), hi, scale_log2, window,
+                            tl.maximum(tl.maximum(lo, full), whole), hi, scale_log2, cap_log2, window,
                             stride_kb, stride_kt, stride_vb, stride_vt,
-                            BLOCK_N, BLOCK_SIZE, HEAD_DIM, True, False, WINDOW, PRECISION)
+                            BLOCK_N, BLOCK_SIZE, HEAD_DIM, True, False, WINDOW, SOFTCAP, PRECISION)
 
     if NUM_SPLITS == 1:
         out = acc / l_i[:, None]
@@ -242,12 +255,12 @@ def _reduce_kernel(PartO, PartM, PartL, Out, Lse, num_queries, stride_ot, stride
 
 
 @triton.jit
-def _prefill_kernel(Q, K, V, Tables, Chunks, Out, scale_log2, window,
+def _prefill_kernel(Q, K, V, Tables, Chunks, Out, scale_log2, cap_log2, window,
                     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                     stride_vh, stride_tab, stride_ot, stride_oh,
                     G: tl.constexpr, TOKENS: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+                    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     # grid: (query tiles of the longest chunk, kv heads, chunks); Chunks [C, 3] int64 holds
     # (q_start, q_len, ctx_len) per chunk; a query tile is TOKENS = BLOCK_M // G tokens
     kvh = tl.program_id(1)
@@ -291,14 +304,14 @@ def _prefill_kernel(Q, K, V, Tables, Chunks, Out, scale_log2, window,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     if WINDOW:  # the tiles where the rows' windows start
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, Kh, Vh, table, ctx_len, lo, whole,
-                                scale_log2, window, stride_kb, stride_kt, stride_vb, stride_vt,
-                                BLOCK_N, BLOCK_SIZE, HEAD_DIM, True, True, True, PRECISION)
+                                scale_log2, cap_log2, window, stride_kb, stride_kt, stride_vb, stride_vt,
+                                BLOCK_N, BLOCK_SIZE, HEAD_DIM, True, True, True, SOFTCAP, PRECISION)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, Kh, Vh, table, ctx_len, whole, full,
-                            scale_log2, window, stride_kb, stride_kt, stride_vb, stride_vt,
-                            BLOCK_N, BLOCK_SIZE, HEAD_DIM, False, True, False, PRECISION)
+                            scale_log2, cap_log2, window, stride_kb, stride_kt, stride_vb, stride_vt,
+                            BLOCK_N, BLOCK_SIZE, HEAD_DIM, False, True, False, SOFTCAP, PRECISION)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, Kh, Vh, table, ctx_len, tl.maximum(full, whole),
-                            hi, scale_log2, window, stride_kb, stride_kt, stride_vb, stride_vt,
-                            BLOCK_N, BLOCK_SIZE, HEAD_DIM, True, True, WINDOW, PRECISION)
+                            hi, scale_log2, cap_log2, window, stride_kb, stride_kt, stride_vb, stride_vt,
+                            BLOCK_N, BLOCK_SIZE, HEAD_DIM, True, True, WINDOW, SOFTCAP, PRECISION)
     out = acc / l_i[:, None]
     tl.store(Out + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok[:, None])
@@ -311,7 +324,8 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
            block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float, *,
            queries_per_seq: int = 1, out: torch.Tensor | None = None,
            lse: torch.Tensor | None = None, num_splits: int | None = None,
-           block_n: int | None = None, window: int | None = None) -> torch.Tensor:
+           block_n: int | None = None, window: int | None = None,
+           cap: float | None = None) -> torch.Tensor:
     """Attention of queries at the end of paged sequences over all their cached tokens.
 
     q: [S * n, H, D], n = queries_per_seq consecutive queries per sequence (n = 1: one
@@ -319,8 +333,9 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     (padding beyond a sequence's blocks is never read); ctx_lens [S] (>= 1). Writes the
     output into `out` ([S * n, H, D], any float dtype, default a new tensor like q) and, if
     given, the natural-log log-sum-exp of each (query, head) into `lse` [S * n, H] fp32.
-    With a `window`, each query sees only the `window` newest keys (n must be 1).
-    num_splits / block_n override the split count and key tile (tests). Returns `out`.
+    With a `window`, each query sees only the `window` newest keys (n must be 1); with a
+    `cap`, scores are soft-capped (tanh(s / cap) * cap, Gemma 2). num_splits / block_n
+    override the split count and key tile (tests). Returns `out`.
     """
     T, H, D = q.shape
     S = block_tables.shape[0]
@@ -349,12 +364,12 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     lse_stride = lse.stride(0) if lse is not None else 0
     _decode_kernel[(S * row_tiles, KVH, splits)](
         q, k_cache, v_cache, block_tables, ctx_lens, out, lse_arg, *parts,
-        scale * LOG2E, window or 0, queries_per_seq,
+        scale * LOG2E, (cap or 0.0) * LOG2E, window or 0, queries_per_seq,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         block_tables.stride(0), out.stride(0), out.stride(1), lse_stride,
         G=G, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=D,
         NUM_SPLITS=splits, HAS_LSE=lse is not None, WINDOW=window is not None,
-        PRECISION=_precision(q.dtype),
+        SOFTCAP=cap is not None, PRECISION=_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:
@@ -369,15 +384,16 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 def prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
             chunks: torch.Tensor, max_q_len: int, scale: float, *, out: torch.Tensor | None = None,
             block_m: int | None = None, block_n: int | None = None,
-            window: int | None = None) -> torch.Tensor:
+            window: int | None = None, cap: float | None = None) -> torch.Tensor:
     """Causal attention of prefill chunks over their paged context, all chunks in one launch.
 
     q: [T, H, D]; chunks [C, 3] int64 rows (q_start, q_len, ctx_len): chunk c's queries are
     q[q_start : q_start + q_len], at positions ctx_len - q_len .. ctx_len - 1, and its
     context the first ctx_len tokens of block_tables[c] ([C, W]). max_q_len bounds q_len
     (it sizes the grid). With a `window`, a query sees only the `window` keys ending at
-    its own position. Writes those rows of `out` (default a new tensor like q; other
-    rows untouched) and returns it. block_m / block_n override the tiles (tests).
+    its own position; with a `cap`, scores are soft-capped. Writes those rows of `out`
+    (default a new tensor like q; other rows untouched) and returns it. block_m / block_n
+    override the tiles (tests).
     """
     T, H, D = q.shape
     KVH = k_cache.shape[2]
@@ -390,43 +406,48 @@ def prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block
     assert block_m >= G, "a query tile must hold every head of a group"
     tokens = block_m // G
     _prefill_kernel[(triton.cdiv(max_q_len, tokens), KVH, chunks.shape[0])](
-        q, k_cache, v_cache, block_tables, chunks, out, scale * LOG2E, window or 0,
+        q, k_cache, v_cache, block_tables, chunks, out, scale * LOG2E, (cap or 0.0) * LOG2E,
+        window or 0,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         block_tables.stride(0), out.stride(0), out.stride(1),
         G=G, TOKENS=tokens, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[1],
-        HEAD_DIM=D, WINDOW=window is not None, PRECISION=_precision(q.dtype),
+        HEAD_DIM=D, WINDOW=window is not None, SOFTCAP=cap is not None,
+        PRECISION=_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta,
-                    scale: float, window: int | None = None) -> torch.Tensor:
+                    scale: float, window: int | None = None,
+                    cap: float | None = None) -> torch.Tensor:
     """attention.paged_attention's contract (q: [T, H, D] -> [T, H, D], a sliding `window`
-    or None) on the Triton kernels; the caller checked `available` and `supports`."""
+    or None, a soft-cap or None) on the Triton kernels; the caller checked `available` and
+    `supports`."""
     out = torch.empty_like(q)
     prep = _prepare(meta, q.device, k_cache.shape[1])
     B = meta.num_decodes
     if B and not meta.shared:
         decode(q[:B], k_cache, v_cache, meta.decode_block_tables, meta.decode_ctx_lens, scale,
-               out=out[:B], window=window)
+               out=out[:B], window=window, cap=cap)
     elif B:
         assert window is None, "a sliding layer needs whole decode tables, not a cascade"
-        out[:B] = _decode_cascade(q[:B], k_cache, v_cache, meta, prep.prefix_lens, scale)
+        out[:B] = _decode_cascade(q[:B], k_cache, v_cache, meta, prep.prefix_lens, scale, cap)
     if meta.prefills:
         prefill(q, k_cache, v_cache, prep.tables, prep.chunks, prep.max_q_len, scale, out=out,
-                window=window)
+                window=window, cap=cap)
     return out
 
 
 def _decode_cascade(q, k_cache, v_cache, meta: AttnMeta, prefix_lens: list[torch.Tensor],
-                    scale: float) -> torch.Tensor:
+                    scale: float, cap: float | None = None) -> torch.Tensor:
     """Decode with shared prefixes (see attention._decode_cascade): each row's suffix, then
     each prefix once for all its rows, merged by log-sum-exp in fp32. q: [B, H, D]."""
     B, H, _ = q.shape
     o = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, H, dtype=torch.float32, device=q.device)
-    decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_ctx_lens, scale, out=o, lse=lse)
+    decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_ctx_lens, scale, out=o, lse=lse,
+           cap=cap)
     for sp, plen in zip(meta.shared, prefix_lens):
         n = len(sp.rows)
         every = n == B  # one prefix shared by the whole batch: no row indexing
@@ -434,7 +455,7 @@ def _decode_cascade(q, k_cache, v_cache, meta: AttnMeta, prefix_lens: list[torch
         op = torch.empty(qr.shape, dtype=torch.float32, device=q.device)
         lp = torch.empty(n, H, dtype=torch.float32, device=q.device)
         decode(qr, k_cache, v_cache, sp.block_table[None], plen, scale, queries_per_seq=n,
-               out=op, lse=lp)
+               out=op, lse=lp, cap=cap)
         lr = lse if every else lse[sp.rows]
         orr = o if every else o[sp.rows]
         merged = torch.logaddexp(lr, lp)
