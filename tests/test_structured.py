@@ -307,6 +307,9 @@ def test_vllm_structured_outputs_and_guided_fields_on_the_openai_routes(oai):
     r = oai.chat.completions.create(model="tiny", messages=msgs, max_tokens=200, extra_body={
         "guided_json": WEATHER})
     jsonschema.validate(json.loads(r.choices[0].message.content), WEATHER)
+    with pytest.raises(openai.BadRequestError, match="not JSON"):
+        oai.chat.completions.create(model="tiny", messages=msgs, max_tokens=2,
+                                    extra_body={"guided_json": "latin-1"})
     with pytest.raises(openai.BadRequestError, match="each constrain the output"):
         oai.chat.completions.create(model="tiny", messages=msgs, max_tokens=2,
                                     response_format={"type": "json_object"},

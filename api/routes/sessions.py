@@ -155,7 +155,12 @@ def structured_fields(spec: dict[str, Any] | None) -> dict[str, Any]:
                                   f"regex, grammar (Lark), choice; got {sorted(spec)}")
     (kind, value), = given.items()
     if kind == "json":
-        return {"json_schema": json.loads(value) if isinstance(value, str) else value}
+        if isinstance(value, str):  # vLLM takes the schema as JSON text too
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise InvalidRequestError("the json schema given as text is not JSON") from None
+        return {"json_schema": value}
     if kind == "json_object":
         return {"json_schema": True}
     if kind == "choice":
