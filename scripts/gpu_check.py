@@ -11,8 +11,9 @@ Parts:
 - greedy: 64 greedy tokens of four prompts, batched, on the tiny model (fp32), with the
   torch and the Triton attention, eager and under CUDA graphs: every token list must be
   identical, and the graph runs must replay captured graphs (replays > captures > 0).
-- families: random small HF checkpoints of each supported family (Llama, Qwen3, Mistral's
-  sliding window, Qwen2's sliding layers) written with transformers: batched, chunked
+- families: random small HF checkpoints of each kind of attention and layer the families
+  have (Llama, Qwen3, Mistral's sliding window, Qwen2's sliding layers, Mixtral's experts,
+  Gemma 2's soft-capped scores and logits) written with transformers: batched, chunked
   greedy through the engine with each attention path, eager and under CUDA graphs, must
   equal transformers' `generate` on the same weights.
 - bench_gpu: `agentos bench gpu` (Qwen2.5-0.5B and Llama-3.2-1B shapes: decode at batch
@@ -246,13 +247,18 @@ def greedy_part(device: str, new_tokens: int) -> None:
     print(json.dumps({"device": device, "runs": out}))
 
 
-# (kind, transformers config overrides): each family's distinct attention, windows shorter
-# than the longer prompts and than the generations
+# (name, kind, transformers config overrides): each family's distinct attention, windows
+# shorter than the longer prompts and than the generations, soft-capped scores
 FAMILIES = [
-    ("llama", {}),
-    ("qwen3", {}),
-    ("mistral", {"sliding_window": 9}),
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 7, "max_window_layers": 1}),
+    ("llama", "llama", {}),
+    ("qwen3", "qwen3", {}),
+    ("mistral_sliding", "mistral", {"sliding_window": 9}),
+    ("qwen2_sliding", "qwen2", {"use_sliding_window": True, "sliding_window": 7,
+                                "max_window_layers": 1}),
+    ("mixtral_sliding", "mixtral", {"sliding_window": 9}),
+    ("gemma2_softcap", "gemma2", {"sliding_window": 6, "query_pre_attn_scalar": 24,
+                                  "attn_logit_softcapping": 1.0, "final_logit_softcapping": 2.0,
+                                  "seed": 2}),
 ]
 
 
@@ -275,8 +281,8 @@ def families_part(device: str, new_tokens: int) -> None:
     graphs = [False] + ([True] if device.startswith("cuda") else [])
     models = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for kind, extra in FAMILIES:
-            path = make_hf_checkpoint(Path(tmp) / kind, kind, num_kv_heads=2, **extra)
+        for name, kind, extra in FAMILIES:
+            path = make_hf_checkpoint(Path(tmp) / name, kind, num_kv_heads=2, **extra)
             runs = {"transformers": [hf_generate(path, p, new_tokens) for p in prompts]}
             for attn in paths:
                 for g in graphs:
@@ -289,7 +295,7 @@ def families_part(device: str, new_tokens: int) -> None:
                             runs[f"{attn}_{'graphs' if g else 'eager'}"] = list(pool.map(
                                 lambda s: s.generate(max_tokens=new_tokens, temperature=0.0,
                                                      ignore_eos=True).tokens, sessions))
-            models[f"{kind}{'_sliding' if extra else ''}"] = runs
+            models[name] = runs
     print(json.dumps({"device": device, "models": models}))
 
 

@@ -25,7 +25,7 @@ def test_dry_run_runs_every_part(tmp_path):
     (greedy,) = [c for name, c in checks.items() if "greedy tokens identical" in name]
     assert greedy["passed"], greedy
     families = [c for name, c in checks.items() if "greedy equals transformers" in name]
-    assert len(families) == 4 and all(c["passed"] for c in families), families
+    assert len(families) == 6 and all(c["passed"] for c in families), families
     for bench in ("bench_gpu", "determinism", "agents", "tree"):  # their checks are carried over
         assert any(name.startswith(f"{bench}: ") for name in checks), bench
     variants = [parts[n]["result"]["config"] for n in ("bench_gpu_torch_attention",
