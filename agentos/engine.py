@@ -205,7 +205,11 @@ class _EngineBase(Operations):
         return _Syscall(self.snapshots.sys_export, (session_id, kv), timed="export")
 
     def _op_import(self, data: bytes, owner: str = DEFAULT_OWNER) -> _Syscall[Session]:
-        return _Syscall(self.snapshots.sys_import, (_record(data), owner),
+        rec = _record(data)
+        # NOTE: the record's open constraint compiles here (a 400 when it does not), not in
+        # the loop
+        compiled = self.kernel.grammars.compile(rec.grammar) if rec.grammar is not None else None
+        return _Syscall(self.snapshots.sys_import, (rec, owner, compiled),
                         lambda r: self._session(r[0]), "import", changes=True)
 
     def _op_adopt(self, ids: list[str]) -> _Syscall[list[dict]]:
@@ -419,7 +423,8 @@ class AsyncEngine(_EngineBase, AsyncBackend):
         return await self._call(self._op_create(prompt, tokens, seed, owner))
 
     async def import_session(self, data: bytes, owner: str = DEFAULT_OWNER) -> Session:
-        return await self._call(self._op_import(data, owner))
+        # decoding the record and compiling its constraint: not on the event loop
+        return await self._call(await asyncio.to_thread(self._op_import, data, owner))
 
     async def adopt(self, ids: list[str]) -> list[dict]:
         return await self._call(self._op_adopt(ids))

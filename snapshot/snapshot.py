@@ -20,6 +20,7 @@ import torch
 
 from agentos.kernel.core import Kernel
 from agentos.kernel.errors import InvalidRequestError, NotFoundError
+from agentos.kernel.grammar import Constraint
 from agentos.kernel.kalloc import HOST
 from agentos.kernel.syscalls import Defer
 from agentos.kernel.vm import PageTable
@@ -187,7 +188,7 @@ class SnapshotTable:
             rec.kv = {"layout": kv_layout(k), "num_tokens": p.num_cached, "data": tensor_bytes(blocks)}
         return rec.pack()
 
-    def sys_import(self, rec: Record, owner: str) -> tuple[str, bool]:
+    def sys_import(self, rec: Record, owner: str, compiled: Any = None) -> tuple[str, bool]:
         """A new session from a record (of a session or a snapshot), owned by `owner`,
         with the record's KV when it was made by the same weights, dtype and block layout
         and there is room (else its tokens are prefilled). Returns (session id, whether
@@ -195,7 +196,8 @@ class SnapshotTable:
 
         Imported KV is not trusted: a session given it has a cache scope of its own, so
         its pages (and those computed over them) are shared only with its forks and
-        snapshots, never mapped by another session through the prefix cache."""
+        snapshots, never mapped by another session through the prefix cache. `compiled`:
+        the record's constraint compiled by the caller (else it is compiled here)."""
         k = self.kernel
         k.check_tokens(rec.token_ids.tolist())
         if not rec.token_ids:
@@ -214,7 +216,8 @@ class SnapshotTable:
         p = k.new_process(rec.token_ids, rec.mask, table, num_cached, rng, None, None, owner)
         p.num_generated, p.num_forks = rec.num_generated, rec.num_forks
         p.weight_runs = [tuple(r) for r in rec.weight_runs]
-        p.grammar = k.grammars.restore(rec.grammar, rec.grammar_start)
+        p.grammar = (Constraint(rec.grammar, rec.grammar_start, compiled) if compiled is not None
+                     else k.grammars.restore(rec.grammar, rec.grammar_start))
         if num_cached:
             p.cache_scope = "import:" + p.pid
             k.memory.register_full(p, 0, num_cached - num_cached % k.block_size)

@@ -320,5 +320,12 @@ def test_open_constraint_survives_recovery_export_and_snapshots(kind, redis_url,
         assert json.loads(head.text + again.text)["k"] in ("alpha", "beta")
         imported = e2.import_session(blob)
         assert json.loads(head.text + imported.generate(**gen).text)["k"] in ("alpha", "beta")
+        # an imported record's constraint is user input: one that does not compile is a 400
+        bad = codec.Record.unpack(blob)
+        bad.grammar = '{"grammars": [{"lark_grammar": "start: ("}]}'
+        n = len(e2.list_sessions())
+        with pytest.raises(agentos.InvalidRequestError, match="does not compile"):
+            e2.import_session(bad.pack())
+        assert len(e2.list_sessions()) == n
     finally:
         e2.close()
