@@ -48,6 +48,9 @@ def _missing_bench_extra(args: argparse.Namespace) -> str | None:
 
     if args.command != "bench":
         return None
+    if args.scenario == "structured" and importlib.util.find_spec("jsonschema") is None:
+        return ("`agentos bench structured` validates its outputs with jsonschema, which is "
+                "not installed: pip install 'agentos[bench]'")
     needs = args.scenario == "gpu" or (args.scenario in ("fork", "decode")
                                        and getattr(args, "peer", None) is not False)
     if not needs or importlib.util.find_spec("transformers") is not None:
