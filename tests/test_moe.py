@@ -9,9 +9,10 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import test_model
 import torch
 from safetensors.torch import load_file, save_file
-from test_model import Pages, run_step, tokens
+from test_model import tokens
 
 from agentos import Engine
 from agentos.kernel.runner.loader import hf_model_config, load_model
@@ -46,6 +47,15 @@ def loaded(request, tmp_path_factory):
     return model, cfg, folder
 
 
+# the parity checks every family runs (prefill, dense, chunked prefill, batched decode),
+# here on this file's checkpoints (its `loaded`); in batched decode each token's experts
+# are computed among a different set of tokens than in transformers
+test_prefill_matches_hf = test_model.test_prefill_matches_hf
+test_dense_logits_match_hf = test_model.test_dense_logits_match_hf
+test_chunked_prefill_matches_hf = test_model.test_chunked_prefill_matches_hf
+test_batched_decode_matches_hf = test_model.test_batched_decode_matches_hf
+
+
 def routed_experts(model, token_ids: list[int]) -> dict[int, set[int]]:
     """The experts the dense forward routes token_ids to, per MoE layer."""
     seen: dict[int, set[int]] = {}
@@ -74,57 +84,6 @@ def test_config_matches_transformers_layers(loaded):
     seen = routed_experts(model, tokens(19, seed=1, vocab=cfg.vocab_size))
     assert sorted(seen) == [i for i, moe in enumerate(hf_moe) if moe]
     assert all(len(experts) > cfg.num_experts_per_tok for experts in seen.values()), seen
-
-
-def test_prefill_matches_hf(loaded):
-    model, cfg, folder = loaded
-    prompt = tokens(19, seed=1, vocab=cfg.vocab_size)
-    logits = run_step(model, Pages(cfg), prefills=[("a", prompt)])
-    torch.testing.assert_close(logits, hf_logits(folder, prompt), atol=ATOL, rtol=0)
-
-
-def test_dense_logits_match_hf(loaded):
-    model, cfg, folder = loaded
-    prompt = tokens(17, seed=6, vocab=cfg.vocab_size)
-    with torch.no_grad():
-        logits = model.dense_logits(torch.tensor(prompt))
-    torch.testing.assert_close(logits, hf_logits(folder, prompt), atol=ATOL, rtol=0)
-
-
-def test_chunked_prefill_matches_hf(loaded):
-    model, cfg, folder = loaded
-    prompt = tokens(21, seed=2, vocab=cfg.vocab_size)
-    pages = Pages(cfg)
-    parts = [run_step(model, pages, prefills=[("a", prompt[a:b])])
-             for a, b in [(0, 7), (7, 13), (13, 21)]]
-    torch.testing.assert_close(torch.cat(parts), hf_logits(folder, prompt), atol=ATOL, rtol=0)
-
-
-def test_batched_decode_matches_hf(loaded):
-    """Decodes of three sequences batched with another's prefill chunk: each token's
-    experts are computed among a different set of tokens than in transformers."""
-    model, cfg, folder = loaded
-    seqs = {"a": tokens(8, 3, cfg.vocab_size), "b": tokens(14, 4, cfg.vocab_size),
-            "c": tokens(21, 5, cfg.vocab_size)}
-    got: dict[str, list[torch.Tensor]] = {s: [] for s in seqs}
-    pages = Pages(cfg)
-
-    def record(logits, order):
-        for rows, (seq, _) in zip(logits.split([n for _, n in order]), order):
-            got[seq].append(rows)
-
-    record(run_step(model, pages, prefills=[("a", seqs["a"][:5]), ("b", seqs["b"][:11]),
-                                            ("c", seqs["c"][:9])]), [("a", 5), ("b", 11), ("c", 9)])
-    record(run_step(model, pages, decodes=[("a", seqs["a"][5]), ("b", seqs["b"][11])],
-                    prefills=[("c", seqs["c"][9:17])]), [("a", 1), ("b", 1), ("c", 8)])
-    while True:
-        batch = [(s, ids[pages.lens[s]]) for s, ids in seqs.items() if pages.lens[s] < len(ids)]
-        if not batch:
-            break
-        record(run_step(model, pages, decodes=batch), [(s, 1) for s, _ in batch])
-    for seq, ids in seqs.items():
-        torch.testing.assert_close(torch.cat(got[seq]), hf_logits(folder, ids), atol=ATOL, rtol=0,
-                                   msg=lambda m, seq=seq: f"sequence {seq}: {m}")
 
 
 def test_capturable_forward_equals_sparse_forward(loaded):

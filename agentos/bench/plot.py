@@ -373,29 +373,38 @@ def _swap(fig, r: dict) -> None:
             "identical: sessions whose final greedy tokens equal the unconstrained run's")
 
 
+def _tok_s_bars(fig, modes: dict, base: str, other: str, ratio: float, ratio_label: str,
+                tick: Callable[[str], Any]) -> list[str]:
+    """Two modes' tokens/s side by side (`base` in the peer's colour), `other` labelled with
+    ratio_label around its time against base's; tick(mode) names each bar. Returns the
+    modes drawn."""
+    ax = fig.add_subplot()
+    names = [n for n in (base, other) if n in modes]
+    xs = range(len(names))
+    bars = ax.bar(xs, [modes[n]["tok_s"] for n in names], 0.4,
+                  color=[PEER if n == base else OURS for n in names])
+    ax.bar_label(bars, labels=[f"{fmt(modes[n]['tok_s'])} tok/s" + (
+        "\n" + ratio_label.format(_times(ratio)) if n == other and _ok(ratio) else "")
+        for n in names], padding=2, fontsize=9, fontweight="bold")
+    ax.set_xticks(list(xs), [tick(n) for n in names])
+    ax.set_ylim(0, max(modes[n]["tok_s"] for n in names) * 1.2)
+    ax.set_ylabel("generated tokens / s")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    return names
+
+
 def _determinism(fig, r: dict) -> None:
     cfg, modes = r["config"], r["modes"]
     _title(fig, "batch-invariant (deterministic) mode: what it costs",
            f"{cfg['sessions']} concurrent sessions, {cfg['min_prompt']}-{cfg['max_prompt']}-token "
            f"prompts, {cfg['new_tokens']} tokens each at temperature 1, median of "
            f"{_count(cfg['repeats'], 'run')} per mode; {_machine(cfg)}")
-    ax = fig.add_subplot()
-    names = [n for n in ("default", "deterministic") if n in modes]
-    xs = range(len(names))
-    bars = ax.bar(xs, [modes[n]["tok_s"] for n in names], 0.4,
-                  color=[PEER if n == "default" else OURS for n in names])
-    overhead = _num(r.get("overhead"))
-    ax.bar_label(bars, labels=[f"{fmt(modes[n]['tok_s'])} tok/s" + (
-        f"\ntime {_times(overhead)} default's" if n == "deterministic" and _ok(overhead) else "")
-        for n in names], padding=2, fontsize=9, fontweight="bold")
-    ax.set_xticks(list(xs), [
-        f"{n}\nalone == in batch: tokens {'yes' if modes[n]['alone_equals_batch_tokens'] else 'no'}, "
-        f"logprobs {'bit for bit' if modes[n]['alone_equals_batch_logprobs'] else 'differ'}"
-        for n in names])
-    ax.set_ylim(0, max(modes[n]["tok_s"] for n in names) * 1.2)
-    ax.set_ylabel("generated tokens / s")
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_axisbelow(True)
+    names = _tok_s_bars(
+        fig, modes, "default", "deterministic", _num(r.get("overhead")), "time {} default's",
+        lambda n: f"{n}\nalone == in batch: tokens "
+                  f"{'yes' if modes[n]['alone_equals_batch_tokens'] else 'no'}, logprobs "
+                  f"{'bit for bit' if modes[n]['alone_equals_batch_logprobs'] else 'differ'}")
     _footer(fig, "; ".join(f"{n}: max |logprob alone - in batch| "
                            f"{modes[n]['alone_vs_batch_max_logprob_diff']:.1e}, repeated runs "
                            f"{'identical' if modes[n]['runs_identical'] else 'differ'}" for n in names))
@@ -513,20 +522,9 @@ def _structured(fig, r: dict) -> None:
            f"{cfg['sessions']} concurrent sessions x {cfg['new_tokens']} tokens at temperature 1, "
            f"{cfg['prompt_len']}-token prompts, median of {_count(cfg['repeats'], 'run')} per "
            f"mode; {_machine(cfg)}")
-    ax = fig.add_subplot()
-    names = [n for n in ("free", "json_schema") if n in modes]
-    xs = range(len(names))
-    bars = ax.bar(xs, [modes[n]["tok_s"] for n in names], 0.4,
-                  color=[PEER if n == "free" else OURS for n in names])
-    cost = _num(r.get("cost"))
-    ax.bar_label(bars, labels=[f"{fmt(modes[n]['tok_s'])} tok/s" + (
-        f"\ntime per token {_times(cost)} unconstrained" if n == "json_schema" and _ok(cost) else "")
-        for n in names], padding=2, fontsize=9, fontweight="bold")
-    ax.set_xticks(list(xs), ["unconstrained", "JSON schema"])
-    ax.set_ylim(0, max(modes[n]["tok_s"] for n in names) * 1.2)
-    ax.set_ylabel("generated tokens / s")
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_axisbelow(True)
+    _tok_s_bars(fig, modes, "free", "json_schema", _num(r.get("cost")),
+                "time per token {} unconstrained",
+                {"free": "unconstrained", "json_schema": "JSON schema"}.get)
     passed = sum(c["passed"] for c in r["checks"])
     _footer(fig, f"targets: {passed}/{len(r['checks'])} met")
 
