@@ -440,8 +440,10 @@ def test_bench_tenants_json(tmp_path, capsys):
     """A short run: whatever attacks ran got the answers they must (never a 5xx), and the
     well-behaved tenant's outputs were the same alone and under attack."""
     path = tmp_path / "tenants.json"
-    main(["bench", "tenants", "--agents", "1", "--turns", "3", "--rounds", "1", "--attackers",
-          "2", "--idle-connections", "5", "--no-rates", "--json", str(path)])
+    # NOTE: 96-token turns keep each phase near a second: the processes' CPU clocks tick in
+    # 10 ms, and a phase of 0.2 s (16-token turns on a quick machine) could read 0
+    main(["bench", "tenants", "--agents", "1", "--turns", "3", "--max-tokens", "96", "--rounds",
+          "1", "--attackers", "2", "--idle-connections", "5", "--no-rates", "--json", str(path)])
     out = json.loads(path.read_text())
     assert out["bench"] == "tenants"
     phases = out["phases"]
