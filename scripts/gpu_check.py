@@ -157,8 +157,9 @@ def summarize(parts: dict) -> list[dict]:
     if families:
         for kind, runs in families["models"].items():
             differ = [n for n, r in runs.items() if n != "transformers" and r != runs["transformers"]]
+            errors = [f"{n} {r}" for n, r in runs.items() if isinstance(r, str)]
             add(f"{kind}: greedy equals transformers ({', '.join(runs)})", not differ,
-                "differ: " + ", ".join(differ) if differ else
+                "; ".join(errors)[:600] if errors else "differ: " + ", ".join(differ) if differ else
                 f"{len(runs['transformers'])} prompts x {len(runs['transformers'][0])} tokens")
     for name in ("bench_gpu", "determinism", "agents", "tree"):
         result = parts.get(name, {}).get("result")
@@ -262,6 +263,18 @@ FAMILIES = [
 ]
 
 
+def _family_run(path, device: str, graphs: bool, prompts: list[list[int]], new_tokens: int):
+    from agentos import Engine
+
+    # a 16-token step budget: chunked prefill beside other sessions' decodes
+    with Engine(str(path), device=device, dtype="float32", kv_blocks=512, block_size=4,
+                max_batch_tokens=16, cuda_graphs=graphs) as engine:
+        sessions = [engine.create_session(tokens=p) for p in prompts]
+        with ThreadPoolExecutor(len(sessions)) as pool:
+            return list(pool.map(lambda s: s.generate(max_tokens=new_tokens, temperature=0.0,
+                                                      ignore_eos=True).tokens, sessions))
+
+
 def families_part(device: str, new_tokens: int) -> None:
     """Batched, chunked greedy on each family's random checkpoint with each attention path
     (eager and under graphs on CUDA) and transformers' generate on the same weights;
@@ -271,7 +284,6 @@ def families_part(device: str, new_tokens: int) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from agentos import Engine
     from agentos.kernel.runner import attention
     from hf_models import hf_generate, make_hf_checkpoint
 
@@ -287,14 +299,11 @@ def families_part(device: str, new_tokens: int) -> None:
             for attn in paths:
                 for g in graphs:
                     attention.BACKEND = attn
-                    # a 16-token step budget: chunked prefill beside other sessions' decodes
-                    with Engine(str(path), device=device, dtype="float32", kv_blocks=512,
-                                block_size=4, max_batch_tokens=16, cuda_graphs=g) as engine:
-                        sessions = [engine.create_session(tokens=p) for p in prompts]
-                        with ThreadPoolExecutor(len(sessions)) as pool:
-                            runs[f"{attn}_{'graphs' if g else 'eager'}"] = list(pool.map(
-                                lambda s: s.generate(max_tokens=new_tokens, temperature=0.0,
-                                                     ignore_eos=True).tokens, sessions))
+                    run = f"{attn}_{'graphs' if g else 'eager'}"
+                    try:  # a run that fails (a kernel that does not compile) fails alone
+                        runs[run] = _family_run(path, device, g, prompts, new_tokens)
+                    except Exception as e:  # noqa: BLE001 - reported as this run's result
+                        runs[run] = f"error: {type(e).__name__}: {str(e)[:2000]}"
             models[name] = runs
     print(json.dumps({"device": device, "models": models}))
 

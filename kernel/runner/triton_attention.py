@@ -88,7 +88,7 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 def _tanh(x):
     # NOTE: from exp2, not libdevice's tanh, which Triton's interpreter (the tests) lacks;
     # exp2 of -2|x| never overflows, and the sign is restored exactly
-    t = tl.exp2(tl.abs(x) * (-2.0 * LOG2E))  # exp(-2|x|)
+    t = tl.exp2(tl.abs(x) * (-2.0 * LOG2E_C))  # exp(-2|x|)
     y = (1.0 - t) / (1.0 + t)
     return tl.where(x < 0, -y, y)
 
