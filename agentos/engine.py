@@ -59,6 +59,9 @@ class _Syscall(Op[T]):
     waits: bool = False
     # an asyncio caller went away while it waited: stop it (a generate keeps its tokens)
     on_cancel: Callable[[], Any] | None = None
+    # it only edits the kernel's tables (no device work, no waiting on a step, no I/O):
+    # it runs at once in the caller's thread when the loop is between steps (call_now)
+    quick: bool = False
 
 
 class _EngineBase(Operations):
@@ -128,21 +131,24 @@ class _EngineBase(Operations):
     def _op_create(self, prompt: str | None, tokens: list[int] | None, seed: int | None,
                    owner: str = DEFAULT_OWNER) -> _Syscall[Session]:
         ids = self._tokens(prompt, tokens, add_special_tokens=True)
+        # NOTE: not quick: the loop applies it and starts the prompt's prefill in the same
+        # turn, before the caller's next call (usually generate) can arrive, as an agent's
+        # next call finds it; and its token checks are as long as the prompt
         return _Syscall(self.kernel.sys_create, (ids, seed, owner), self._session,
                         "create", changes=True)
 
     def _op_session(self, session_id: str) -> _Syscall[Session]:
         return _Syscall(self.kernel.sys_info, (session_id,),
-                        lambda i: self._session(i["id"], i["parent_id"]))
+                        lambda i: self._session(i["id"], i["parent_id"]), quick=True)
 
     def _op_session_info(self, session_id: str) -> _Syscall[dict]:
-        return _Syscall(self.kernel.sys_info, (session_id,))
+        return _Syscall(self.kernel.sys_info, (session_id,), quick=True)
 
     def _op_list_sessions(self, ids: list[str] | None, owner: str | None) -> _Syscall[list[dict]]:
-        return _Syscall(self.kernel.sys_list, (ids, owner))
+        return _Syscall(self.kernel.sys_list, (ids, owner), quick=True)
 
     def _op_num_tokens(self, ids: list[str]) -> _Syscall[int]:
-        return _Syscall(self.kernel.sys_num_tokens, (ids,))
+        return _Syscall(self.kernel.sys_num_tokens, (ids,), quick=True)
 
     def _op_usage(self, owner: str) -> _Syscall[dict]:
         return _Syscall(self._sys_usage, (owner,))
@@ -185,21 +191,23 @@ class _EngineBase(Operations):
     def _op_fork(self, session_id: str, n: int) -> _Syscall[list[Session]]:
         return _Syscall(self.kernel.sys_fork, (session_id, n),
                         lambda ids: [self._session(c, session_id) for c in ids], "fork",
-                        changes=True)
+                        changes=True, quick=True)
 
     def _op_snapshot(self, session_id: str) -> _Syscall[Snapshot]:
         return _Syscall(self.snapshots.sys_snapshot, (session_id,), self._snapshot_handle,
-                        "snapshot", changes=True)
+                        "snapshot", changes=True, quick=True)
 
     def _op_rollback(self, session_id: str, snapshot_id: str) -> _Syscall[int]:
+        # NOTE: another worker's snapshot is read from the store first: not quick
         return _Syscall(self.snapshots.sys_rollback, (session_id, snapshot_id),
-                        timed="rollback", changes=True)
+                        timed="rollback", changes=True, quick=snapshot_id in self.snapshots.records)
 
     def _op_close_session(self, session_id: str) -> _Syscall[None]:
-        return _Syscall(self.kernel.sys_close, (session_id,), timed="close", changes=True)
+        return _Syscall(self.kernel.sys_close, (session_id,), timed="close", changes=True,
+                        quick=True)
 
     def _op_tokens_and_mask(self, session_id: str) -> _Syscall[tuple[list[int], list[int]]]:
-        return _Syscall(self.kernel.sys_tokens, (session_id,))
+        return _Syscall(self.kernel.sys_tokens, (session_id,), quick=True)
 
     def _op_export(self, session_id: str, kv: bool) -> _Syscall[bytes]:
         return _Syscall(self.snapshots.sys_export, (session_id, kv), timed="export")
@@ -218,18 +226,18 @@ class _EngineBase(Operations):
     def _op_list_snapshots(self, session_id: str | None,
                            owner: str | None) -> _Syscall[list[Snapshot]]:
         return _Syscall(self.snapshots.sys_list, (session_id, owner),
-                        lambda infos: [self._snapshot_handle(i) for i in infos])
+                        lambda infos: [self._snapshot_handle(i) for i in infos], quick=True)
 
     def _op_restore(self, snapshot_id: str) -> _Syscall[Session]:
         return _Syscall(self.snapshots.sys_restore, (snapshot_id,), self._session,
-                        "restore", changes=True)
+                        "restore", changes=True, quick=True)
 
     def _op_get_snapshot(self, snapshot_id: str) -> _Syscall[Snapshot]:
-        return _Syscall(self.snapshots.sys_info, (snapshot_id,), self._snapshot_handle)
+        return _Syscall(self.snapshots.sys_info, (snapshot_id,), self._snapshot_handle, quick=True)
 
     def _op_delete_snapshot(self, snapshot_id: str) -> _Syscall[None]:
         return _Syscall(self.snapshots.sys_delete, (snapshot_id,), timed="delete_snapshot",
-                        changes=True)
+                        changes=True, quick=True)
 
     def _op_update_weights(self, named_tensors: NamedTensors, version: int | None,
                            kv_policy: str) -> _Syscall[int]:
@@ -321,7 +329,9 @@ class Engine(_EngineBase, Backend):
         assert isinstance(op, _Syscall)
         t0 = time.perf_counter()
         journal = self._durable(op)
-        result = self.kernel.call(op.fn, *op.args).result()
+        done, result = self.kernel.call_now(op.fn, *op.args) if op.quick else (False, None)
+        if not done:
+            result = self.kernel.call(op.fn, *op.args).result()
         if op.waits:  # generate, score: the call's own completion
             result = result.result()
         if journal is not None:
@@ -389,7 +399,11 @@ class AsyncEngine(_EngineBase, AsyncBackend):
         assert isinstance(op, _Syscall)
         t0 = time.perf_counter()
         journal = self._durable(op)
-        result = await asyncio.wrap_future(self.kernel.call(op.fn, *op.args))
+        # NOTE: a quick call runs on the event loop when the loop thread is between steps:
+        # tens of microseconds of table edits, less than the handoff it saves
+        done, result = self.kernel.call_now(op.fn, *op.args) if op.quick else (False, None)
+        if not done:
+            result = await asyncio.wrap_future(self.kernel.call(op.fn, *op.args))
         if op.waits:
             try:
                 result = await asyncio.wrap_future(result)

@@ -20,7 +20,6 @@ from agentos.search import beam_search
 
 def run(backend, args) -> list:
     root = backend.create_session(prompt=args.prompt, seed=args.seed)
-    used = backend.stats()["kv"]["device_blocks_used"]
     t0 = time.perf_counter()
     beams = beam_search(root, width=args.width, depth=args.depth, step_tokens=args.step_tokens,
                         stop="\n", temperature=args.temperature, seed=args.seed)
@@ -33,7 +32,7 @@ def run(backend, args) -> list:
     for b in beams:
         b.session.close()
     print("KV blocks held by the search after closing the beams:",
-          backend.stats()["kv"]["device_blocks_used"] - used)
+          backend.stats()["kv"]["device_blocks_used"] - root.info()["device_blocks"])
     root.close()
     return beams
 

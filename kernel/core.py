@@ -145,6 +145,15 @@ class Kernel(Calls, Lifecycle):
         """Queues fn(*args) to run in the loop thread between steps; returns its Future."""
         return self.syscalls.submit(fn, args)
 
+    def call_now(self, fn: Callable, *args) -> tuple[bool, Any]:
+        """Runs fn(*args) at once in the caller's thread when the loop is between steps
+        and nothing is queued (SyscallQueue.try_now): (True, result), raising what fn
+        raised, or (False, None) when it did not run (then `call` it). Only for calls that
+        edit the kernel's tables: no device work, nothing that waits on a step."""
+        if self._thread is None:  # a simulation applies its calls itself
+            return False, None
+        return self.syscalls.try_now(fn, args, self._commit)
+
     def shutdown(self) -> None:
         """Stops the loop; pending and in-flight calls fail with EngineClosedError."""
         if self.syscalls.close() and self._thread is not None:
@@ -154,24 +163,27 @@ class Kernel(Calls, Lifecycle):
         def idle() -> bool:
             return self._paused or not self.policy.has_work()
 
+        mutex = self.syscalls.mutex  # see SyscallQueue.try_now
         while (calls := self.syscalls.wait(idle)) is not None:
-            self.syscalls.apply(calls)
-            self._commit()  # before the step, so a syscall's answer does not wait for it
-            try:
-                if not self._paused:
-                    self.step()
-            except Exception as e:  # a failed step must not leave callers hanging
-                self._fail_running(e)
-            self.syscalls.retry()
-            self._settle_drains()
-            self._commit()
+            with mutex:
+                self.syscalls.apply(calls)
+                self._commit()  # before the step, so a syscall's answer does not wait for it
+                try:
+                    if not self._paused:
+                        self.step()
+                except Exception as e:  # a failed step must not leave callers hanging
+                    self._fail_running(e)
+                self.syscalls.retry()
+                self._settle_drains()
+                self._commit()
         error = EngineClosedError("engine is closed")
-        self.syscalls.drain(error)
-        for *_, held in self._held:
-            held.set_exception(error)
-        for p in [*self.procs.values(), *self._scratch.values()]:
-            if p.call is not None and not p.call.future.done():
-                p.call.future.set_exception(error)
+        with mutex:
+            self.syscalls.drain(error)
+            for *_, held in self._held:
+                held.set_exception(error)
+            for p in [*self.procs.values(), *self._scratch.values()]:
+                if p.call is not None and not p.call.future.done():
+                    p.call.future.set_exception(error)
 
     def _commit(self) -> None:
         if self.journal is not None:
