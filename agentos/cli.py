@@ -392,6 +392,30 @@ def _parser() -> argparse.ArgumentParser:
         gpu.add_argument(flag, type=kind, default=None, help=text)
     gpu.set_defaults(func=_cmd_bench_gpu)
 
+    overhead = scenarios.add_parser(
+        "overhead", help="where a decode step's and a syscall's host time goes, against HF "
+        "generate", description="Splits a decode step at 1, 32 and 256 sessions into "
+        "scheduling, metadata, the forward, sampling, bookkeeping and the loop between steps; "
+        "times decode beside idle sessions, and fork/snapshot/rollback/info by the direct "
+        "path, by the queue and as work alone; runs transformers' generate on the same "
+        "weights.")
+    _bench_options(overhead)
+    for flag, kind, text in (
+            ("--sessions", _int_list, "decoding sessions per case, comma-separated "
+             "(default 1,32,256)"),
+            ("--prompt-len", int, "prompt tokens per session (default 512)"),
+            ("--new-tokens", int, "tokens generated per session (default 64)"),
+            ("--idle", int, "idle sessions beside one decoding session (default 4000; 0: skip)"),
+            ("--syscall-len", int, "tokens of the session the syscalls act on (default 512)"),
+            ("--op-repeats", int, "timed repeats of each syscall (default 200)")):
+        overhead.add_argument(flag, type=kind, default=None, help=text)
+    overhead.add_argument("--sync", action="store_true", default=None,
+                          help="CUDA: wait for the device after each forward (its time counts "
+                          "as the forward's)")
+    overhead.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                          default=None, help="run every decode step eagerly")
+    overhead.set_defaults(func=_cmd_bench_overhead)
+
     api = scenarios.add_parser("api", help="REST latency of fork/snapshot/rollback/generate "
                                "vs in-process", description="Starts `agentos serve` in a "
                                "subprocess and times fork, snapshot, rollback and a 1-token "
@@ -773,6 +797,15 @@ def _cmd_bench_agents(args: argparse.Namespace) -> int:
         "memory_fraction", "max_batch_size", "seats", "max_batch_tokens", "block_size", "seed",
         "seeds", "threads")))
     return _report(agents.run(bench), agents.render, args)
+
+
+def _cmd_bench_overhead(args: argparse.Namespace) -> int:
+    from agentos.bench import overhead
+
+    bench = overhead.OverheadBench(**_options(args, (
+        *_COMMON, "sessions", "prompt_len", "new_tokens", "idle", "syscall_len", "op_repeats",
+        "sync", "cuda_graphs")))
+    return _report(overhead.run(bench), overhead.render, args)
 
 
 def _cmd_bench_structured(args: argparse.Namespace) -> int:

@@ -329,6 +329,7 @@ class Engine(_EngineBase, Backend):
         assert isinstance(op, _Syscall)
         t0 = time.perf_counter()
         journal = self._durable(op)
+        result: Any
         done, result = self.kernel.call_now(op.fn, *op.args) if op.quick else (False, None)
         if not done:
             result = self.kernel.call(op.fn, *op.args).result()
@@ -399,9 +400,12 @@ class AsyncEngine(_EngineBase, AsyncBackend):
         assert isinstance(op, _Syscall)
         t0 = time.perf_counter()
         journal = self._durable(op)
-        # NOTE: a quick call runs on the event loop when the loop thread is between steps:
-        # tens of microseconds of table edits, less than the handoff it saves
-        done, result = self.kernel.call_now(op.fn, *op.args) if op.quick else (False, None)
+        # NOTE: a quick call runs on the event loop when the loop thread is between steps
+        # (tens of microseconds of table edits, less than the handoff it saves); it never
+        # waits there for a step to end
+        result: Any
+        done, result = (self.kernel.call_now(op.fn, *op.args, block=False) if op.quick
+                        else (False, None))
         if not done:
             result = await asyncio.wrap_future(self.kernel.call(op.fn, *op.args))
         if op.waits:

@@ -145,14 +145,15 @@ class Kernel(Calls, Lifecycle):
         """Queues fn(*args) to run in the loop thread between steps; returns its Future."""
         return self.syscalls.submit(fn, args)
 
-    def call_now(self, fn: Callable, *args) -> tuple[bool, Any]:
-        """Runs fn(*args) at once in the caller's thread when the loop is between steps
-        and nothing is queued (SyscallQueue.try_now): (True, result), raising what fn
-        raised, or (False, None) when it did not run (then `call` it). Only for calls that
-        edit the kernel's tables: no device work, nothing that waits on a step."""
+    def call_now(self, fn: Callable, *args, block: bool = True) -> tuple[bool, Any]:
+        """Runs fn(*args) in the caller's thread between the loop's steps, unless calls are
+        queued (SyscallQueue.try_now; with `block`, after the step in progress; without,
+        only if none is): (True, result), raising what fn raised, or (False, None) when it
+        did not run (then `call` it). Only for calls that edit the kernel's tables: no
+        device work, nothing that waits on a step."""
         if self._thread is None:  # a simulation applies its calls itself
             return False, None
-        return self.syscalls.try_now(fn, args, self._commit)
+        return self.syscalls.try_now(fn, args, self._commit, block)
 
     def shutdown(self) -> None:
         """Stops the loop; pending and in-flight calls fail with EngineClosedError."""
@@ -164,7 +165,10 @@ class Kernel(Calls, Lifecycle):
             return self._paused or not self.policy.has_work()
 
         mutex = self.syscalls.mutex  # see SyscallQueue.try_now
-        while (calls := self.syscalls.wait(idle)) is not None:
+        while True:
+            self.syscalls.let_waiters_in()
+            if (calls := self.syscalls.wait(idle)) is None:
+                break
             with mutex:
                 self.syscalls.apply(calls)
                 self._commit()  # before the step, so a syscall's answer does not wait for it

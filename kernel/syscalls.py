@@ -36,6 +36,9 @@ class SyscallQueue:
         # caller while its call runs; never held while waiting for _cv (lock order: _cv,
         # then mutex)
         self.mutex = threading.Lock()
+        # try_now callers blocked on the mutex: the loop lets them in before its next turn
+        self._waiters = 0
+        self._served = threading.Condition(threading.Lock())
 
     def submit(self, fn: Callable, args: tuple) -> Future:
         """Queues fn(*args); returns its Future (failed with EngineClosedError once closed)."""
@@ -73,12 +76,24 @@ class SyscallQueue:
             self._calls.clear()
         return calls
 
-    def try_now(self, fn: Callable, args: tuple, after: Callable[[], Any]) -> tuple[bool, Any]:
-        """Runs fn(*args) in this thread if the loop is between steps (the mutex is free)
-        and no call is queued before it, then after() (the journal's commit). Returns
-        (True, its result), raising what it raised, or (False, None): not run (the loop is
-        busy, calls are queued, the queue is closed, or fn raised Defer); queue it then."""
-        if self._calls or self.closed or not self.mutex.acquire(blocking=False):
+    def try_now(self, fn: Callable, args: tuple, after: Callable[[], Any],
+                block: bool = True) -> tuple[bool, Any]:
+        """Runs fn(*args) in this thread between the loop's steps, then after() (the
+        journal's commit), unless a call is queued before it. With `block`, waits for the
+        step in progress to end (the loop lets such callers in before its next turn);
+        without, runs only if the loop is between steps now. Returns (True, its result),
+        raising what it raised, or (False, None): not run (calls are queued, the queue is
+        closed, the loop is busy and not `block`, or fn raised Defer); queue it then."""
+        if self._calls or self.closed:
+            return False, None
+        if block:
+            with self._served:
+                self._waiters += 1
+            self.mutex.acquire()
+            with self._served:
+                self._waiters -= 1
+                self._served.notify_all()
+        elif not self.mutex.acquire(blocking=False):
             return False, None
         try:
             if self._calls or self.closed:
@@ -94,6 +109,13 @@ class SyscallQueue:
         with self._cv:  # the call may have queued work (a wakened session): the loop looks
             self._cv.notify()
         return True, result
+
+    def let_waiters_in(self) -> None:
+        """Called by the loop between turns, holding no lock: returns once every try_now
+        caller blocked on the mutex has taken it."""
+        with self._served:
+            while self._waiters and not self.closed:
+                self._served.wait()
 
     def apply(self, calls: list[Call]) -> None:
         """Runs the calls (in the loop thread), setting their Futures; a call that raises

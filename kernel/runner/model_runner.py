@@ -8,6 +8,7 @@ graph write there) and the host tier `[num_host_blocks, ...]` (pinned memory on 
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -54,6 +55,11 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, max_batch_size, max_blocks,
                                        self.scratch_block * block_size, self.device)
         self.num_eager_decodes = 0  # decode-only steps that ran eagerly
+        # host seconds of every step's phases, summed (bench overhead): building the step's
+        # index tensors and metadata, the model (its launches on CUDA: the device runs on;
+        # with sync_phases, until the device is done), sampling and the outputs
+        self.phase_s = {"prepare": 0.0, "forward": 0.0, "sample": 0.0}
+        self.sync_phases = False  # CUDA: wait for the device after the forward (benchmarks)
 
     @property
     def capture_stats(self) -> dict[str, int]:
@@ -139,6 +145,7 @@ class ModelRunner:
         call's positions in the chunk. On CUDA a decode-only step replays a captured graph
         (see cuda_graphs.py) when one fits.
         """
+        t0 = time.perf_counter()
         bs = self.block_size
         ids: list[int] = []
         pos_parts: list[np.ndarray] = []
@@ -171,10 +178,15 @@ class ModelRunner:
                                if span is not None and not isinstance(c.proc.call, ScoreCall)],
                               self.model.cfg.vocab_size)
         shared = shared_prefixes(dec_tables, dec_lens, bs) if dec_tables and self.cascade else []
+        phase = self.phase_s
         if not prefills:  # decode only: each span is at most the chunk's one position
             if self.graphs is not None and not (shared and prefers_cascade(shared, dec_tables)):
                 try:
+                    # NOTE: the graph's input copies count as its forward
+                    t1 = time.perf_counter()
+                    phase["prepare"] += t1 - t0
                     logits = self.graphs.run(self.kv, ids, positions, slots, dec_tables, dec_lens)
+                    t0 = self._forward_done(t1)
                 except CaptureError as e:
                     # NOTE: a capture runs over padding only (it writes the scratch slot), so
                     # the step can still run eagerly; graphs stay off from then on
@@ -182,18 +194,34 @@ class ModelRunner:
                     self.graphs, logits = None, None
                 if logits is not None:
                     need = [i for i, span in enumerate(spans) if span is not None]
-                    return self._outputs(chunks, spans, logits if len(need) == len(chunks) else logits[need],
-                                         masks)
+                    outs = self._outputs(chunks, spans,
+                                         logits if len(need) == len(chunks) else logits[need], masks)
+                    phase["sample"] += time.perf_counter() - t0
+                    return outs
             self.num_eager_decodes += 1
-        logits = self._forward(ids, positions, slots, logits_idx, prefills, dec_tables, dec_lens, shared)
-        return self._outputs(chunks, spans, logits, masks)
+        logits = self._forward(ids, positions, slots, logits_idx, prefills, dec_tables, dec_lens, shared,
+                               t0)
+        t0 = time.perf_counter()
+        outs = self._outputs(chunks, spans, logits, masks)
+        phase["sample"] += time.perf_counter() - t0
+        return outs
+
+    def _forward_done(self, t_start: float) -> float:
+        """Ends the forward phase begun at t_start (waiting for the device with
+        sync_phases); returns the time it ended."""
+        if self.sync_phases and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t = time.perf_counter()
+        self.phase_s["forward"] += t - t_start
+        return t
 
     def _forward(self, ids: list[int], positions: np.ndarray, slots: np.ndarray,
                  logits_idx: list[int], prefills: list[tuple[int, int, int, np.ndarray]],
                  dec_tables: list[np.ndarray], dec_lens: list[int],
-                 shared: list[tuple[list[int], np.ndarray]]) -> torch.Tensor:
-        """The eager forward of a step: its index tensors, uploaded together, then the model.
-        Returns the logits [len(logits_idx), V] fp32."""
+                 shared: list[tuple[list[int], np.ndarray]], t0: float) -> torch.Tensor:
+        """The eager forward of a step: its index tensors, uploaded together, then the model
+        (phases timed from t0, when the step's preparation began). Returns the logits
+        [len(logits_idx), V] fp32."""
         bs = self.block_size
         parts = [np.asarray(ids, dtype=np.int64), positions, slots, np.asarray(logits_idx, dtype=np.int64)]
         parts += [table for *_, table in prefills]
@@ -217,7 +245,11 @@ class ModelRunner:
         )
         if dec_tables:
             meta.decode_block_tables, meta.decode_ctx_lens = next(dev), next(dev)
-        return self.model(input_ids, positions_t, meta, self.kv, logits_indices)
+        t1 = time.perf_counter()
+        self.phase_s["prepare"] += t1 - t0
+        logits = self.model(input_ids, positions_t, meta, self.kv, logits_indices)
+        self._forward_done(t1)
+        return logits
 
     def _upload(self, parts: list[np.ndarray]) -> list[torch.Tensor]:
         """The int64 arrays as tensors of the same shapes on the device. On CUDA by one copy

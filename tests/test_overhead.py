@@ -1,0 +1,162 @@
+"""Host overhead: the loop's work per decode step does not grow with idle sessions; the
+syscalls that only edit tables run in the caller's thread when the loop is free and queue
+otherwise; `agentos bench overhead` reports a breakdown whose phases add up."""
+
+from __future__ import annotations
+
+import random
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from agentos import Engine
+from agentos.bench import overhead
+
+ROOT = str(Path(__file__).resolve().parents[1])
+
+
+class LineCounter:
+    """Counts the lines the engine's own code executes in the threads started while it is
+    installed (the loop thread): a measure of host work that machine noise cannot move."""
+
+    def __init__(self):
+        self.on, self.lines = False, 0
+
+    def _local(self, frame, event, arg):
+        if event == "line":
+            self.lines += 1
+        return self._local
+
+    def __call__(self, frame, event, arg):
+        if self.on and frame.f_code.co_filename.startswith(ROOT):
+            return self._local
+        return None
+
+
+def _lines_per_step(engine: Engine, counter: LineCounter, prompt: list[int]) -> float:
+    s = engine.create_session(tokens=prompt)
+    s.generate(max_tokens=1, temperature=0.0)
+    steps0, counter.lines, counter.on = engine.kernel.stats["steps"], 0, True
+    s.generate(max_tokens=16, temperature=0.0, ignore_eos=True)
+    counter.on = False
+    steps = engine.kernel.stats["steps"] - steps0
+    s.close()
+    return counter.lines / steps
+
+
+def test_a_decode_steps_host_work_does_not_grow_with_idle_sessions():
+    counter = LineCounter()
+    threading.settrace(counter)
+    try:
+        engine = Engine("tiny", kv_blocks=8192)
+    finally:
+        threading.settrace(None)  # only the loop thread, started above, is traced
+    rng = random.Random(0)
+    prompt = [rng.randrange(3, 250) for _ in range(64)]
+    with engine:
+        alone = _lines_per_step(engine, counter, prompt)
+        idle = [engine.create_session(tokens=[rng.randrange(3, 250) for _ in range(8)])
+                for _ in range(3000)]
+        while engine.kernel.policy.has_work():  # their prefills; then they sleep
+            engine.session(idle[-1].id)
+        beside = _lines_per_step(engine, counter, prompt)
+        assert len(engine.list_sessions()) == 3000
+    # the same code runs per step; a loop over every session would multiply it
+    assert beside <= 1.2 * alone, (alone, beside)
+    assert alone > 50  # the counter saw the step
+
+
+def test_quick_syscalls_run_in_the_callers_thread_only_when_the_loop_is_free():
+    with Engine("tiny") as engine:
+        s = engine.create_session(tokens=list(range(3, 60)))
+        s.generate(max_tokens=1, temperature=0.0)
+        kernel = engine.kernel
+        seen = []
+        orig = kernel.sys_fork
+
+        def fork(pid, n):
+            seen.append(threading.current_thread() is threading.main_thread())
+            return orig(pid, n)
+
+        kernel.sys_fork = fork
+        (a,) = s.fork(1)
+        assert seen == [True]  # the loop was between steps: done here, no handoff
+        # while the loop holds the mutex (a step), a caller that may not wait (the event
+        # loop of AsyncEngine) is told to queue; with a call queued before, every caller is
+        with kernel.syscalls.mutex:
+            assert kernel.call_now(kernel.sys_info, a.id, block=False) == (False, None)
+            fut = kernel.call(lambda: None)
+            assert kernel.call_now(kernel.sys_info, a.id) == (False, None)
+        fut.result()
+        (b,) = s.fork(1)
+        assert seen == [True, True]
+        # a busy loop lets a waiting caller in between two steps: it is not starved
+        busy = engine.create_session(tokens=list(range(3, 40)))
+        worker = threading.Thread(target=busy.generate, kwargs=dict(
+            max_tokens=300, temperature=0.0, ignore_eos=True))
+        worker.start()
+        while busy.info()["num_generated"] < 2:
+            pass
+        for _ in range(20):
+            s.fork(1)[0].close()
+        assert busy.info()["num_generated"] < 300, "the forks waited for the whole call"
+        worker.join()
+        assert seen == [True] * 22
+        busy.close()
+        kernel.sys_fork = orig
+        # generating sessions fork after their call ends (ConflictError), as before
+        assert {x.info()["parent_id"] for x in (a, b)} == {s.id}
+        for x in (a, b, s):
+            x.close()
+        assert engine.stats()["kv"]["device_blocks_used"] == 0
+
+
+def test_a_queued_call_and_a_direct_one_see_one_order():
+    # a direct call never overtakes one queued before it: with calls queued it queues too
+    with Engine("tiny") as engine:
+        kernel = engine.kernel
+        order = []
+        with kernel.syscalls.mutex:
+            kernel.call(order.append, "queued")
+            assert kernel.call_now(order.append, "direct") == (False, None)
+        engine.list_sessions()  # a round trip: the queued call has run
+        assert order == ["queued"]
+
+
+def test_bench_overhead_breakdown_adds_up():
+    result = overhead.run(overhead.OverheadBench(
+        sessions=[1, 3], prompt_len=24, new_tokens=6, idle=20, syscall_len=40, op_repeats=5,
+        repeats=1, threads=1))
+    assert result["bench"] == "overhead"
+    for case in result["decode"]:
+        assert case["steps"] == 5  # one step per decode token after the first
+        parts = sum(case[p] for p in overhead.PHASES)
+        assert parts == pytest.approx(case["wall"], rel=1e-6)
+        assert min(case[p] for p in overhead.PHASES if p != "between") >= 0
+        assert case["forward"] > 0 and case["host_overhead"] == pytest.approx(
+            case["wall"] - case["forward"])
+    assert result["idle"]["idle_sessions"] == 20 and result["idle"]["ratio"] > 0
+    ops = result["syscalls"]["ops"]
+    assert set(ops) == {"fork + close", "snapshot", "rollback", "info"}
+    assert all(op["work_us"] > 0 and op["queued_us"] > 0 for op in ops.values())
+    # the peer decoded the same prompt to the same greedy tokens
+    single = next(c for c in result["decode"] if c["sessions"] == 1)
+    assert result["peer"]["tokens"][1:] == single["tokens"]
+    assert any("transformers" in c["name"] for c in result["checks"])
+
+
+def test_bench_overhead_cli(tmp_path):
+    import json
+    import subprocess
+
+    out = tmp_path / "o.json"
+    proc = subprocess.run([sys.executable, "-m", "agentos.cli", "bench", "overhead", "--sessions",
+                           "1,2", "--prompt-len", "16", "--new-tokens", "4", "--idle", "0",
+                           "--op-repeats", "3", "--repeats", "1", "--no-peer", "--json",
+                           str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "host overhead" in proc.stdout and "handoff" in proc.stdout
+    data = json.loads(out.read_text())
+    assert [c["sessions"] for c in data["decode"]] == [1, 2] and data["idle"] is None
