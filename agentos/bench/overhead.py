@@ -142,8 +142,10 @@ async def _decode(engine, prompts: list[list[int]], new_tokens: int, close: bool
 
 
 def _counters(kernel) -> dict:
+    """The step counters and the time, read in the loop thread between two steps."""
     st, ph = kernel.stats, kernel.runner.phase_s
-    return {"steps": st["steps"], "step": st["step_time_s"], "schedule": st["sched_s"], **ph}
+    return {"t": time.perf_counter(), "steps": st["steps"], "step": st["step_time_s"],
+            "schedule": st["sched_s"], **ph}
 
 
 async def _timed_decode(engine, bench: OverheadBench, prompts: list[list[int]]) -> dict:
@@ -151,14 +153,15 @@ async def _timed_decode(engine, bench: OverheadBench, prompts: list[list[int]]) 
     sessions (prefilled and one token sampled first), and their tokens."""
     kernel = engine.kernel
     sessions, _ = await _decode(engine, prompts, 1, close=False)
-    before = _counters(kernel)
-    t0 = time.perf_counter()
+    # NOTE: read between steps, in the loop thread: a caller woken by a step's tokens would
+    # read them while that step's bookkeeping still runs
+    before = await on_engine_thread(engine, _counters, kernel)
     gens = await asyncio.gather(*(s.generate(max_tokens=bench.new_tokens - 1, temperature=0.0,
                                              ignore_eos=True) for s in sessions))
-    wall = time.perf_counter() - t0
-    after = _counters(kernel)
+    after = await on_engine_thread(engine, _counters, kernel)
     await asyncio.gather(*(s.close() for s in sessions))
     d = {k: after[k] - before[k] for k in after}
+    wall = d["t"]
     n = max(1, d["steps"])
     per = {"sessions": len(prompts), "steps": d["steps"], "wall": wall / n, "step": d["step"] / n,
            "schedule": d["schedule"] / n, "prepare": d["prepare"] / n, "forward": d["forward"] / n,
