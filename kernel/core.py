@@ -153,7 +153,13 @@ class Kernel(Calls, Lifecycle):
         device work, nothing that waits on a step."""
         if self._thread is None:  # a simulation applies its calls itself
             return False, None
-        return self.syscalls.try_now(fn, args, self._commit, block)
+        return self.syscalls.try_now(fn, args, self._commit_and_look, block)
+
+    def _commit_and_look(self) -> bool:
+        """After a direct call: commits its journal records; returns whether the loop has
+        work to wake up for."""
+        self._commit()
+        return self.policy.has_work() or bool(self._aborts)
 
     def shutdown(self) -> None:
         """Stops the loop; pending and in-flight calls fail with EngineClosedError."""
@@ -161,7 +167,7 @@ class Kernel(Calls, Lifecycle):
             self._thread.join()
 
     def _loop(self) -> None:
-        def idle() -> bool:
+        def idle() -> bool:  # read without the mutex (SyscallQueue.wait): atomic reads only
             return self._paused or not self.policy.has_work()
 
         mutex = self.syscalls.mutex  # see SyscallQueue.try_now

@@ -33,8 +33,8 @@ class SyscallQueue:
         self._cv = threading.Condition()
         self.closed = False
         # held by the loop thread while it applies calls or steps, and by a `try_now`
-        # caller while its call runs; never held while waiting for _cv (lock order: _cv,
-        # then mutex)
+        # caller while its call runs; the loop never holds it while waiting for _cv, and a
+        # caller never takes _cv while holding it
         self.mutex = threading.Lock()
         # try_now callers blocked on the mutex: the loop lets them in before its next turn
         self._waiters = 0
@@ -63,12 +63,11 @@ class SyscallQueue:
     def wait(self, idle: Callable[[], bool]) -> list[Call] | None:
         """Blocks while nothing is queued and idle() holds (it is asked again after each
         submission); returns the queued calls, taking them, or None once closed."""
-        def still_idle() -> bool:
-            with self.mutex:  # a try_now call may be changing what idle() reads
-                return idle()
-
+        # NOTE: idle() is read without the mutex, while a try_now call may be running: it
+        # must read atomically (a flag, a container's truth), and a call that makes work
+        # notifies after it, so a stale "idle" is followed by a wake-up
         with self._cv:
-            while not self._calls and not self.closed and still_idle():
+            while not self._calls and not self.closed and idle():
                 self._cv.wait()
             if self.closed:
                 return None
@@ -76,10 +75,12 @@ class SyscallQueue:
             self._calls.clear()
         return calls
 
-    def try_now(self, fn: Callable, args: tuple, after: Callable[[], Any],
+    def try_now(self, fn: Callable, args: tuple, after: Callable[[], bool],
                 block: bool = True) -> tuple[bool, Any]:
         """Runs fn(*args) in this thread between the loop's steps, then after() (the
-        journal's commit), unless a call is queued before it. With `block`, waits for the
+        journal's commit; it returns whether the loop has work now, and is woken only
+        then: a loop woken for nothing takes the mutex to find that out, and a caller's
+        next call could find it held), unless a call is queued before it. With `block`, waits for the
         step in progress to end (the loop lets such callers in before its next turn);
         without, runs only if the loop is between steps now. Returns (True, its result),
         raising what it raised, or (False, None): not run (calls are queued, the queue is
@@ -98,16 +99,18 @@ class SyscallQueue:
         try:
             if self._calls or self.closed:
                 return False, None
+            wake = False
             try:
                 result = fn(*args)
             except Defer:  # raised before any change: the queue retries it after a step
                 return False, None
             finally:
-                after()
+                wake = after()
         finally:
             self.mutex.release()
-        with self._cv:  # the call may have queued work (a wakened session): the loop looks
-            self._cv.notify()
+        if wake:  # the call queued work (a wakened session)
+            with self._cv:
+                self._cv.notify()
         return True, result
 
     def let_waiters_in(self) -> None:

@@ -128,7 +128,7 @@ def test_a_queued_call_and_a_direct_one_see_one_order():
 def test_bench_overhead_breakdown_adds_up():
     result = overhead.run(overhead.OverheadBench(
         sessions=[1, 3], prompt_len=24, new_tokens=6, idle=20, syscall_len=40, op_repeats=5,
-        repeats=1, threads=1))
+        repeats=1))
     assert result["bench"] == "overhead"
     for case in result["decode"]:
         assert case["steps"] == 5  # one step per decode token after the first
