@@ -414,6 +414,8 @@ def _parser() -> argparse.ArgumentParser:
                           "as the forward's)")
     overhead.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                           default=None, help="run every decode step eagerly")
+    overhead.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false", default=None,
+                          help="skip the llama.cpp peer (run when llama-cpp-python is installed)")
     overhead.set_defaults(func=_cmd_bench_overhead)
 
     api = scenarios.add_parser("api", help="REST latency of fork/snapshot/rollback/generate "
@@ -804,7 +806,7 @@ def _cmd_bench_overhead(args: argparse.Namespace) -> int:
 
     bench = overhead.OverheadBench(**_options(args, (
         *_COMMON, "sessions", "prompt_len", "new_tokens", "idle", "syscall_len", "op_repeats",
-        "sync", "cuda_graphs")))
+        "sync", "cuda_graphs", "llama_cpp")))
     return _report(overhead.run(bench), overhead.render, args)
 
 

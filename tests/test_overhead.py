@@ -128,7 +128,7 @@ def test_a_queued_call_and_a_direct_one_see_one_order():
 def test_bench_overhead_breakdown_adds_up():
     result = overhead.run(overhead.OverheadBench(
         sessions=[1, 3], prompt_len=24, new_tokens=6, idle=20, syscall_len=40, op_repeats=5,
-        repeats=1))
+        repeats=1, llama_cpp=False))
     assert result["bench"] == "overhead"
     for case in result["decode"]:
         assert case["steps"] == 5  # one step per decode token after the first
@@ -160,3 +160,29 @@ def test_bench_overhead_cli(tmp_path):
     assert "host overhead" in proc.stdout and "handoff" in proc.stdout
     data = json.loads(out.read_text())
     assert [c["sessions"] for c in data["decode"]] == [1, 2] and data["idle"] is None
+
+
+def test_llama_cpp_peer_is_skipped_with_a_reason_when_missing(monkeypatch):
+    import asyncio
+
+    from agentos.bench import llamacpp
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises
+    assert "llama-cpp-python" in llamacpp.missing()
+    bench = overhead.OverheadBench(sessions=[1], prompt_len=8, new_tokens=3, idle=0, repeats=1)
+    got = asyncio.run(overhead._llama_cpp(bench, 1, random.Random(0)))
+    assert set(got) == {"missing"}
+
+
+def test_the_llama_cpp_checkpoint_loads_here_and_in_transformers(tmp_path):
+    from hf_models import hf_generate
+
+    from agentos.bench import llamacpp
+
+    folder = llamacpp.make_checkpoint(str(tmp_path / "ck"), seed=3)
+    prompt = [llamacpp.BOS] + [random.Random(1).randrange(3, 256) for _ in range(30)]
+    with Engine(folder, dtype="float32") as engine:
+        ours = engine.create_session(tokens=prompt).generate(
+            max_tokens=12, temperature=0.0, ignore_eos=True).tokens
+        assert engine.encode("ba ko") and engine.tokenizer.decode(engine.encode("ba ko")) == "ba ko"
+    assert ours == hf_generate(folder, prompt, 12)

@@ -13,8 +13,10 @@ and after, split the time per step into
 
 Host overhead per step = wall time per step - forward. The same single-session decode is
 run beside `idle` idle sessions (their cost to a step must not grow with their number),
-and through transformers' `generate` (decode only: generate(n + 1) - generate(1)) and,
-when installed, llama.cpp, on the same weights.
+and through transformers' `generate` (decode only: (generate(n) - generate(1)) / (n - 1))
+on the same weights; when llama-cpp-python is installed, this engine and llama.cpp decode
+one session of a tiny-shaped random checkpoint converted with llama.cpp's own converter
+(see llamacpp.py).
 
 Syscalls: fork + close, snapshot, rollback and info of a `syscall_len`-token session, from
 the caller: the direct path (the loop between steps: the call runs in the caller's
@@ -65,6 +67,7 @@ class OverheadBench:
     op_repeats: int = 200  # timed repeats of each syscall
     repeats: int = 3  # timed runs of each decode case (medians)
     peer: bool = True  # transformers' generate on the same weights
+    llama_cpp: bool = True  # llama.cpp too, when installed (agentos/bench/llamacpp.py)
     sync: bool = False  # CUDA: wait for the device after each forward (device time)
     block_size: int = 16
     seed: int = 0
@@ -129,7 +132,53 @@ async def _run(bench: OverheadBench) -> dict:
                 del net
                 advance()
         dtype = kernel.dtype
-    return _summarize(bench, dtype_name(dtype), threads, cases, idle, syscalls, peer)
+    # NOTE: after the engine above is closed: one engine (one torch thread team) at a time
+    llama = await _llama_cpp(bench, threads, rng) if bench.llama_cpp else None
+    return _summarize(bench, dtype_name(dtype), threads, cases, idle, syscalls, peer, llama)
+
+
+async def _llama_cpp(bench: OverheadBench, threads: int, rng: random.Random) -> dict:
+    """One session's greedy decode by this engine and by llama.cpp on the same random
+    weights (a checkpoint of the tiny model's shape that llama.cpp's converter reads, as
+    an f32 GGUF), at the same thread count; and llama.cpp's sequence copy + removal of a
+    syscall_len-token sequence, the counterpart of fork + close. {"missing": why} when
+    llama.cpp is not installed."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from agentos import AsyncEngine
+    from agentos.bench import llamacpp
+
+    reason = llamacpp.missing()
+    if reason is not None:
+        return {"missing": reason}
+    with tempfile.TemporaryDirectory(prefix="agentos-llamacpp-") as tmp:
+        # NOTE: written by a child process: torch work in this thread would leave it a
+        # thread team of its own beside the engine's, and with libgomp every parallel op
+        # of the engine then pays a sleep/wake handoff (2x slower decode on 2 cores)
+        folder = os.path.join(tmp, "hf")
+        subprocess.run([sys.executable, "-c", "import sys; from agentos.bench.llamacpp import "
+                        "make_checkpoint; make_checkpoint(sys.argv[1], seed=int(sys.argv[2]))",
+                        folder, str(bench.seed)], check=True, capture_output=True)
+        gguf = await asyncio.to_thread(llamacpp.to_gguf, folder, os.path.join(tmp, "m.gguf"))
+        prompt = random_prompt(bench.prompt_len, llamacpp.TINY_SHAPE["vocab_size"], llamacpp.BOS,
+                               rng)
+        async with AsyncEngine(model=folder, device="cpu", dtype="float32",
+                               block_size=bench.block_size) as engine:
+            await _decode(engine, [prompt], 4)  # warm-up
+            runs = sorted([await _timed_decode(engine, bench, [prompt])
+                           for _ in range(bench.repeats)], key=lambda r: r["wall"])
+        ours = runs[len(runs) // 2]
+        theirs = await asyncio.to_thread(llamacpp.decode, gguf, prompt, bench.new_tokens,
+                                         bench.repeats, threads)
+        seq_us = await asyncio.to_thread(llamacpp.seq_copy_us, gguf, bench.syscall_len,
+                                         bench.op_repeats)
+    return {"ours_tok_s": ours["tok_s"], "llama_cpp_tok_s": theirs["tok_s"],
+            "ratio": ratio(ours["tok_s"], theirs["tok_s"]),
+            "tokens_equal": ours["tokens"] == theirs["tokens"][1:], "threads": threads,
+            "seq_copy_us": seq_us, "session_tokens": bench.syscall_len}
 
 
 async def _decode(engine, prompts: list[list[int]], new_tokens: int, close: bool = True):
@@ -284,8 +333,15 @@ def _hf_decode(net, bench: OverheadBench, prompt: list[int]) -> dict:
 
 
 def _summarize(bench: OverheadBench, dtype: str, threads: int, cases: list[dict],
-               idle: dict | None, syscalls: dict, peer: dict | None) -> dict:
+               idle: dict | None, syscalls: dict, peer: dict | None,
+               llama: dict | None = None) -> dict:
     checks = []
+    if llama is not None and "missing" not in llama:
+        checks.append(check("one session's decode tokens/s >= llama.cpp's (same weights, f32)",
+                            llama["ratio"] >= 1.0,
+                            f"{llama['ours_tok_s']:.0f} vs {llama['llama_cpp_tok_s']:.0f} tok/s "
+                            f"({llama['ratio']:.2f}x, {llama['threads']} threads); greedy tokens "
+                            f"{'equal' if llama['tokens_equal'] else 'differ'}"))
     single = next((c for c in cases if c["sessions"] == 1), None)
     if single is not None and bench.model == "tiny":
         checks.append(check("host overhead per decode step of one session <= 1 ms (tiny)",
@@ -313,7 +369,8 @@ def _summarize(bench: OverheadBench, dtype: str, threads: int, cases: list[dict]
                                 op["direct_us"] <= 1e6 * limit,
                                 f"{op['direct_us']:.0f} us (queued {op['queued_us']:.0f} us)"))
     return {"bench": "overhead", "config": {**asdict(bench), "dtype": dtype, "threads": threads},
-            "decode": cases, "idle": idle, "syscalls": syscalls, "peer": peer, "checks": checks,
+            "decode": cases, "idle": idle, "syscalls": syscalls, "peer": peer,
+            "llama_cpp": llama, "checks": checks,
             "passed": all(c["passed"] for c in checks)}
 
 
@@ -333,6 +390,14 @@ def render(result: dict, console=None) -> None:
     if idle is not None:
         console.print(f"beside {idle['idle_sessions']} idle sessions: {1e3 * idle['beside_s']:.3f} "
                       f"ms per step vs {1e3 * idle['alone_s']:.3f} alone ({idle['ratio']:.2f}x)")
+    llama = result.get("llama_cpp")
+    if llama is not None and "missing" in llama:
+        console.print(f"llama.cpp peer skipped: {llama['missing']}")
+    elif llama is not None:
+        console.print(f"one session, same random weights ({llama['threads']} threads): "
+                      f"{llama['ours_tok_s']:.0f} tok/s vs llama.cpp {llama['llama_cpp_tok_s']:.0f} "
+                      f"({llama['ratio']:.2f}x); llama.cpp copies a {llama['session_tokens']}-token "
+                      f"sequence and removes it in {llama['seq_copy_us']:.1f} us")
     sc = result["syscalls"]
     print_table(f"syscalls on a {sc['session_tokens']}-token session, us (medians)",
                 ["op", "direct", "queued", "work", "handoff"],
