@@ -1,18 +1,19 @@
 """The kernel: the process table, the syscall queue and the step loop.
 
-One thread runs the loop. Clients never touch kernel state: they submit syscalls
-(`call(fn, *args)` returns a Future) which the loop applies between steps, so every
-operation sees a consistent state and needs no locks. A syscall that raises `Defer` is
-retried after the next step (e.g. a fork waiting for its parent's prefill to finish, so
-the children share the prefilled pages instead of each computing them).
+One thread runs the loop. Clients submit syscalls (`call(fn, *args)` returns a Future),
+which the loop applies between steps, so every operation sees a consistent state. A
+syscall that raises `Defer` is retried after the next step (e.g. a fork waiting for its
+parent's prefill, so the children share the prefilled pages). A syscall that only edits
+tables may instead run in the caller's thread between two steps (`call_now`, under the
+mutex the loop holds for each turn: see syscalls.py).
 
 The kernel owns the processes and their states: a state changes only through
-`Process.set_state`, checked against `process.TRANSITIONS`. Its syscalls are in three
-files: this one (the loop, the step, sessions), calls.py (generate and score calls) and
-lifecycle.py (pause, weights, sleep). It holds a MemoryManager (memory.py), which owns the
-pages: allocator, page tables, prefix cache, swap and eviction. What it knows of the
-layers above (the journal, the snapshots, metrics) it is given at construction as hooks
-(hooks.py).
+`Process.set_state`, checked against `process.TRANSITIONS`. Its syscalls are in four
+files: this one (the loop, the step, sessions), calls.py (generate and score calls),
+lifecycle.py (pause, weights, sleep) and views.py (info, lists, stats, KV bytes). It
+holds a MemoryManager (memory.py), which owns the pages: allocator, page tables, prefix
+cache, swap and eviction. What it knows of the layers above (the journal, the snapshots,
+metrics) it is given at construction as hooks (hooks.py).
 """
 
 from __future__ import annotations
@@ -22,12 +23,10 @@ import threading
 import time
 import uuid
 from array import array
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-import numpy as np
 import torch
 
 from agentos.kernel.calls import Calls
@@ -43,7 +42,7 @@ from agentos.kernel.errors import (
 )
 from agentos.kernel.grammar import Compiler
 from agentos.kernel.hooks import Hooks, KernelHooks, KernelJournal
-from agentos.kernel.kalloc import DEVICE, HOST, BlockAllocator
+from agentos.kernel.kalloc import BlockAllocator
 from agentos.kernel.lifecycle import Lifecycle
 from agentos.kernel.machine import Machine, fingerprint, load_machine
 from agentos.kernel.memory import MemoryManager
@@ -51,10 +50,11 @@ from agentos.kernel.process import GenerateCall, Process, ProcState, ScoreCall
 from agentos.kernel.runner.sampler import new_rng
 from agentos.kernel.sched import Chunk, form_batch, make_policy
 from agentos.kernel.syscalls import Defer, SyscallQueue
+from agentos.kernel.views import Views
 from agentos.kernel.vm import VM, PageTable
 
 
-class Kernel(Calls, Lifecycle):
+class Kernel(Calls, Lifecycle, Views):
     def __init__(self, config: Config, hooks: KernelHooks | None = None,
                  machine: Machine | None = None, costs: CostModel | None = None):
         """Without a machine: starts the loop thread, which loads the model and allocates
@@ -439,19 +439,6 @@ class Kernel(Calls, Lifecycle):
         if self.journal is not None:
             self.journal.closed(p)
 
-    def read_kv(self, pages: np.ndarray) -> torch.Tensor:
-        """A copy of the KV bytes of mapped pages (on either tier), on the CPU:
-        [len(pages), *kv_block_shape]. Not while asleep."""
-        kv, k = self.runner.kv, self.kalloc
-        slots = torch.from_numpy(k.slot[pages])
-        on_dev = torch.from_numpy(k.tier[pages] == DEVICE)
-        blocks = torch.empty((len(pages), *kv.shape[1:]), dtype=kv.dtype)
-        if on_dev.any():
-            blocks[on_dev] = kv[slots[on_dev].to(kv.device)].cpu()
-        if (~on_dev).any():
-            blocks[~on_dev] = self.runner.host_kv[slots[~on_dev]]
-        return blocks
-
     def write_kv(self, blocks: torch.Tensor) -> list[int]:
         """New device pages (one reference each) holding `blocks`, KV bytes of shape
         [n, *kv_block_shape]. The caller checks there is room (kalloc.num_free >= n)."""
@@ -459,60 +446,6 @@ class Kernel(Calls, Lifecycle):
         slots = torch.from_numpy(self.kalloc.slot[pages]).to(self.runner.kv.device)
         self.runner.kv[slots] = blocks.to(self.runner.kv.device)
         return pages
-
-    @property
-    def kv_dtype(self) -> torch.dtype:
-        return self.runner.kv.dtype
-
-    @property
-    def kv_block_shape(self) -> list[int]:
-        """The shape of one page's KV bytes (all layers)."""
-        return list(self.runner.kv.shape[1:])
-
-    def page_tables(self) -> list[PageTable]:
-        """The page tables of every live session and score call (snapshots hold others)."""
-        return [p.table for p in self.procs.values()] + [p.table for p in self._scratch.values()]
-
-    def sys_tokens(self, pid: str) -> tuple[list[int], list[int]]:
-        p = self.proc(pid)
-        return p.token_ids.tolist(), p.mask.tolist()
-
-    def sys_info(self, pid: str) -> dict[str, Any]:
-        return self.info(self.proc(pid))
-
-    def info(self, p: Process) -> dict[str, Any]:
-        host = int((self.kalloc.tier[p.table.block_ids] == HOST).sum())
-        return p.info(host, self.weight_version, time.monotonic())
-
-    def sys_list(self, pids: list[str] | None = None,
-                 owner: str | None = None) -> list[dict[str, Any]]:
-        """Info of every live session, or of those of `pids` that are live; only those of
-        the tenant `owner` when it is given."""
-        procs = self.procs.values() if pids is None else [
-            self.procs[pid] for pid in pids if pid in self.procs]
-        return [self.info(p) for p in procs if owner is None or p.owner == owner]
-
-    def sys_num_tokens(self, pids: list[str]) -> int:
-        """Tokens held by those of `pids` that are live."""
-        return sum(len(self.procs[pid].token_ids) for pid in pids if pid in self.procs)
-
-    def sys_stats(self) -> dict[str, Any]:
-        now = time.monotonic()
-        by_state = dict(Counter(p.state.value for p in self.procs.values()))
-        by_level = dict(Counter(str(p.level) for p in self.policy.order()))
-        all_levels = dict(Counter(str(p.level) for p in self.procs.values()))
-        return {
-            "kv": self.memory.kv_stats(),
-            "sessions": {"total": len(self.procs), "by_state": by_state, "by_level": all_levels},
-            "scheduler": self.policy.name,
-            "queue": {"runnable": sum(by_level.values()), "by_level": by_level},
-            "weight_version": self.weight_version, "paused": self._paused, "asleep": self._asleep,
-            **self.stats, **self.memory.stats,
-            "prefix_hit_tokens_by_owner": dict(self.memory.hits_by_owner),
-            # over every session, closed ones included: seconds spent off the device
-            "swapped_s": self.stats["swapped_s"] + sum(
-                p.time_swapped(now) for p in self.procs.values()),
-        }
 
 
 def _derive_seed(rng: torch.Generator, salt_a: int, salt_b: int) -> int:

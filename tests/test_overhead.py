@@ -175,9 +175,8 @@ def test_llama_cpp_peer_is_skipped_with_a_reason_when_missing(monkeypatch):
 
 
 def test_the_llama_cpp_checkpoint_loads_here_and_in_transformers(tmp_path):
-    from hf_models import hf_generate
-
     from agentos.bench import llamacpp
+    from hf_models import hf_generate
 
     folder = llamacpp.make_checkpoint(str(tmp_path / "ck"), seed=3)
     prompt = [llamacpp.BOS] + [random.Random(1).randrange(3, 256) for _ in range(30)]
