@@ -47,6 +47,7 @@ from agentos.bench.common import (
     set_threads,
     sync,
 )
+from agentos.bench.decode import _ours
 
 PHASES = ("schedule", "prepare", "forward", "sample", "bookkeeping", "between")
 HOST_TARGET_S = 1e-3  # host overhead per step of one session, at most (tiny model)
@@ -111,7 +112,7 @@ async def _run(bench: OverheadBench) -> dict:
 
         steps = len(bench.sessions) + bool(bench.idle) + 1 + bench.peer
         with progress(steps, "overhead parts") as advance:
-            await _decode(engine, prompts(1), 4)  # warm-up: every path once
+            await _ours(engine, prompts(1), 4)  # warm-up: every path once
             cases = []
             for n in bench.sessions:
                 cases.append(await _decode_case(engine, bench, lambda k=n: prompts(k)))
@@ -167,7 +168,7 @@ async def _llama_cpp(bench: OverheadBench, threads: int, rng: random.Random) -> 
                                rng)
         async with AsyncEngine(model=folder, device="cpu", dtype="float32",
                                block_size=bench.block_size) as engine:
-            await _decode(engine, [prompt], 4)  # warm-up
+            await _ours(engine, [prompt], 4)  # warm-up
             runs = sorted([await _timed_decode(engine, bench, [prompt])
                            for _ in range(bench.repeats)], key=lambda r: r["wall"])
         ours = runs[len(runs) // 2]
@@ -181,15 +182,6 @@ async def _llama_cpp(bench: OverheadBench, threads: int, rng: random.Random) -> 
             "seq_copy_us": seq_us, "session_tokens": bench.syscall_len}
 
 
-async def _decode(engine, prompts: list[list[int]], new_tokens: int, close: bool = True):
-    sessions = await asyncio.gather(*(engine.create_session(tokens=p) for p in prompts))
-    gens = await asyncio.gather(*(s.generate(max_tokens=new_tokens, temperature=0.0,
-                                             ignore_eos=True) for s in sessions))
-    if close:
-        await asyncio.gather(*(s.close() for s in sessions))
-    return sessions, gens
-
-
 def _counters(kernel) -> dict:
     """The step counters and the time, read in the loop thread between two steps."""
     st, ph = kernel.stats, kernel.runner.phase_s
@@ -201,7 +193,7 @@ async def _timed_decode(engine, bench: OverheadBench, prompts: list[list[int]]) 
     """Per-step seconds of each phase over new_tokens - 1 decode steps of the prompts'
     sessions (prefilled and one token sampled first), and their tokens."""
     kernel = engine.kernel
-    sessions, _ = await _decode(engine, prompts, 1, close=False)
+    sessions = [s for s, _ in await _ours(engine, prompts, 1, close=False)]
     # NOTE: read between steps, in the loop thread: a caller woken by a step's tokens would
     # read them while that step's bookkeeping still runs
     before = await on_engine_thread(engine, _counters, kernel)
