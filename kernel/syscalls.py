@@ -36,8 +36,10 @@ class SyscallQueue:
         # caller while its call runs; the loop never holds it while waiting for _cv, and a
         # caller never takes _cv while holding it
         self.mutex = threading.Lock()
-        # try_now callers blocked on the mutex: the loop lets them in before its next turn
-        self._waiters = 0
+        # try_now callers that waited for the mutex, and how many of them have taken it: the
+        # loop lets in those waiting when its turn ends (not later arrivals: a stream of
+        # callers must not starve the loop)
+        self._arrived = self._entered = 0
         self._served = threading.Condition(threading.Lock())
 
     def submit(self, fn: Callable, args: tuple) -> Future:
@@ -89,10 +91,10 @@ class SyscallQueue:
             return False, None
         if block:
             with self._served:
-                self._waiters += 1
+                self._arrived += 1
             self.mutex.acquire()
             with self._served:
-                self._waiters -= 1
+                self._entered += 1
                 self._served.notify_all()
         elif not self.mutex.acquire(blocking=False):
             return False, None
@@ -114,10 +116,12 @@ class SyscallQueue:
         return True, result
 
     def let_waiters_in(self) -> None:
-        """Called by the loop between turns, holding no lock: returns once every try_now
-        caller blocked on the mutex has taken it."""
+        """Called by the loop between turns, holding no lock: returns once the try_now
+        callers waiting for the mutex now have taken it (callers arriving meanwhile wait
+        for the next turn's end)."""
         with self._served:
-            while self._waiters and not self.closed:
+            waiting = self._arrived
+            while self._entered < waiting and not self.closed:
                 self._served.wait()
 
     def apply(self, calls: list[Call]) -> None:

@@ -185,3 +185,29 @@ def test_the_llama_cpp_checkpoint_loads_here_and_in_transformers(tmp_path):
             max_tokens=12, temperature=0.0, ignore_eos=True).tokens
         assert engine.encode("ba ko") and engine.tokenizer.decode(engine.encode("ba ko")) == "ba ko"
     assert ours == hf_generate(folder, prompt, 12)
+
+
+def test_a_stream_of_direct_calls_does_not_starve_the_loop():
+    # four threads calling info() back to back: each turn of the loop lets in only those
+    # waiting when it ended, so a generate call still runs to its end
+    with Engine("tiny") as engine:
+        s = engine.create_session(tokens=list(range(3, 60)))
+        other = engine.create_session(tokens=list(range(3, 30)))
+        stop = threading.Event()
+
+        def hammer():
+            while not stop.is_set():
+                other.info()
+
+        threads = [threading.Thread(target=hammer) for _ in range(4)]
+        for t in threads:
+            t.start()
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (s.generate(
+            max_tokens=50, temperature=0.0, ignore_eos=True), done.set()))
+        worker.start()
+        finished = done.wait(60)
+        stop.set()
+        for t in [*threads, worker]:
+            t.join()
+        assert finished, "the generate call was starved by the direct calls"
