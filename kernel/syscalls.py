@@ -79,14 +79,16 @@ class SyscallQueue:
 
     def try_now(self, fn: Callable, args: tuple, after: Callable[[], bool],
                 block: bool = True) -> tuple[bool, Any]:
-        """Runs fn(*args) in this thread between the loop's steps, then after() (the
-        journal's commit; it returns whether the loop has work now, and is woken only
-        then: a loop woken for nothing takes the mutex to find that out, and a caller's
-        next call could find it held), unless a call is queued before it. With `block`, waits for the
-        step in progress to end (the loop lets such callers in before its next turn);
-        without, runs only if the loop is between steps now. Returns (True, its result),
-        raising what it raised, or (False, None): not run (calls are queued, the queue is
-        closed, the loop is busy and not `block`, or fn raised Defer); queue it then."""
+        """Runs fn(*args) in this thread between the loop's steps, unless a call is queued
+        before it; then after() (the journal's commit), which says whether the loop has
+        work now. The loop is woken only then: woken for nothing, it would look at its
+        state while the caller's next call comes.
+
+        With `block`, waits for the step in progress to end (the loop lets such callers
+        in before its next turn); without, runs only if the loop is between steps now.
+        Returns (True, fn's result), raising what fn raised, or (False, None) when it did
+        not run (calls are queued, the queue is closed, the loop is busy and not `block`,
+        or fn raised Defer): queue it then."""
         if self._calls or self.closed:
             return False, None
         if block:
@@ -98,22 +100,21 @@ class SyscallQueue:
                 self._served.notify_all()
         elif not self.mutex.acquire(blocking=False):
             return False, None
+        wake = False
         try:
             if self._calls or self.closed:
                 return False, None
-            wake = False
             try:
-                result = fn(*args)
+                return True, fn(*args)
             except Defer:  # raised before any change: the queue retries it after a step
                 return False, None
             finally:
                 wake = after()
         finally:
             self.mutex.release()
-        if wake:  # the call queued work (a wakened session)
-            with self._cv:
-                self._cv.notify()
-        return True, result
+            if wake:  # the call queued work (a wakened session); never under the mutex
+                with self._cv:
+                    self._cv.notify()
 
     def let_waiters_in(self) -> None:
         """Called by the loop between turns, holding no lock: returns once the try_now
