@@ -21,7 +21,7 @@ from agentos import (
     InvalidRequestError,
     NotFoundError,
 )
-from hf_models import hf_generate, hf_logits, make_hf_checkpoint
+from hf_models import batched_greedy_matches_hf, hf_generate, make_hf_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -42,24 +42,8 @@ def _used(engine) -> int:
 ])
 def test_batched_chunked_greedy_matches_transformers(tmp_path, kind, tie, extra):
     path = make_hf_checkpoint(tmp_path / kind, kind, tie=tie, num_kv_heads=2, **extra)
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (5, 23, 40, 57)]
-    # a 16-token budget forces chunked prefill mixed with other sessions' decodes
-    with Engine(str(path), kv_blocks=512, block_size=4, max_batch_tokens=16) as engine:
-        sessions = [engine.create_session(tokens=p) for p in prompts]
-        with ThreadPoolExecutor(len(sessions)) as pool:
-            gens = list(pool.map(lambda s: s.generate(max_tokens=64, temperature=0.0,
-                                                      ignore_eos=True), sessions))
-        assert engine.stats()["steps"] < 4 * 64  # they really ran batched
-        for p, gen in zip(prompts, gens):
-            assert gen.tokens == hf_generate(path, p, 64)
-            assert gen.finish_reason == "length"
-            # logprobs are the model's own log-softmax at each chosen token
-            ref = torch.log_softmax(hf_logits(path, p + gen.tokens), dim=-1)
-            chosen = ref[len(p) - 1 : -1].gather(1, torch.tensor(gen.tokens)[:, None])[:, 0]
-            assert torch.allclose(torch.tensor(gen.logprobs), chosen, atol=1e-4)
-        engine.check()
-
+    for _, gen in batched_greedy_matches_hf(path, (5, 23, 40, 57), 64):
+        assert gen.finish_reason == "length"
 
 def test_sessions_fork_snapshot_rollback(tiny):
     base = _used(tiny)
