@@ -144,6 +144,21 @@ def _triton_kernels(q: torch.Tensor, k_cache: torch.Tensor):
     return mod if mod.supports(q, k_cache) else None
 
 
+def _cpu_kernels(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
+    """The cpu_attention module when its C++ decode should run this call, else None."""
+    if q.device.type != "cpu" or BACKEND == "torch":
+        return None
+    mod = _load_cpu()
+    return mod if mod.available() and mod.supports(q, k_cache, v_cache) else None
+
+
+@functools.cache
+def _load_cpu():
+    from agentos.kernel.runner import cpu_attention
+
+    return cpu_attention
+
+
 _TRITON_OFF = False  # set after the Triton path failed once under BACKEND "auto"
 
 
@@ -188,6 +203,10 @@ def _decode(q, k_cache, v_cache, meta: AttnMeta, scale: float,
     if meta.shared:  # never with sliding layers: their tables are whole (see model_runner)
         assert window is None, "a sliding layer needs whole decode tables, not a cascade"
         return _decode_cascade(q, k_cache, v_cache, meta, scale, cap)
+    native = _cpu_kernels(q, k_cache, v_cache)
+    if native is not None:
+        return native.decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_ctx_lens,
+                             scale, window, cap)
     B, H, D = q.shape
     KVH = k_cache.shape[2]
     k = gather_blocks(k_cache, meta.decode_block_tables).transpose(1, 2)  # [B, KVH, L, D]
