@@ -148,3 +148,27 @@ def test_a_deliberate_stall_is_caught(monkeypatch):
         with pytest.raises(Stalled):
             run_work(e, work, step_bound=4 * total_tokens(work) + 64)
         e.kernel.call(e.kernel.sys_abort_all).result()
+
+
+def test_pages_mapped_from_the_prefix_cache_stay_visible_to_eviction():
+    """A dropped session that maps its old pages back from the prefix cache holds device
+    pages before it is admitted; if it is then blocked on memory, those pages must still
+    be eviction victims, or a full pool waits on them forever (a generate failed with
+    "out of KV blocks" on a pool where every session fits alone)."""
+    from agentos.bench.simulate import SimBench, _sim_kernel
+
+    k, _ = _sim_kernel(SimBench(kv_blocks=16, host_blocks=0), "mlfq")
+    pid = k.sys_create(list(range(3, 3 + 8 * BS)), 0, "default")
+    while k.policy.has_work():
+        k.step()
+    p, mem = k.procs[pid], k.memory
+    assert p.num_cached == 8 * BS and p.table.num_blocks == 8
+    mem.begin_step()
+    mem._evict(p)  # dropped (no host tier): its pages stay in the prefix cache
+    assert p.num_cached == 0 and p.table.num_blocks == 0
+    mem.begin_step()
+    assert p not in mem._victim_list()  # nothing of it on the device
+    mem.begin_step()
+    assert mem.match_prefix(p)  # maps them back, not yet admitted
+    assert p.table.num_blocks == 8
+    assert p in mem._victim_list()
