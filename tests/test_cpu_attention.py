@@ -112,6 +112,8 @@ def test_unsupported_layouts_are_declined():
     assert not cpu_attention.supports(q.half(), k.half(), v.half())  # no fp16 kernel
     assert not cpu_attention.supports(q, k.transpose(1, 2), v.transpose(1, 2))  # head-major
     assert not cpu_attention.supports(q[:, :, :8], k, v)  # head dims differ
+    assert not cpu_attention.supports(q, k, v.bfloat16())  # V's dtype differs
+    assert not cpu_attention.supports(q[:0], k, v)  # no decodes
 
 
 def test_failed_build_falls_back_to_torch(tmp_path, monkeypatch, caplog):

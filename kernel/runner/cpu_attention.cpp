@@ -113,8 +113,9 @@ bool attend(const float* qf, const T* k, const T* v, const int64_t* table, int64
 
 // Each sequence's keys are cut into `splits` ranges of whole blocks (more than one when
 // there are fewer sequences than threads: batch 1 at a long context), attended in parallel,
-// then merged by their maxima and sums. Returns 0, or 1 (out unwritten) when a context
-// length exceeds its table or a block id is outside the pool.
+// then merged by their maxima and sums. Returns 0, or 1 when a context length exceeds its
+// table or a block id is outside the pool: nothing outside the pool is read, and out is
+// not to be used.
 template <typename T>
 int decode(const T* q, const T* k, const T* v, const int64_t* tables, const int64_t* ctx_lens,
            T* out, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t bs, int64_t num_blocks,

@@ -54,7 +54,8 @@ def available() -> bool:
 def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """True when decode() takes these: CPU tensors of a supported dtype, each block of the
     caches one contiguous [block_size, KVH, D] run, K and V strided alike."""
-    if q.device.type != "cpu" or q.dtype not in _FUNCTIONS or k_cache.dtype != q.dtype:
+    if q.device.type != "cpu" or q.dtype not in _FUNCTIONS or k_cache.dtype != q.dtype \
+            or v_cache.dtype != q.dtype or v_cache.shape != k_cache.shape or q.shape[0] == 0:
         return False
     _, bs, kvh, d = k_cache.shape
     inner = (kvh * d, d, 1)
