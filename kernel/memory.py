@@ -208,7 +208,7 @@ class MemoryManager:
         if p.pid in self.procs:
             # NOTE: p now holds device pages: they must be visible to eviction even if p
             # is then blocked on memory, or a full pool can wait on them forever
-            self._resident[p.pid] = p
+            self.track(p)
         cached = min(end, p.num_tokens - 1 if p.call is not None else p.num_tokens)
         self.stats["prefix_hit_tokens"] += cached - p.num_cached
         self.hits_by_owner[p.owner] = self.hits_by_owner.get(p.owner, 0) + cached - p.num_cached

@@ -174,9 +174,7 @@ class _Http:
             r = self.client.request(method, path, content=content, headers=self.headers)
         else:
             r = self.client.request(method, path, json=body)
-        if r.status_code >= 400:
-            error = ValueError if r.status_code == 400 else RuntimeError
-            raise error(f"{method} {path}: HTTP {r.status_code} {r.content[:300]!r}")
+        _raise_for(method, path, r.status_code, r.content)
         return self.msgpack.unpackb(r.content) if self.msgpack else r.json()
 
     def create(self, tokens: list[int]) -> str:
@@ -225,10 +223,16 @@ class _Stdlib(_Http):
         self.conn.request(method, path, body=data, headers=headers)
         r = self.conn.getresponse()
         content = r.read()
-        if r.status >= 400:
-            error = ValueError if r.status == 400 else RuntimeError
-            raise error(f"{method} {path}: HTTP {r.status} {content[:300]!r}")
+        _raise_for(method, path, r.status, content)
         return json.loads(content) if content else {}
+
+
+def _raise_for(method: str, path: str, status: int, content: bytes) -> None:
+    """ValueError for a 400 (the caller's input, like an InvalidRequestError in-process),
+    RuntimeError for any other error status; nothing for a success."""
+    if status >= 400:
+        error = ValueError if status == 400 else RuntimeError
+        raise error(f"{method} {path}: HTTP {status} {content[:300]!r}")
 
 
 def _measure(ops, prompt: list[int], bench: ApiBench) -> dict[str, list[float]]:
