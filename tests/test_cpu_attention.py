@@ -1,4 +1,4 @@
-"""The C++ paged decode attention of the CPU (kernel/runner/cpu_attention.py) against the
+"""The C++ paged decode attention of the CPU (kernel/runner/cpu_kernels.py) against the
 torch path it replaces: same outputs for every shape and option the models use, bad tables
 refused, and the torch path kept when the kernel cannot be built."""
 
@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 
-from agentos.kernel.runner import attention, cpu_attention
+from agentos.kernel.runner import attention, cpu_kernels
 from agentos.kernel.runner.attention import AttnMeta, paged_attention
 
 
@@ -37,7 +37,7 @@ def _torch_decode(monkeypatch, q, k_cache, v_cache, tables, lens, scale, window,
 
 def test_builds_here():
     """The machines this runs on have a C++ compiler: the fast path is the one tested."""
-    assert cpu_attention.available()
+    assert cpu_kernels.available()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -50,9 +50,9 @@ def test_builds_here():
 def test_decode_equals_torch_path(dtype, shape, window, cap, monkeypatch):
     B, H, KVH, D, bs, blocks = shape
     q, k, v, tables, lens = _case(B, H, KVH, D, bs, blocks, dtype)
-    assert cpu_attention.supports(q, k, v)
+    assert cpu_kernels.supports(q, k, v)
     want = _torch_decode(monkeypatch, q, k, v, tables, lens, D ** -0.5, window, cap)
-    got = cpu_attention.decode(q, k, v, tables, lens, D ** -0.5, window, cap)
+    got = cpu_kernels.decode(q, k, v, tables, lens, D ** -0.5, window, cap)
     assert got.dtype == dtype and got.shape == q.shape
     tol = 2e-6 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
@@ -63,13 +63,13 @@ def test_split_ranges_do_not_change_the_result(threads, monkeypatch):
     """However many threads cut a long context into ranges, the merge gives the same output
     (to rounding) as one range."""
     q, k, v, tables, lens = _case(1, 8, 2, 32, 16, 80, torch.float32, seed=3)
-    monkeypatch.setattr(cpu_attention, "MIN_SPLIT_TOKENS", 10**9)  # one range
-    one = cpu_attention.decode(q, k, v, tables, lens, 0.2)
-    monkeypatch.setattr(cpu_attention, "MIN_SPLIT_TOKENS", 16)
+    monkeypatch.setattr(cpu_kernels, "MIN_SPLIT_TOKENS", 10**9)  # one range
+    one = cpu_kernels.decode(q, k, v, tables, lens, 0.2)
+    monkeypatch.setattr(cpu_kernels, "MIN_SPLIT_TOKENS", 16)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        split = cpu_attention.decode(q, k, v, tables, lens, 0.2)
+        split = cpu_kernels.decode(q, k, v, tables, lens, 0.2)
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(split, one, atol=1e-6, rtol=1e-6)
@@ -79,8 +79,8 @@ def test_paged_attention_takes_it_on_cpu(monkeypatch):
     """Decodes on CPU go through the C++ kernel; AGENTOS_ATTENTION=torch keeps them off it;
     a cascade (shared prefixes) stays on the torch path."""
     calls = []
-    real = cpu_attention.decode
-    monkeypatch.setattr(cpu_attention, "decode", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = cpu_kernels.decode
+    monkeypatch.setattr(cpu_kernels, "decode", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     q, k, v, tables, lens = _case(2, 4, 2, 16, 4, 5, torch.float32)
     meta = AttnMeta(slot_mapping=torch.zeros(2, dtype=torch.long), num_decodes=2,
                     decode_block_tables=tables, decode_ctx_lens=lens)
@@ -104,16 +104,16 @@ def test_bad_tables_raise_and_read_nothing(bad):
     else:
         tables[0, 2] = -1
     with pytest.raises(IndexError):
-        cpu_attention.decode(q, k, v, tables, lens, 0.25)
+        cpu_kernels.decode(q, k, v, tables, lens, 0.25)
 
 
 def test_unsupported_layouts_are_declined():
     q, k, v, _, _ = _case(1, 4, 2, 16, 4, 3, torch.float32)
-    assert not cpu_attention.supports(q.half(), k.half(), v.half())  # no fp16 kernel
-    assert not cpu_attention.supports(q, k.transpose(1, 2), v.transpose(1, 2))  # head-major
-    assert not cpu_attention.supports(q[:, :, :8], k, v)  # head dims differ
-    assert not cpu_attention.supports(q, k, v.bfloat16())  # V's dtype differs
-    assert not cpu_attention.supports(q[:0], k, v)  # no decodes
+    assert not cpu_kernels.supports(q.half(), k.half(), v.half())  # no fp16 kernel
+    assert not cpu_kernels.supports(q, k.transpose(1, 2), v.transpose(1, 2))  # head-major
+    assert not cpu_kernels.supports(q[:, :, :8], k, v)  # head dims differ
+    assert not cpu_kernels.supports(q, k, v.bfloat16())  # V's dtype differs
+    assert not cpu_kernels.supports(q[:0], k, v)  # no decodes
 
 
 def test_failed_build_falls_back_to_torch(tmp_path, monkeypatch, caplog):
@@ -121,10 +121,10 @@ def test_failed_build_falls_back_to_torch(tmp_path, monkeypatch, caplog):
     on the torch path (the engine keeps working)."""
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
     monkeypatch.setenv("AGENTOS_KERNEL_CACHE", str(tmp_path))
-    cpu_attention._library.cache_clear()
+    cpu_kernels._library.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, "agentos.attention"):
-            assert not cpu_attention.available()
+            assert not cpu_kernels.available()
         assert "unavailable" in caplog.text
         q, k, v, tables, lens = _case(2, 4, 2, 16, 4, 5, torch.float32)
         meta = AttnMeta(slot_mapping=torch.zeros(2, dtype=torch.long), num_decodes=2,
@@ -134,18 +134,18 @@ def test_failed_build_falls_back_to_torch(tmp_path, monkeypatch, caplog):
         assert not list(tmp_path.glob("*.so"))
     finally:
         monkeypatch.undo()
-        cpu_attention._library.cache_clear()
-    assert cpu_attention.available()
+        cpu_kernels._library.cache_clear()
+    assert cpu_kernels.available()
 
 
 def test_build_is_cached(tmp_path, monkeypatch):
     """A second build of the same source for the same compiler and CPU compiles nothing."""
     monkeypatch.setenv("AGENTOS_KERNEL_CACHE", str(tmp_path))
-    first = cpu_attention._build()
+    first = cpu_kernels._build()
     assert first.parent == tmp_path and first.exists()
 
     def no_compiler(*args, **kwargs):
         raise AssertionError(f"compiled again: {args}")
 
     monkeypatch.setattr(subprocess, "run", no_compiler)
-    assert cpu_attention._build() == first
+    assert cpu_kernels._build() == first

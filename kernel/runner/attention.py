@@ -145,7 +145,7 @@ def _triton_kernels(q: torch.Tensor, k_cache: torch.Tensor):
 
 
 def _cpu_kernels(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
-    """The cpu_attention module when its C++ decode should run this call, else None."""
+    """The cpu_kernels module when its C++ decode should run this call, else None."""
     if q.device.type != "cpu" or BACKEND == "torch":
         return None
     mod = _load_cpu()
@@ -154,9 +154,9 @@ def _cpu_kernels(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
 
 @functools.cache
 def _load_cpu():
-    from agentos.kernel.runner import cpu_attention
+    from agentos.kernel.runner import cpu_kernels
 
-    return cpu_attention
+    return cpu_kernels
 
 
 _TRITON_OFF = False  # set after the Triton path failed once under BACKEND "auto"

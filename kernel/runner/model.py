@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agentos.kernel.runner import cpu_kernels
 from agentos.kernel.runner.attention import AttnMeta, paged_attention, sdpa, write_kv
 from agentos.kernel.runner.moe import Experts, SparseMoE
 from agentos.kernel.runner.rope import rope_inv_freq, rope_table
@@ -403,7 +404,11 @@ class LlamaModel(nn.Module):
         kv: torch.Tensor, logits_indices: torch.Tensor,
     ) -> torch.Tensor:
         """input_ids, positions: [T]; kv: [N, L, 2, bs, KVH, D]; returns fp32 logits [S, V]
-        for the tokens at logits_indices [S]."""
+        for the tokens at logits_indices [S]. On the CPU a step of a few decodes runs as one
+        C++ call (cpu_kernels.forward) where it can."""
+        if input_ids.device.type == "cpu" and cpu_kernels.takes_forward(
+                self, input_ids, meta, kv, logits_indices):
+            return cpu_kernels.forward(self, input_ids, positions, meta, kv, logits_indices)
         x = self.embed(input_ids)  # [T, hidden]
         cos = self.cos_table[positions].to(x.dtype)[:, None, :]  # [T, 1, D]
         sin = self.sin_table[positions].to(x.dtype)[:, None, :]

@@ -1,0 +1,428 @@
+// The CPU's C++ kernels, built on first use by cpu_kernels.py with the system C++ compiler
+// and called through ctypes:
+//   agentos_decode_{f32,bf16}  paged decode attention (below)
+//   agentos_forward_f32        a whole decode step of a dense float32 model (further below)
+//
+// Paged decode attention: one query per sequence over its cached K/V, read in place through
+// the block table (no gathered copy of the context).
+//
+// Layout (the per-layer views of the block-major pool, see model_runner.py):
+//   q, out   [B, H, D]            contiguous
+//   k, v     [num_blocks, bs, KVH, D], contiguous inside a block, `block_stride` elements
+//            from one block to the next
+//   tables   [B, max_blocks] int64, ctx_lens [B] int64 (keys of each sequence, the new one
+//            included)
+//
+// A task is one sequence, or one range of its blocks when the batch is smaller than the
+// thread count (split-K; the ranges' partial softmax states are merged at the end). It reads
+// each block front to back once: a token's K row holds every kv head side by side, and the
+// G = H / KVH query heads of a kv head share it. A block of keys at a time: the scores, one
+// online-softmax rescale per head (fp32 throughout), then the V rows weighted in.
+// window > 0: only the last `window` keys are visible; cap > 0: scores become
+// tanh(s / cap) * cap (Gemma 2).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline float to_float(float x) { return x; }
+
+inline float to_float(uint16_t x) {  // bfloat16: the high half of a float
+  uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline void from_float(float x, float* out) { *out = x; }
+
+inline void from_float(float x, uint16_t* out) {  // round to nearest even, NaN kept NaN
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  if (std::isnan(x)) {
+    *out = 0x7FC0;
+    return;
+  }
+  bits += 0x7FFF + ((bits >> 16) & 1);
+  *out = static_cast<uint16_t>(bits >> 16);
+}
+
+// The keys [lo, hi) of sequence b, every head: the partial softmax state of each query head
+// (its running max m, sum l and unnormalized output acc). Each token's K (then V) row holds
+// all kv heads side by side, so a block is read front to back, once.
+// Returns false, having read nothing, when a block id of the range is outside the pool.
+template <typename T>
+bool attend(const float* qf, const T* k, const T* v, const int64_t* table, int64_t lo,
+            int64_t hi, int64_t H, int64_t KVH, int64_t D, int64_t bs, int64_t num_blocks,
+            int64_t block_stride, float scale, float cap, float* m, float* l, float* acc,
+            float* s) {
+  const int64_t G = H / KVH;
+  const int64_t row = KVH * D;  // elements from one token to the next inside a block
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t j = lo / bs; j * bs < hi; ++j)
+    if (table[j] < 0 || table[j] >= num_blocks) return false;
+  for (int64_t j = lo / bs; j * bs < hi; ++j) {
+    const T* kb = k + table[j] * block_stride;
+    const T* vb = v + table[j] * block_stride;
+    const int64_t t0 = std::max<int64_t>(0, lo - j * bs), t1 = std::min<int64_t>(bs, hi - j * bs);
+    for (int64_t t = t0; t < t1; ++t) {  // scores s[head][t]
+      const T* kt = kb + t * row;
+      for (int64_t hq = 0; hq < H; ++hq) {
+        const float* qh = qf + hq * D;
+        const T* kh = kt + (hq / G) * D;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) dot += qh[d] * to_float(kh[d]);
+        float score = dot * scale;
+        if (cap > 0.0f) score = std::tanh(score / cap) * cap;
+        s[hq * bs + t] = score;
+      }
+    }
+    for (int64_t hq = 0; hq < H; ++hq) {  // one rescale per block and head
+      float block_max = neg_inf;
+      for (int64_t t = t0; t < t1; ++t) block_max = std::max(block_max, s[hq * bs + t]);
+      const float new_max = std::max(m[hq], block_max);
+      if (m[hq] != new_max && m[hq] != neg_inf) {
+        const float correction = std::exp(m[hq] - new_max);
+        l[hq] *= correction;
+        float* ah = acc + hq * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) ah[d] *= correction;
+      }
+      m[hq] = new_max;
+      for (int64_t t = t0; t < t1; ++t) {
+        const float p = std::exp(s[hq * bs + t] - new_max);
+        s[hq * bs + t] = p;
+        l[hq] += p;
+      }
+    }
+    for (int64_t t = t0; t < t1; ++t) {  // acc += p * V
+      const T* vt = vb + t * row;
+      for (int64_t hq = 0; hq < H; ++hq) {
+        const float p = s[hq * bs + t];
+        const T* vh = vt + (hq / G) * D;
+        float* ah = acc + hq * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) ah[d] += p * to_float(vh[d]);
+      }
+    }
+  }
+  return true;
+}
+
+// Each sequence's keys are cut into `splits` ranges of whole blocks (more than one when
+// there are fewer sequences than threads: batch 1 at a long context), attended in parallel,
+// then merged by their maxima and sums. Returns 0, or 1 when a context length exceeds its
+// table or a block id is outside the pool: nothing outside the pool is read, and out is
+// not to be used.
+template <typename T>
+int decode(const T* q, const T* k, const T* v, const int64_t* tables, const int64_t* ctx_lens,
+           T* out, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t bs, int64_t num_blocks,
+           int64_t max_blocks, int64_t block_stride, float scale, int64_t window, float cap,
+           int64_t splits, int num_threads) {
+  for (int64_t b = 0; b < B; ++b)
+    if (ctx_lens[b] < 1 || ctx_lens[b] > max_blocks * bs) return 1;
+  int bad = 0;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  std::vector<float> m(B * splits * H, neg_inf), l(B * splits * H, 0.0f);
+  std::vector<float> acc(B * splits * H * D, 0.0f);
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<float> qf(H * D), s(H * bs);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < B * splits; ++task) {
+      const int64_t b = task / splits, part = task % splits;
+      const int64_t len = ctx_lens[b];
+      const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t first = start / bs, blocks = (len + bs - 1) / bs - first;
+      const int64_t per = (blocks + splits - 1) / splits;
+      const int64_t lo = std::max(start, (first + part * per) * bs);
+      const int64_t hi = std::min(len, (first + (part + 1) * per) * bs);
+      if (lo >= hi) continue;
+      for (int64_t i = 0; i < H * D; ++i) qf[i] = to_float(q[b * H * D + i]);
+      if (!attend(qf.data(), k, v, tables + b * max_blocks, lo, hi, H, KVH, D, bs, num_blocks,
+                  block_stride, scale, cap, &m[task * H], &l[task * H], &acc[task * H * D],
+                  s.data())) {
+#pragma omp atomic write
+        bad = 1;
+      }
+    }
+#pragma omp for
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+      const int64_t b = bh / H, hq = bh % H;
+      float top = neg_inf;
+      for (int64_t p = 0; p < splits; ++p) top = std::max(top, m[(b * splits + p) * H + hq]);
+      std::vector<float> o(D, 0.0f);
+      float sum = 0.0f;
+      for (int64_t p = 0; p < splits; ++p) {
+        const int64_t i = (b * splits + p) * H + hq;
+        if (m[i] == neg_inf) continue;  // an empty range
+        const float w = std::exp(m[i] - top);
+        sum += l[i] * w;
+        for (int64_t d = 0; d < D; ++d) o[d] += acc[i * D + d] * w;
+      }
+      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+      for (int64_t d = 0; d < D; ++d) from_float(o[d] * inv, &out[bh * D + d]);
+    }
+  }
+  return bad;
+}
+
+
+// ---------------------------------------------------------------------------------------
+// A whole decode step of a dense float32 Llama-family model (model.py's LlamaModel.forward
+// when every token is a decode): B sequences, one new token each, through every layer, then
+// the logits of S of them. One call, so the step costs no Python per operation; its
+// matrix-vector products stream each weight row once for all B tokens and split the rows
+// over the threads (at batch 1 the step is bound by reading the weights).
+//
+// Per layer the pointers (LAYER_PTRS of them, null where the model has none):
+enum LayerPtr {
+  kInNorm, kQkvW, kQkvB, kQNorm, kKNorm, kOW, kOB, kPostAttnNorm, kPreFfNorm, kPostFfNorm,
+  kGateUpW, kGateUpB, kDownW, kDownB, kKCache, kVCache, kLayerPtrs
+};
+// and the sizes (dims) and constants:
+enum Dim {
+  kB, kS, kHidden, kInter, kHeads, kKvHeads, kHeadDim, kVocab, kLayers, kBlockSize,
+  kNumBlocks, kMaxBlocks, kBlockStride, kRopeRows, kAct, kNormPlusOne, kSandwich, kQkNorm,
+  kSplits, kThreads, kDims
+};
+enum Const { kEps, kEmbedScale, kAttnScale, kAttnCap, kFinalCap, kConsts };
+enum Act { kSilu, kGeluTanh, kGelu };
+
+typedef float v8f __attribute__((vector_size(32)));
+
+inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline float hsum(v8f v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// The dot products of 4 weight rows w[0..3] with NB input vectors x[0..NB) of length K,
+// into s[b][r]: each weight vector loaded once for the NB inputs.
+template <int NB>
+void dots(const float* const* w, const float* const* x, int64_t K, float (*s)[4]) {
+  const int64_t K8 = K - K % 8;
+  v8f acc[NB][4] = {};
+  for (int64_t k = 0; k < K8; k += 8) {
+    const v8f w0 = load8(w[0] + k), w1 = load8(w[1] + k), w2 = load8(w[2] + k),
+              w3 = load8(w[3] + k);
+    for (int b = 0; b < NB; ++b) {
+      const v8f xv = load8(x[b] + k);
+      acc[b][0] += w0 * xv;
+      acc[b][1] += w1 * xv;
+      acc[b][2] += w2 * xv;
+      acc[b][3] += w3 * xv;
+    }
+  }
+  for (int b = 0; b < NB; ++b)
+    for (int r = 0; r < 4; ++r) {
+      float t = hsum(acc[b][r]);
+      for (int64_t k = K8; k < K; ++k) t += w[r][k] * x[b][k];
+      s[b][r] = t;
+    }
+}
+
+// y[b, n] = W[n] . x[b] (+ bias[n]) for b < B, n < N; W [N, K] row-major, x [B, K], y [B, N].
+// Four weight rows at a time, read once for every b (two b at a time, sharing the loads);
+// the row groups are split over the threads.
+void matvec(const float* W, const float* bias, const float* x, float* y, int64_t B, int64_t N,
+            int64_t K, int threads) {
+  const int64_t groups = (N + 3) / 4;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t n0 = g * 4, rows = std::min<int64_t>(4, N - n0);
+    const float* w[4];
+    for (int64_t r = 0; r < 4; ++r) w[r] = W + (n0 + std::min(r, rows - 1)) * K;
+    float s[2][4];
+    for (int64_t b = 0; b < B; b += 2) {
+      const float* xb[2] = {x + b * K, x + std::min(b + 1, B - 1) * K};
+      const int64_t nb = std::min<int64_t>(2, B - b);
+      if (nb == 2)
+        dots<2>(w, xb, K, s);
+      else
+        dots<1>(w, xb, K, s);
+      for (int64_t i = 0; i < nb; ++i)
+        for (int64_t r = 0; r < rows; ++r)
+          y[(b + i) * N + n0 + r] = s[i][r] + (bias ? bias[n0 + r] : 0.0f);
+    }
+  }
+}
+
+// RMSNorm of each of the `rows` vectors of x [rows, n] into out (which may be x), as model.py
+// computes it in float32: x * rsqrt(mean(x^2) + eps) * w, or * (1 + w) with plus_one (Gemma).
+void rms_norm(const float* x, const float* w, float* out, int64_t rows, int64_t n, float eps,
+              bool plus_one) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * n;
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < n; ++i) ss += xr[i] * xr[i];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+    float* o = out + r * n;
+    for (int64_t i = 0; i < n; ++i) o[i] = (xr[i] * inv) * (plus_one ? 1.0f + w[i] : w[i]);
+  }
+}
+
+// Rotates each of the `heads` vectors of x [heads, D] by the position's cos/sin rows [D]
+// (non-interleaved halves, as HF Llama).
+void rope(float* x, const float* cos, const float* sin, int64_t heads, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* xh = x + h * D;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = xh[i], b = xh[i + half];
+      xh[i] = a * cos[i] - b * sin[i];
+      xh[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+  }
+}
+
+inline float activate(float x, int64_t act) {
+  if (act == kSilu) return x / (1.0f + std::exp(-x));
+  if (act == kGeluTanh)
+    return 0.5f * x * (1.0f + std::tanh(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+  return 0.5f * x * (1.0f + std::erf(x * 0.7071067811865476f));
+}
+
+// Every index the step reads through, checked before anything is written: token ids within
+// the vocabulary, positions within the RoPE tables, slots within the pool, context lengths
+// within [1, the table] and the block ids they reach within the pool, rows within the batch.
+bool indices_ok(const int64_t* dims, const int64_t* ids, const int64_t* positions,
+                const int64_t* slots, const int64_t* tables, const int64_t* ctx_lens,
+                const int64_t* rows) {
+  const int64_t bs = dims[kBlockSize], max_blocks = dims[kMaxBlocks];
+  for (int64_t b = 0; b < dims[kB]; ++b) {
+    if (ids[b] < 0 || ids[b] >= dims[kVocab] || positions[b] < 0 ||
+        positions[b] >= dims[kRopeRows] || slots[b] < 0 ||
+        slots[b] >= dims[kNumBlocks] * bs || ctx_lens[b] < 1 || ctx_lens[b] > max_blocks * bs)
+      return false;
+    for (int64_t j = 0; j * bs < ctx_lens[b]; ++j) {
+      const int64_t block = tables[b * max_blocks + j];
+      if (block < 0 || block >= dims[kNumBlocks]) return false;
+    }
+  }
+  for (int64_t s = 0; s < dims[kS]; ++s)
+    if (rows[s] < 0 || rows[s] >= dims[kB]) return false;
+  return true;
+}
+
+int forward(const int64_t* dims, const float* consts, const float* const* layer_ptrs,
+            const int64_t* windows, const int64_t* ids, const int64_t* positions,
+            const int64_t* slots, const int64_t* tables, const int64_t* ctx_lens,
+            const int64_t* rows, const float* embed, const float* final_norm,
+            const float* lm_head, const float* cos, const float* sin, float* logits) {
+  if (!indices_ok(dims, ids, positions, slots, tables, ctx_lens, rows)) return 1;
+  const int64_t B = dims[kB], S = dims[kS], E = dims[kHidden], I = dims[kInter];
+  const int64_t H = dims[kHeads], KVH = dims[kKvHeads], D = dims[kHeadDim];
+  const int64_t q_size = H * D, kv_size = KVH * D, qkv_size = q_size + 2 * kv_size;
+  const int64_t bs = dims[kBlockSize], act = dims[kAct];
+  const bool plus_one = dims[kNormPlusOne], sandwich = dims[kSandwich];
+  const float eps = consts[kEps];
+  const int threads = static_cast<int>(dims[kThreads]);
+  std::vector<float> x(B * E), h(B * E), o(B * E), qkv(B * qkv_size), q(B * q_size),
+      attn(B * q_size), gate_up(B * 2 * I), mid(B * I);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < E; ++i) x[b * E + i] = embed[ids[b] * E + i] * consts[kEmbedScale];
+  for (int64_t layer = 0; layer < dims[kLayers]; ++layer) {
+    const float* const* p = layer_ptrs + layer * kLayerPtrs;
+    rms_norm(x.data(), p[kInNorm], h.data(), B, E, eps, plus_one);
+    matvec(p[kQkvW], p[kQkvB], h.data(), qkv.data(), B, qkv_size, E, threads);
+    float* k_cache = const_cast<float*>(p[kKCache]);
+    float* v_cache = const_cast<float*>(p[kVCache]);
+    for (int64_t b = 0; b < B; ++b) {
+      float* qb = qkv.data() + b * qkv_size;  // q, k, v side by side
+      float* kb = qb + q_size;
+      if (dims[kQkNorm]) {
+        rms_norm(qb, p[kQNorm], qb, H, D, eps, false);
+        rms_norm(kb, p[kKNorm], kb, KVH, D, eps, false);
+      }
+      const float* c = cos + positions[b] * D;
+      const float* s = sin + positions[b] * D;
+      rope(qb, c, s, H, D);
+      rope(kb, c, s, KVH, D);
+      std::memcpy(q.data() + b * q_size, qb, q_size * sizeof(float));
+      const int64_t at = (slots[b] / bs) * dims[kBlockStride] + (slots[b] % bs) * kv_size;
+      std::memcpy(k_cache + at, kb, kv_size * sizeof(float));
+      std::memcpy(v_cache + at, kb + kv_size, kv_size * sizeof(float));
+    }
+    if (decode(q.data(), static_cast<const float*>(k_cache), static_cast<const float*>(v_cache),
+               tables, ctx_lens, attn.data(), B, H, KVH, D, bs, dims[kNumBlocks],
+               dims[kMaxBlocks], dims[kBlockStride], consts[kAttnScale], windows[layer],
+               consts[kAttnCap], dims[kSplits], threads))
+      return 1;  // NOTE: unreachable after indices_ok
+    matvec(p[kOW], p[kOB], attn.data(), o.data(), B, E, q_size, threads);
+    if (sandwich) rms_norm(o.data(), p[kPostAttnNorm], o.data(), B, E, eps, plus_one);
+    for (int64_t i = 0; i < B * E; ++i) x[i] += o[i];
+    rms_norm(x.data(), sandwich ? p[kPreFfNorm] : p[kPostAttnNorm], h.data(), B, E, eps,
+             plus_one);
+    matvec(p[kGateUpW], p[kGateUpB], h.data(), gate_up.data(), B, 2 * I, E, threads);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < I; ++i)
+        mid[b * I + i] = activate(gate_up[b * 2 * I + i], act) * gate_up[b * 2 * I + I + i];
+    matvec(p[kDownW], p[kDownB], mid.data(), o.data(), B, E, I, threads);
+    if (sandwich) rms_norm(o.data(), p[kPostFfNorm], o.data(), B, E, eps, plus_one);
+    for (int64_t i = 0; i < B * E; ++i) x[i] += o[i];
+  }
+  std::vector<float> last(S * E);
+  for (int64_t s = 0; s < S; ++s) std::memcpy(&last[s * E], &x[rows[s] * E], E * sizeof(float));
+  rms_norm(last.data(), final_norm, last.data(), S, E, eps, plus_one);
+  matvec(lm_head, nullptr, last.data(), logits, S, dims[kVocab], E, threads);
+  const float cap = consts[kFinalCap];
+  if (cap > 0.0f)
+    for (int64_t i = 0; i < S * dims[kVocab]; ++i) logits[i] = std::tanh(logits[i] / cap) * cap;
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+int agentos_decode_f32(const float* q, const float* k, const float* v, const int64_t* tables,
+                       const int64_t* ctx_lens, float* out, int64_t B, int64_t H, int64_t KVH,
+                       int64_t D, int64_t bs, int64_t num_blocks, int64_t max_blocks,
+                       int64_t block_stride, float scale, int64_t window, float cap,
+                       int64_t splits, int num_threads) {
+  return decode(q, k, v, tables, ctx_lens, out, B, H, KVH, D, bs, num_blocks, max_blocks,
+                block_stride, scale, window, cap, splits, num_threads);
+}
+
+int agentos_decode_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v,
+                        const int64_t* tables, const int64_t* ctx_lens, uint16_t* out,
+                        int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t bs,
+                        int64_t num_blocks, int64_t max_blocks, int64_t block_stride,
+                        float scale, int64_t window, float cap, int64_t splits,
+                        int num_threads) {
+  return decode(q, k, v, tables, ctx_lens, out, B, H, KVH, D, bs, num_blocks, max_blocks,
+                block_stride, scale, window, cap, splits, num_threads);
+}
+
+// dims [kDims], consts [kConsts], layer_ptrs [layers * kLayerPtrs], windows [layers] (0: full
+// attention); ids, positions, slots, ctx_lens [B]; tables [B, max_blocks]; rows [S]; embed
+// [vocab, hidden]; lm_head [vocab, hidden] (the embedding when tied); cos, sin [rope_rows,
+// head_dim]; logits [S, vocab] out. Returns 0, or 1 (having written nothing) when an index
+// is out of range (see indices_ok).
+int agentos_forward_f32(const int64_t* dims, const float* consts, const float* const* layer_ptrs,
+                        const int64_t* windows, const int64_t* ids, const int64_t* positions,
+                        const int64_t* slots, const int64_t* tables, const int64_t* ctx_lens,
+                        const int64_t* rows, const float* embed, const float* final_norm,
+                        const float* lm_head, const float* cos, const float* sin,
+                        float* logits) {
+  return forward(dims, consts, layer_ptrs, windows, ids, positions, slots, tables, ctx_lens,
+                 rows, embed, final_norm, lm_head, cos, sin, logits);
+}
+
+int agentos_forward_dims() { return kDims; }
+int agentos_forward_consts() { return kConsts; }
+int agentos_forward_layer_ptrs() { return kLayerPtrs; }
+
+}  // extern "C"
