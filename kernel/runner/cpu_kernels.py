@@ -102,10 +102,10 @@ def _splits(threads: int, batch: int, table_tokens: int) -> int:
     return max(1, min(-(-threads * TASKS_PER_THREAD // batch), table_tokens // MIN_SPLIT_TOKENS))
 
 
-# decodes a step up to which forward() runs: at 32 MKL's GEMM (on the torch path) catches up
-# (Qwen2.5-0.5B shape, fp32, 2 threads: 65 vs 140 ms a step at 1, 227 vs 308 at 16, 418 vs
-# 425 at 32)
-FORWARD_MAX_ROWS = 16
+# decodes a step up to which forward() runs; past it the torch path's GEMMs (MKL) are the
+# better matmul (Qwen2.5-0.5B shape, fp32, 2 threads, ms a step, this vs torch: 65 vs 140 at
+# 1 decode, 227 vs 308 at 16, 418 vs 425 at 32; tiny: 0.4 vs 1.9 at 1, 9.4 vs 10.9 at 32)
+FORWARD_MAX_ROWS = 32
 # the C++ Dim, Const and Act enums, in order
 _DIMS = ("B", "S", "hidden", "inter", "heads", "kv_heads", "head_dim", "vocab", "layers",
          "block_size", "num_blocks", "max_blocks", "block_stride", "rope_rows", "act",
@@ -163,8 +163,7 @@ def forward(model, input_ids: torch.Tensor, positions: torch.Tensor, meta, kv: t
     bad = lib.agentos_forward_f32(
         (ctypes.c_int64 * len(_DIMS))(*(int(dims[k]) for k in _DIMS)), plan.consts,
         plan.pointers(kv), plan.windows, *(t.data_ptr() for t in ints),
-        *(t.data_ptr() for t in plan.head()), model.cos_table.data_ptr(),
-        model.sin_table.data_ptr(), logits.data_ptr())
+        *(t.data_ptr() for t in plan.head()), logits.data_ptr())
     if bad:
         raise IndexError("decode forward: a token id, position, slot, context length, block id "
                          "or logits index out of range")
@@ -198,9 +197,11 @@ class _Plan:
                             (cfg.head_dim,), (E, q), (E,), (E,), (E,), (E,), (2 * I, E),
                             (2 * I,), (E, I), (E,)]
         lm = model.lm_head.weight if model.lm_head is not None else model.embed_tokens.weight
-        self._head = [model.embed_tokens.weight, model.norm.weight, lm]
+        self._head = [model.embed_tokens.weight, model.norm.weight, lm, model.cos_table,
+                      model.sin_table]
         self.tensors += self._head
-        self.shapes += [(cfg.vocab_size, E), (E,), (cfg.vocab_size, E)]
+        rope = (model.cos_table.shape[0], cfg.head_dim)
+        self.shapes += [(cfg.vocab_size, E), (E,), (cfg.vocab_size, E), rope, rope]
         from agentos.kernel.runner.model import _embed_scale
 
         values = dict(eps=cfg.rms_norm_eps,
@@ -215,7 +216,7 @@ class _Plan:
         self._pointers = None
 
     def head(self) -> list[torch.Tensor]:
-        """The embedding, the final norm and the output projection."""
+        """The embedding, the final norm, the output projection and the RoPE tables."""
         return self._head
 
     def pointers(self, kv: torch.Tensor):
@@ -226,8 +227,8 @@ class _Plan:
             for t, shape in zip(self.tensors, self.shapes):
                 if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"
                                       or tuple(t.shape) != shape or not t.is_contiguous()):
-                    raise ValueError("forward: a weight is not a contiguous float32 CPU tensor "
-                                     f"of shape {shape}")
+                    raise ValueError("forward: a weight or RoPE table is not a contiguous "
+                                     f"float32 CPU tensor of shape {shape}")
             ptrs = []
             item = kv.element_size()
             L = len(self.model.layers)
