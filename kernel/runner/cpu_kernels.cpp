@@ -52,15 +52,39 @@ inline void from_float(float x, uint16_t* out) {  // round to nearest even, NaN 
   *out = static_cast<uint16_t>(bits >> 16);
 }
 
+// e^x for x <= 0 (a score minus its running max) in plain arithmetic, so that loops over it
+// vectorize (std::exp is a libm call per element): x = n ln2 + r with |r| <= ln2 / 2,
+// e^r by its degree-6 Taylor polynomial (relative error about 1e-7 on that range), times
+// 2^n built in the exponent bits. Below -87 (where e^x is under float's normal range) it
+// gives 2^-126 instead of a denormal or 0, far below what a softmax sum can resolve.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
 // The keys [lo, hi) of sequence b, every head: the partial softmax state of each query head
 // (its running max m, sum l and unnormalized output acc). Each token's K (then V) row holds
 // all kv heads side by side, so a block is read front to back, once.
 // Returns false, having read nothing, when a block id of the range is outside the pool.
-template <typename T>
+// DC > 0: the head dim, known when compiling (the loops over it unroll); 0: head_dim.
+template <typename T, int DC>
 bool attend(const float* qf, const T* k, const T* v, const int64_t* table, int64_t lo,
-            int64_t hi, int64_t H, int64_t KVH, int64_t D, int64_t bs, int64_t num_blocks,
-            int64_t block_stride, float scale, float cap, float* m, float* l, float* acc,
-            float* s) {
+            int64_t hi, int64_t H, int64_t KVH, int64_t head_dim, int64_t bs,
+            int64_t num_blocks, int64_t block_stride, float scale, float cap, float* m,
+            float* l, float* acc, float* s) {
+  const int64_t D = DC > 0 ? DC : head_dim;
   const int64_t G = H / KVH;
   const int64_t row = KVH * D;  // elements from one token to the next inside a block
   const float neg_inf = -std::numeric_limits<float>::infinity();
@@ -78,11 +102,12 @@ bool attend(const float* qf, const T* k, const T* v, const int64_t* table, int64
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
         for (int64_t d = 0; d < D; ++d) dot += qh[d] * to_float(kh[d]);
-        float score = dot * scale;
-        if (cap > 0.0f) score = std::tanh(score / cap) * cap;
-        s[hq * bs + t] = score;
+        s[hq * bs + t] = dot * scale;
       }
     }
+    if (cap > 0.0f)
+      for (int64_t hq = 0; hq < H; ++hq)
+        for (int64_t t = t0; t < t1; ++t) s[hq * bs + t] = std::tanh(s[hq * bs + t] / cap) * cap;
     for (int64_t hq = 0; hq < H; ++hq) {  // one rescale per block and head
       float block_max = neg_inf;
       for (int64_t t = t0; t < t1; ++t) block_max = std::max(block_max, s[hq * bs + t]);
@@ -95,11 +120,15 @@ bool attend(const float* qf, const T* k, const T* v, const int64_t* table, int64
         for (int64_t d = 0; d < D; ++d) ah[d] *= correction;
       }
       m[hq] = new_max;
+      float sum = 0.0f;
+      float* sh = s + hq * bs;
+#pragma omp simd reduction(+ : sum)
       for (int64_t t = t0; t < t1; ++t) {
-        const float p = std::exp(s[hq * bs + t] - new_max);
-        s[hq * bs + t] = p;
-        l[hq] += p;
+        const float p = exp_nonpositive(sh[t] - new_max);
+        sh[t] = p;
+        sum += p;
       }
+      l[hq] += sum;
     }
     for (int64_t t = t0; t < t1; ++t) {  // acc += p * V
       const T* vt = vb + t * row;
@@ -133,7 +162,7 @@ int decode(const T* q, const T* k, const T* v, const int64_t* tables, const int6
   std::vector<float> acc(B * splits * H * D, 0.0f);
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<float> qf(H * D), s(H * bs);
+    std::vector<float> qf(H * D), s(H * bs), o(D);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < B * splits; ++task) {
       const int64_t b = task / splits, part = task % splits;
@@ -145,9 +174,15 @@ int decode(const T* q, const T* k, const T* v, const int64_t* tables, const int6
       const int64_t hi = std::min(len, (first + (part + 1) * per) * bs);
       if (lo >= hi) continue;
       for (int64_t i = 0; i < H * D; ++i) qf[i] = to_float(q[b * H * D + i]);
-      if (!attend(qf.data(), k, v, tables + b * max_blocks, lo, hi, H, KVH, D, bs, num_blocks,
-                  block_stride, scale, cap, &m[task * H], &l[task * H], &acc[task * H * D],
-                  s.data())) {
+      // NOTE: the usual head dims get loops of a fixed length
+      auto run = D == 32    ? attend<T, 32>
+                 : D == 64  ? attend<T, 64>
+                 : D == 128 ? attend<T, 128>
+                 : D == 256 ? attend<T, 256>
+                            : attend<T, 0>;
+      if (!run(qf.data(), k, v, tables + b * max_blocks, lo, hi, H, KVH, D, bs, num_blocks,
+               block_stride, scale, cap, &m[task * H], &l[task * H], &acc[task * H * D],
+               s.data())) {
 #pragma omp atomic write
         bad = 1;
       }
@@ -157,7 +192,7 @@ int decode(const T* q, const T* k, const T* v, const int64_t* tables, const int6
       const int64_t b = bh / H, hq = bh % H;
       float top = neg_inf;
       for (int64_t p = 0; p < splits; ++p) top = std::max(top, m[(b * splits + p) * H + hq]);
-      std::vector<float> o(D, 0.0f);
+      std::fill(o.begin(), o.end(), 0.0f);
       float sum = 0.0f;
       for (int64_t p = 0; p < splits; ++p) {
         const int64_t i = (b * splits + p) * H + hq;
