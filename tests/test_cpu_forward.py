@@ -65,7 +65,7 @@ def _torch_forward(model, ids, positions, meta, kv, rows, monkeypatch):
         return model(ids, positions, meta, kv, rows)
 
 
-@pytest.mark.parametrize("B", [1, 2, 5, 16])
+@pytest.mark.parametrize("B", [1, 2, 7, 16])  # 7: row groups of 4, 2 and 1
 def test_forward_equals_torch_path(model, B, monkeypatch):
     ids, positions, meta, kv, rows = _step(model, B, seed=B)
     want_kv = kv.clone()

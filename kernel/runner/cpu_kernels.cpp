@@ -232,10 +232,18 @@ enum Act { kSilu, kGeluTanh, kGelu };
 
 typedef float v8f __attribute__((vector_size(32)));
 
-inline v8f load8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
+typedef float v8f_unaligned __attribute__((vector_size(32), aligned(4), may_alias));
+
+inline v8f load8(const float* p) { return *reinterpret_cast<const v8f_unaligned*>(p); }
+
+// Keeps a vector just loaded in a register: without it GCC folds the load into every
+// multiply-add that uses the vector, loading it once per use rather than once.
+inline void keep_in_register(v8f& v) {
+#if defined(__x86_64__) && defined(__AVX__)
+  asm("" : "+x"(v));
+#else
+  (void)v;
+#endif
 }
 
 inline float hsum(v8f v) {
@@ -249,10 +257,14 @@ void dots(const float* const* w, const float* const* x, int64_t K, float (*s)[4]
   const int64_t K8 = K - K % 8;
   v8f acc[NB][4] = {};
   for (int64_t k = 0; k < K8; k += 8) {
-    const v8f w0 = load8(w[0] + k), w1 = load8(w[1] + k), w2 = load8(w[2] + k),
-              w3 = load8(w[3] + k);
+    v8f w0 = load8(w[0] + k), w1 = load8(w[1] + k), w2 = load8(w[2] + k), w3 = load8(w[3] + k);
+    keep_in_register(w0);
+    keep_in_register(w1);
+    keep_in_register(w2);
+    keep_in_register(w3);
     for (int b = 0; b < NB; ++b) {
-      const v8f xv = load8(x[b] + k);
+      v8f xv = load8(x[b] + k);
+      keep_in_register(xv);
       acc[b][0] += w0 * xv;
       acc[b][1] += w1 * xv;
       acc[b][2] += w2 * xv;
@@ -278,17 +290,22 @@ void matvec(const float* W, const float* bias, const float* x, float* y, int64_t
     const int64_t n0 = g * 4, rows = std::min<int64_t>(4, N - n0);
     const float* w[4];
     for (int64_t r = 0; r < 4; ++r) w[r] = W + (n0 + std::min(r, rows - 1)) * K;
-    float s[2][4];
-    for (int64_t b = 0; b < B; b += 2) {
-      const float* xb[2] = {x + b * K, x + std::min(b + 1, B - 1) * K};
-      const int64_t nb = std::min<int64_t>(2, B - b);
-      if (nb == 2)
+    float s[4][4];
+    for (int64_t b = 0; b < B;) {
+      const int64_t nb = std::min<int64_t>(4, B - b);
+      const float* xb[4];
+      for (int64_t i = 0; i < 4; ++i) xb[i] = x + std::min(b + i, B - 1) * K;
+      if (nb == 4)
+        dots<4>(w, xb, K, s);
+      else if (nb >= 2)
         dots<2>(w, xb, K, s);
       else
         dots<1>(w, xb, K, s);
-      for (int64_t i = 0; i < nb; ++i)
+      const int64_t done = nb == 4 ? 4 : nb >= 2 ? 2 : 1;
+      for (int64_t i = 0; i < done; ++i)
         for (int64_t r = 0; r < rows; ++r)
           y[(b + i) * N + n0 + r] = s[i][r] + (bias ? bias[n0 + r] : 0.0f);
+      b += done;
     }
   }
 }

@@ -102,10 +102,11 @@ def _splits(threads: int, batch: int, table_tokens: int) -> int:
     return max(1, min(-(-threads * TASKS_PER_THREAD // batch), table_tokens // MIN_SPLIT_TOKENS))
 
 
-# decodes a step up to which forward() runs; past it the torch path's GEMMs (MKL) are the
-# better matmul (Qwen2.5-0.5B shape, fp32, 2 threads, ms a step, this vs torch: 65 vs 140 at
-# 1 decode, 227 vs 308 at 16, 418 vs 425 at 32; tiny: 0.4 vs 1.9 at 1, 9.4 vs 10.9 at 32)
-FORWARD_MAX_ROWS = 32
+# decodes a step up to which forward() runs; past it the torch path's GEMMs (MKL) catch up
+# (2 threads, fp32, ms a step, this vs the torch path: tiny at 160 tokens 0.25 vs 1.9 at 1
+# decode, 3.8 vs 5.3 at 32, 13 vs 14 at 128, 25 vs 25 at 256; Qwen2.5-0.5B shape 65 vs 141
+# at 1, 235 vs 404 at 32, 841 vs 1,135 at 128)
+FORWARD_MAX_ROWS = 128
 # the C++ Dim, Const and Act enums, in order
 _DIMS = ("B", "S", "hidden", "inter", "heads", "kv_heads", "head_dim", "vocab", "layers",
          "block_size", "num_blocks", "max_blocks", "block_stride", "rope_rows", "act",
