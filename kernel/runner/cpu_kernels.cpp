@@ -280,8 +280,9 @@ void dots(const float* const* w, const float* const* x, int64_t K, float (*s)[4]
 }
 
 // y[b, n] = W[n] . x[b] (+ bias[n]) for b < B, n < N; W [N, K] row-major, x [B, K], y [B, N].
-// Four weight rows at a time, read once for every b (two b at a time, sharing the loads);
-// the row groups are split over the threads.
+// Four weight rows at a time, read once for every b (four b at a time, then two, then one,
+// sharing the loads); the row groups are split over the threads. Each row's sum runs in
+// the same order whatever B is.
 void matvec(const float* W, const float* bias, const float* x, float* y, int64_t B, int64_t N,
             int64_t K, int threads) {
   const int64_t groups = (N + 3) / 4;
@@ -292,20 +293,19 @@ void matvec(const float* W, const float* bias, const float* x, float* y, int64_t
     for (int64_t r = 0; r < 4; ++r) w[r] = W + (n0 + std::min(r, rows - 1)) * K;
     float s[4][4];
     for (int64_t b = 0; b < B;) {
-      const int64_t nb = std::min<int64_t>(4, B - b);
+      const int64_t nb = B - b >= 4 ? 4 : B - b >= 2 ? 2 : 1;
       const float* xb[4];
       for (int64_t i = 0; i < 4; ++i) xb[i] = x + std::min(b + i, B - 1) * K;
       if (nb == 4)
         dots<4>(w, xb, K, s);
-      else if (nb >= 2)
+      else if (nb == 2)
         dots<2>(w, xb, K, s);
       else
         dots<1>(w, xb, K, s);
-      const int64_t done = nb == 4 ? 4 : nb >= 2 ? 2 : 1;
-      for (int64_t i = 0; i < done; ++i)
+      for (int64_t i = 0; i < nb; ++i)
         for (int64_t r = 0; r < rows; ++r)
           y[(b + i) * N + n0 + r] = s[i][r] + (bias ? bias[n0 + r] : 0.0f);
-      b += done;
+      b += nb;
     }
   }
 }
