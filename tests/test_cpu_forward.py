@@ -162,3 +162,19 @@ def test_batch_invariant_matmul_keeps_the_torch_path():
     ids, positions, meta, kv, rows = _step(model, 1)
     make_batch_invariant(model)
     assert not cpu_kernels.takes_forward(model, ids, meta, kv, rows)
+
+
+def test_model_stays_copyable_and_its_plan_goes_with_it():
+    import copy
+    import gc
+
+    model = load_model("tiny")[0]
+    ids, positions, meta, kv, rows = _step(model, 1)
+    want = model(ids, positions, meta, kv.clone(), rows)
+    twin = copy.deepcopy(model)  # the plan (ctypes pointers) is not on the model
+    torch.testing.assert_close(twin(ids, positions, meta, kv.clone(), rows), want)
+    assert len(cpu_kernels._PLANS) >= 2
+    before = len(cpu_kernels._PLANS)
+    del twin
+    gc.collect()
+    assert len(cpu_kernels._PLANS) == before - 1

@@ -37,6 +37,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -177,7 +178,7 @@ class _Plan:
 
     def __init__(self, model):
         cfg = model.cfg
-        self.model = model
+        self.num_layers = len(model.layers)
         E, I = cfg.hidden_size, cfg.intermediate_size
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.tensors: list[torch.Tensor | None] = []
@@ -232,8 +233,7 @@ class _Plan:
                                      f"float32 CPU tensor of shape {shape}")
             ptrs = []
             item = kv.element_size()
-            L = len(self.model.layers)
-            for i in range(L):
+            for i in range(self.num_layers):
                 ptrs += addresses[i * _LAYER_TENSORS : (i + 1) * _LAYER_TENSORS]
                 ptrs += [kv.data_ptr() + i * kv.stride(1) * item,
                          kv.data_ptr() + (i * kv.stride(1) + kv.stride(2)) * item]
@@ -252,10 +252,16 @@ def _plan(model) -> _Plan | None:
     if (w.dtype != torch.float32 or w.device.type != "cpu" or model.linear is not F.linear
             or any(cfg.moe_layers) or cfg.hidden_act not in _ACTS):
         return None
-    plan = getattr(model, "_cpu_plan", None)
+    plan = _PLANS.get(model)
     if plan is None:
-        plan = model._cpu_plan = _Plan(model)
+        plan = _PLANS[model] = _Plan(model)
     return plan
+
+
+# NOTE: beside the model, not on it: a plan holds ctypes pointers, which would make the
+# model impossible to deepcopy or pickle; it holds no reference to the model either, so
+# the entry goes with it
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @functools.cache
