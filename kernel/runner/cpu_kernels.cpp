@@ -81,11 +81,10 @@ inline float exp_nonpositive(float x) {
 // DC > 0: the head dim, known when compiling (the loops over it unroll); 0: head_dim.
 template <typename T, int DC>
 bool attend(const float* qf, const T* k, const T* v, const int64_t* table, int64_t lo,
-            int64_t hi, int64_t H, int64_t KVH, int64_t head_dim, int64_t bs,
-            int64_t num_blocks, int64_t block_stride, float scale, float cap, float* m,
-            float* l, float* acc, float* s) {
+            int64_t hi, int64_t H, int64_t KVH, const int64_t* kv_head, int64_t head_dim,
+            int64_t bs, int64_t num_blocks, int64_t block_stride, float scale, float cap,
+            float* m, float* l, float* acc, float* s) {
   const int64_t D = DC > 0 ? DC : head_dim;
-  const int64_t G = H / KVH;
   const int64_t row = KVH * D;  // elements from one token to the next inside a block
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t j = lo / bs; j * bs < hi; ++j)
@@ -98,7 +97,7 @@ bool attend(const float* qf, const T* k, const T* v, const int64_t* table, int64
       const T* kt = kb + t * row;
       for (int64_t hq = 0; hq < H; ++hq) {
         const float* qh = qf + hq * D;
-        const T* kh = kt + (hq / G) * D;
+        const T* kh = kt + kv_head[hq] * D;
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
         for (int64_t d = 0; d < D; ++d) dot += qh[d] * to_float(kh[d]);
@@ -134,7 +133,7 @@ bool attend(const float* qf, const T* k, const T* v, const int64_t* table, int64
       const T* vt = vb + t * row;
       for (int64_t hq = 0; hq < H; ++hq) {
         const float p = s[hq * bs + t];
-        const T* vh = vt + (hq / G) * D;
+        const T* vh = vt + kv_head[hq] * D;
         float* ah = acc + hq * D;
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) ah[d] += p * to_float(vh[d]);
@@ -163,6 +162,10 @@ int decode(const T* q, const T* k, const T* v, const int64_t* tables, const int6
 #pragma omp parallel num_threads(num_threads)
   {
     std::vector<float> qf(H * D), s(H * bs), o(D);
+    // NOTE: each query head's kv head, looked up: a 64-bit division per score costs more
+    // than the score's multiply-adds
+    std::vector<int64_t> kv_head(H);
+    for (int64_t hq = 0; hq < H; ++hq) kv_head[hq] = hq / (H / KVH);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < B * splits; ++task) {
       const int64_t b = task / splits, part = task % splits;
@@ -180,9 +183,9 @@ int decode(const T* q, const T* k, const T* v, const int64_t* tables, const int6
                  : D == 128 ? attend<T, 128>
                  : D == 256 ? attend<T, 256>
                             : attend<T, 0>;
-      if (!run(qf.data(), k, v, tables + b * max_blocks, lo, hi, H, KVH, D, bs, num_blocks,
-               block_stride, scale, cap, &m[task * H], &l[task * H], &acc[task * H * D],
-               s.data())) {
+      if (!run(qf.data(), k, v, tables + b * max_blocks, lo, hi, H, KVH, kv_head.data(), D, bs,
+               num_blocks, block_stride, scale, cap, &m[task * H], &l[task * H],
+               &acc[task * H * D], s.data())) {
 #pragma omp atomic write
         bad = 1;
       }
