@@ -134,7 +134,7 @@ def test_steps_it_does_not_run_take_the_torch_path(tmp_path, monkeypatch):
     pre = AttnMeta(meta.slot_mapping, 1, meta.decode_block_tables[:1], meta.decode_ctx_lens[:1],
                    prefills=[PrefillChunk(1, 1, 5, meta.decode_block_tables[1])])
     assert not cpu_kernels.takes_forward(model, ids, pre, kv, rows)
-    # batch-invariant steps, too many rows, a bfloat16 pool, the torch backend
+    # batch-invariant steps, too many rows, a bfloat16 pool, the torch or Triton backend
     det = AttnMeta(meta.slot_mapping, 2, meta.decode_block_tables, meta.decode_ctx_lens,
                    deterministic=True)
     assert not cpu_kernels.takes_forward(model, ids, det, kv, rows)
@@ -144,8 +144,9 @@ def test_steps_it_does_not_run_take_the_torch_path(tmp_path, monkeypatch):
     assert not cpu_kernels.takes_forward(model, ids, meta, kv.bfloat16(), rows)
     from agentos.kernel.runner import attention
 
-    monkeypatch.setattr(attention, "BACKEND", "torch")
-    assert not cpu_kernels.takes_forward(model, ids, meta, kv, rows)
+    for backend in ("torch", "triton"):
+        monkeypatch.setattr(attention, "BACKEND", backend)
+        assert not cpu_kernels.takes_forward(model, ids, meta, kv, rows)
     monkeypatch.undo()
     # a bfloat16 model, an MoE model
     assert not cpu_kernels.takes_forward(load_model("tiny", dtype="bfloat16")[0], ids, meta,

@@ -122,11 +122,12 @@ def takes_forward(model, input_ids: torch.Tensor, meta, kv: torch.Tensor,
     """True when forward() runs this step of `model` (a LlamaModel): a float32 dense model
     on the CPU with its plain matmul (not the batch-invariant one), a step of 1 to
     FORWARD_MAX_ROWS decodes and nothing else (no prefill, no shared prefix), a contiguous
-    float32 pool, and the library built."""
+    float32 pool, the library built, and AGENTOS_ATTENTION at "auto" (under "torch" or
+    "triton" the step runs the kernels asked for)."""
     from agentos.kernel.runner import attention
 
     B = input_ids.shape[0]
-    return (attention.BACKEND != "torch" and 0 < B <= FORWARD_MAX_ROWS
+    return (attention.BACKEND == "auto" and 0 < B <= FORWARD_MAX_ROWS
             and meta.num_decodes == B and not meta.prefills and not meta.shared
             and not meta.deterministic and input_ids.device.type == "cpu"
             and kv.dtype == torch.float32 and kv.device.type == "cpu" and kv.is_contiguous()
