@@ -410,10 +410,9 @@ int forward(const int64_t* dims, const float* consts, const float* const* layer_
       std::memcpy(k_cache + at, kb, kv_size * sizeof(float));
       std::memcpy(v_cache + at, kb + kv_size, kv_size * sizeof(float));
     }
-    if (decode(q.data(), static_cast<const float*>(k_cache), static_cast<const float*>(v_cache),
-               tables, ctx_lens, attn.data(), B, H, KVH, D, bs, dims[kNumBlocks],
-               dims[kMaxBlocks], dims[kBlockStride], consts[kAttnScale], windows[layer],
-               consts[kAttnCap], dims[kSplits], threads))
+    if (decode(q.data(), k_cache, v_cache, tables, ctx_lens, attn.data(), B, H, KVH, D, bs,
+               dims[kNumBlocks], dims[kMaxBlocks], dims[kBlockStride], consts[kAttnScale],
+               windows[layer], consts[kAttnCap], dims[kSplits], threads))
       return 1;  // NOTE: unreachable after indices_ok
     matvec(p[kOW], p[kOB], attn.data(), o.data(), B, E, q_size, threads);
     if (sandwich) rms_norm(o.data(), p[kPostAttnNorm], o.data(), B, E, eps, plus_one);

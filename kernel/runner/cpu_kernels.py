@@ -41,6 +41,7 @@ import weakref
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger("agentos.attention")
 
@@ -141,7 +142,7 @@ def forward(model, input_ids: torch.Tensor, positions: torch.Tensor, meta, kv: t
     logits_indices [S]. Raises IndexError, having written nothing, when a token id,
     position, slot, context length, block id or logits index is out of range."""
     lib = _library()
-    plan = _plan(model)
+    plan = _PLANS.get(model)  # made by takes_forward
     assert lib is not None and plan is not None, "forward() called without takes_forward()"
     cfg = model.cfg
     B, S = input_ids.shape[0], logits_indices.shape[0]
@@ -166,7 +167,7 @@ def forward(model, input_ids: torch.Tensor, positions: torch.Tensor, meta, kv: t
     bad = lib.agentos_forward_f32(
         (ctypes.c_int64 * len(_DIMS))(*(int(dims[k]) for k in _DIMS)), plan.consts,
         plan.pointers(kv), plan.windows, *(t.data_ptr() for t in ints),
-        *(t.data_ptr() for t in plan.head()), logits.data_ptr())
+        *(t.data_ptr() for t in plan.head), logits.data_ptr())
     if bad:
         raise IndexError("decode forward: a token id, position, slot, context length, block id "
                          "or logits index out of range")
@@ -200,9 +201,10 @@ class _Plan:
                             (cfg.head_dim,), (E, q), (E,), (E,), (E,), (E,), (2 * I, E),
                             (2 * I,), (E, I), (E,)]
         lm = model.lm_head.weight if model.lm_head is not None else model.embed_tokens.weight
-        self._head = [model.embed_tokens.weight, model.norm.weight, lm, model.cos_table,
-                      model.sin_table]
-        self.tensors += self._head
+        # the embedding, the final norm, the output projection and the RoPE tables
+        self.head = [model.embed_tokens.weight, model.norm.weight, lm, model.cos_table,
+                     model.sin_table]
+        self.tensors += self.head
         rope = (model.cos_table.shape[0], cfg.head_dim)
         self.shapes += [(cfg.vocab_size, E), (E,), (cfg.vocab_size, E), rope, rope]
         from agentos.kernel.runner.model import _embed_scale
@@ -217,10 +219,6 @@ class _Plan:
             *(layer.self_attn.window or 0 for layer in model.layers))
         self._addresses: list[int] = []
         self._pointers = None
-
-    def head(self) -> list[torch.Tensor]:
-        """The embedding, the final norm, the output projection and the RoPE tables."""
-        return self._head
 
     def pointers(self, kv: torch.Tensor):
         """The layers' pointer table (ctypes), with each layer's K and V views of kv."""
@@ -246,15 +244,14 @@ class _Plan:
 def _plan(model) -> _Plan | None:
     """The model's cached _Plan, or None when forward() cannot run it: not float32 on the
     CPU, an MoE layer, an activation it lacks, or the batch-invariant matmul swapped in."""
-    import torch.nn.functional as F
-
-    cfg = model.cfg
     w = model.embed_tokens.weight
-    if (w.dtype != torch.float32 or w.device.type != "cpu" or model.linear is not F.linear
-            or any(cfg.moe_layers) or cfg.hidden_act not in _ACTS):
+    if w.dtype != torch.float32 or w.device.type != "cpu" or model.linear is not F.linear:
         return None
     plan = _PLANS.get(model)
     if plan is None:
+        cfg = model.cfg  # NOTE: fixed for a model's life: read once, when a plan is made
+        if any(cfg.moe_layers) or cfg.hidden_act not in _ACTS:
+            return None
         plan = _PLANS[model] = _Plan(model)
     return plan
 
