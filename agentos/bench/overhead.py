@@ -93,7 +93,9 @@ async def _run(bench: OverheadBench) -> dict:
 
     threads = set_threads(bench.threads)
     per = -(-(bench.prompt_len + bench.new_tokens + 2) // bench.block_size) + 1
-    kv_blocks = max(bench.sessions) * per + bench.idle + 2 * per + 64
+    # the syscalls' session (and what its fork and snapshot write) may be the largest
+    syscall_blocks = 2 * (-(-(bench.syscall_len + 2) // bench.block_size) + 1)
+    kv_blocks = max(max(bench.sessions) * per, syscall_blocks) + bench.idle + 2 * per + 64
     async with AsyncEngine(model=bench.model, device=bench.device, dtype=bench.dtype,
                            block_size=bench.block_size, kv_blocks=kv_blocks,
                            max_batch_size=max(256, *bench.sessions),
