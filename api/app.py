@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
+from agentos.api.fastpath import FastRoutes
 from agentos.api.idempotency import IdempotencyMiddleware
 from agentos.api.observe import HttpMetrics, RequestLogMiddleware
 from agentos.api.routes import dashboard, internal, openai, sessions, snapshots, system, vllm
@@ -159,13 +160,17 @@ def create_app(settings: ServerSettings | None = None, engine=None,
     app.state.engine = engine  # None until the lifespan handler starts one
     app.state.heartbeat = None  # a worker's Heartbeat, from the lifespan handler
     app.state.cluster_secret = None  # read from Redis by a worker
+    app.state.fast_routes = True  # False: every request through FastAPI (api/fastpath.py)
     routers = (sessions.router, snapshots.router, openai.router, system.router,
                engine_routes.router, internal.router, dashboard.router, vllm.router)
     for r in routers:
         app.include_router(r)
     _docs(app)
     _error_handlers(app)
-    # innermost: it sees the tenant and the whole body
+    # innermost: well-formed calls of the simple routes, without FastAPI's machinery
+    app.add_middleware(FastRoutes, routers=routers, errors=error_for,
+                       enabled=lambda: app.state.fast_routes and not app.dependency_overrides)
+    # it sees the tenant and the whole body
     app.add_middleware(IdempotencyMiddleware,
                        journal=lambda: getattr(app.state.engine, "journal", None))
     # the last added runs first: keys are checked before the body is read
@@ -253,34 +258,36 @@ def _start_heartbeat(app: FastAPI, settings: ServerSettings, loop: asyncio.Abstr
 
 
 def _error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIStatusError)
-    async def status_error(request: Request, exc: APIStatusError):
-        return error_response(exc)
+    for cls in (APIStatusError, AgentOSError, RequestValidationError, HTTPException, Exception):
+        app.add_exception_handler(cls, _handler)
 
-    @app.exception_handler(AgentOSError)
-    async def other_error(request: Request, exc: AgentOSError):
+
+async def _handler(request: Request, exc: Exception):
+    return error_for(exc)
+
+
+def error_for(exc: Exception) -> WireResponse:
+    """The app's answer to an exception a route raised: an API error with its status; a
+    malformed request (FastAPI's validation) as 400 or 422; anything else logged, and a
+    500 that names only its type."""
+    if isinstance(exc, APIStatusError):
+        return error_response(exc)
+    if isinstance(exc, AgentOSError):
         log.exception("unexpected engine error", exc_info=exc)
         return error_response(InternalServerError(str(exc)))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
+    if isinstance(exc, RequestValidationError):
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
             return error_response(InvalidRequestError("request body is not valid JSON"))
         return error_response(UnprocessableEntityError("; ".join(_describe(e) for e in errors[:8])))
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):
+    if isinstance(exc, HTTPException):
         cls = NotFoundError if exc.status_code == 404 else APIStatusError
         err = cls(str(exc.detail), status_code=exc.status_code)
         if exc.status_code != 404:
             err.type = "http_error"
         return error_response(err)
-
-    @app.exception_handler(Exception)
-    async def crash(request: Request, exc: Exception):
-        log.exception("unhandled error", exc_info=exc)
-        return error_response(InternalServerError(f"internal error: {type(exc).__name__}"))
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(InternalServerError(f"internal error: {type(exc).__name__}"))
 
 
 def _describe(e: dict) -> str:

@@ -18,10 +18,12 @@ import re
 import sys
 import time
 import uuid
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 log = logging.getLogger("agentos.access")
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
@@ -37,6 +39,22 @@ class HttpMetrics:
                                  ["method", "route"], registry=self.registry,
                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5,
                                           5, 10, 30, 60, 300))
+        # (method, route, status) -> its two children: labels() takes a lock and builds
+        # its key each call. Bounded: routes are templates, statuses a few dozen codes
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Counts one request of `route` (a template) and its time."""
+        if method not in _METHODS:  # a client's own method name: not a series of its own
+            method = "OTHER"
+        key = (method, route, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (self.requests.labels(method, route, str(status)),
+                        self.latency.labels(method, route))
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 class RequestLogMiddleware:
@@ -68,13 +86,13 @@ class RequestLogMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "")
-            self.metrics.requests.labels(method, template, str(status)).inc()
-            self.metrics.latency.labels(method, template).observe(seconds)
-            tenant = scope.get("state", {}).get("tenant")
-            log.info("request", extra={"fields": {
-                "request_id": rid, "method": method, "path": scope.get("path", ""),
-                "route": template, "status": status, "ms": round(seconds * 1e3, 2),
-                "tenant": getattr(tenant, "name", None)}})
+            self.metrics.observe(method, template, status, seconds)
+            if log.isEnabledFor(logging.INFO):
+                tenant = scope.get("state", {}).get("tenant")
+                log.info("request", extra={"fields": {
+                    "request_id": rid, "method": method, "path": scope.get("path", ""),
+                    "route": template, "status": status, "ms": round(seconds * 1e3, 2),
+                    "tenant": getattr(tenant, "name", None)}})
 
 
 def _header(scope: dict, name: bytes) -> str:
