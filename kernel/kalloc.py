@@ -161,6 +161,7 @@ class BlockAllocator:
         assert (rc >= 0).all(), "decref of an unmapped page"
         self.refcount[ids] = rc
         dead = ids[rc == 0]
+        dead_count = dead.size
         if dead.size:
             keep = [p for p in dead[::-1].tolist() if self.tier[p] == DEVICE
                     and self.cached.get(self.digest.get(p, b"")) == p]
@@ -168,7 +169,12 @@ class BlockAllocator:
                 self.lru.update(dict.fromkeys(keep))
                 dead = dead[~np.isin(dead, keep)]
             self._release(dead)
-        return int((rc == 0).sum())
+        return dead_count
+
+    def num_host(self, pages: np.ndarray) -> int:
+        """How many of the pages are in the host tier (swapped out)."""
+        # NOTE: count_nonzero, not .sum(): a listing asks this per session
+        return int(np.count_nonzero(self.tier[pages] == HOST))
 
     def revive(self, page: int) -> None:
         """Maps a cached page again (a prefix-cache hit): one reference, out of the LRU."""

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agentos.kernel.kalloc import DEVICE, HOST
+from agentos.kernel.kalloc import DEVICE
 from agentos.kernel.process import Process
 from agentos.kernel.vm import PageTable
 
@@ -52,7 +52,7 @@ class Views:
         return self.info(self.proc(pid))
 
     def info(self, p: Process) -> dict[str, Any]:
-        host = int((self.kalloc.tier[p.table.block_ids] == HOST).sum())
+        host = self.kalloc.num_host(p.table.block_ids)
         return p.info(host, self.weight_version, time.monotonic())
 
     def sys_list(self, pids: list[str] | None = None,

@@ -21,7 +21,6 @@ import torch
 from agentos.kernel.core import Kernel
 from agentos.kernel.errors import InvalidRequestError, NotFoundError
 from agentos.kernel.grammar import Constraint
-from agentos.kernel.kalloc import HOST
 from agentos.kernel.syscalls import Defer
 from agentos.kernel.vm import PageTable
 from agentos.snapshot.codec import Record
@@ -52,7 +51,7 @@ class SnapshotRecord:
         return len(self.token_ids)
 
     def info(self, kalloc) -> dict:
-        host = int((kalloc.tier[self.table.block_ids] == HOST).sum())
+        host = kalloc.num_host(self.table.block_ids)
         return {"id": self.id, "session_id": self.session_id, "num_tokens": self.num_tokens,
                 "device_blocks": self.table.num_blocks - host, "host_blocks": host,
                 "created_at": self.created_at, "owner": self.owner}
