@@ -45,7 +45,8 @@ def test_builds_here():
                                    (5, 4, 4, 64, 8, 7),  # no grouping
                                    (2, 14, 2, 80, 32, 4),  # odd head dim, G = 7
                                    (1, 8, 1, 128, 16, 70),  # one row: split into ranges
-                                   (2, 4, 2, 256, 16, 40)])
+                                   (2, 4, 2, 256, 16, 40),
+                                   (4, 16, 4, 64, 16, 12)])  # G = 4
 @pytest.mark.parametrize("window,cap", [(None, None), (7, None), (None, 5.0), (37, 2.0)])
 def test_decode_equals_torch_path(dtype, shape, window, cap, monkeypatch):
     B, H, KVH, D, bs, blocks = shape

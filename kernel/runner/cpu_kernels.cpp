@@ -17,7 +17,10 @@
 // thread count (split-K; the ranges' partial softmax states are merged at the end). It reads
 // each block front to back once: a token's K row holds every kv head side by side, and the
 // G = H / KVH query heads of a kv head share it. A block of keys at a time: the scores, one
-// online-softmax rescale per head (fp32 throughout), then the V rows weighted in.
+// online-softmax rescale per head (fp32 throughout), then the V rows weighted in. In float32
+// with a head dim of 32, 64 or 128 and G of 1, 2, 4 or 8 (attend_group), a task takes one kv
+// head at a time, its G heads' outputs held in registers across the blocks: 1.2-1.4x faster
+// at batch 1 to 8, where the kernel is not bound by reading the pool.
 // window > 0: only the last `window` keys are visible; cap > 0: scores become
 // tanh(s / cap) * cap (Gemma 2).
 
@@ -26,6 +29,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -50,6 +54,26 @@ inline void from_float(float x, uint16_t* out) {  // round to nearest even, NaN 
   }
   bits += 0x7FFF + ((bits >> 16) & 1);
   *out = static_cast<uint16_t>(bits >> 16);
+}
+
+typedef float v8f __attribute__((vector_size(32)));
+
+typedef float v8f_unaligned __attribute__((vector_size(32), aligned(4), may_alias));
+
+inline v8f load8(const float* p) { return *reinterpret_cast<const v8f_unaligned*>(p); }
+
+// Keeps a vector just loaded in a register: without it GCC folds the load into every
+// multiply-add that uses the vector, loading it once per use rather than once.
+inline void keep_in_register(v8f& v) {
+#if defined(__x86_64__) && defined(__AVX__)
+  asm("" : "+x"(v));
+#else
+  (void)v;
+#endif
+}
+
+inline float hsum(v8f v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
 // e^x for x <= 0 (a score minus its running max) in plain arithmetic, so that loops over it
@@ -143,6 +167,99 @@ bool attend(const float* qf, const T* k, const T* v, const int64_t* table, int64
   return true;
 }
 
+
+// The keys [lo, hi) of one sequence for the G query heads of kv head `kvh`, float32 with
+// a head dim DC (a multiple of 8): the same partial softmax state as attend, but the
+// group's outputs stay in registers across the blocks and each K and V row is loaded
+// once for the G heads. Block ids are checked by the caller.
+template <int DC, int G>
+void attend_group(const float* qf, const float* k, const float* v, const int64_t* table,
+                  int64_t lo, int64_t hi, int64_t kvh, int64_t KVH, int64_t bs,
+                  int64_t block_stride, float scale, float cap, float* m, float* l,
+                  float* acc, float* s) {
+  constexpr int NV = DC / 8;
+  const int64_t row = KVH * DC;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  v8f qv[G][NV], o[G][NV];
+  float mx[G], sum[G];
+  for (int g = 0; g < G; ++g) {
+    for (int i = 0; i < NV; ++i) {
+      qv[g][i] = load8(qf + (kvh * G + g) * DC + i * 8);
+      o[g][i] = v8f{};
+    }
+    mx[g] = neg_inf;
+    sum[g] = 0.0f;
+  }
+  for (int64_t j = lo / bs; j * bs < hi; ++j) {
+    const float* kb = k + table[j] * block_stride + kvh * DC;
+    const float* vb = v + table[j] * block_stride + kvh * DC;
+    const int64_t t0 = std::max<int64_t>(0, lo - j * bs), t1 = std::min<int64_t>(bs, hi - j * bs);
+    for (int64_t t = t0; t < t1; ++t) {  // scores s[g][t]
+      v8f kk[NV];
+      for (int i = 0; i < NV; ++i) kk[i] = load8(kb + t * row + i * 8);
+      for (int g = 0; g < G; ++g) {
+        v8f a = qv[g][0] * kk[0];
+        for (int i = 1; i < NV; ++i) a += qv[g][i] * kk[i];
+        s[g * bs + t] = hsum(a) * scale;
+      }
+    }
+    for (int g = 0; g < G; ++g) {  // one rescale per block and head
+      float* sg = s + g * bs;
+      if (cap > 0.0f)
+        for (int64_t t = t0; t < t1; ++t) sg[t] = std::tanh(sg[t] / cap) * cap;
+      float block_max = neg_inf;
+      for (int64_t t = t0; t < t1; ++t) block_max = std::max(block_max, sg[t]);
+      const float new_max = std::max(mx[g], block_max);
+      if (mx[g] != new_max && mx[g] != neg_inf) {
+        const float correction = std::exp(mx[g] - new_max);
+        sum[g] *= correction;
+        for (int i = 0; i < NV; ++i) o[g][i] *= correction;
+      }
+      mx[g] = new_max;
+      float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+      for (int64_t t = t0; t < t1; ++t) {
+        const float p = exp_nonpositive(sg[t] - new_max);
+        sg[t] = p;
+        total += p;
+      }
+      sum[g] += total;
+    }
+    for (int64_t t = t0; t < t1; ++t) {  // o += p * V
+      v8f vv[NV];
+      for (int i = 0; i < NV; ++i) vv[i] = load8(vb + t * row + i * 8);
+      for (int g = 0; g < G; ++g) {
+        const float p = s[g * bs + t];
+        for (int i = 0; i < NV; ++i) o[g][i] += p * vv[i];
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const int64_t h = kvh * G + g;
+    m[h] = mx[g];
+    l[h] = sum[g];
+    for (int i = 0; i < NV; ++i) std::memcpy(acc + h * DC + i * 8, &o[g][i], sizeof(v8f));
+  }
+}
+
+// attend_group for every kv head of a float32 range, when DC and G have an instance;
+// false when they do not (attend then runs it).
+template <int DC>
+bool attend_grouped(const float* qf, const float* k, const float* v, const int64_t* table,
+                    int64_t lo, int64_t hi, int64_t H, int64_t KVH, int64_t bs,
+                    int64_t block_stride, float scale, float cap, float* m, float* l,
+                    float* acc, float* s) {
+  auto run = H == KVH       ? attend_group<DC, 1>
+             : H == 2 * KVH ? attend_group<DC, 2>
+             : H == 4 * KVH ? attend_group<DC, 4>
+             : H == 8 * KVH ? attend_group<DC, 8>
+                            : nullptr;
+  if (run == nullptr) return false;
+  for (int64_t kvh = 0; kvh < KVH; ++kvh)
+    run(qf, k, v, table, lo, hi, kvh, KVH, bs, block_stride, scale, cap, m, l, acc, s);
+  return true;
+}
+
 // Each sequence's keys are cut into `splits` ranges of whole blocks (more than one when
 // there are fewer sequences than threads: batch 1 at a long context), attended in parallel,
 // then merged by their maxima and sums. Returns 0, or 1 when a context length exceeds its
@@ -177,6 +294,24 @@ int decode(const T* q, const T* k, const T* v, const int64_t* tables, const int6
       const int64_t hi = std::min(len, (first + (part + 1) * per) * bs);
       if (lo >= hi) continue;
       for (int64_t i = 0; i < H * D; ++i) qf[i] = to_float(q[b * H * D + i]);
+      if constexpr (std::is_same_v<T, float>) {
+        bool ids_ok = true;
+        for (int64_t j = lo / bs; j * bs < hi; ++j)
+          ids_ok = ids_ok && tables[b * max_blocks + j] >= 0 && tables[b * max_blocks + j] < num_blocks;
+        if (!ids_ok) {
+#pragma omp atomic write
+          bad = 1;
+          continue;
+        }
+        auto grouped = D == 32    ? attend_grouped<32>
+                       : D == 64  ? attend_grouped<64>
+                       : D == 128 ? attend_grouped<128>
+                                  : nullptr;
+        if (grouped != nullptr &&
+            grouped(qf.data(), k, v, tables + b * max_blocks, lo, hi, H, KVH, bs, block_stride,
+                    scale, cap, &m[task * H], &l[task * H], &acc[task * H * D], s.data()))
+          continue;
+      }
       // NOTE: the usual head dims get loops of a fixed length
       auto run = D == 32    ? attend<T, 32>
                  : D == 64  ? attend<T, 64>
@@ -233,25 +368,6 @@ enum Dim {
 enum Const { kEps, kEmbedScale, kAttnScale, kAttnCap, kFinalCap, kConsts };
 enum Act { kSilu, kGeluTanh, kGelu };
 
-typedef float v8f __attribute__((vector_size(32)));
-
-typedef float v8f_unaligned __attribute__((vector_size(32), aligned(4), may_alias));
-
-inline v8f load8(const float* p) { return *reinterpret_cast<const v8f_unaligned*>(p); }
-
-// Keeps a vector just loaded in a register: without it GCC folds the load into every
-// multiply-add that uses the vector, loading it once per use rather than once.
-inline void keep_in_register(v8f& v) {
-#if defined(__x86_64__) && defined(__AVX__)
-  asm("" : "+x"(v));
-#else
-  (void)v;
-#endif
-}
-
-inline float hsum(v8f v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
 
 // The dot products of 4 weight rows w[0..3] with NB input vectors x[0..NB) of length K,
 // into s[b][r]: each weight vector loaded once for the NB inputs.
