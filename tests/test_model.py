@@ -244,3 +244,36 @@ def test_cascade_decode_equals_per_session_attention(fused, monkeypatch):
         [t[4:] for t in everyone], [n - 4 * bs for n in sub],
         [SharedPrefix(torch.arange(4), torch.as_tensor(prefix))]), 0.3)
     assert torch.allclose(cascade, plain, atol=1e-5)
+
+
+@pytest.mark.parametrize("cap", [None, 5.0])
+def test_fresh_prefill_runs_equal_attention_over_the_cache(cap):
+    """Prefill chunks whose whole context is new attend to the step's own K/V, consecutive
+    ones of one length in one call; the result equals each chunk attending over the paged
+    cache, for a step mixing such runs with chunks that continue a cached context."""
+    from agentos.kernel.runner.attention import PrefillChunk, _runs, paged_attention, write_kv
+
+    torch.manual_seed(0)
+    bs, kvh, hd, h, num_blocks = 4, 2, 8, 6, 64
+    k_cache, v_cache = torch.zeros(num_blocks, bs, kvh, hd), torch.zeros(num_blocks, bs, kvh, hd)
+    # (new tokens, cached before): three fresh chunks of 6, one that continues 5 cached
+    # tokens, then fresh ones of 6 and 3 (the 3 ends the run of 6)
+    shape = [(6, 0), (6, 0), (6, 0), (4, 5), (6, 0), (3, 0)]
+    free = iter(torch.randperm(num_blocks).tolist())
+    chunks, slots, start = [], [], 0
+    for n, cached in shape:
+        ctx = cached + n
+        table = torch.tensor([next(free) for _ in range(-(-ctx // bs))])
+        for pos in range(cached):  # the context cached by an earlier step
+            b, o = table[pos // bs], pos % bs
+            k_cache[b, o], v_cache[b, o] = torch.randn(kvh, hd), torch.randn(kvh, hd)
+        slots += [int(table[p // bs]) * bs + p % bs for p in range(cached, ctx)]
+        chunks.append(PrefillChunk(start, n, ctx, table))
+        start += n
+    q, k, v = torch.randn(start, h, hd), torch.randn(start, kvh, hd), torch.randn(start, kvh, hd)
+    meta = AttnMeta(slot_mapping=torch.tensor(slots), num_decodes=0, prefills=chunks)
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    from_cache = paged_attention(q, k_cache, v_cache, meta, 0.3, cap=cap)
+    assert [len(r) for r in _runs(chunks, True)] == [3, 1, 1, 1]
+    direct = paged_attention(q, k_cache, v_cache, meta, 0.3, cap=cap, k=k, v=v)
+    assert torch.allclose(direct, from_cache, atol=1e-6)

@@ -79,11 +79,15 @@ def write_kv(
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta, scale: float,
     window: int | None = None, cap: float | None = None,
+    k: torch.Tensor | None = None, v: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of the step's queries over the paged cache (already holding the new K/V).
     With a sliding `window`, a query sees only the `window` keys ending at its own
     position (Mistral's, Qwen's and Gemma 2's sliding layers, as transformers masks them).
     With a soft-cap `cap` (Gemma 2), each scaled score s becomes tanh(s / cap) * cap.
+    k, v: the step's new K and V [T, KVH, D] as written (optional): on the torch path, the
+    prefill chunks whose whole context is new attend to them directly, consecutive ones of
+    one length in one call (fresh prompts, as a batch of new sessions brings).
 
     q: [T, H, D] -> returns [T, H, D].
     """
@@ -105,10 +109,52 @@ def paged_attention(
     if meta.num_decodes:
         out[: meta.num_decodes] = _decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale,
                                           window, cap)
-    for c in meta.prefills:
-        out[c.q_start : c.q_start + c.q_len] = _prefill(q[c.q_start : c.q_start + c.q_len],
-                                                        k_cache, v_cache, c, scale, window, cap)
+    direct = k is not None and v is not None and k.dtype == k_cache.dtype and window is None
+    for run in _runs(meta.prefills, direct):
+        c = run[0]
+        if len(run) > 1 or (direct and c.ctx_len == c.q_len):
+            end = c.q_start + len(run) * c.q_len
+            out[c.q_start : end] = _fresh(q[c.q_start : end], k[c.q_start : end],  # type: ignore[index]
+                                          v[c.q_start : end], len(run), scale, cap)  # type: ignore[index]
+        else:
+            out[c.q_start : c.q_start + c.q_len] = _prefill(
+                q[c.q_start : c.q_start + c.q_len], k_cache, v_cache, c, scale, window, cap)
     return out
+
+
+def _runs(chunks: list[PrefillChunk], direct: bool) -> list[list[PrefillChunk]]:
+    """The chunks in order, cut into runs: with `direct`, consecutive chunks whose whole
+    context is new, of one length and adjacent in the batch, share a run; every other
+    chunk is a run of its own."""
+    runs: list[list[PrefillChunk]] = []
+    for c in chunks:
+        last = runs[-1][-1] if runs else None
+        if (direct and last is not None and c.ctx_len == c.q_len and last.ctx_len == last.q_len
+                and c.q_len == last.q_len and c.q_start == last.q_start + last.q_len):
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    return runs
+
+
+def _fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, scale: float,
+           cap: float | None) -> torch.Tensor:
+    """Causal attention of n sequences of equal length L whose whole context is new, from
+    their own K/V: q [n * L, H, D], k, v [n * L, KVH, D] -> [n * L, H, D]. One SDPA call
+    for the n of them, no copy of the cache and no repeated kv heads (enable_gqa)."""
+    T, H, D = q.shape
+    KVH = k.shape[1]
+    qs = q.view(n, T // n, H, D).transpose(1, 2)  # [n, H, L, D]
+    ks = k.view(n, T // n, KVH, D).transpose(1, 2)  # [n, KVH, L, D]
+    vs = v.view(n, T // n, KVH, D).transpose(1, 2)
+    if cap is None:
+        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                             enable_gqa=KVH != H)
+    else:
+        G = H // KVH
+        out = sdpa(qs, ks.repeat_interleave(G, dim=1), vs.repeat_interleave(G, dim=1), None,
+                   scale, cap, causal=True)
+    return out.transpose(1, 2).reshape(T, H, D)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -312,7 +312,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x, cos, sin)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         o = paged_attention(q, k_cache, v_cache, meta, self.scale, self.window,
-                            self.softcap)  # [T, H, D]
+                            self.softcap, k, v)  # [T, H, D]
         return self.o_proj(o.reshape(T, self.q_size))
 
 
