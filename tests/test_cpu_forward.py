@@ -1,7 +1,8 @@
-"""The C++ decode step of the CPU (kernel/runner/cpu_kernels.py `forward`) against the torch
-path it replaces, for every dense family and option the loader takes: the same logits and
-the same K/V written, bad indices refused before anything is written, and the torch path
-kept wherever the step is not one it runs."""
+"""The C++ decode step of the CPU (kernel/runner/cpu_kernels.py `forward`), and `step` (torch's
+GEMMs with C++ between them) for steps with prefills, against the torch path they replace,
+for every dense family and option the loader takes: the same logits and the same K/V
+written, bad indices refused before anything is written, and the torch path kept wherever
+the step is not one they run."""
 
 import pytest
 import torch
@@ -180,3 +181,61 @@ def test_model_stays_copyable_and_its_plan_goes_with_it():
     del twin
     gc.collect()
     assert gone() is None  # its plan does not keep it alive (and its entry went with it)
+
+
+def _mixed_step(model, seed=0):
+    """A step of 3 decodes and 3 prefill chunks (two of 5 new tokens with no cached
+    context, one of 3 continuing 6 cached tokens) over a random pool:
+    (input_ids, positions, meta, kv, logits_indices)."""
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(seed)
+    ids, positions, meta, kv, _ = _step(model, 3, seed=seed, pool_blocks=64)
+    used = set(meta.decode_block_tables.flatten().tolist())
+    free = iter(b for b in torch.randperm(kv.shape[0] - 1, generator=g).add(1).tolist()
+                if b not in used)
+    chunks, slots, pos, start = [], [meta.slot_mapping], [positions], 3
+    for n, cached in [(5, 0), (5, 0), (3, 6)]:
+        ctx = cached + n
+        table = torch.tensor([next(free) for _ in range(-(-ctx // BS))])
+        p = torch.arange(cached, ctx)
+        pos.append(p)
+        slots.append(table[p // BS] * BS + p % BS)
+        chunks.append(PrefillChunk(start, n, ctx, table))
+        start += n
+    ids = torch.cat([ids, torch.randint(0, cfg.vocab_size, (start - 3,), generator=g)])
+    meta = AttnMeta(slot_mapping=torch.cat(slots), num_decodes=3,
+                    decode_block_tables=meta.decode_block_tables,
+                    decode_ctx_lens=meta.decode_ctx_lens, prefills=chunks)
+    rows = torch.tensor([0, 2, 7, 12, 15])  # decodes and each chunk's last token
+    return ids, torch.cat(pos), meta, kv, rows
+
+
+def test_step_equals_torch_path(model, monkeypatch):
+    """A step with prefills runs step(): torch's matrix products and attention, the rest in
+    C++; the same logits and K/V as the torch path."""
+    ids, positions, meta, kv, rows = _mixed_step(model)
+    assert not cpu_kernels.takes_forward(model, ids, meta, kv, rows)
+    assert cpu_kernels.takes_step(model, ids, meta, kv)
+    want_kv = kv.clone()
+    with monkeypatch.context() as m:
+        m.setattr(cpu_kernels, "takes_step", lambda *a: False)
+        want = model(ids, positions, meta, want_kv, rows)
+    got = model(ids, positions, meta, kv, rows)
+    assert got.shape == want.shape == (len(rows), model.cfg.vocab_size)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(kv, want_kv, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_step_bad_indices_raise_and_write_nothing(model):
+    ids, positions, meta, kv, rows = _mixed_step(model)
+    before = kv.clone()
+    moved = AttnMeta(meta.slot_mapping + kv.shape[0] * BS, meta.num_decodes,
+                     meta.decode_block_tables, meta.decode_ctx_lens, prefills=meta.prefills)
+    for what, args in [("token id", (ids + model.cfg.vocab_size, positions, meta)),
+                       ("position", (ids, positions + 10**9, meta)),
+                       ("slot", (ids, positions, moved))]:
+        assert cpu_kernels.takes_step(model, args[0], args[2], kv), what
+        with pytest.raises(IndexError):
+            model(*args, kv, rows)
+        assert torch.equal(kv, before), what

@@ -566,6 +566,62 @@ int forward(const int64_t* dims, const float* consts, const float* const* layer_
   return 0;
 }
 
+
+// ---------------------------------------------------------------------------------------
+// The work between the matrix products of any other float32 step (prefills, mixed steps,
+// more decodes than forward takes), for model.py's step through torch's GEMMs: each a pass
+// over the step's rows, split over the threads.
+
+// x [rows, n] += a (a normed by a_norm first, when given: Gemma 2's post-norms); then, when
+// out is given, out = rms_norm(x) by w.
+void add_norm(float* x, const float* a, const float* a_norm, const float* w, float* out,
+              int64_t rows, int64_t n, float eps, bool plus_one, int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> normed(a_norm != nullptr ? n : 0);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      float* xr = x + r * n;
+      const float* ar = a + r * n;
+      if (a_norm != nullptr) {
+        rms_norm(ar, a_norm, normed.data(), 1, n, eps, plus_one);
+        ar = normed.data();
+      }
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) xr[i] += ar[i];
+      if (out != nullptr) rms_norm(xr, w, out + r * n, 1, n, eps, plus_one);
+    }
+  }
+}
+
+// qkv [T, (H + 2 KVH) D], one row per token: its q and k heads normed (q_norm, k_norm when
+// given: Qwen3) and rotated at the token's position, in place; its k and v written at its
+// slot of the layer's cache. Returns 1, having changed nothing, when a position or a slot
+// is out of range.
+int rope_write(float* qkv, int64_t T, int64_t H, int64_t KVH, int64_t D,
+               const int64_t* positions, const float* cos, const float* sin, int64_t rope_rows,
+               const float* q_norm, const float* k_norm, float eps, const int64_t* slots,
+               float* k_cache, float* v_cache, int64_t bs, int64_t block_stride,
+               int64_t num_blocks, int threads) {
+  for (int64_t t = 0; t < T; ++t)
+    if (positions[t] < 0 || positions[t] >= rope_rows || slots[t] < 0 || slots[t] >= num_blocks * bs)
+      return 1;
+  const int64_t q_size = H * D, kv_size = KVH * D, row = q_size + 2 * kv_size;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    float* qt = qkv + t * row;
+    float* kt = qt + q_size;
+    if (q_norm != nullptr) rms_norm(qt, q_norm, qt, H, D, eps, false);
+    if (k_norm != nullptr) rms_norm(kt, k_norm, kt, KVH, D, eps, false);
+    rope(qt, cos + positions[t] * D, sin + positions[t] * D, H, D);
+    rope(kt, cos + positions[t] * D, sin + positions[t] * D, KVH, D);
+    const int64_t at = (slots[t] / bs) * block_stride + (slots[t] % bs) * kv_size;
+    std::memcpy(k_cache + at, kt, kv_size * sizeof(float));
+    std::memcpy(v_cache + at, kt + kv_size, kv_size * sizeof(float));
+  }
+  return 0;
+}
+
 }  // namespace
 
 extern "C" {
@@ -602,6 +658,35 @@ int agentos_forward_f32(const int64_t* dims, const float* consts, const float* c
                         float* logits) {
   return forward(dims, consts, layer_ptrs, windows, ids, positions, slots, tables, ctx_lens,
                  rows, embed, final_norm, lm_head, cos, sin, logits);
+}
+
+// The steps through torch's GEMMs (see add_norm, rope_write, activate): x, a, out [rows, n];
+// qkv [T, (H + 2 KVH) D]; gate_up [T, 2 I], out [T, I]. Null a_norm, w or out: none.
+void agentos_add_norm_f32(float* x, const float* a, const float* a_norm, const float* w,
+                          float* out, int64_t rows, int64_t n, float eps, int plus_one,
+                          int threads) {
+  add_norm(x, a, a_norm, w, out, rows, n, eps, plus_one, threads);
+}
+
+void agentos_rms_norm_f32(const float* x, const float* w, float* out, int64_t rows, int64_t n,
+                          float eps, int plus_one, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) rms_norm(x + r * n, w, out + r * n, 1, n, eps, plus_one);
+}
+
+int agentos_rope_write_f32(float* qkv, int64_t T, int64_t H, int64_t KVH, int64_t D,
+                           const int64_t* positions, const float* cos, const float* sin,
+                           int64_t rope_rows, const float* q_norm, const float* k_norm,
+                           float eps, const int64_t* slots, float* k_cache, float* v_cache,
+                           int64_t bs, int64_t block_stride, int64_t num_blocks, int threads) {
+  return rope_write(qkv, T, H, KVH, D, positions, cos, sin, rope_rows, q_norm, k_norm, eps,
+                    slots, k_cache, v_cache, bs, block_stride, num_blocks, threads);
+}
+
+void agentos_act_mul_f32(const float* gate_up, float* out, int64_t T, int64_t I, int act,
+                         int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < T; ++t) activate(gate_up + t * 2 * I, gate_up + t * 2 * I + I, out + t * I, I, act);
 }
 
 int agentos_forward_dims() { return kDims; }

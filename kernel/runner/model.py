@@ -406,9 +406,11 @@ class LlamaModel(nn.Module):
         """input_ids, positions: [T]; kv: [N, L, 2, bs, KVH, D]; returns fp32 logits [S, V]
         for the tokens at logits_indices [S]. On the CPU a step of a few decodes runs as one
         C++ call (cpu_kernels.forward) where it can."""
-        if input_ids.device.type == "cpu" and cpu_kernels.takes_forward(
-                self, input_ids, meta, kv, logits_indices):
-            return cpu_kernels.forward(self, input_ids, positions, meta, kv, logits_indices)
+        if input_ids.device.type == "cpu":
+            if cpu_kernels.takes_forward(self, input_ids, meta, kv, logits_indices):
+                return cpu_kernels.forward(self, input_ids, positions, meta, kv, logits_indices)
+            if cpu_kernels.takes_step(self, input_ids, meta, kv):
+                return cpu_kernels.step(self, input_ids, positions, meta, kv, logits_indices)
         x = self.embed(input_ids)  # [T, hidden]
         cos = self.cos_table[positions].to(x.dtype)[:, None, :]  # [T, 1, D]
         sin = self.sin_table[positions].to(x.dtype)[:, None, :]
