@@ -211,3 +211,37 @@ def test_a_stream_of_direct_calls_does_not_starve_the_loop():
         for t in [*threads, worker]:
             t.join()
         assert finished, "the generate call was starved by the direct calls"
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_decodes_index_arrays_built_at_once_equal_the_loop(monkeypatch, sample):
+    """A step of many decodes builds its index arrays for all of them at once
+    (model_runner.VECTOR_DECODES); the generations equal those of the per-session loop, for
+    sessions of different lengths (different page-table widths) beside a prefill."""
+    from agentos.kernel.runner import model_runner
+
+    rng = random.Random(0)
+    prompts = [[1] + [rng.randrange(3, 250) for _ in range(rng.randrange(3, 60))]
+               for _ in range(12)]
+    late = [1] + [rng.randrange(3, 250) for _ in range(40)]
+    params = dict(max_tokens=6, temperature=0.8 if sample else 0.0, ignore_eos=True,
+                  logprobs=True)
+
+    def run(vector_from: int):
+        monkeypatch.setattr(model_runner, "VECTOR_DECODES", vector_from)
+        # NOTE: batch-invariant, so that which step each token lands in changes nothing
+        with Engine(model="tiny", kv_blocks=256, block_size=4, deterministic=True) as engine:
+            sessions = [engine.create_session(tokens=p, seed=i) for i, p in enumerate(prompts)]
+            for s in sessions:  # prefilled, with their first token
+                s.generate(max_tokens=1, temperature=0.0, ignore_eos=True)
+            outs: list[list] = [[] for _ in sessions]
+            calls = [threading.Thread(target=lambda s=s, out=out: out.append(s.generate(**params)))
+                     for s, out in zip(sessions, outs)]
+            for t in calls:
+                t.start()
+            engine.create_session(tokens=late)  # a prefill among the decode steps
+            for t in calls:
+                t.join()
+            return [(o[0].tokens, o[0].logprobs) for o in outs]
+
+    assert run(vector_from=1) == run(vector_from=10**9)

@@ -155,7 +155,33 @@ class ModelRunner:
         prefills: list[tuple[int, int, int, np.ndarray]] = []  # (q_start, q_len, ctx_len, table)
         dec_tables: list[np.ndarray] = []
         dec_lens: list[int] = []
-        for c in chunks:
+        num_decodes = 0  # the leading one-token chunks: the step's decodes
+        while num_decodes < len(chunks) and chunks[num_decodes].num_tokens == 1:
+            num_decodes += 1
+        if num_decodes < VECTOR_DECODES:
+            num_decodes = 0  # the loop below takes them
+        if num_decodes:
+            # NOTE: the decodes' index arrays in a few array operations for all of them,
+            # not a dozen per session (256 decodes: 1.8 -> 0.8 ms)
+            dec = chunks[:num_decodes]
+            ends = np.fromiter((c.end for c in dec), np.int64, num_decodes)
+            counts = (ends + bs - 1) // bs
+            flat = page_slots[np.concatenate([c.proc.table.block_ids[:k]
+                                              for c, k in zip(dec, counts.tolist())])]
+            bounds = np.cumsum(counts)
+            assert len(flat) == bounds[-1], "a decode's page table is shorter than its tokens"
+            lows = (bounds - counts).tolist()
+            dec_tables = [flat[a:b] for a, b in zip(lows, bounds.tolist())]
+            dec_lens = ends.tolist()
+            ids.extend(c.proc.token_ids[c.start] for c in dec)
+            pos_parts.append(ends - 1)
+            slot_parts.append(flat[bounds - 1] * bs + (ends - 1) % bs)
+            for i, c in enumerate(dec):
+                span = _logit_span(c)
+                spans.append(span)
+                if span is not None:
+                    logits_idx.append(i)
+        for c in chunks[num_decodes:]:
             p = c.proc
             table = page_slots[p.table.block_ids[: -(-c.end // bs)]]
             pos = np.arange(c.start, c.end)
@@ -231,10 +257,13 @@ class ModelRunner:
             starts = np.zeros(len(dec_tables), dtype=np.int64)
             for rows, prefix in shared:
                 starts[rows] = len(prefix)
-            width = max(len(t) - a for t, a in zip(dec_tables, starts))
-            tables = np.zeros((len(dec_tables), width), dtype=np.int64)
-            for i, t in enumerate(dec_tables):
-                tables[i, : len(t) - starts[i]] = t[starts[i] :]
+            counts = np.fromiter((len(t) for t in dec_tables), np.int64, len(dec_tables)) - starts
+            tables = np.zeros((len(dec_tables), int(counts.max())), dtype=np.int64)
+            if shared or len(dec_tables) < VECTOR_DECODES:
+                for i, t in enumerate(dec_tables):
+                    tables[i, : counts[i]] = t[starts[i] :]
+            else:  # every row's whole table, left-aligned, in one assignment
+                tables[np.arange(tables.shape[1]) < counts[:, None]] = np.concatenate(dec_tables)
             parts += [tables, np.asarray(dec_lens) - starts * bs]
         dev = iter(self._upload(parts))  # taken in the order of parts
         input_ids, positions_t, slot_mapping, logits_indices = next(dev), next(dev), next(dev), next(dev)
@@ -295,6 +324,9 @@ class ModelRunner:
         return outs
 
 
+# decodes a step from which their index arrays are built for all of them at once: below
+# it the dozen array operations per session cost less than the batched ones' fixed cost
+VECTOR_DECODES = 8
 MIN_SHARED_BLOCKS = 4  # a shared prefix shorter than this is attended per session
 
 
