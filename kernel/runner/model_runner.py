@@ -153,34 +153,11 @@ class ModelRunner:
         logits_idx: list[int] = []
         spans: list[tuple[int, int] | None] = []  # per chunk: its positions that need logits
         prefills: list[tuple[int, int, int, np.ndarray]] = []  # (q_start, q_len, ctx_len, table)
-        dec_tables: list[np.ndarray] = []
-        dec_lens: list[int] = []
-        num_decodes = 0  # the leading one-token chunks: the step's decodes
-        while num_decodes < len(chunks) and chunks[num_decodes].num_tokens == 1:
-            num_decodes += 1
-        if num_decodes < VECTOR_DECODES:
-            num_decodes = 0  # the loop below takes them
-        if num_decodes:
-            # NOTE: the decodes' index arrays in a few array operations for all of them,
-            # not a dozen per session (256 decodes: 1.8 -> 0.8 ms)
-            dec = chunks[:num_decodes]
-            ends = np.fromiter((c.end for c in dec), np.int64, num_decodes)
-            counts = (ends + bs - 1) // bs
-            flat = page_slots[np.concatenate([c.proc.table.block_ids[:k]
-                                              for c, k in zip(dec, counts.tolist())])]
-            bounds = np.cumsum(counts)
-            assert len(flat) == bounds[-1], "a decode's page table is shorter than its tokens"
-            lows = (bounds - counts).tolist()
-            dec_tables = [flat[a:b] for a, b in zip(lows, bounds.tolist())]
-            dec_lens = ends.tolist()
-            ids.extend(c.proc.token_ids[c.start] for c in dec)
-            pos_parts.append(ends - 1)
-            slot_parts.append(flat[bounds - 1] * bs + (ends - 1) % bs)
-            for i, c in enumerate(dec):
-                span = _logit_span(c)
-                spans.append(span)
-                if span is not None:
-                    logits_idx.append(i)
+        num_decodes = _num_vector_decodes(chunks)
+        dec_tables, dec_lens = _decode_indices(chunks[:num_decodes], page_slots, bs, ids,
+                                               pos_parts, slot_parts)
+        spans += [_logit_span(c) for c in chunks[:num_decodes]]
+        logits_idx += [i for i, span in enumerate(spans) if span is not None]
         for c in chunks[num_decodes:]:
             p = c.proc
             table = page_slots[p.table.block_ids[: -(-c.end // bs)]]
@@ -351,6 +328,37 @@ def shared_prefixes(tables: list[np.ndarray], ctx_lens: list[int], block_size: i
         if common >= min_blocks:
             out.append((rows, head[0, :common].copy()))
     return out
+
+
+def _num_vector_decodes(chunks: list[Chunk]) -> int:
+    """How many of the leading one-token chunks (the step's decodes) _decode_indices
+    takes: all of them from VECTOR_DECODES on, else none."""
+    n = 0
+    while n < len(chunks) and chunks[n].num_tokens == 1:
+        n += 1
+    return n if n >= VECTOR_DECODES else 0
+
+
+def _decode_indices(dec: list[Chunk], page_slots: np.ndarray, bs: int, ids: list[int],
+                    pos_parts: list[np.ndarray], slot_parts: list[np.ndarray]) -> tuple[
+        list[np.ndarray], list[int]]:
+    """The index arrays of a step's decodes (one-token chunks) in a few array operations
+    for all of them, not a dozen per session (256 decodes: 1.8 -> 0.8 ms): their tokens,
+    positions and KV slots appended to ids, pos_parts and slot_parts; returns their page
+    tables (as device slots) and context lengths."""
+    if not dec:
+        return [], []
+    ends = np.fromiter((c.end for c in dec), np.int64, len(dec))
+    counts = (ends + bs - 1) // bs
+    flat = page_slots[np.concatenate([c.proc.table.block_ids[:k]
+                                      for c, k in zip(dec, counts.tolist())])]
+    bounds = np.cumsum(counts)
+    assert len(flat) == bounds[-1], "a decode's page table is shorter than its tokens"
+    ids.extend(c.proc.token_ids[c.start] for c in dec)
+    pos_parts.append(ends - 1)
+    slot_parts.append(flat[bounds - 1] * bs + (ends - 1) % bs)
+    lows = (bounds - counts).tolist()
+    return [flat[a:b] for a, b in zip(lows, bounds.tolist())], ends.tolist()
 
 
 def _logit_span(c: Chunk) -> tuple[int, int] | None:
