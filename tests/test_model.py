@@ -246,19 +246,20 @@ def test_cascade_decode_equals_per_session_attention(fused, monkeypatch):
     assert torch.allclose(cascade, plain, atol=1e-5)
 
 
-@pytest.mark.parametrize("cap", [None, 5.0])
-def test_fresh_prefill_runs_equal_attention_over_the_cache(cap):
-    """Prefill chunks whose whole context is new attend to the step's own K/V, consecutive
-    ones of one length in one call; the result equals each chunk attending over the paged
-    cache, for a step mixing such runs with chunks that continue a cached context."""
+@pytest.mark.parametrize("cap,window", [(None, None), (5.0, None), (None, 4)])
+def test_fresh_prefill_runs_equal_attention_over_the_cache(cap, window):
+    """Prefill chunks whose whole context is new attend to the step's own K/V, and
+    consecutive chunks of one length and context length attend in one call; the result
+    equals each chunk attending over the paged cache on its own."""
     from agentos.kernel.runner.attention import PrefillChunk, _runs, paged_attention, write_kv
 
     torch.manual_seed(0)
     bs, kvh, hd, h, num_blocks = 4, 2, 8, 6, 64
     k_cache, v_cache = torch.zeros(num_blocks, bs, kvh, hd), torch.zeros(num_blocks, bs, kvh, hd)
     # (new tokens, cached before): three fresh chunks of 6, one that continues 5 cached
-    # tokens, then fresh ones of 6 and 3 (the 3 ends the run of 6)
-    shape = [(6, 0), (6, 0), (6, 0), (4, 5), (6, 0), (3, 0)]
+    # tokens, then fresh ones of 6 and 3 (the 3 ends the run of 6), then three that each
+    # continue 2 cached tokens with 5 new ones
+    shape = [(6, 0), (6, 0), (6, 0), (4, 5), (6, 0), (3, 0), (5, 2), (5, 2), (5, 2)]
     free = iter(torch.randperm(num_blocks).tolist())
     chunks, slots, start = [], [], 0
     for n, cached in shape:
@@ -273,7 +274,13 @@ def test_fresh_prefill_runs_equal_attention_over_the_cache(cap):
     q, k, v = torch.randn(start, h, hd), torch.randn(start, kvh, hd), torch.randn(start, kvh, hd)
     meta = AttnMeta(slot_mapping=torch.tensor(slots), num_decodes=0, prefills=chunks)
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-    from_cache = paged_attention(q, k_cache, v_cache, meta, 0.3, cap=cap)
-    assert [len(r) for r in _runs(chunks, True)] == [3, 1, 1, 1]
-    direct = paged_attention(q, k_cache, v_cache, meta, 0.3, cap=cap, k=k, v=v)
-    assert torch.allclose(direct, from_cache, atol=1e-6)
+    from_cache = paged_attention(q, k_cache, v_cache, meta, 0.3, window, cap)
+    assert [len(r) for r in _runs(chunks)] == [3, 1, 1, 1, 3]
+    direct = paged_attention(q, k_cache, v_cache, meta, 0.3, window, cap, k=k, v=v)
+    one_by_one = torch.cat([paged_attention(
+        q[c.q_start : c.q_start + c.q_len], k_cache, v_cache,
+        AttnMeta(slot_mapping=meta.slot_mapping, num_decodes=0,
+                 prefills=[PrefillChunk(0, c.q_len, c.ctx_len, c.block_table)]), 0.3, window, cap)
+        for c in chunks])
+    assert torch.allclose(direct, one_by_one, atol=1e-6)
+    assert torch.allclose(from_cache, one_by_one, atol=1e-6)

@@ -110,31 +110,57 @@ def paged_attention(
         out[: meta.num_decodes] = _decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale,
                                           window, cap)
     direct = k is not None and v is not None and k.dtype == k_cache.dtype and window is None
-    for run in _runs(meta.prefills, direct):
+    for run in _runs(meta.prefills):
         c = run[0]
-        if len(run) > 1 or (direct and c.ctx_len == c.q_len):
-            end = c.q_start + len(run) * c.q_len
+        end = c.q_start + len(run) * c.q_len
+        if direct and c.ctx_len == c.q_len:
             out[c.q_start : end] = _fresh(q[c.q_start : end], k[c.q_start : end],  # type: ignore[index]
                                           v[c.q_start : end], len(run), scale, cap)  # type: ignore[index]
+        elif len(run) > 1:
+            out[c.q_start : end] = _prefill_run(q[c.q_start : end], k_cache, v_cache, run,
+                                                scale, window, cap)
         else:
-            out[c.q_start : c.q_start + c.q_len] = _prefill(
-                q[c.q_start : c.q_start + c.q_len], k_cache, v_cache, c, scale, window, cap)
+            out[c.q_start : end] = _prefill(q[c.q_start : end], k_cache, v_cache, c, scale,
+                                            window, cap)
     return out
 
 
-def _runs(chunks: list[PrefillChunk], direct: bool) -> list[list[PrefillChunk]]:
-    """The chunks in order, cut into runs: with `direct`, consecutive chunks whose whole
-    context is new, of one length and adjacent in the batch, share a run; every other
-    chunk is a run of its own."""
+def _runs(chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
+    """The chunks in order, cut into runs: consecutive chunks of one length and one
+    context length, adjacent in the batch, share a run (a batch of new sessions' prompts,
+    or of sessions each given a tool output of one length)."""
     runs: list[list[PrefillChunk]] = []
     for c in chunks:
         last = runs[-1][-1] if runs else None
-        if (direct and last is not None and c.ctx_len == c.q_len and last.ctx_len == last.q_len
-                and c.q_len == last.q_len and c.q_start == last.q_start + last.q_len):
+        if (last is not None and c.q_len == last.q_len and c.ctx_len == last.ctx_len
+                and c.q_start == last.q_start + last.q_len):
             runs[-1].append(c)
         else:
             runs.append([c])
     return runs
+
+
+def _prefill_run(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 run: list[PrefillChunk], scale: float, window: int | None,
+                 cap: float | None) -> torch.Tensor:
+    """_prefill for n chunks of one length L and one context length C in one call: their
+    K/V gathered from the cache together, one mask for all. q [n * L, H, D] -> the same."""
+    T, H, D = q.shape
+    n, L, C = len(run), run[0].q_len, run[0].ctx_len
+    KVH = k_cache.shape[2]
+    tables = torch.stack([c.block_table for c in run])  # [n, blocks]
+    k = gather_blocks(k_cache, tables)[:, :C].transpose(1, 2)  # [n, KVH, C, D]
+    v = gather_blocks(v_cache, tables)[:, :C].transpose(1, 2)
+    rows = torch.arange(L, device=q.device)[:, None] + (C - L)
+    keys = torch.arange(C, device=q.device)[None, :]
+    mask = keys <= rows  # [L, C]: key j is visible to query i when j <= start + i
+    if window is not None:
+        mask &= keys > rows - window
+    qs = q.view(n, L, H, D).transpose(1, 2)  # [n, H, L, D]
+    G = H // KVH
+    if G > 1:
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    return sdpa(qs, k, v, mask, scale, cap).transpose(1, 2).reshape(T, H, D)
 
 
 def _fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, scale: float,
