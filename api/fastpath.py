@@ -141,8 +141,9 @@ class FastRoutes:
                 return  # the client went away
             body = message.get("body", b"")
             replay = _replay(message, receive)
-            value = _validated(fast.body_model, body, _header(scope, b"content-type"))
-            if value is None:  # FastAPI answers it: its own 400 or 422
+            value = None if message.get("more_body") else _validated(
+                fast.body_model, body, _header(scope, b"content-type"))
+            if value is None:  # FastAPI answers it: its own 400 or 422 (or reads the rest)
                 return await self.app(scope, replay, send)
             kwargs[fast.body_name] = value  # type: ignore[index]
         scope["route"], scope["endpoint"] = fast.route, fast.route.endpoint
