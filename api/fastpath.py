@@ -34,7 +34,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.responses import Response
 
 from agentos.api import deps
-from agentos.api.wire import WireResponse
+from agentos.api.wire import WireResponse, _header
 
 # a dependency of the app's -> its value, from the request's scope
 _PROVIDERS: dict[Callable, Callable[[dict], Any]] = {
@@ -193,9 +193,3 @@ def _replay(message: dict, receive) -> Callable[[], Awaitable[dict]]:
 
     return replay
 
-
-def _header(scope: dict, name: bytes) -> str:
-    for k, v in scope["headers"]:
-        if k == name:
-            return v.decode("latin-1")
-    return ""

@@ -99,6 +99,34 @@ inline float exp_clamped(float x) {
   return p * scale;
 }
 
+// One block of one head's scores s[t0, t1) into the online softmax: capped (cap > 0),
+// turned into e^(s - max) in place and added to the running sum l, the running max m
+// raised to the block's; returns the factor the head's output so far must be scaled by
+// (1 when the max did not move).
+inline float softmax_block(float* s, int64_t t0, int64_t t1, float cap, float& m, float& l) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  if (cap > 0.0f)
+    for (int64_t t = t0; t < t1; ++t) s[t] = std::tanh(s[t] / cap) * cap;
+  float block_max = neg_inf;
+  for (int64_t t = t0; t < t1; ++t) block_max = std::max(block_max, s[t]);
+  const float new_max = std::max(m, block_max);
+  float correction = 1.0f;
+  if (m != new_max && m != neg_inf) {
+    correction = std::exp(m - new_max);
+    l *= correction;
+  }
+  m = new_max;
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t t = t0; t < t1; ++t) {
+    const float p = exp_clamped(s[t] - new_max);
+    s[t] = p;
+    sum += p;
+  }
+  l += sum;
+  return correction;
+}
+
 // The keys [lo, hi) of sequence b, every head: the partial softmax state of each query head
 // (its running max m, sum l and unnormalized output acc). Each token's K (then V) row holds
 // all kv heads side by side, so a block is read front to back, once.
@@ -111,7 +139,6 @@ bool attend(const float* qf, const T* k, const T* v, const int64_t* table, int64
             float* m, float* l, float* acc, float* s) {
   const int64_t D = DC > 0 ? DC : head_dim;
   const int64_t row = KVH * D;  // elements from one token to the next inside a block
-  const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t j = lo / bs; j * bs < hi; ++j)
     if (table[j] < 0 || table[j] >= num_blocks) return false;
   for (int64_t j = lo / bs; j * bs < hi; ++j) {
@@ -129,30 +156,13 @@ bool attend(const float* qf, const T* k, const T* v, const int64_t* table, int64
         s[hq * bs + t] = dot * scale;
       }
     }
-    if (cap > 0.0f)
-      for (int64_t hq = 0; hq < H; ++hq)
-        for (int64_t t = t0; t < t1; ++t) s[hq * bs + t] = std::tanh(s[hq * bs + t] / cap) * cap;
     for (int64_t hq = 0; hq < H; ++hq) {  // one rescale per block and head
-      float block_max = neg_inf;
-      for (int64_t t = t0; t < t1; ++t) block_max = std::max(block_max, s[hq * bs + t]);
-      const float new_max = std::max(m[hq], block_max);
-      if (m[hq] != new_max && m[hq] != neg_inf) {
-        const float correction = std::exp(m[hq] - new_max);
-        l[hq] *= correction;
+      const float correction = softmax_block(s + hq * bs, t0, t1, cap, m[hq], l[hq]);
+      if (correction != 1.0f) {
         float* ah = acc + hq * D;
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) ah[d] *= correction;
       }
-      m[hq] = new_max;
-      float sum = 0.0f;
-      float* sh = s + hq * bs;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t t = t0; t < t1; ++t) {
-        const float p = exp_clamped(sh[t] - new_max);
-        sh[t] = p;
-        sum += p;
-      }
-      l[hq] += sum;
     }
     for (int64_t t = t0; t < t1; ++t) {  // acc += p * V
       const T* vt = vb + t * row;
@@ -205,26 +215,9 @@ void attend_group(const float* qf, const float* k, const float* v, const int64_t
       }
     }
     for (int g = 0; g < G; ++g) {  // one rescale per block and head
-      float* sg = s + g * bs;
-      if (cap > 0.0f)
-        for (int64_t t = t0; t < t1; ++t) sg[t] = std::tanh(sg[t] / cap) * cap;
-      float block_max = neg_inf;
-      for (int64_t t = t0; t < t1; ++t) block_max = std::max(block_max, sg[t]);
-      const float new_max = std::max(mx[g], block_max);
-      if (mx[g] != new_max && mx[g] != neg_inf) {
-        const float correction = std::exp(mx[g] - new_max);
-        sum[g] *= correction;
+      const float correction = softmax_block(s + g * bs, t0, t1, cap, mx[g], sum[g]);
+      if (correction != 1.0f)
         for (int i = 0; i < NV; ++i) o[g][i] *= correction;
-      }
-      mx[g] = new_max;
-      float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-      for (int64_t t = t0; t < t1; ++t) {
-        const float p = exp_clamped(sg[t] - new_max);
-        sg[t] = p;
-        total += p;
-      }
-      sum[g] += total;
     }
     for (int64_t t = t0; t < t1; ++t) {  // o += p * V
       v8f vv[NV];
