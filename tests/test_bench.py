@@ -120,13 +120,18 @@ def test_bench_api_json(tmp_path, capsys):
             s = row[transport]
             assert 0 < s["p50_us"] <= s["p99_us"] and s["mean_us"] > 0, (row["op"], transport)
         assert row["json_ratio"] > 0 and row["msgpack_ratio"] > 0 and row["stdlib_ratio"] > 0
+        # the server's access log timed each of those requests: within what the caller saw
+        for transport in ("json", "msgpack", "stdlib"):
+            s = row[transport]
+            assert 0 < s["app_p50_us"] <= s["p99_us"], (row["op"], transport)
     assert [c["name"] for c in out["checks"]] == [
         "fork p50 over HTTP <= 1 ms (httpx)", "fork p50 over HTTP <= 1 ms (http.client)",
         "rollback p50 over HTTP <= 1 ms (httpx)", "rollback p50 over HTTP <= 1 ms (http.client)"]
     assert all(isinstance(c["passed"], bool) for c in out["checks"])
     printed = " ".join(capsys.readouterr().out.split())
     assert "HTTP msgpack" in printed and "in-process" in printed and "workload" in printed
-    assert "http.client" in printed
+    assert "http.client" in printed and "app p50 us" in printed
+    assert not any(" msg=request " in line for line in out["server_log"])
     # the server is gone: its port can be listened on again
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

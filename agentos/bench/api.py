@@ -9,6 +9,11 @@ http.client, in JSON, the same requests without httpx's request and response mac
 itself adds. The peer is the same ops on an in-process Engine with
 the same model and session length, timed the same way, so HTTP p50 / in-process p50 is the
 price of the REST layer: the HTTP round trip, routing, validation and the wire format.
+
+The server runs as `agentos serve` does by default, access log included. Each timed request
+carries an `X-Request-ID`, so its line in that log gives the time the server's app spent on
+it (from the outermost middleware to the last byte handed to the socket): the rest of a
+call's latency is the client, the socket and uvicorn's parsing.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import math
 import os
 import random
+import re
 import socket
 import statistics
 import subprocess
@@ -45,6 +51,8 @@ WIRES = ("json", "msgpack")  # over httpx
 TRANSPORTS = (*WIRES, "stdlib")  # stdlib: JSON over http.client
 MSGPACK = "application/msgpack"
 TARGET_US = 1000  # fork and rollback p50 over HTTP
+REQUEST_ID = "bench-{transport}-{op}-{i}"  # what a timed request is logged under
+_LOGGED = re.compile(r"request_id=bench-(\w+)-(\w+)-(\d+) .*\bms=([0-9.]+)")
 
 
 @dataclass(slots=True)
@@ -108,7 +116,19 @@ def run(bench: ApiBench) -> dict:
             stdlib.conn.close()
     config = {**asdict(bench), "port": port, "kv_blocks": kv_blocks, "dtype": dtype,
               "threads": threads}
-    return _summarize(config, times, server_log)
+    return _summarize(config, times, _app_times(server_log, bench.warmup),
+                      [line for line in server_log if " msg=request " not in line][-20:])
+
+
+def _app_times(log_lines: list[str], warmup: int) -> dict[str, dict[str, list[float]]]:
+    """The app's seconds for each timed request (after the warm-up) of each transport and
+    op, read from the server's access log: {transport: {op: [seconds]}}."""
+    times: dict[str, dict[str, list[float]]] = {t: {op: [] for op in OPS} for t in TRANSPORTS}
+    for line in log_lines:
+        m = _LOGGED.search(line)
+        if m and m[1] in times and m[2] in OPS and int(m[3]) >= warmup:
+            times[m[1]][m[2]].append(float(m[4]) / 1e3)
+    return times
 
 
 # -- the ops, in-process and over HTTP -------------------------------------------------
@@ -121,6 +141,9 @@ class _InProcess:
         self.engine = engine
         self.sessions: dict = {}
         self.snapshots: dict = {}
+
+    def tag(self, op: str | None, i: int) -> None:
+        pass  # no request ids in-process
 
     def create(self, tokens: list[int]) -> str:
         s = self.engine.create_session(tokens=tokens)
@@ -163,17 +186,25 @@ class _Http:
         import msgpack
 
         self.client = client
+        self.wire = wire
         self.msgpack = msgpack if wire == "msgpack" else None
         self.headers = {"Content-Type": MSGPACK, "Accept": MSGPACK} if self.msgpack else {}
+        self.request_id: dict[str, str] = {}  # the X-Request-ID header of the op being timed
+
+    def tag(self, op: str | None, i: int) -> None:
+        """Sends the next requests under the request id of op's i-th repeat (none: None)."""
+        self.request_id = {} if op is None else {
+            "X-Request-ID": REQUEST_ID.format(transport=self.wire, op=op, i=i)}
 
     def call(self, method: str, path: str, body: dict | None = None) -> dict:
         """Returns the decoded answer. Raises ValueError for a 400 (the caller's input,
         like an InvalidRequestError in-process), RuntimeError for any other error."""
+        headers = {**self.headers, **self.request_id}
         if self.msgpack:
             content = None if body is None else self.msgpack.packb(body)
-            r = self.client.request(method, path, content=content, headers=self.headers)
+            r = self.client.request(method, path, content=content, headers=headers)
         else:
-            r = self.client.request(method, path, json=body)
+            r = self.client.request(method, path, json=body, headers=headers)
         _raise_for(method, path, r.status_code, r.content)
         return self.msgpack.unpackb(r.content) if self.msgpack else r.json()
 
@@ -215,11 +246,14 @@ class _Stdlib(_Http):
 
         parts = urlsplit(url)
         self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60.0)
+        self.wire = "stdlib"
+        self.request_id = {}
 
     def call(self, method: str, path: str, body: dict | None = None) -> dict:
         """As _Http.call."""
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if data is not None else {}
+        headers.update(self.request_id)
         self.conn.request(method, path, body=data, headers=headers)
         r = self.conn.getresponse()
         content = r.read()
@@ -245,15 +279,22 @@ def _measure(ops, prompt: list[int], bench: ApiBench) -> dict[str, list[float]]:
     extra = prompt[1:1 + bench.append_tokens]  # ordinary ids (prompt[0] is BOS)
     times: dict[str, list[float]] = {op: [] for op in OPS}
     for i in range(bench.warmup + bench.repeats):
+        ops.tag("fork", i)
         kid, t_fork = timed(lambda: ops.fork(sid))
+        ops.tag(None, i)
         ops.close(kid)
+        ops.tag("snapshot", i)
         snap, t_snapshot = timed(lambda: ops.snapshot(sid))
+        ops.tag(None, i)
         ops.delete_snapshot(snap)
         ops.append(sid, extra)
         # NOTE: rolled back mid-prefill, a rollback would wait for the running step
         _wait_idle(ops, sid)
+        ops.tag("rollback", i)
         _, t_rollback = timed(lambda: ops.rollback(sid, base))
+        ops.tag("generate", i)
         _, t_generate = timed(lambda: ops.generate(sid))
+        ops.tag(None, i)
         ops.rollback(sid, base)
         if i >= bench.warmup:
             for op, t in zip(OPS, (t_fork, t_snapshot, t_rollback, t_generate)):
@@ -277,35 +318,37 @@ def _wait_idle(ops, sid: str, timeout_s: float = 60.0) -> None:
 
 @contextmanager
 def _server(bench: ApiBench, port: int, kv_blocks: int, log_lines: list[str]):
+    """The server with its default logging (an access-log line per request); its whole
+    output goes to log_lines once it has stopped."""
     args = ["--model", bench.model, "--device", bench.device, "--block-size", str(bench.block_size),
-            "--kv-blocks", str(kv_blocks), "--log-level", "warning"]
+            "--kv-blocks", str(kv_blocks)]
     if bench.dtype is not None:
         args += ["--dtype", bench.dtype]
-    with run_server(args, port, log_lines, bench.startup_timeout_s) as url:
+    with run_server(args, port, log_lines, bench.startup_timeout_s, keep=None) as url:
         yield url
 
 
 @contextmanager
 def run_server(args: Sequence[str], port: int | None = None, log_lines: list[str] | None = None,
-               startup_timeout_s: float = 60.0):
+               startup_timeout_s: float = 60.0, keep: int | None = 20):
     """Runs `agentos serve --host 127.0.0.1 --port PORT *args` (a free port by default)
-    until the block exits (terminated, killed if it lingers), then puts the last lines of
-    its output in log_lines; yields its URL. Raises RuntimeError when it exits or stays
-    silent before answering /health."""
+    until the block exits (terminated, killed if it lingers), then puts the last `keep`
+    lines of its output (None: all) in log_lines; yields its URL. Raises RuntimeError when
+    it exits or stays silent before answering /health."""
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     with run_agentos(["serve", "--host", "127.0.0.1", "--port", str(port), *args], url,
-                     log_lines, startup_timeout_s):
+                     log_lines, startup_timeout_s, keep):
         yield url
 
 
 @contextmanager
 def run_agentos(args: Sequence[str], url: str, log_lines: list[str] | None = None,
-                startup_timeout_s: float = 60.0):
+                startup_timeout_s: float = 60.0, keep: int | None = 20):
     """Runs `agentos *args` (a server listening at `url`) until the block exits
     (terminated, killed if it lingers, nothing done if it already exited), then puts the
-    last lines of its output in log_lines; yields its subprocess.Popen (to kill it, say).
-    Raises RuntimeError when it exits or stays silent before answering {url}/health."""
+    last `keep` lines of its output (None: all) in log_lines; yields its subprocess.Popen
+    (to kill it, say). Raises RuntimeError when it exits or stays silent before answering {url}/health."""
     cmd = [sys.executable, "-m", "agentos.cli", *args]
     # an open loopback server: keys from the environment would turn every call into a 401
     env = {k: v for k, v in os.environ.items() if k != "AGENTOS_API_KEYS"}
@@ -324,7 +367,7 @@ def run_agentos(args: Sequence[str], url: str, log_lines: list[str] | None = Non
                 proc.kill()
                 proc.wait()
             if log_lines is not None:
-                log_lines.extend(_tail(log))
+                log_lines.extend(_tail(log, keep))
 
 
 def _wait_healthy(proc: subprocess.Popen, url: str, log, timeout_s: float) -> None:
@@ -344,10 +387,11 @@ def _wait_healthy(proc: subprocess.Popen, url: str, log, timeout_s: float) -> No
     raise RuntimeError(f"the server did not answer {url}/health within {timeout_s:.0f} s")
 
 
-def _tail(log, num_lines: int = 20) -> list[str]:
+def _tail(log, num_lines: int | None = 20) -> list[str]:
     log.flush()
     log.seek(0)
-    return log.read().decode(errors="replace").splitlines()[-num_lines:]
+    lines = log.read().decode(errors="replace").splitlines()
+    return lines if num_lines is None else lines[-num_lines:]
 
 
 def free_port() -> int:
@@ -388,12 +432,13 @@ def _stats(seconds: Sequence[float]) -> dict:
             "mean_us": statistics.fmean(seconds) * US if seconds else float("nan")}
 
 
-def _summarize(config: dict, times: dict, server_log: list[str]) -> dict:
+def _summarize(config: dict, times: dict, app: dict, server_log: list[str]) -> dict:
     rows = []
     for op in OPS:
         row = {"op": op, **{t: _stats(times[t][op]) for t in ("inprocess", *TRANSPORTS)}}
         for t in TRANSPORTS:
             row[f"{t}_ratio"] = ratio(row[t]["p50_us"], row["inprocess"]["p50_us"])
+            row[t]["app_p50_us"] = median(app[t][op]) * US if app[t][op] else float("nan")
         rows.append(row)
     by_op = {r["op"]: r for r in rows}
     checks = []
@@ -431,9 +476,11 @@ def render(result: dict, console=None) -> None:
         for t in (*TRANSPORTS, "inprocess"):
             name, s = _NAMES[t], r[t]
             rows.append([r["op"] if t == "json" else "", name, s["p50_us"], s["p99_us"],
-                         s["mean_us"], r.get(f"{t}_ratio")])
-    print_table("latency from the caller; x = p50 / in-process p50",
-                ["op", "transport", "p50 us", "p99 us", "mean us", "x"], rows, console)
+                         s["mean_us"], r.get(f"{t}_ratio"), s.get("app_p50_us")])
+    print_table("latency from the caller; x = p50 / in-process p50; app: the server app's own "
+                "p50 (its access log)",
+                ["op", "transport", "p50 us", "p99 us", "mean us", "x", "app p50 us"], rows,
+                console)
     if result["server_log"]:
         console.print("server log (last lines):")
         for line in result["server_log"]:
