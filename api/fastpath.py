@@ -4,16 +4,18 @@ A fork or a rollback is tens of microseconds of kernel work; FastAPI's routing (
 matches every included router twice), its request and dependency solving, content-type
 parsing and response validation cost several times that per call. `FastRoutes`, the
 innermost middleware, serves the routes whose whole input is their path parameters, at
-most one JSON body model and the app's own dependencies (`deps.tenant`, `deps.engine`,
-`deps.settings`): it matches the path, validates the body with the route's own model,
-calls the route's own function and renders its answer through the route's response
-model, as FastAPI would.
+most one JSON body model, the request itself and the app's own dependencies
+(`deps.tenant`, `deps.engine`, `deps.settings`): it matches the path, validates the body
+with the route's own model, calls the route's own function and renders its answer through
+the route's response model, as FastAPI would (an answer that is a Response, a stream of
+events say, goes out as it is). A route given the request finds it as FastAPI leaves it:
+the body read, so the next message it receives is the client's disconnect.
 
 FastAPI stays the definition of the API: its routes, their OpenAPI schema, and every
 answer that is not a success. A request the fast path does not take whole goes to FastAPI
 unchanged (its body replayed): another content type, a body that does not parse or
 validate (FastAPI's 400 or 422), an unknown path or method (404, 405), a route with query,
-header or request parameters, any dependency override. Errors the route itself raises are
+header or cookie parameters, any dependency override. Errors the route itself raises are
 answered by the app's error mapping (`app_errors`), the same one its exception handlers
 use.
 """
@@ -31,6 +33,7 @@ from fastapi import params
 from fastapi.datastructures import DefaultPlaceholder
 from fastapi.routing import APIRoute, APIRouter
 from pydantic import BaseModel, TypeAdapter, ValidationError
+from starlette.requests import Request
 from starlette.responses import Response
 
 from agentos.api import deps
@@ -52,16 +55,17 @@ class FastRoute:
     deps: tuple[tuple[str, Callable[[dict], Any]], ...]  # (parameter, provider)
     body_name: str | None
     body_model: type[BaseModel] | None
+    request_name: str | None  # its parameter of type Request, if it has one
     answer: TypeAdapter | None  # the response model; None: the answer as it is
     status_code: int
 
 
 def fast_route(route: APIRoute) -> FastRoute | None:
     """The route as the fast path serves it, or None when it takes anything the fast path
-    does not supply (query, header or cookie parameters, the request, a dependency of its
-    own, a form or several body fields, a response setting other than the defaults)."""
+    does not supply (query, header or cookie parameters, a dependency of its own, a form
+    or several body fields, a response setting other than the defaults)."""
     d = route.dependant
-    if (d.query_params or d.header_params or d.cookie_params or d.request_param_name
+    if (d.query_params or d.header_params or d.cookie_params
             or d.http_connection_param_name or d.response_param_name
             or d.background_tasks_param_name or d.security_scopes_param_name
             or d.websocket_param_name or route.dependencies or len(d.body_params) > 1
@@ -91,8 +95,8 @@ def fast_route(route: APIRoute) -> FastRoute | None:
         body_name = field.name
     model = route.response_model
     answer = TypeAdapter(model) if model is not None else None
-    return FastRoute(route, tuple(providers), body_name,
-                     body_model, answer, route.status_code or 200)
+    return FastRoute(route, tuple(providers), body_name, body_model, d.request_param_name,
+                     answer, route.status_code or 200)
 
 
 class FastRoutes:
@@ -149,6 +153,12 @@ class FastRoutes:
         scope["route"], scope["endpoint"] = fast.route, fast.route.endpoint
         scope["path_params"] = path_params
         try:
+            if fast.request_name is not None:
+                request = kwargs[fast.request_name] = Request(scope, replay)
+                if fast.body_model is not None:
+                    # as FastAPI leaves it: the body read (and kept for body()), so the
+                    # next message the route receives is the client's disconnect
+                    await request.body()
             for name, provider in fast.deps:
                 kwargs[name] = provider(scope)
             result = await fast.route.endpoint(**kwargs)

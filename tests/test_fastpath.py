@@ -4,6 +4,7 @@ idempotency keys) gets the same status and body with it on and off."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import msgpack
@@ -17,7 +18,7 @@ from agentos.engine import AsyncEngine
 
 A = {"Authorization": "Bearer key-a"}
 B = {"Authorization": "Bearer key-b"}
-VOLATILE = {"created_at", "last_active", "swapped_s", "queue_wait_s"}
+VOLATILE = {"created_at", "last_active", "swapped_s", "queue_wait_s", "created"}
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +35,19 @@ def scenario(c) -> list[tuple[int, object]]:
     """Runs the requests; returns each one's status and decoded body."""
     out = []
 
-    def call(method, path, headers=A, **kw):
+    def call(method, path, headers=A, keys_only=False, **kw):
         r = c.request(method, path, headers=headers, **kw)
-        body = msgpack.unpackb(r.content) if r.headers.get("content-type") == "application/msgpack" \
-            else r.json()
-        out.append((r.status_code, body))
+        kind = r.headers.get("content-type", "").split(";")[0]
+        if kind == "application/msgpack":
+            body = msgpack.unpackb(r.content)
+        elif kind == "text/event-stream":  # the events' data, in order
+            body = [line[6:] if line == "data: [DONE]" else json.loads(line[6:])
+                    for line in r.text.splitlines() if line.startswith("data: ")]
+        elif kind == "application/json":
+            body = r.json()
+        else:
+            body = (kind, r.content if method == "GET" else len(r.content))
+        out.append((r.status_code, sorted(body) if keys_only else body))
         return body
 
     sid = call("POST", "/v1/sessions", json={"tokens": [1, 5, 6, 7]})["id"]
@@ -53,6 +62,26 @@ def scenario(c) -> list[tuple[int, object]]:
     call("POST", f"/v1/sessions/{sid}/rollback", json={"snapshot_id": snap})
     call("POST", f"/v1/sessions/{sid}/score", json={"tokens": [3, 4]})
     call("POST", f"/v1/sessions/{sid}/next_token_logprobs", json={"top_k": 3})
+    # routes that take the request too: streamed and plain generates, OpenAI's and vLLM's
+    # completions, an import (the raw body), the system's state (its counters move: keys)
+    call("POST", f"/v1/sessions/{sid}/generate", json={"max_tokens": 2, "stream": True,
+                                                              "temperature": 0})
+    call("POST", "/v1/completions", json={"model": "tiny", "prompt": [1, 5, 6], "max_tokens": 3,
+                                          "temperature": 0})
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+            "temperature": 0}
+    call("POST", "/v1/chat/completions", json=chat)
+    call("POST", "/v1/chat/completions", json={**chat, "stream": True})
+    call("POST", "/v1/chat/completions", json={**chat, "model": "other"})
+    call("POST", "/inference/v1/generate", json={"token_ids": [1, 5], "sampling_params": {
+        "max_tokens": 2, "temperature": 0}})
+    record = c.get(f"/v1/sessions/{sid}/export", headers=A).content
+    imported = call("POST", "/v1/sessions/import", content=record,
+                    headers={**A, "Content-Type": "application/octet-stream"})
+    call("POST", "/v1/sessions/import", content=b"junk",
+         headers={**A, "Content-Type": "application/octet-stream"})
+    call("DELETE", f"/v1/sessions/{imported['id']}")
+    call("GET", "/v1/system", keys_only=True)
     # validation: FastAPI's own 400 and 422
     call("POST", f"/v1/sessions/{sid}/fork", json={"n": 0})
     call("POST", f"/v1/sessions/{sid}/fork", json={"n": "two"})
@@ -129,8 +158,8 @@ def test_fast_path_answers_as_fastapi(served):
 
 
 def test_simple_routes_take_the_fast_path(served):
-    """The hot syscall routes are served by the fast path; routes with query parameters,
-    the request or streaming stay with FastAPI."""
+    """The hot syscall and generate routes are served by the fast path; routes with query
+    parameters stay with FastAPI."""
     app, _ = served
     fast = app.middleware_stack
     while type(fast).__name__ != "FastRoutes":
@@ -143,12 +172,14 @@ def test_simple_routes_take_the_fast_path(served):
     for method, path in [("POST", "/v1/sessions/s1/fork"), ("POST", "/v1/sessions/s1/rollback"),
                          ("POST", "/v1/sessions/s1/snapshots"), ("GET", "/v1/sessions/s1"),
                          ("DELETE", "/v1/sessions/s1"), ("DELETE", "/v1/snapshots/x"),
-                         ("POST", "/v1/sessions/s1/append"), ("POST", "/v1/sessions")]:
+                         ("POST", "/v1/sessions/s1/append"), ("POST", "/v1/sessions"),
+                         ("POST", "/v1/sessions/s1/generate"), ("POST", "/v1/chat/completions"),
+                         ("POST", "/v1/completions"), ("POST", "/v1/sessions/import"),
+                         ("POST", "/inference/v1/generate")]:
         assert route_of(method, path) is not None, (method, path)
     assert route_of("POST", "/v1/sessions/s1/rollback") == "/v1/sessions/{sid}/rollback"
-    for method, path in [("POST", "/v1/sessions/s1/generate"), ("GET", "/v1/sessions/s1/export"),
-                         ("POST", "/v1/chat/completions"), ("POST", "/v1/sessions/import"),
-                         ("PUT", "/v1/sessions/s1/fork"), ("GET", "/v1/nothing")]:
+    for method, path in [("GET", "/v1/sessions/s1/export"), ("PUT", "/v1/sessions/s1/fork"),
+                         ("GET", "/v1/nothing"), ("POST", "/v1/engine/pause")]:
         assert route_of(method, path) is None, (method, path)
 
 
