@@ -284,3 +284,19 @@ def test_fresh_prefill_runs_equal_attention_over_the_cache(cap, window):
         for c in chunks])
     assert torch.allclose(direct, one_by_one, atol=1e-6)
     assert torch.allclose(from_cache, one_by_one, atol=1e-6)
+    # and each chunk as written out: every query head over its kv head's keys up to its
+    # own position (within the window), scores soft-capped, softmax, values
+    for c in chunks:
+        pos = torch.arange(c.ctx_len)
+        keys = k_cache[c.block_table[pos // bs], pos % bs].repeat_interleave(h // kvh, dim=1)
+        vals = v_cache[c.block_table[pos // bs], pos % bs].repeat_interleave(h // kvh, dim=1)
+        s = torch.einsum("qhd,khd->hqk", q[c.q_start : c.q_start + c.q_len], keys) * 0.3
+        if cap is not None:
+            s = torch.tanh(s / cap) * cap
+        at = (pos[:, None] + c.ctx_len - c.q_len)[: c.q_len]  # each query's position
+        visible = pos[None, :] <= at
+        if window is not None:
+            visible &= pos[None, :] > at - window
+        want = torch.einsum("hqk,khd->qhd",
+                            s.masked_fill(~visible, float("-inf")).softmax(-1), vals)
+        assert torch.allclose(one_by_one[c.q_start : c.q_start + c.q_len], want, atol=1e-5)
