@@ -407,7 +407,11 @@ def _parser() -> argparse.ArgumentParser:
             ("--new-tokens", int, "tokens generated per session (default 64)"),
             ("--idle", int, "idle sessions beside one decoding session (default 4000; 0: skip)"),
             ("--syscall-len", int, "tokens of the session the syscalls act on (default 512)"),
-            ("--op-repeats", int, "timed repeats of each syscall (default 200)")):
+            ("--op-repeats", int, "timed repeats of each syscall (default 200)"),
+            ("--turn-context", int, "llama.cpp peer: the context of an agent's turn (default "
+             "2048 tokens)"),
+            ("--turn-tokens", int, "llama.cpp peer: the tokens a turn appends before it "
+             "generates one (default 16)")):
         overhead.add_argument(flag, type=kind, default=None, help=text)
     overhead.add_argument("--sync", action="store_true", default=None,
                           help="CUDA: wait for the device after each forward (its time counts "
@@ -806,7 +810,7 @@ def _cmd_bench_overhead(args: argparse.Namespace) -> int:
 
     bench = overhead.OverheadBench(**_options(args, (
         *_COMMON, "sessions", "prompt_len", "new_tokens", "idle", "syscall_len", "op_repeats",
-        "sync", "cuda_graphs", "llama_cpp")))
+        "turn_context", "turn_tokens", "sync", "cuda_graphs", "llama_cpp")))
     return _report(overhead.run(bench), overhead.render, args)
 
 

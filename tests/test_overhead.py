@@ -245,3 +245,39 @@ def test_decodes_index_arrays_built_at_once_equal_the_loop(monkeypatch, sample):
             return [(o[0].tokens, o[0].logprobs) for o in outs]
 
     assert run(vector_from=1) == run(vector_from=10**9)
+
+
+def test_an_agent_turn_is_timed_as_append_then_generate(tmp_path, monkeypatch):
+    """bench overhead's turn against llama.cpp: the peer gets the engine's whole context
+    (the prompt and the token generated before the snapshot) and the same fresh chunks,
+    and each turn's first token (append after a rollback, then generate) is the one a
+    fresh session of that context and chunk gives."""
+    import asyncio
+
+    from agentos import AsyncEngine
+    from agentos.bench import llamacpp
+
+    folder = llamacpp.make_checkpoint(str(tmp_path / "ck"), seed=3)
+    calls = []
+
+    def peer(gguf, context, chunks, threads):
+        calls.append((context, chunks))
+        with Engine(folder, dtype="float32") as e:
+            tokens = [e.create_session(tokens=context + c).generate(
+                max_tokens=1, temperature=0.0, ignore_eos=True).tokens[0] for c in chunks]
+        return {"s": [0.002] * len(chunks), "tokens": tokens, "threads": threads}
+
+    monkeypatch.setattr(llamacpp, "append_turn", peer)
+    bench = overhead.OverheadBench(sessions=[1], prompt_len=8, new_tokens=3, idle=0, repeats=1,
+                                   turn_context=40, turn_tokens=5)
+
+    async def turns():
+        async with AsyncEngine(model=folder, dtype="float32") as engine:
+            return await overhead._turns(engine, bench, "m.gguf", 1, random.Random(0))
+
+    got = asyncio.run(turns())
+    ((context, chunks),) = calls
+    assert len(context) == 41 and context[0] == llamacpp.BOS
+    assert len(chunks) == 5 and all(len(c) == 5 for c in chunks) and len(set(map(tuple, chunks))) == 5
+    assert got["tokens_equal"] and got["llama_cpp_ms"] == pytest.approx(2.0) and got["ours_ms"] > 0
+    assert (got["context"], got["tokens"]) == (40, 5)

@@ -225,6 +225,23 @@ def seq_copy_us(gguf_path: str, n_tokens: int, repeats: int) -> float:
                       "n_tokens": n_tokens, "repeats": repeats})
 
 
+def append_turn(gguf_path: str, context: list[int], chunks: list[list[int]],
+                threads: int | None = None) -> dict:
+    """An agent's turn after a long context, by llama.cpp in a fresh process: `context` is
+    evaluated once; then for each chunk (after one untimed warm-up with the first), the
+    chunk is evaluated after the context and the argmax of its last logits taken (a tool
+    output appended, then the first new token), and its cells removed again
+    (llama_memory_seq_rm), so every chunk continues the same context.
+
+    Returns {"s": [seconds of each chunk], "tokens": [each chunk's first token],
+    "threads": the thread count}. Raises ValueError for bad arguments, RuntimeError when
+    the measurement fails."""
+    if not context or not chunks or not all(chunks) or (threads is not None and threads < 1):
+        raise ValueError("context and every chunk must be non-empty, threads >= 1")
+    return _in_child({"measure": "append_turn", "gguf_path": gguf_path, "context": context,
+                      "chunks": chunks, "threads": threads or os.cpu_count() or 1})
+
+
 def _in_child(request: dict) -> Any:
     # NOTE: llama.cpp runs in its own process because in this one it would share torch's
     # OpenMP runtime (libgomp.so.1 is loaded once per process). Its barriers stop spinning
@@ -251,6 +268,8 @@ def main() -> None:
                            r["threads"])
     elif r["measure"] == "seq_copy_us":
         out = _seq_copy_us(r["gguf_path"], r["n_tokens"], r["repeats"])
+    elif r["measure"] == "append_turn":
+        out = _append_turn(r["gguf_path"], r["context"], r["chunks"], r["threads"])
     else:
         raise ValueError(f"unknown measure {r['measure']!r}")
     print(json.dumps(out))
@@ -267,6 +286,35 @@ def _decode(gguf_path: str, prompt: list[int], new_tokens: int, repeats: int,
     return {"tok_s": statistics.median((new_tokens - 1) / s for _, _, s in runs),
             "prefill_s": statistics.median(s for _, s, _ in runs), "tokens": tokens,
             "threads": threads}
+
+
+def _append_turn(gguf_path: str, context: list[int], chunks: list[list[int]],
+                 threads: int) -> dict:
+    import llama_cpp
+
+    n = len(context)
+    llm = _load(gguf_path, n + max(len(c) for c in chunks), threads)
+    try:
+        mem = llama_cpp.llama_get_memory(llm.ctx)
+        llama_cpp.llama_memory_clear(mem, True)
+        ids = (llama_cpp.llama_token * n)(*context)  # NOTE: alive while the batch points at it
+        if llama_cpp.llama_decode(llm.ctx, llama_cpp.llama_batch_get_one(ids, n)) != 0:
+            raise RuntimeError("llama_decode of the context failed")
+        n_vocab = llm.n_vocab()
+        times, tokens = [], []
+        for i, chunk in enumerate([chunks[0], *chunks]):  # the first run warms up
+            ids = (llama_cpp.llama_token * len(chunk))(*chunk)
+            t0 = time.perf_counter()
+            token = _step(llm.ctx, ids, len(chunk), n_vocab)
+            seconds = time.perf_counter() - t0
+            if not llama_cpp.llama_memory_seq_rm(mem, 0, n, -1):
+                raise RuntimeError("llama_memory_seq_rm failed")
+            if i:
+                times.append(seconds)
+                tokens.append(token)
+    finally:
+        llm.close()
+    return {"s": times, "tokens": tokens, "threads": threads}
 
 
 def _seq_copy_us(gguf_path: str, n_tokens: int, repeats: int) -> float:

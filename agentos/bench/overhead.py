@@ -65,6 +65,8 @@ class OverheadBench:
     new_tokens: int = 64
     idle: int = 4000  # idle sessions beside one decoding session (0: skip)
     syscall_len: int = 512  # tokens of the session the syscalls act on
+    turn_context: int = 2048  # llama.cpp peer: an agent's turn after this many tokens...
+    turn_tokens: int = 16  # ...appending this many (a tool output), then one new token
     op_repeats: int = 200  # timed repeats of each syscall
     repeats: int = 3  # timed runs of each decode case (medians)
     peer: bool = True  # transformers' generate on the same weights
@@ -78,9 +80,11 @@ class OverheadBench:
     def __post_init__(self):
         if (not self.sessions or min(self.sessions) < 1 or self.prompt_len < 1
                 or self.new_tokens < 2 or self.repeats < 1 or self.op_repeats < 1
-                or self.idle < 0 or self.syscall_len < 1):
-            raise ValueError("sessions, prompt_len, repeats, op_repeats and syscall_len must "
-                             "be >= 1, new_tokens >= 2, idle >= 0")
+                or self.idle < 0 or self.syscall_len < 1 or self.turn_context < 1
+                or self.turn_tokens < 1):
+            raise ValueError("sessions, prompt_len, repeats, op_repeats, syscall_len, "
+                             "turn_context and turn_tokens must be >= 1, new_tokens >= 2, "
+                             "idle >= 0")
 
 
 def run(bench: OverheadBench) -> dict:
@@ -178,6 +182,7 @@ async def _llama_cpp(bench: OverheadBench, threads: int, rng: random.Random) -> 
                 ours_runs.append(await _timed_decode(engine, bench, [prompt]))
                 theirs_runs.append(await asyncio.to_thread(
                     llamacpp.decode, gguf, prompt, bench.new_tokens, 1, threads))
+            turn = await _turns(engine, bench, gguf, threads, rng)
         seq_us = await asyncio.to_thread(llamacpp.seq_copy_us, gguf, bench.syscall_len,
                                          bench.op_repeats)
     ours_tok_s = statistics.median(r["tok_s"] for r in ours_runs)
@@ -187,7 +192,43 @@ async def _llama_cpp(bench: OverheadBench, threads: int, rng: random.Random) -> 
             "ratios": [ratio(a["tok_s"], b["tok_s"]) for a, b in zip(ours_runs, theirs_runs)],
             "tokens_equal": all(a["tokens"] == b["tokens"][1:]
                                 for a, b in zip(ours_runs, theirs_runs)),
-            "threads": threads, "seq_copy_us": seq_us, "session_tokens": bench.syscall_len}
+            "threads": threads, "seq_copy_us": seq_us, "session_tokens": bench.syscall_len,
+            "turn": turn}
+
+
+async def _turns(engine, bench: OverheadBench, gguf: str, threads: int,
+                 rng: random.Random) -> dict:
+    """An agent's turn after a context of turn_context tokens (and one generated):
+    turn_tokens fresh tokens appended (a tool output) and one token generated, by this
+    engine (append, then a greedy generate of 1, then a rollback to the context, untimed)
+    and by llama.cpp (one evaluation of the chunk, its cells removed after); 5 fresh chunks
+    a side, the same ones, so no chunk is ever in a prefix cache."""
+    from agentos.bench import llamacpp
+
+    vocab = llamacpp.TINY_SHAPE["vocab_size"]
+    context = random_prompt(bench.turn_context, vocab, llamacpp.BOS, rng)
+    chunks = [[rng.randrange(3, vocab) for _ in range(bench.turn_tokens)] for _ in range(6)]
+    s = await engine.create_session(tokens=context)
+    # NOTE: the context computed before the snapshot (else every rollback drops its KV);
+    # the token this adds is llama.cpp's context too
+    context += (await s.generate(max_tokens=1, temperature=0.0, ignore_eos=True)).tokens
+    base = await s.snapshot()
+    ours, tokens = [], []
+    for i, chunk in enumerate(chunks):  # the first is a warm-up
+        t0 = time.perf_counter()
+        await s.append(tokens=chunk)
+        g = await s.generate(max_tokens=1, temperature=0.0, ignore_eos=True)
+        if i:
+            ours.append(time.perf_counter() - t0)
+            tokens.append(g.tokens[0])
+        await s.rollback(base)
+    await s.close()
+    await base.delete()
+    theirs = await asyncio.to_thread(llamacpp.append_turn, gguf, context, chunks[1:], threads)
+    ours_ms, theirs_ms = 1e3 * statistics.median(ours), 1e3 * statistics.median(theirs["s"])
+    return {"context": bench.turn_context, "tokens": bench.turn_tokens, "ours_ms": ours_ms,
+            "llama_cpp_ms": theirs_ms, "ratio": ratio(theirs_ms, ours_ms),
+            "tokens_equal": tokens == theirs["tokens"]}
 
 
 def _counters(kernel) -> dict:
@@ -400,6 +441,11 @@ def render(result: dict, console=None) -> None:
                       f"{', '.join(f'{r:.2f}x' for r in llama['ratios'])}); "
                       f"llama.cpp copies a {llama['session_tokens']}-token "
                       f"sequence and removes it in {llama['seq_copy_us']:.1f} us")
+        turn = llama["turn"]
+        console.print(f"an agent's turn, {turn['tokens']} tokens appended after "
+                      f"{turn['context']} and one generated: {turn['ours_ms']:.2f} ms vs "
+                      f"llama.cpp {turn['llama_cpp_ms']:.2f} ({turn['ratio']:.2f}x, medians of "
+                      f"5); first tokens {'equal' if turn['tokens_equal'] else 'differ'}")
     sc = result["syscalls"]
     print_table(f"syscalls on a {sc['session_tokens']}-token session, us (medians)",
                 ["op", "direct", "queued", "work", "handoff"],
