@@ -94,8 +94,10 @@ def test_nothing_in_flight_pauses_at_once_and_abort_ends_held_calls(engine):
 
 def test_pause_wait_over_http():
     with run_server(["--allow-open-admin", "--kv-blocks", "256"]) as url:
+        # NOTE: long enough (a few hundred ms) that the poll below sees it running: a
+        # 60-token call could end before the first poll came back, and the wait never end
         body = {"token_ids": list(range(3, 20)),
-                "sampling_params": {"max_tokens": 60, "temperature": 0, "ignore_eos": True}}
+                "sampling_params": {"max_tokens": 400, "temperature": 0, "ignore_eos": True}}
         result = {}
         t = threading.Thread(target=lambda: result.update(
             r=httpx.post(url + "/inference/v1/generate", json=body, timeout=120)))
@@ -108,7 +110,7 @@ def test_pause_wait_over_http():
         assert r.status_code == 200 and r.json()["aborted"] == 0
         t.join(60)
         choice = result["r"].json()["choices"][0]
-        assert choice["finish_reason"] == "length" and len(choice["token_ids"]) == 60
+        assert choice["finish_reason"] == "length" and len(choice["token_ids"]) == 400
         assert httpx.get(url + "/v1/system").json()["stats"]["paused"]
         assert httpx.post(url + "/resume").status_code == 200
         assert httpx.post(url + "/v1/engine/pause", json={"wait": True}).status_code == 200
