@@ -147,7 +147,6 @@ def _prefill_run(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     K/V gathered from the cache together, one mask for all. q [n * L, H, D] -> the same."""
     T, H, D = q.shape
     n, L, C = len(run), run[0].q_len, run[0].ctx_len
-    KVH = k_cache.shape[2]
     tables = torch.stack([c.block_table for c in run])  # [n, blocks]
     k = gather_blocks(k_cache, tables)[:, :C].transpose(1, 2)  # [n, KVH, C, D]
     v = gather_blocks(v_cache, tables)[:, :C].transpose(1, 2)
@@ -157,12 +156,7 @@ def _prefill_run(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if window is not None:
         mask &= keys > rows - window
     qs = q.view(n, L, H, D).transpose(1, 2)  # [n, H, L, D]
-    if cap is None and L <= GROUPED_MAX_QUERIES:
-        return _grouped(qs, k, v, mask, scale).transpose(1, 2).reshape(T, H, D)
-    G = H // KVH
-    if G > 1:
-        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
-    return sdpa(qs, k, v, mask, scale, cap).transpose(1, 2).reshape(T, H, D)
+    return _gqa(qs, k, v, mask, scale, cap).transpose(1, 2).reshape(T, H, D)
 
 
 # a chunk of up to this many new tokens after a cached context attends with its query
@@ -171,6 +165,19 @@ def _prefill_run(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 # repeated vs grouped: 16 tokens after 8k 2.5 vs 1.5, 32 after 8k 4.8 vs 3.3, 64 after 8k
 # 9.3 vs 9.2, 512 after 8k 45 vs 55)
 GROUPED_MAX_QUERIES = 32
+
+
+def _gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+         scale: float, cap: float | None, causal: bool = False) -> torch.Tensor:
+    """sdpa of q [n, H, L, D] over the kv heads k, v [n, KVH, C, D]: grouped (below) for a
+    short chunk under a mask without a cap, else with K and V repeated per query head."""
+    n, H, L, D = q.shape
+    if mask is not None and cap is None and L <= GROUPED_MAX_QUERIES:
+        return _grouped(q, k, v, mask, scale)
+    G = H // k.shape[1]
+    if G > 1:
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    return sdpa(q, k, v, mask, scale, cap, causal)
 
 
 def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -380,8 +387,7 @@ def _attention_lse(q, k, v, mask, scale: float,
 def _prefill(q, k_cache, v_cache, c: PrefillChunk, scale: float,
              window: int | None = None, cap: float | None = None) -> torch.Tensor:
     # q: [n, H, D] at positions ctx_len - n .. ctx_len - 1.
-    n, H, D = q.shape
-    KVH = k_cache.shape[2]
+    n = q.shape[0]
     k = gather_blocks(k_cache, c.block_table)[: c.ctx_len]  # [ctx, KVH, D]
     v = gather_blocks(v_cache, c.block_table)[: c.ctx_len]
     start = c.ctx_len - n
@@ -396,14 +402,6 @@ def _prefill(q, k_cache, v_cache, c: PrefillChunk, scale: float,
             mask &= keys > rows - window
     # NOTE: 4-d inputs (a batch of one) reach the fused SDPA kernels; 3-d ones take the
     # math path, 5-7x slower on CPU for long contexts
-    if mask is not None and cap is None and n <= GROUPED_MAX_QUERIES:
-        out = _grouped(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                       v.transpose(0, 1)[None], mask, scale)  # [1, H, n, D]
-        return out[0].transpose(0, 1)
-    G = H // KVH
-    if G > 1:
-        k = k.repeat_interleave(G, dim=1)
-        v = v.repeat_interleave(G, dim=1)
-    out = sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+    out = _gqa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                mask, scale, cap, causal)  # [1, H, n, D]
     return out[0].transpose(0, 1)
