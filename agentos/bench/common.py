@@ -69,6 +69,18 @@ def random_prompt(num_tokens: int, vocab_size: int, bos_token_id: int | None,
     return ids
 
 
+def hf_greedy_kwargs(net) -> dict:
+    """`generate` kwargs for greedy decoding of exactly max_new_tokens tokens, EOS included,
+    as the engine's `ignore_eos` does: no stop token, rather than `min_new_tokens`, which
+    would mask EOS's logit and so pick another token wherever EOS is the argmax."""
+    cfg = net.generation_config
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
+    if isinstance(pad, list):
+        pad = pad[0]
+    # NOTE: an id no token has; None would fall back to the model config's EOS
+    return {"do_sample": False, "eos_token_id": [-1], "pad_token_id": pad}
+
+
 def load_peer(model: str, device: str, dtype: Any):
     """Returns the transformers model with the engine's weights (eval mode, on device, in
     the torch dtype `dtype`): `tiny` is written to a temporary HF folder first.

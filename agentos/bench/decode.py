@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from agentos.bench.common import (
     check,
     dtype_name,
+    hf_greedy_kwargs,
     load_peer,
     median,
     new_console,
@@ -138,11 +139,8 @@ def _hf(net, prompts: list[list[int]], new_tokens: int, device: str) -> list[lis
 
     with torch.inference_mode():
         ids = torch.tensor(prompts, device=device)
-        cfg = net.generation_config
-        pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
-        out = net.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                           min_new_tokens=new_tokens, max_new_tokens=new_tokens,
-                           pad_token_id=pad)
+        out = net.generate(ids, attention_mask=torch.ones_like(ids),
+                           max_new_tokens=new_tokens, **hf_greedy_kwargs(net))
         sync(device)
         return out[:, ids.shape[1]:].tolist()
 

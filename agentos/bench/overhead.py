@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from agentos.bench.common import (
     check,
     dtype_name,
+    hf_greedy_kwargs,
     load_peer,
     median,
     new_console,
@@ -356,11 +357,9 @@ def _hf_decode(net, bench: OverheadBench, prompt: list[int]) -> dict:
     def gen(n: int) -> tuple[float, list[int]]:
         with torch.inference_mode():
             ids = torch.tensor([prompt], device=device)
-            cfg = net.generation_config
-            pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
             t0 = time.perf_counter()
-            out = net.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                               min_new_tokens=n, max_new_tokens=n, pad_token_id=pad)
+            out = net.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                               **hf_greedy_kwargs(net))
             sync(device)
             return time.perf_counter() - t0, out[0, ids.shape[1]:].tolist()
 
