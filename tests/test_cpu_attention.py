@@ -44,6 +44,8 @@ def test_builds_here():
 @pytest.mark.parametrize("shape", [(3, 8, 4, 32, 16, 9),  # B, H, KVH, D, block, blocks
                                    (5, 4, 4, 64, 8, 7),  # no grouping
                                    (2, 14, 2, 80, 32, 4),  # odd head dim, G = 7
+                                   (2, 14, 2, 64, 16, 5),  # G = 7 (Qwen2.5-0.5B's heads)
+                                   (3, 12, 4, 128, 16, 6),  # G = 3
                                    (1, 8, 1, 128, 16, 70),  # one row: split into ranges
                                    (2, 4, 2, 256, 16, 40),
                                    (4, 16, 4, 64, 16, 12)])  # G = 4
