@@ -57,6 +57,14 @@ def test_bench_decode_json(tmp_path):
             "first_mismatch"} <= batch.keys()
     assert batch["sessions"] == 3 and len(batch["ours_runs_s"]) == 1
     assert batch["ours_tok_s"] > 0 and batch["hf_tok_s"] > 0
+    # the split: a one-token run per side and repeat; the decode steps are the rest
+    assert len(batch["ours_first_runs_s"]) == len(batch["hf_first_runs_s"]) == 1
+    for side in ("ours", "hf"):
+        first, full = batch[f"{side}_prefill_s"], batch[f"{side}_runs_s"][0]
+        assert first == batch[f"{side}_first_runs_s"][0] > 0
+        if full > first:
+            assert batch[f"{side}_decode_tok_s"] == pytest.approx(3 * 3 / (full - first))
+    assert batch["prefill_ratio"] == pytest.approx(batch["hf_prefill_s"] / batch["ours_prefill_s"])
     # identical weights, greedy, fp32: the same tokens as transformers
     assert batch["agreement"] == 1.0 and batch["first_mismatch"] is None
     assert {c["name"] for c in out["checks"]} >= {"batch greedy tokens equal HF's"}

@@ -6,6 +6,11 @@ against batch 1. Both sides start from token ids and are timed wall clock from t
 request to the last token, prefill included: tokens/s = generated tokens / seconds. Runs
 alternate between the two sides so background load hits both alike. Greedy decoding on
 identical weights must give identical tokens; the agreement is reported.
+
+Each repeat also times a one-token run of each side on fresh prompts: its time is the
+batch's prefill (the time to its first tokens), and the rest of the full run's time is its
+decode steps, reported as tokens/s of their own: sessions * (new_tokens - 1) / (median
+full run - median one-token run). So the table shows which phase a ratio comes from.
 """
 
 from __future__ import annotations
@@ -96,20 +101,25 @@ async def _run(bench: DecodeBench) -> dict:
                     await on_engine_thread(engine, _hf, net, warm, min(bench.new_tokens, 4),
                                            bench.device)
                 ours_s, hf_s, ours_tokens, hf_tokens = [], [], [], []  # tokens: all runs' rows
+                firsts: dict[str, list[float]] = {"ours": [], "hf": []}  # one-token runs
                 for _ in range(bench.repeats):
                     batch = new_prompts(num_sessions)
                     tokens, t = await _timed_ours(engine, batch, bench.new_tokens)
                     ours_s.append(t)
                     ours_tokens += tokens
                     if net is not None:
-                        t0 = time.perf_counter()
-                        tokens = await on_engine_thread(engine, _hf, net, batch,
-                                                        bench.new_tokens, bench.device)
-                        hf_s.append(time.perf_counter() - t0)
+                        tokens, t = await _timed_hf(engine, net, batch, bench)
+                        hf_s.append(t)
                         hf_tokens += tokens
+                    if bench.new_tokens > 1:
+                        batch = new_prompts(num_sessions)
+                        firsts["ours"].append((await _timed_ours(engine, batch, 1))[1])
+                        if net is not None:
+                            firsts["hf"].append((await _timed_hf(engine, net, batch, bench,
+                                                                 1))[1])
                     advance()
                 results.append(_case(name, num_sessions, bench, ours_s, hf_s, ours_tokens,
-                                     hf_tokens if net is not None else None))
+                                     hf_tokens if net is not None else None, firsts))
     return _summarize(bench, dtype, threads, results)
 
 
@@ -133,6 +143,15 @@ async def _ours(engine, prompts: list[list[int]], new_tokens: int, close: bool =
     return list(zip(sessions, gens))
 
 
+async def _timed_hf(engine, net, prompts: list[list[int]], bench: DecodeBench,
+                    new_tokens: int | None = None):
+    """_hf on the engine's thread: (each row's new tokens, wall seconds)."""
+    t0 = time.perf_counter()
+    tokens = await on_engine_thread(engine, _hf, net, prompts, new_tokens or bench.new_tokens,
+                                    bench.device)
+    return tokens, time.perf_counter() - t0
+
+
 def _hf(net, prompts: list[list[int]], new_tokens: int, device: str) -> list[list[int]]:
     """transformers' greedy generate on the batch; returns the new tokens of each row."""
     import torch
@@ -147,14 +166,17 @@ def _hf(net, prompts: list[list[int]], new_tokens: int, device: str) -> list[lis
 
 def _case(name: str, num_sessions: int, bench: DecodeBench, ours_s: list[float],
           hf_s: list[float], ours_tokens: list[list[int]],
-          hf_tokens: list[list[int]] | None) -> dict:
-    """One case's record: medians as tokens/s, and greedy agreement over every run's rows."""
+          hf_tokens: list[list[int]] | None, firsts: dict[str, list[float]]) -> dict:
+    """One case's record: medians as tokens/s, the prefill / decode split, and greedy
+    agreement over every run's rows."""
     generated = num_sessions * bench.new_tokens
     ours_tps = generated / median(ours_s)
     hf_tps = generated / median(hf_s) if hf_s else float("nan")
     case = {"name": name, "sessions": num_sessions, "prompt_len": bench.prompt_len,
             "new_tokens": bench.new_tokens, "ours_tok_s": ours_tps, "hf_tok_s": hf_tps,
             "ratio": ratio(ours_tps, hf_tps), "ours_runs_s": ours_s, "hf_runs_s": hf_s,
+            "ours_first_runs_s": firsts["ours"], "hf_first_runs_s": firsts["hf"],
+            **_split(num_sessions, bench.new_tokens, ours_s, hf_s, firsts),
             "agreement": None, "identical_sequences": None, "compared_sequences": None,
             "first_mismatch": None}
     if hf_tokens is not None:
@@ -170,6 +192,26 @@ def _case(name: str, num_sessions: int, bench: DecodeBench, ours_s: list[float],
                                           "hf": y[pos]}
                 break
     return case
+
+
+def _split(num_sessions: int, new_tokens: int, ours_s: list[float], hf_s: list[float],
+           firsts: dict[str, list[float]]) -> dict:
+    """The prefill seconds (median one-token run) of each side, their ratio (HF / ours:
+    above 1 when ours is faster), and the decode steps' tokens/s and ratio; NaN where a
+    side or the one-token runs are missing."""
+    nan = float("nan")
+    out = {"ours_prefill_s": nan, "hf_prefill_s": nan, "prefill_ratio": nan,
+           "ours_decode_tok_s": nan, "hf_decode_tok_s": nan, "decode_ratio": nan}
+    decoded = num_sessions * (new_tokens - 1)
+    for side, full in (("ours", ours_s), ("hf", hf_s)):
+        if firsts[side] and full:
+            first = median(firsts[side])
+            out[f"{side}_prefill_s"] = first
+            rest = median(full) - first
+            out[f"{side}_decode_tok_s"] = decoded / rest if rest > 0 else nan
+    out["prefill_ratio"] = ratio(out["hf_prefill_s"], out["ours_prefill_s"])
+    out["decode_ratio"] = ratio(out["ours_decode_tok_s"], out["hf_decode_tok_s"])
+    return out
 
 
 def _summarize(bench: DecodeBench, dtype, threads: int, cases: list[dict]) -> dict:
@@ -194,13 +236,15 @@ def render(result: dict, console=None) -> None:
     console = console or new_console()
     cfg = result["config"]
     rows = [[c["name"], c["sessions"], c["ours_tok_s"], c["hf_tok_s"], c["ratio"],
+             c.get("prefill_ratio", float("nan")), c.get("decode_ratio", float("nan")),
              "-" if c["agreement"] is None else f"{100 * c['agreement']:.1f}%"]
             for c in result["cases"]]
     print_table(f"greedy decode, {cfg['prompt_len']}-token prompts, {cfg['new_tokens']} new "
                 f"tokens each, median of {cfg['repeats']}; model {cfg['model']}, "
-                f"{cfg['device']}, {cfg['dtype']}, {cfg['threads']} threads",
-                ["case", "sessions", "ours tok/s", "HF tok/s", "ours / HF", "same tokens"],
-                rows, console)
+                f"{cfg['device']}, {cfg['dtype']}, {cfg['threads']} threads; the ratio "
+                "split into the prefill (one-token runs) and the decode steps after it",
+                ["case", "sessions", "ours tok/s", "HF tok/s", "ours / HF", "prefill",
+                 "decode steps", "same tokens"], rows, console)
     for c in result["cases"]:
         if c["first_mismatch"] is not None:
             m = c["first_mismatch"]
