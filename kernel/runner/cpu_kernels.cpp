@@ -190,9 +190,10 @@ inline void prefetch(const float* p, int64_t bytes) {
 // in m, l and acc from their initial values (-inf, 0, 0). A block at a time, each kv head
 // in turn: its G heads' outputs in registers across the block's tokens, each K and V row
 // loaded once for the G heads. So the block is read front to back while the next one is
-// fetched (a kv head at a time across all blocks read each block's rows four times over at
-// a stride, which the hardware does not fetch ahead: 1.4 ms a tiny-model step at batch 32,
-// twice the time of the same keys already in cache). Block ids are checked by the caller.
+// fetched. (A kv head at a time across all blocks read each block KVH times over, at a
+// stride the hardware does not fetch ahead: four layers of a Llama-3-8B shape at one
+// sequence of 8k tokens took 25.6 ms that way, 16.9 this way; docs/benchmarks.md.)
+// Block ids are checked by the caller.
 template <int DC, int G>
 void attend_group(const float* qf, const float* k, const float* v, const int64_t* table,
                   int64_t lo, int64_t hi, int64_t KVH, int64_t bs, int64_t block_stride,
