@@ -99,10 +99,11 @@ class ModelRunner:
             return
         if self.kv.device.type == "cpu":
             # NOTE: a block at a time, in place: one pass over the bytes and, for blocks
-            # under torch's grain size, no OpenMP region. A gather into a staging tensor
-            # then a scatter waits for every OpenMP thread twice; with the event loop busy
-            # at a step's start (a batch of new sessions arriving), 17-31 copies so took
-            # 1-17 ms, against 0.1-0.3 ms this way
+            # under torch's grain size, no OpenMP region. Through a staging tensor (a
+            # gather, then a scatter: two OpenMP regions), 17-31 copies at a step's start,
+            # with the event loop busy admitting a batch of new sessions, took 1-17 ms;
+            # this way 1-2 ms (the srcs are live pages, the dsts fresh ones, so no pair
+            # reads what an earlier one wrote)
             for s, d in pairs:
                 self.kv[d].copy_(self.kv[s])
             return
