@@ -65,8 +65,8 @@ class Operations(ABC):
                    tokens: list[int] | None) -> Op[int]: ...
 
     @abstractmethod
-    def _op_generate(self, session_id: str, params: SamplingParams,
-                     stream: bool) -> Op[Any]: ...
+    def _op_generate(self, session_id: str, params: SamplingParams, stream: bool,
+                     append: str | list[int] | None = None) -> Op[Any]: ...
 
     @abstractmethod
     def _op_score(self, session_id: str, text: str | None,
@@ -174,11 +174,13 @@ class Backend(Operations):
         """Appends given tokens (mask 0: tool output, user turns); returns the token count."""
         return self._call(self._op_append(session_id, text, tokens))
 
-    def generate(self, session_id: str, params: SamplingParams,
-                 stream: bool = False) -> Generation | Iterator[GenerationChunk]:
+    def generate(self, session_id: str, params: SamplingParams, stream: bool = False,
+                 append: str | list[int] | None = None
+                 ) -> Generation | Iterator[GenerationChunk]:
         """Generates at the end of the session (see Session.generate): a Generation, or
-        with stream=True an iterator of GenerationChunk."""
-        return self._call(self._op_generate(session_id, params, stream))
+        with stream=True an iterator of GenerationChunk. `append` (text or token ids) is
+        appended first, in the same call."""
+        return self._call(self._op_generate(session_id, params, stream, append))
 
     def score(self, session_id: str, text: str | None = None,
               tokens: list[int] | None = None) -> list[float]:
@@ -318,9 +320,10 @@ class AsyncBackend(Operations):
                      tokens: list[int] | None = None) -> int:
         return await self._call(self._op_append(session_id, text, tokens))
 
-    async def generate(self, session_id: str, params: SamplingParams,
-                       stream: bool = False) -> Generation | AsyncIterator[GenerationChunk]:
-        return await self._call(self._op_generate(session_id, params, stream))
+    async def generate(self, session_id: str, params: SamplingParams, stream: bool = False,
+                       append: str | list[int] | None = None
+                       ) -> Generation | AsyncIterator[GenerationChunk]:
+        return await self._call(self._op_generate(session_id, params, stream, append))
 
     async def score(self, session_id: str, text: str | None = None,
                     tokens: list[int] | None = None) -> list[float]:

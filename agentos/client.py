@@ -109,11 +109,13 @@ class _ClientBase(Operations):
         body = {"text": text} if tokens is None else {"tokens": list(tokens)}
         return _Call("POST", f"/v1/sessions/{session_id}/append", body, lambda b: b["num_tokens"])
 
-    def _op_generate(self, session_id: str, params: SamplingParams,
-                     stream: bool) -> _Call[Any]:
+    def _op_generate(self, session_id: str, params: SamplingParams, stream: bool,
+                     append: str | list[int] | None = None) -> _Call[Any]:
         if not isinstance(params, SamplingParams):
             raise TypeError("params must be a SamplingParams")
         body = {**dataclasses.asdict(params), "stream": stream}
+        if append is not None:
+            body["append"] = {"text": append} if isinstance(append, str) else {"tokens": list(append)}
         return _Call("POST", f"/v1/sessions/{session_id}/generate", body,
                      lambda b: Generation(**b), stream)
 

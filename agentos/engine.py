@@ -158,10 +158,15 @@ class _EngineBase(Operations):
         ids = self._tokens(text, tokens, add_special_tokens=False)
         return _Syscall(self.kernel.sys_append, (session_id, ids), timed="append", changes=True)
 
-    def _op_generate(self, session_id: str, params: SamplingParams,
-                     stream: bool, compiled: Any = None) -> _Syscall[Any]:
+    def _op_generate(self, session_id: str, params: SamplingParams, stream: bool,
+                     append: str | list[int] | None = None,
+                     compiled: Any = None) -> _Syscall[Any]:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams")
+        ids = None
+        if append is not None:
+            text = append if isinstance(append, str) else None
+            ids = self._tokens(text, None if text is not None else append, False)
         k = self.kernel
         # NOTE: a constraint is compiled here, in the caller's thread, not in the loop
         # (AsyncEngine compiles it on a worker thread first: not on the event loop either)
@@ -169,11 +174,11 @@ class _EngineBase(Operations):
         if grammar is not None and compiled is None:
             compiled = k.grammars.compile(grammar)
         if not stream:
-            return _Syscall(k.sys_generate, (session_id, params, None, compiled), timed="generate",
-                            changes=True, waits=True,
+            return _Syscall(k.sys_generate, (session_id, params, None, compiled, ids),
+                            timed="generate", changes=True, waits=True,
                             on_cancel=lambda: k.call(k.sys_abort, session_id))
         chunks = self._stream()
-        return _Syscall(k.sys_generate, (session_id, params, chunks.on_token, compiled),
+        return _Syscall(k.sys_generate, (session_id, params, chunks.on_token, compiled, ids),
                         lambda fut: chunks.attach(fut, lambda: k.call(k.sys_abort, session_id)),
                         changes=True)
 
@@ -388,13 +393,15 @@ class AsyncEngine(_EngineBase, AsyncBackend):
     `async with AsyncEngine(model="tiny") as engine: ...`
     """
 
-    async def generate(self, session_id: str, params: SamplingParams,
-                       stream: bool = False) -> Any:
+    async def generate(self, session_id: str, params: SamplingParams, stream: bool = False,
+                       append: str | list[int] | None = None) -> Any:
         compiled = None
         if isinstance(params, SamplingParams) and (grammar := params.constraint) is not None:
             # a large grammar compiles for tens of milliseconds: not on the event loop
             compiled = await asyncio.to_thread(self.kernel.grammars.compile, grammar)
-        return await self._call(self._op_generate(session_id, params, stream, compiled))
+        if isinstance(append, str) and len(append) > 4096:  # tokenizing it: not on the loop
+            append = await self.encode_async(append, False)
+        return await self._call(self._op_generate(session_id, params, stream, append, compiled))
 
     async def _call(self, op: Op[T]) -> T:
         assert isinstance(op, _Syscall)

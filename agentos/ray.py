@@ -68,10 +68,11 @@ class EngineActor:
             return getattr(self.engine, name)(*args)
         return _plain(await getattr(self.engine, name)(*args))
 
-    async def stream(self, session_id: str, params: SamplingParams):
+    async def stream(self, session_id: str, params: SamplingParams,
+                     append: str | list[int] | None = None):
         """A streamed generate, chunk by chunk (a Ray streaming generator); cancelled by
         the caller, it aborts the call, which keeps the tokens it made."""
-        chunks = await self.engine.generate(session_id, params, stream=True)
+        chunks = await self.engine.generate(session_id, params, stream=True, append=append)
         try:
             async for chunk in chunks:
                 yield dataclasses.astuple(chunk)
@@ -133,8 +134,10 @@ class EnginePool(AsyncBackend):
     def _op_append(self, session_id, text, tokens):
         return _RayOp("append", (session_id, text, tokens), session_id)
 
-    def _op_generate(self, session_id, params: SamplingParams, stream: bool):
-        return _RayOp("stream" if stream else "generate", (session_id, params), session_id)
+    def _op_generate(self, session_id, params: SamplingParams, stream: bool, append=None):
+        if stream:
+            return _RayOp("stream", (session_id, params, append), session_id)
+        return _RayOp("generate", (session_id, params, False, append), session_id)
 
     def _op_score(self, session_id, text, tokens):
         return _RayOp("score", (session_id, text, tokens), session_id)

@@ -108,10 +108,16 @@ class RolloutSession:
         self.trajectory = trajectory
         self.sampling = sampling
 
-    async def generate(self, **overrides) -> Generation:
-        """Generates with the rollout's sampling parameters (fields may be overridden)."""
+    async def generate(self, append: str | list[int] | None = None, **overrides) -> Generation:
+        """Generates with the rollout's sampling parameters (fields may be overridden).
+        `append` (text or token ids: a tool's output) is appended first, in the same call
+        (see Session.generate), and recorded as append() records it."""
         params = dataclasses.replace(self.sampling, **overrides)
-        g = await self._worker._do(self.session.generate, params=params)
+        if isinstance(append, str):
+            append = await self._worker._do(self._worker.backend.encode, append)
+        g = await self._worker._do(self.session.generate, params=params, append=append)
+        if append:
+            self.trajectory.add_tokens(list(append))
         self.trajectory.add_generation(g)
         return g
 

@@ -54,7 +54,8 @@ class Session:
                  stream: bool = False, min_p: float = 0.0, repetition_penalty: float = 1.0,
                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                  logit_bias: dict[int, float] | None = None, json_schema: dict | bool | None = None,
-                 grammar: str | None = None, regex: str | None = None):
+                 grammar: str | None = None, regex: str | None = None,
+                 append: str | list[int] | None = None):
         """Generates up to max_tokens tokens at the end of the session and appends them.
 
         Returns a Generation (tokens, text, logprobs, finish_reason: "stop", "length" or
@@ -70,6 +71,12 @@ class Session:
         `grammar` or a `regex`; only text it allows is generated, and the call stops once it
         is complete. Cut short (max_tokens), it stays open: the next call with the same
         constraint continues it, also in forks and after a rollback.
+
+        `append` (text, tokenized without special tokens, or token ids) is appended first
+        (mask 0), as `append()` would, in the same call: an agent's turn (a tool's output,
+        then the model's answer) is one round trip, and the first token comes from the
+        appended tokens' prefill step. Called apart, the generate usually arrives once that
+        step has begun, and takes a step of its own. A refused call appends nothing.
         """
         if params is None:
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
@@ -81,7 +88,7 @@ class Session:
                                     frequency_penalty=frequency_penalty,
                                     logit_bias=logit_bias or {}, json_schema=json_schema,
                                     grammar=grammar, regex=regex)
-        return self._backend.generate(self.id, params, stream)
+        return self._backend.generate(self.id, params, stream, append)
 
     def score(self, text: str | None = None, tokens: list[int] | None = None):
         """Returns the logprob of each token of a continuation (text, tokenized without

@@ -79,6 +79,10 @@ class Generate(Request):
     grammar: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
     regex: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
     stream: bool = False
+    append: Append | None = Field(None, description=(
+        "text or tokens appended (mask 0) first, in the same call, as POST .../append "
+        "would: an agent's turn in one round trip and one engine step; a refused call "
+        "appends nothing"))
 
 
 class Score(Request):

@@ -23,27 +23,33 @@ from agentos.kernel.syscalls import Defer
 class Calls:
     def sys_generate(self, pid: str, params: SamplingParams,
                      on_token: Callable[[int, str, float | None], None] | None = None,
-                     compiled: Any = None) -> Future:
+                     compiled: Any = None, append: list[int] | None = None) -> Future:
         """Starts a generate call on the session; returns a Future of its Generation.
         on_token(token, text delta, logprob, top_logprobs or None) is called in the loop
-        thread per token (token None: the end). Raises NotFoundError / ConflictError / ContextLengthError /
-        InvalidRequestError; changes nothing then. While a pause(wait=True) drains, a
-        valid call is held and starts at resume (or ends at an abort). `compiled`: the
-        params' constraint compiled by the caller (grammar.Compiler), so the loop thread
-        does not compile it (it does when not given)."""
+        thread per token (token None: the end). `append`: tokens (mask 0) added first, in
+        the same call, so their prefill and the first token share one step (an agent's
+        turn: a tool's output, then the model's answer). Raises NotFoundError /
+        ConflictError / ContextLengthError / InvalidRequestError; changes nothing then,
+        the append included. While a pause(wait=True) drains, a valid call appends at once
+        and its generate is held: it starts at resume (or ends at an abort). `compiled`:
+        the params' constraint compiled by the caller (grammar.Compiler), so the loop
+        thread does not compile it (it does when not given)."""
+        append = self.check_tokens(append, self.idle_proc(pid).num_tokens) if append else []
         if self._drains:
-            self._check_generate(pid, params)
+            self._check_generate(pid, params, len(append))
+            if append:
+                self.sys_append(pid, append)
             outer: Future = Future()
             self._held.append((pid, params, on_token, compiled, outer))
             return outer
-        return self._start_generate(pid, params, on_token, compiled)
+        return self._start_generate(pid, params, on_token, compiled, append)
 
-    def _check_generate(self, pid: str, params: SamplingParams) -> Process:
+    def _check_generate(self, pid: str, params: SamplingParams, appended: int = 0) -> Process:
         p = self.idle_proc(pid)
-        if p.num_tokens >= self.max_model_len:
+        if p.num_tokens + appended >= self.max_model_len:
             raise ContextLengthError(
-                f"session {pid!r} holds {p.num_tokens} tokens, the context limit is "
-                f"{self.max_model_len}: nothing can be generated")
+                f"session {pid!r} holds {p.num_tokens + appended} tokens, the context limit "
+                f"is {self.max_model_len}: nothing can be generated")
         bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequestError(f"stop token id {bad[0]} is outside the vocabulary")
@@ -55,9 +61,14 @@ class Calls:
 
     def _start_generate(self, pid: str, params: SamplingParams,
                         on_token: Callable[[int, str, float | None], None] | None,
-                        compiled: Any = None) -> Future:
-        p = self._check_generate(pid, params)
-        g = self._constraint(p, params.constraint, compiled)
+                        compiled: Any = None, append: list[int] = ()) -> Future:
+        p = self._check_generate(pid, params, len(append))
+        # NOTE: everything that can refuse the call runs before the append, so a refused
+        # call leaves the session as it was
+        tokens = p.token_ids + array("i", append) if append else p.token_ids
+        g = self._constraint(p, params.constraint, compiled, tokens)
+        if append:
+            self.sys_append(pid, append)
         if g is not p.grammar:
             p.grammar = g
             if self.journal is not None:
@@ -77,20 +88,22 @@ class Calls:
         self.wake(p)
         return p.call.future
 
-    def _constraint(self, p: Process, grammar: str | None, compiled: Any) -> Constraint | None:
-        """The constraint of p's next call: its open one when the call names the same
-        grammar and it is not complete (caught up with tokens appended since), else a new
-        one from p's end. Raises InvalidRequestError (a grammar that does not compile, or
-        appended tokens that break the open one)."""
+    def _constraint(self, p: Process, grammar: str | None, compiled: Any,
+                    tokens: array) -> Constraint | None:
+        """The constraint of p's next call, generating after `tokens` (p's, and any it is
+        about to append): its open one when the call names the same grammar and it is not
+        complete (caught up with tokens appended since), else a new one from the end.
+        Raises InvalidRequestError (a grammar that does not compile, or appended tokens
+        that break the open one)."""
         if grammar is None:
             return None
         g = p.grammar
         if g is not None and g.grammar == grammar:
-            g.sync(p.token_ids)
+            g.sync(tokens)
             if not g.done:
                 return g
-        g = Constraint(grammar, p.num_tokens, compiled or self.grammars.compile(grammar))
-        g.sync(p.token_ids)
+        g = Constraint(grammar, len(tokens), compiled or self.grammars.compile(grammar))
+        g.sync(tokens)
         return g
 
     def sys_abort(self, pid: str) -> None:

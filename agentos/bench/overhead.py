@@ -201,8 +201,9 @@ async def _turns(engine, bench: OverheadBench, gguf: str, threads: int,
                  rng: random.Random) -> dict:
     """An agent's turn after a context of turn_context tokens (and one generated):
     turn_tokens fresh tokens appended (a tool output) and one token generated, by this
-    engine (append, then a greedy generate of 1, then a rollback to the context, untimed)
-    and by llama.cpp (one evaluation of the chunk, its cells removed after); 5 fresh chunks
+    engine (one greedy generate of 1 with the chunk as its `append`, then a rollback to the
+    context, untimed) and by llama.cpp (one evaluation of the chunk, its cells removed
+    after); 5 fresh chunks
     a side, the same ones, so no chunk is ever in a prefix cache."""
     from agentos.bench import llamacpp
 
@@ -217,8 +218,7 @@ async def _turns(engine, bench: OverheadBench, gguf: str, threads: int,
     ours, tokens = [], []
     for i, chunk in enumerate(chunks):  # the first is a warm-up
         t0 = time.perf_counter()
-        await s.append(tokens=chunk)
-        g = await s.generate(max_tokens=1, temperature=0.0, ignore_eos=True)
+        g = await s.generate(max_tokens=1, temperature=0.0, ignore_eos=True, append=chunk)
         if i:
             ours.append(time.perf_counter() - t0)
             tokens.append(g.tokens[0])

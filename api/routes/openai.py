@@ -314,6 +314,7 @@ class _Run:
         self.sessions: list[Session] = []
         self.temporary: list[Session] = []
         self.prompt_len = 0
+        self.append: list[int] | None = None  # a continued session's new tokens
 
     async def respond(self, chat: bool):
         n = self.body.n
@@ -325,9 +326,10 @@ class _Run:
             await self._open()
             if not self.body.stream:
                 gens = await until_disconnected(self.request, asyncio.gather(
-                    *(s.generate(params=self.params) for s in self.sessions)))
+                    *(s.generate(params=self.params, append=self.append) for s in self.sessions)))
                 return self._response(gens, chat)
-            streams = [await s.generate(params=self.params, stream=True) for s in self.sessions]
+            streams = [await s.generate(params=self.params, stream=True, append=self.append)
+                       for s in self.sessions]
             streaming = True
         finally:
             if not streaming:  # else the stream closes them when it ends
@@ -346,7 +348,9 @@ class _Run:
         t, engine, n = self.tenant, self.engine, self.body.n
         if self.body.session is not None:
             s = Session(engine, await t.session(engine, self.body.session))
-            self.prompt_len = await s.append(tokens=self.ids) if self.ids else len(await s.tokens)
+            # the new tokens go in with the generate call: one step for both (n is 1 here)
+            self.prompt_len = await engine.num_tokens([s.id]) + len(self.ids)
+            self.append = self.ids or None
             self.sessions = [s]
             return
         if not self.ids:

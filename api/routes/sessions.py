@@ -91,15 +91,19 @@ async def append(sid: str, body: Append, t: Tenant = Depends(deps.tenant),
 async def generate(sid: str, body: Generate, request: Request, t: Tenant = Depends(deps.tenant),
                    engine=Depends(deps.engine), settings=Depends(deps.settings)):
     s = Session(engine, await t.session(engine, sid))
-    params = sampling_params(body.model_dump(exclude={"stream"}), settings.max_tokens_cap)
-    release = await t.reserve(engine, tokens=params.max_tokens)
+    params = sampling_params(body.model_dump(exclude={"stream", "append"}),
+                             settings.max_tokens_cap)
+    ids = None
+    if (more := body.append) is not None:
+        ids = more.tokens if more.tokens is not None else await engine.encode_async(more.text, False)
+    release = await t.reserve(engine, tokens=params.max_tokens + len(ids or ()))
     if not body.stream:
         try:
-            return await until_disconnected(request, s.generate(params=params))
+            return await until_disconnected(request, s.generate(params=params, append=ids))
         finally:
             release()
     try:
-        chunks = await s.generate(params=params, stream=True)
+        chunks = await s.generate(params=params, stream=True, append=ids)
     except BaseException:
         release()
         raise
