@@ -81,8 +81,8 @@ class Generate(Request):
     stream: bool = False
     append: Append | None = Field(None, description=(
         "text or tokens appended (mask 0) first, in the same call, as POST .../append "
-        "would: an agent's turn in one round trip and one engine step; a refused call "
-        "appends nothing"))
+        "would: an agent's turn in one round trip, its first token from the appended "
+        "tokens' prefill step; a refused call appends nothing"))
 
 
 class Score(Request):
