@@ -163,11 +163,14 @@ class BlockAllocator:
         dead = ids[rc == 0]
         dead_count = dead.size
         if dead.size:
-            keep = [p for p in dead[::-1].tolist() if self.tier[p] == DEVICE
-                    and self.cached.get(self.digest.get(p, b"")) == p]
+            # NOTE: one pass splits them (np.isin costs tens of microseconds on a few pages)
+            keep, free = [], []
+            for p in dead[::-1].tolist():
+                cached = self.tier[p] == DEVICE and self.cached.get(self.digest.get(p, b"")) == p
+                (keep if cached else free).append(p)
             if keep:
                 self.lru.update(dict.fromkeys(keep))
-                dead = dead[~np.isin(dead, keep)]
+                dead = np.array(free[::-1], dtype=np.int64)
             self._release(dead)
         return dead_count
 
