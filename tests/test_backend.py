@@ -56,7 +56,8 @@ def test_backend_overrides_keep_the_protocols_arguments():
 
 # each handle method, the backend method it must call, and with what
 HANDLE_CALLS = [
-    (lambda s: s.generate(params=PARAMS), "generate", ("s1", "PARAMS", False)),
+    (lambda s: s.generate(params=PARAMS), "generate", ("s1", "PARAMS", False, None)),
+    (lambda s: s.generate(params=PARAMS, append=[4]), "generate", ("s1", "PARAMS", False, [4])),
     (lambda s: s.score(tokens=[1, 2]), "score", ("s1", None, [1, 2])),
     (lambda s: s.next_token_logprobs(5, [3]), "next_token_logprobs", ("s1", 5, [3])),
     (lambda s: s.append(text="x"), "append", ("s1", "x", None)),
