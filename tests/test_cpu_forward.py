@@ -210,9 +210,12 @@ def _mixed_step(model, seed=0):
     return ids, torch.cat(pos), meta, kv, rows
 
 
-def test_step_equals_torch_path(model, monkeypatch):
-    """A step with prefills runs step(): torch's matrix products and attention, the rest in
-    C++; the same logits and K/V as the torch path."""
+@pytest.mark.parametrize("matvec_rows", [0, cpu_kernels.STEP_MATVEC_MAX_ROWS])
+def test_step_equals_torch_path(model, matvec_rows, monkeypatch):
+    """A step with prefills runs step(): its matrix products through MKL's GEMMs (or, at
+    most STEP_MATVEC_MAX_ROWS rows, matvec), torch's attention, the rest in C++; the same
+    logits and K/V as the torch path."""
+    monkeypatch.setattr(cpu_kernels, "STEP_MATVEC_MAX_ROWS", matvec_rows)
     ids, positions, meta, kv, rows = _mixed_step(model)
     assert not cpu_kernels.takes_forward(model, ids, meta, kv, rows)
     assert cpu_kernels.takes_step(model, ids, meta, kv)

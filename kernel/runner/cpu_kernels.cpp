@@ -689,6 +689,13 @@ int agentos_rope_write_f32(float* qkv, int64_t T, int64_t H, int64_t KVH, int64_
                     slots, k_cache, v_cache, bs, block_stride, num_blocks, threads);
 }
 
+// y [B, N] = x [B, K] W^T (+ bias): matvec, the decode step's weight products, for a
+// step of a few rows (W read once for all of them).
+void agentos_matvec_f32(const float* W, const float* bias, const float* x, float* y, int64_t B,
+                        int64_t N, int64_t K, int threads) {
+  matvec(W, bias, x, y, B, N, K, threads);
+}
+
 void agentos_act_mul_f32(const float* gate_up, float* out, int64_t T, int64_t I, int act,
                          int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)

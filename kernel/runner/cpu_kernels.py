@@ -115,6 +115,13 @@ def _splits(threads: int, batch: int, table_tokens: int) -> int:
 # decode, 3.8 vs 5.3 at 32, 13 vs 14 at 128, 25 vs 25 at 256; Qwen2.5-0.5B shape 65 vs 141
 # at 1, 235 vs 404 at 32, 841 vs 1,135 at 128)
 FORWARD_MAX_ROWS = 128
+# a step() of at most this many rows (a short chunk: an agent's tool output, a few decodes
+# beside it) takes its weight products through matvec, the decode step's: it reads each
+# weight row once for all rows, where MKL's GEMM at a few rows runs far below its peak.
+# Weight products of one layer, us, MKL against matvec (2 threads): the tiny model's shapes
+# at 1 / 17 / 64 / 128 rows 74 / 289 / 664 / 1,245 against 36 / 186 / 628 / 1,450; the
+# Qwen2.5-0.5B shape's 3,200 / 9,281 / 17,707 / 30,527 against 1,333 / 4,004 / 11,694 / 21,428
+STEP_MATVEC_MAX_ROWS = 64
 # the C++ Dim, Const and Act enums, in order
 _DIMS = ("B", "S", "hidden", "inter", "heads", "kv_heads", "head_dim", "vocab", "layers",
          "block_size", "num_blocks", "max_blocks", "block_stride", "rope_rows", "act",
@@ -226,11 +233,20 @@ def step(model, input_ids: torch.Tensor, positions: torch.Tensor, meta, kv: torc
     def ptr(t):
         return None if t is None else t.data_ptr()
 
+    def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        if T > STEP_MATVEC_MAX_ROWS:
+            return F.linear(x, w, b)
+        x = x.contiguous()
+        y = torch.empty(T, w.shape[0])
+        lib.agentos_matvec_f32(w.data_ptr(), ptr(b), x.data_ptr(), y.data_ptr(), T, w.shape[0],
+                               w.shape[1], threads)
+        return y
+
     for i, layer in enumerate(model.layers):
         a, mlp = layer.self_attn, layer.mlp
         lib.agentos_rms_norm_f32(x.data_ptr(), layer.input_layernorm.weight.data_ptr(),
                                  h.data_ptr(), T, E, eps, one, threads)
-        qkv = F.linear(h, a.qkv_proj.weight, a.qkv_proj.bias)  # [T, q + 2 kv]
+        qkv = linear(h, a.qkv_proj.weight, a.qkv_proj.bias)  # [T, q + 2 kv]
         k_cache, v_cache = kv[:, i, 0], kv[:, i, 1]
         if lib.agentos_rope_write_f32(
                 qkv.data_ptr(), T, H, KVH, D, pos.data_ptr(), model.cos_table.data_ptr(),
@@ -243,16 +259,16 @@ def step(model, input_ids: torch.Tensor, positions: torch.Tensor, meta, kv: torc
         k = qkv[:, q_size : q_size + kv_size].view(T, KVH, D)
         v = qkv[:, q_size + kv_size :].view(T, KVH, D)
         o = paged_attention(q, k_cache, v_cache, meta, a.scale, a.window, a.softcap, k, v)
-        o = F.linear(o.reshape(T, q_size), a.o_proj.weight, a.o_proj.bias)
+        o = linear(o.reshape(T, q_size), a.o_proj.weight, a.o_proj.bias)
         sandwich = layer.sandwich
         lib.agentos_add_norm_f32(
             x.data_ptr(), o.data_ptr(),
             ptr(layer.post_attention_layernorm.weight) if sandwich else None,
             (layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm
              ).weight.data_ptr(), h.data_ptr(), T, E, eps, one, threads)
-        gate_up = F.linear(h, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias)  # [T, 2 I]
+        gate_up = linear(h, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias)  # [T, 2 I]
         lib.agentos_act_mul_f32(gate_up.data_ptr(), mid.data_ptr(), T, I, act, threads)
-        o = F.linear(mid, mlp.down_proj.weight, mlp.down_proj.bias)
+        o = linear(mid, mlp.down_proj.weight, mlp.down_proj.bias)
         lib.agentos_add_norm_f32(
             x.data_ptr(), o.data_ptr(),
             ptr(layer.post_feedforward_layernorm.weight) if sandwich else None, None, None,
@@ -373,6 +389,8 @@ def _library() -> ctypes.CDLL | None:
     lib.agentos_rope_write_f32.restype = ctypes.c_int
     lib.agentos_act_mul_f32.argtypes = [p, p, i64, i64, i32, i32]
     lib.agentos_act_mul_f32.restype = None
+    lib.agentos_matvec_f32.argtypes = [p] * 4 + [i64] * 3 + [i32]
+    lib.agentos_matvec_f32.restype = None
     return lib
 
 
