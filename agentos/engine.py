@@ -164,9 +164,10 @@ class _EngineBase(Operations):
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams")
         ids = None
-        if append is not None:
-            text = append if isinstance(append, str) else None
-            ids = self._tokens(text, None if text is not None else append, False)
+        if isinstance(append, str):
+            ids = self._tokens(append, None, False)
+        elif append is not None:
+            ids = self._tokens(None, append, False)
         k = self.kernel
         # NOTE: a constraint is compiled here, in the caller's thread, not in the loop
         # (AsyncEngine compiles it on a worker thread first: not on the event loop either)
