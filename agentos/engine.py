@@ -191,6 +191,10 @@ class _EngineBase(Operations):
 
     def _op_next_token_logprobs(self, session_id: str, top_k: int,
                                 candidates: list[int] | None) -> _Syscall[Any]:
+        vocab = self.kernel.vocab_size
+        if isinstance(candidates, (list, tuple)) and len(candidates) > vocab:
+            raise InvalidRequestError(f"{len(candidates)} candidates: at most the vocabulary's "
+                                      f"{vocab} tokens")
         return _Syscall(self.kernel.sys_score, (session_id, [], top_k, candidates),
                         lambda r: r[1], "next_token_logprobs", waits=True)
 
@@ -316,12 +320,18 @@ class _EngineBase(Operations):
                         info["host_blocks"], info["owner"])
 
     def _tokens(self, text: str | None, tokens: list[int] | None, add_special_tokens: bool):
+        """The ids of text or tokens. A list longer than the context is refused here, in the
+        caller's thread: the loop thread checks every id, which for a list of millions
+        held up every session's steps (200 ms for 2M ids)."""
         if (text is None) == (tokens is None):
             raise InvalidRequestError("give exactly one of text/prompt or tokens")
         if text is not None:
             if not isinstance(text, str):
                 raise InvalidRequestError("text must be a string")
             return self.encode(text, add_special_tokens)
+        if isinstance(tokens, (list, tuple)) and len(tokens) > self.max_model_len:
+            raise ContextLengthError(f"{len(tokens)} tokens exceed the context limit of "
+                                     f"{self.max_model_len}")
         return tokens
 
 

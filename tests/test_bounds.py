@@ -143,6 +143,33 @@ def test_text_longer_than_any_context_is_refused_untokenized(client, engine):
     assert client.post("/v1/tokenize", json={"text": "ab"}).json()["tokens"] == engine.encode("ab")
 
 
+async def test_token_lists_longer_than_the_context_never_reach_the_loop(engine, monkeypatch):
+    """Create, append, score and generate's append refuse a list of ids longer than the
+    context in the caller's thread, and next_token_logprobs more candidates than the
+    vocabulary: the loop thread, which checks every id, never sees them (a list of
+    millions held every session's steps up for a fifth of a second)."""
+    from agentos.kernel.errors import ContextLengthError, InvalidRequestError
+
+    s = await engine.create_session(tokens=[1, 2, 3])
+    big = [5] * (engine.max_model_len + 1)
+
+    def loop_call(*args, **kwargs):
+        raise AssertionError("the loop thread was asked")
+
+    monkeypatch.setattr(engine.kernel, "call", loop_call)
+    monkeypatch.setattr(engine.kernel, "call_now", loop_call)
+    calls = (engine.create_session(tokens=big), s.append(tokens=big), s.score(tokens=big),
+             s.generate(max_tokens=1, append=big))
+    for call in calls:
+        with pytest.raises(ContextLengthError, match="context limit"):
+            await call
+    with pytest.raises(InvalidRequestError, match="candidates"):
+        await s.next_token_logprobs(candidates=[5] * (engine.kernel.vocab_size + 1))
+    monkeypatch.undo()
+    assert len(await s.tokens) == 3
+    await s.close()
+
+
 async def test_encode_async_tokenizes_long_text_off_the_event_loop(engine, monkeypatch):
     text = "tool output " * 1000
     threads = []
