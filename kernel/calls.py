@@ -48,8 +48,9 @@ class Calls:
         p = self.idle_proc(pid)
         if p.num_tokens + appended >= self.max_model_len:
             raise ContextLengthError(
-                f"session {pid!r} holds {p.num_tokens + appended} tokens, the context limit "
-                f"is {self.max_model_len}: nothing can be generated")
+                f"session {pid!r} {'would hold' if appended else 'holds'} "
+                f"{p.num_tokens + appended} tokens, the context limit is "
+                f"{self.max_model_len}: nothing can be generated")
         bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequestError(f"stop token id {bad[0]} is outside the vocabulary")
