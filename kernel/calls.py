@@ -38,7 +38,7 @@ class Calls:
         if self._drains:
             self._check_generate(pid, params, len(append))
             if append:
-                self.sys_append(pid, append)
+                self.append_checked(self.procs[pid], append)
             outer: Future = Future()
             self._held.append((pid, params, on_token, compiled, outer))
             return outer
@@ -69,7 +69,7 @@ class Calls:
         tokens = p.token_ids + array("i", append) if append else p.token_ids
         g = self._constraint(p, params.constraint, compiled, tokens)
         if append:
-            self.sys_append(pid, append)
+            self.append_checked(p, append)
         if g is not p.grammar:
             p.grammar = g
             if self.journal is not None:

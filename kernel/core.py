@@ -390,7 +390,10 @@ class Kernel(Calls, Lifecycle, Views):
 
     def sys_append(self, pid: str, token_ids: list[int]) -> int:
         p = self.idle_proc(pid)
-        token_ids = self.check_tokens(token_ids, p.num_tokens)
+        return self.append_checked(p, self.check_tokens(token_ids, p.num_tokens))
+
+    def append_checked(self, p: Process, token_ids: list[int]) -> int:
+        """Appends ids check_tokens passed (mask 0), journals them and wakes p to prefill."""
         p.token_ids.extend(token_ids)
         p.mask.extend(bytes(len(token_ids)))
         if self.journal is not None:

@@ -202,8 +202,9 @@ def takes_step(model, input_ids: torch.Tensor, meta, kv: torch.Tensor) -> bool:
 
 def step(model, input_ids: torch.Tensor, positions: torch.Tensor, meta, kv: torch.Tensor,
          logits_indices: torch.Tensor) -> torch.Tensor:
-    """LlamaModel.forward of a step takes_step took: the matrix products and the attention
-    through torch (MKL's GEMMs; SDPA and the C++ decode attention), the work between them
+    """LlamaModel.forward of a step takes_step took: the matrix products through MKL's
+    GEMMs (matvec at most STEP_MATVEC_MAX_ROWS rows), the attention through torch (SDPA
+    and the C++ decode attention), the work between them
     in C++ passes over the step's rows (the norms, Qwen3's q/k norms, RoPE and the K/V
     writes, the activation, the residual adds). Returns the fp32 logits [S, V] of the tokens
     at logits_indices [S]. Raises IndexError, having written nothing, when a token id,
