@@ -190,11 +190,12 @@ bool attend(const float* qf, const T* k, const T* v, const int64_t* table, int64
 // tokens 4.5 -> 4.0 ms.
 struct Prefetcher {
   const char* k = nullptr;
-  const char* v = nullptr;
-  int64_t bytes = 0, at = 0;  // of K and of V each; how far it has asked
+  const char* v = nullptr;  // null: k's range alone
+  int64_t bytes = 0, at = 0;  // of k's range (and of v's); how far it has asked
 
   void next(int64_t lines) {
-    for (int64_t i = 0; i < lines && at < 2 * bytes; ++i, at += 64)
+    const int64_t end = v != nullptr ? 2 * bytes : bytes;
+    for (int64_t i = 0; i < lines && at < end; ++i, at += 64)
       __builtin_prefetch(at < bytes ? k + at : v + (at - bytes), 0, 2);
   }
 };
@@ -427,7 +428,9 @@ void dots(const float* const* w, const float* const* x, int64_t K, float (*s)[4]
 // y[b, n] = W[n] . x[b] (+ bias[n]) for b < B, n < N; W [N, K] row-major, x [B, K], y [B, N].
 // Four weight rows at a time, read once for every b (four b at a time, then two, then one,
 // sharing the loads); the row groups are split over the threads. Each row's sum runs in
-// the same order whatever B is.
+// the same order whatever B is. The next group's rows asked for ahead: the tiny model's
+// decode step at batch 32, 3.9 -> 3.2 ms; 8, 2.5 -> 1.9; the Qwen2.5-0.5B shape's at 32,
+// 247 -> 209 ms.
 void matvec(const float* W, const float* bias, const float* x, float* y, int64_t B, int64_t N,
             int64_t K, int threads) {
   const int64_t groups = (N + 3) / 4;
@@ -437,7 +440,18 @@ void matvec(const float* W, const float* bias, const float* x, float* y, int64_t
     const float* w[4];
     for (int64_t r = 0; r < 4; ++r) w[r] = W + (n0 + std::min(r, rows - 1)) * K;
     float s[4][4];
+    // with more than one pass over the rows' inputs, the next group's rows are asked for
+    // into L2 a share at each pass (see Prefetcher); at one pass the hardware's own
+    // prefetch of the rows in order keeps up
+    const int64_t passes = (B + 3) / 4;
+    Prefetcher ahead;
+    if (passes > 1 && g + 1 < groups) {
+      ahead.k = reinterpret_cast<const char*>(W + (n0 + 4) * K);
+      ahead.bytes = std::min<int64_t>(4, N - n0 - 4) * K * sizeof(float);
+    }
+    const int64_t lines = (ahead.bytes / 64 + passes - 1) / passes;
     for (int64_t b = 0; b < B;) {
+      ahead.next(lines);
       const int64_t nb = B - b >= 4 ? 4 : B - b >= 2 ? 2 : 1;
       const float* xb[4];
       for (int64_t i = 0; i < 4; ++i) xb[i] = x + std::min(b + i, B - 1) * K;
