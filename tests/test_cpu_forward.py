@@ -242,3 +242,21 @@ def test_step_bad_indices_raise_and_write_nothing(model):
         with pytest.raises(IndexError):
             model(*args, kv, rows)
         assert torch.equal(kv, before), what
+
+
+@pytest.mark.parametrize("rows", [0, 1, 3, 4, 5, 9, 32, 67])
+def test_matvec_equals_linear(rows):
+    """matvec (the decode step's weight products, and step()'s for short chunks) at row
+    counts of one pass over the inputs and of several (where it asks for the next weight
+    rows ahead), with none at all (a step that wants no logits), and weight shapes that are
+    not multiples of its 4-row groups or 8-wide vectors: the same products as F.linear."""
+    lib = cpu_kernels._library()
+    if lib is None:
+        pytest.skip("no C++ compiler")
+    g = torch.Generator().manual_seed(rows)
+    for n, k in [(301, 36), (7, 64), (1024, 256)]:
+        w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+        x, y = torch.randn(rows, k, generator=g), torch.full((rows, n), float("nan"))
+        lib.agentos_matvec_f32(w.data_ptr(), b.data_ptr(), x.data_ptr(), y.data_ptr(), rows, n,
+                               k, torch.get_num_threads())
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-4)

@@ -449,7 +449,7 @@ void matvec(const float* W, const float* bias, const float* x, float* y, int64_t
       ahead.k = reinterpret_cast<const char*>(W + (n0 + 4) * K);
       ahead.bytes = std::min<int64_t>(4, N - n0 - 4) * K * sizeof(float);
     }
-    const int64_t lines = (ahead.bytes / 64 + passes - 1) / passes;
+    const int64_t lines = passes > 1 ? (ahead.bytes / 64 + passes - 1) / passes : 0;
     for (int64_t b = 0; b < B;) {
       ahead.next(lines);
       const int64_t nb = B - b >= 4 ? 4 : B - b >= 2 ? 2 : 1;
