@@ -30,11 +30,13 @@ from typing import Any, TypeVar, cast
 import httpx
 import msgpack
 
+from agentos import transport
 from agentos.backend import AsyncBackend, Backend, NamedTensors, Op, Operations
 from agentos.kernel.errors import APIConnectionError, APITimeoutError, error_from_status
 from agentos.kernel.process import Generation, GenerationChunk, NextTokenLogprobs
 from agentos.kernel.sampling_params import SamplingParams
 from agentos.session import Session, Snapshot
+from agentos.transport import StdlibTransport
 
 T = TypeVar("T")
 
@@ -236,8 +238,9 @@ class _ClientBase(Operations):
             else:
                 content = json.dumps(call.body).encode()
                 headers["Content-Type"] = "application/json"
-        return http.build_request(call.method, call.path, content=content, headers=headers,
-                                  params=call.params)
+        # NOTE: the whole URL: one parse, and any http_client's own base_url is not used
+        return http.build_request(call.method, self.base_url + call.path, content=content,
+                                  headers=headers, params=call.params)
 
     def _retry_delay(self, attempt: int, response: httpx.Response | None) -> float:
         after = response.headers.get("retry-after") if response is not None else None
@@ -417,12 +420,22 @@ def _none(_body) -> None:
 
 class Client(_ClientBase, Backend):
     """A blocking client of an AgentOS server. Thread-safe; use as a context manager or
-    call close()."""
+    call close().
+
+    `http_client`: an httpx.Client to send the calls through (TLS settings, proxies, an
+    app in the same process), closed with this one. Without it, plain http:// URLs go
+    over the standard library's http.client (transport.py), others over httpx's own."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None,
-                 timeout: float = 600.0, max_retries: int = 2, wire: str = "json"):
+                 timeout: float = 600.0, max_retries: int = 2, wire: str = "json",
+                 http_client: httpx.Client | None = None):
         super().__init__(base_url, api_key, timeout, max_retries, wire)
-        self._http = httpx.Client(**self._client_args())
+        # NOTE: calls go straight to the http.client transport: httpx's client around it
+        # (redirects, cookies, auth hooks, none of which the SDK uses) cost about 100 us a call
+        self._transport = (StdlibTransport() if http_client is None
+                           and transport.applies(self.base_url) else None)
+        self._http = http_client or httpx.Client(**self._client_args(),
+                                                 transport=self._transport)
 
     def _call(self, op: Op[T]) -> T:
         assert isinstance(op, _Call)
@@ -443,7 +456,7 @@ class Client(_ClientBase, Backend):
         attempt = 0
         while True:
             try:
-                response = self._http.send(request, stream=call.stream)
+                response = self._exchange(request, call.stream)
             except httpx.HTTPError as e:
                 if not self._should_retry(call, attempt, e, None):
                     raise _connection_error(e) from e
@@ -459,6 +472,19 @@ class Client(_ClientBase, Backend):
                 time.sleep(self._retry_delay(attempt, response))
             attempt += 1
 
+    def _exchange(self, request: httpx.Request, stream: bool) -> httpx.Response:
+        if self._transport is None:
+            return self._http.send(request, stream=stream)
+        response = self._transport.handle_request(request)
+        response.request = request
+        if not stream:
+            try:
+                response.read()  # NOTE: the connection goes back to the pool at its end
+            except BaseException:
+                response.close()
+                raise
+        return response
+
     def close(self) -> None:
         self._http.close()
 
@@ -470,15 +496,17 @@ class Client(_ClientBase, Backend):
 
 
 class AsyncClient(_ClientBase, AsyncBackend):
-    """The client for asyncio code: the same methods, as awaitables.
+    """The client for asyncio code: the same methods, as awaitables (over httpx's own
+    transport; `http_client`: an httpx.AsyncClient of the caller's, as Client's).
 
     `async with AsyncClient(url) as client: s = await client.create_session(...)`
     """
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None,
-                 timeout: float = 600.0, max_retries: int = 2, wire: str = "json"):
+                 timeout: float = 600.0, max_retries: int = 2, wire: str = "json",
+                 http_client: httpx.AsyncClient | None = None):
         super().__init__(base_url, api_key, timeout, max_retries, wire)
-        self._http = httpx.AsyncClient(**self._client_args())
+        self._http = http_client or httpx.AsyncClient(**self._client_args())
 
     async def _call(self, op: Op[T]) -> T:
         assert isinstance(op, _Call)

@@ -179,9 +179,7 @@ def test_rest_json_and_sdk(app_engine):
             assert r.status_code in (400, 422) and r.json()["error"]["message"], (bad, r.text)
         assert c.get(f"/v1/sessions/{sid}").json()["num_tokens"] == n
         # the SDK's HTTP client sends it the same way
-        sdk = Client(base_url="http://testserver")
-        sdk._http.close()
-        sdk._http = c  # TestClient is an httpx.Client over the app
+        sdk = Client(base_url="http://testserver", http_client=c)  # TestClient: over the app
         g = sdk.session(sid).generate(max_tokens=2, temperature=0.0, append=[7, 8, 9])
         assert len(g.tokens) == 2 and sdk.session(sid).tokens[n:n + 3] == [7, 8, 9]
         c.delete(f"/v1/sessions/{sid}")

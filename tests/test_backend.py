@@ -137,8 +137,8 @@ def test_engine_and_client_run_the_same_agent(tmp_path):
     served = AsyncEngine(model="tiny", kv_blocks=64, host_blocks=0)
     try:
         with TestClient(create_app(ServerSettings(), engine=served)) as http:
-            client = Client("http://testserver", max_retries=0)
-            client._http = http  # the app in this process, through httpx's own Client API
+            # the app in this process, through httpx's own Client API
+            client = Client("http://testserver", max_retries=0, http_client=http)
             remote = agent(client)
     finally:
         served.kernel.shutdown()

@@ -6,7 +6,9 @@ client times each request from the caller (encoding the body and decoding the an
 included), in JSON and in msgpack; then one keep-alive connection of the standard library's
 http.client, in JSON, the same requests without httpx's request and response machinery
 (about 0.5 ms of client CPU a call on a 2-core machine), which is closer to what the server
-itself adds. The peer is the same ops on an in-process Engine with
+itself adds; then the SDK's `agentos.Client` (JSON, its http.client transport under httpx's
+client), what an agent written against the SDK sees. The peer is the same ops on an
+in-process Engine with
 the same model and session length, timed the same way, so HTTP p50 / in-process p50 is the
 price of the REST layer: the HTTP round trip, routing, validation and the wire format.
 
@@ -48,7 +50,8 @@ from agentos.bench.common import (
 US = 1e6
 OPS = ("fork", "snapshot", "rollback", "generate")
 WIRES = ("json", "msgpack")  # over httpx
-TRANSPORTS = (*WIRES, "stdlib")  # stdlib: JSON over http.client
+# stdlib: JSON over http.client; sdk: agentos.Client (JSON, its own transport)
+TRANSPORTS = (*WIRES, "stdlib", "sdk")
 MSGPACK = "application/msgpack"
 TARGET_US = 1000  # fork and rollback p50 over HTTP
 REQUEST_ID = "bench-{transport}-{op}-{i}"  # what a timed request is logged under
@@ -79,7 +82,7 @@ class ApiBench:
 
 
 def run(bench: ApiBench) -> dict:
-    """Runs the in-process peer, then the server and both wire formats; returns the
+    """Runs the in-process peer, then the server and each transport; returns the
     JSON-ready results (see `render`). The server is stopped whatever happens.
 
     Raises ValueError when the session does not fit the model's context or the port is
@@ -114,6 +117,10 @@ def run(bench: ApiBench) -> dict:
             times["stdlib"] = _measure(stdlib, prompt, bench)
         finally:
             stdlib.conn.close()
+        from agentos import Client
+
+        with Client(url, timeout=60.0, max_retries=0) as sdk:
+            times["sdk"] = _measure(_Sdk(sdk), prompt, bench)
     config = {**asdict(bench), "port": port, "kv_blocks": kv_blocks, "dtype": dtype,
               "threads": threads}
     return _summarize(config, times, _app_times(server_log, bench.warmup),
@@ -177,6 +184,16 @@ class _InProcess:
 
     def generate(self, sid: str) -> None:
         self.sessions[sid].generate(max_tokens=1, temperature=0.0, ignore_eos=True)
+
+
+class _Sdk(_InProcess):
+    """The same ops through the SDK's Client (a Backend, as the Engine is)."""
+
+    def tag(self, op: str | None, i: int) -> None:
+        """As _Http.tag, through the headers the client sends with every call."""
+        self.engine.headers.pop("X-Request-ID", None)
+        if op is not None:
+            self.engine.headers["X-Request-ID"] = REQUEST_ID.format(transport="sdk", op=op, i=i)
 
 
 class _Http:
@@ -445,7 +462,9 @@ def _summarize(config: dict, times: dict, app: dict, server_log: list[str]) -> d
     for op in ("fork", "rollback"):
         p50 = {t: by_op[op][t]["p50_us"] for t in TRANSPORTS}
         detail = ", ".join(f"{_NAMES[t]} {us:.0f} us" for t, us in p50.items())
-        checks.append(check(f"{op} p50 over HTTP <= {TARGET_US / 1000:g} ms (httpx)",
+        checks.append(check(f"{op} p50 over HTTP <= {TARGET_US / 1000:g} ms (SDK Client)",
+                            p50["sdk"] <= TARGET_US, detail))
+        checks.append(check(f"{op} p50 over HTTP <= {TARGET_US / 1000:g} ms (plain httpx)",
                             max(p50[w] for w in WIRES) <= TARGET_US, detail))
         checks.append(check(f"{op} p50 over HTTP <= {TARGET_US / 1000:g} ms (http.client)",
                             p50["stdlib"] <= TARGET_US, detail))
@@ -454,7 +473,7 @@ def _summarize(config: dict, times: dict, app: dict, server_log: list[str]) -> d
 
 
 _NAMES = {"json": "HTTP json", "msgpack": "HTTP msgpack", "stdlib": "HTTP json, http.client",
-          "inprocess": "in-process"}
+          "sdk": "SDK Client (json)", "inprocess": "in-process"}
 
 
 def render(result: dict, console=None) -> None:
@@ -469,7 +488,8 @@ def render(result: dict, console=None) -> None:
                   f"(deleted, untimed), rollback after appending {cfg['append_tokens']} "
                   "tokens (untimed), generate max_tokens=1 greedy ignore_eos; server "
                   f"`agentos serve` on 127.0.0.1:{cfg['port']}, one keep-alive httpx "
-                  "client, then one keep-alive http.client connection; in-process peer: "
+                  "client, one keep-alive http.client connection, then agentos.Client; "
+                  "in-process peer: "
                   f"Engine, {cfg['threads']} torch threads")
     rows = []
     for r in result["ops"]:
