@@ -124,21 +124,21 @@ def test_bench_api_json(tmp_path, capsys):
     assert (out["config"]["num_tokens"], out["config"]["repeats"]) == (40, 3)
     assert [r["op"] for r in out["ops"]] == ["fork", "snapshot", "rollback", "generate"]
     for row in out["ops"]:
-        for transport in ("json", "msgpack", "stdlib", "inprocess"):
+        for transport in ("json", "msgpack", "stdlib", "sdk", "inprocess"):
             s = row[transport]
             assert 0 < s["p50_us"] <= s["p99_us"] and s["mean_us"] > 0, (row["op"], transport)
-        assert row["json_ratio"] > 0 and row["msgpack_ratio"] > 0 and row["stdlib_ratio"] > 0
+        assert all(row[f"{t}_ratio"] > 0 for t in ("json", "msgpack", "stdlib", "sdk"))
         # the server's access log timed each of those requests: within what the caller saw
-        for transport in ("json", "msgpack", "stdlib"):
+        for transport in ("json", "msgpack", "stdlib", "sdk"):
             s = row[transport]
             assert 0 < s["app_p50_us"] <= s["p99_us"], (row["op"], transport)
     assert [c["name"] for c in out["checks"]] == [
-        "fork p50 over HTTP <= 1 ms (httpx)", "fork p50 over HTTP <= 1 ms (http.client)",
-        "rollback p50 over HTTP <= 1 ms (httpx)", "rollback p50 over HTTP <= 1 ms (http.client)"]
+        f"{op} p50 over HTTP <= 1 ms ({how})" for op in ("fork", "rollback")
+        for how in ("SDK Client", "plain httpx", "http.client")]
     assert all(isinstance(c["passed"], bool) for c in out["checks"])
     printed = " ".join(capsys.readouterr().out.split())
     assert "HTTP msgpack" in printed and "in-process" in printed and "workload" in printed
-    assert "http.client" in printed and "app p50 us" in printed
+    assert "http.client" in printed and "SDK Client" in printed and "app p50 us" in printed
     assert not any(" msg=request " in line for line in out["server_log"])
     # the server is gone: its port can be listened on again
     with socket.socket() as sock:

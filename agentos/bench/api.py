@@ -1,16 +1,16 @@
 """`agentos bench api`: what the REST layer adds to fork, snapshot, rollback and a
 one-token generate.
 
-The server is `agentos serve` in a subprocess on a loopback port. One keep-alive httpx
-client times each request from the caller (encoding the body and decoding the answer
-included), in JSON and in msgpack; then one keep-alive connection of the standard library's
-http.client, in JSON, the same requests without httpx's request and response machinery
-(about 0.5 ms of client CPU a call on a 2-core machine), which is closer to what the server
-itself adds; then the SDK's `agentos.Client` (JSON, its http.client transport under httpx's
-client), what an agent written against the SDK sees. The peer is the same ops on an
-in-process Engine with
-the same model and session length, timed the same way, so HTTP p50 / in-process p50 is the
-price of the REST layer: the HTTP round trip, routing, validation and the wire format.
+The server is `agentos serve` in a subprocess on a loopback port. Each request is timed
+from the caller (encoding the body and decoding the answer included) through four
+transports, taking turns at each repeat on the same session: one keep-alive httpx client in
+JSON and in msgpack; one keep-alive connection of the standard library's http.client in
+JSON, the same requests without httpx's request and response machinery (about 0.5 ms of
+client CPU a call on a 2-core machine), which is closer to what the server itself adds; and
+the SDK's `agentos.Client` (JSON, its http.client transport), what an agent written against
+the SDK sees. The peer is the same ops on an in-process Engine with the same model and
+session length, timed the same way, so HTTP p50 / in-process p50 is the price of the REST
+layer: the HTTP round trip, routing, validation and the wire format.
 
 The server runs as `agentos serve` does by default, access log included. Each timed request
 carries an `X-Request-ID`, so its line in that log gives the time the server's app spent on
@@ -104,23 +104,21 @@ def run(bench: ApiBench) -> dict:
         prompt = random_prompt(bench.num_tokens, kernel.vocab_size,
                                kernel.model_config.bos_token_id, random.Random(bench.seed))
         dtype, threads = dtype_name(kernel.dtype), _torch_threads()
-        times = {"inprocess": _measure(_InProcess(engine), prompt, bench)}
+        times = _measure({"inprocess": _InProcess(engine)}, prompt, bench)
     server_log: list[str] = []  # its last lines, read once it has stopped
     with _server(bench, port, kv_blocks, server_log) as url:
         import httpx
 
-        with httpx.Client(base_url=url, timeout=60.0, trust_env=False) as client:
-            for wire in WIRES:
-                times[wire] = _measure(_Http(client, wire), prompt, bench)
-        stdlib = _Stdlib(url)
-        try:
-            times["stdlib"] = _measure(stdlib, prompt, bench)
-        finally:
-            stdlib.conn.close()
         from agentos import Client
 
-        with Client(url, timeout=60.0, max_retries=0) as sdk:
-            times["sdk"] = _measure(_Sdk(sdk), prompt, bench)
+        stdlib = _Stdlib(url)
+        with httpx.Client(base_url=url, timeout=60.0, trust_env=False) as client, \
+                Client(url, timeout=60.0, max_retries=0) as sdk:
+            try:
+                times.update(_measure({**{wire: _Http(client, wire) for wire in WIRES},
+                                       "stdlib": stdlib, "sdk": _Sdk(sdk)}, prompt, bench))
+            finally:
+                stdlib.conn.close()
     config = {**asdict(bench), "port": port, "kv_blocks": kv_blocks, "dtype": dtype,
               "threads": threads}
     return _summarize(config, times, _app_times(server_log, bench.warmup),
@@ -151,6 +149,10 @@ class _InProcess:
 
     def tag(self, op: str | None, i: int) -> None:
         pass  # no request ids in-process
+
+    def attach(self, sid: str) -> None:
+        """Takes up a session another transport created."""
+        self.sessions.setdefault(sid, self.engine.session(sid))
 
     def create(self, tokens: list[int]) -> str:
         s = self.engine.create_session(tokens=tokens)
@@ -207,6 +209,9 @@ class _Http:
         self.msgpack = msgpack if wire == "msgpack" else None
         self.headers = {"Content-Type": MSGPACK, "Accept": MSGPACK} if self.msgpack else {}
         self.request_id: dict[str, str] = {}  # the X-Request-ID header of the op being timed
+
+    def attach(self, sid: str) -> None:
+        pass  # sessions by id
 
     def tag(self, op: str | None, i: int) -> None:
         """Sends the next requests under the request id of op's i-th repeat (none: None)."""
@@ -286,39 +291,51 @@ def _raise_for(method: str, path: str, status: int, content: bytes) -> None:
         raise error(f"{method} {path}: HTTP {status} {content[:300]!r}")
 
 
-def _measure(ops, prompt: list[int], bench: ApiBench) -> dict[str, list[float]]:
-    """Times each op warmup + repeats times on one session holding the prompt; returns
-    the timed seconds per op. Between ops the session is back at the prompt (rolled back
-    to a snapshot of it, untimed), so every repeat does the same work."""
-    sid = ops.create(prompt)
-    _wait_idle(ops, sid)  # the prompt prefilled
-    base = ops.snapshot(sid)
+def _measure(transports: dict, prompt: list[int], bench: ApiBench) -> dict:
+    """Times each op warmup + repeats times on one session holding the prompt, the
+    transports taking turns at each repeat (so a slow minute of a noisy machine falls on
+    all of them alike); returns {transport: {op: timed seconds}}. Between ops the session
+    is back at the prompt (rolled back to a snapshot of it, untimed), so every repeat does
+    the same work."""
+    first = next(iter(transports.values()))
+    sid = first.create(prompt)
+    _wait_idle(first, sid)  # the prompt prefilled
+    base = first.snapshot(sid)
+    for ops in transports.values():
+        ops.attach(sid)
     extra = prompt[1:1 + bench.append_tokens]  # ordinary ids (prompt[0] is BOS)
-    times: dict[str, list[float]] = {op: [] for op in OPS}
+    times = {name: {op: [] for op in OPS} for name in transports}
     for i in range(bench.warmup + bench.repeats):
-        ops.tag("fork", i)
-        kid, t_fork = timed(lambda: ops.fork(sid))
-        ops.tag(None, i)
-        ops.close(kid)
-        ops.tag("snapshot", i)
-        snap, t_snapshot = timed(lambda: ops.snapshot(sid))
-        ops.tag(None, i)
-        ops.delete_snapshot(snap)
-        ops.append(sid, extra)
-        # NOTE: rolled back mid-prefill, a rollback would wait for the running step
-        _wait_idle(ops, sid)
-        ops.tag("rollback", i)
-        _, t_rollback = timed(lambda: ops.rollback(sid, base))
-        ops.tag("generate", i)
-        _, t_generate = timed(lambda: ops.generate(sid))
-        ops.tag(None, i)
-        ops.rollback(sid, base)
-        if i >= bench.warmup:
-            for op, t in zip(OPS, (t_fork, t_snapshot, t_rollback, t_generate)):
-                times[op].append(t)
-    ops.close(sid)
-    ops.delete_snapshot(base)
+        for name, ops in transports.items():
+            taken = _repeat(ops, sid, base, extra, i)
+            if i >= bench.warmup:
+                for op, t in zip(OPS, taken):
+                    times[name][op].append(t)
+    first.close(sid)
+    first.delete_snapshot(base)
     return times
+
+
+def _repeat(ops, sid: str, base: str, extra: list[int], i: int) -> tuple[float, ...]:
+    """One repeat of the ops through one transport: the seconds of each of OPS."""
+    ops.tag("fork", i)
+    kid, t_fork = timed(lambda: ops.fork(sid))
+    ops.tag(None, i)
+    ops.close(kid)
+    ops.tag("snapshot", i)
+    snap, t_snapshot = timed(lambda: ops.snapshot(sid))
+    ops.tag(None, i)
+    ops.delete_snapshot(snap)
+    ops.append(sid, extra)
+    # NOTE: rolled back mid-prefill, a rollback would wait for the running step
+    _wait_idle(ops, sid)
+    ops.tag("rollback", i)
+    _, t_rollback = timed(lambda: ops.rollback(sid, base))
+    ops.tag("generate", i)
+    _, t_generate = timed(lambda: ops.generate(sid))
+    ops.tag(None, i)
+    ops.rollback(sid, base)
+    return t_fork, t_snapshot, t_rollback, t_generate
 
 
 def _wait_idle(ops, sid: str, timeout_s: float = 60.0) -> None:
@@ -487,8 +504,9 @@ def render(result: dict, console=None) -> None:
                   f"{cfg['warmup']} warm-up; fork n=1 (child deleted, untimed), snapshot "
                   f"(deleted, untimed), rollback after appending {cfg['append_tokens']} "
                   "tokens (untimed), generate max_tokens=1 greedy ignore_eos; server "
-                  f"`agentos serve` on 127.0.0.1:{cfg['port']}, one keep-alive httpx "
-                  "client, one keep-alive http.client connection, then agentos.Client; "
+                  f"`agentos serve` on 127.0.0.1:{cfg['port']}, taking turns: one "
+                  "keep-alive httpx client, one keep-alive http.client connection, "
+                  "agentos.Client; "
                   "in-process peer: "
                   f"Engine, {cfg['threads']} torch threads")
     rows = []

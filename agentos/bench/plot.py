@@ -24,6 +24,7 @@ from agentos.bench.common import fmt
 OURS = "#1f77b4"  # blue
 OURS_DARK = "#0b3c6b"  # a second series of ours (HTTP msgpack, decode-only)
 OURS_LIGHT = "#7fb8e6"  # a third series of ours (HTTP over http.client)
+SDK = "#9467bd"  # purple: through the SDK's client
 PEER = "#ff7f0e"  # orange: transformers, or the baseline of the ratios
 OTHER = "#7f7f7f"  # grey: a third system
 OTHER_2 = "#2ca02c"  # green: a fourth
@@ -415,13 +416,16 @@ def _api(fig, r: dict) -> None:
     cfg, ops = r["config"], r["ops"]
     _title(fig, "REST latency vs in-process calls",
            f"one session of {cfg['num_tokens']} tokens, {cfg['repeats']} timed repeats after "
-           f"{cfg['warmup']} warm-up; `agentos serve` on loopback, keep-alive httpx and http.client; "
+           f"{cfg['warmup']} warm-up; `agentos serve` on loopback, keep-alive httpx, http.client, "
+           "agentos.Client; "
            f"{_machine(cfg)}")
     ax = fig.add_subplot()
     transports = [("inprocess", "in-process Engine", PEER), ("json", "HTTP, JSON", OURS),
                   ("msgpack", "HTTP, msgpack", OURS_DARK)]
     if "stdlib" in ops[0]:  # results written before the http.client transport lack it
         transports.append(("stdlib", "HTTP, JSON, http.client", OURS_LIGHT))
+    if "sdk" in ops[0]:  # and before the SDK's
+        transports.append(("sdk", "agentos.Client (JSON)", SDK))
     series, labels, yerr = [], {}, {}
     for i, (t, label, color) in enumerate(transports):
         p50 = [_num(op[t]["p50_us"]) for op in ops]
