@@ -76,6 +76,26 @@ inline float hsum(v8f v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+// The first two of hsum's three rounds for four vectors at once: for a[0..4), the vector
+// [c0_0, c0_1, c1_0, c1_1, c2_0, c2_1, c3_0, c3_1] where ct_0 = (v0 + v4) + (v1 + v5) and
+// ct_1 = (v2 + v6) + (v3 + v7) of a[t].
+inline v8f hsum_pairs4(const v8f* a) {
+  const v8i lo = {0, 1, 2, 3, 8, 9, 10, 11}, hi = {4, 5, 6, 7, 12, 13, 14, 15};
+  const v8i even = {0, 2, 4, 6, 8, 10, 12, 14}, odd = {1, 3, 5, 7, 9, 11, 13, 15};
+  const v8f s01 = __builtin_shuffle(a[0], a[1], lo) + __builtin_shuffle(a[0], a[1], hi);
+  const v8f s23 = __builtin_shuffle(a[2], a[3], lo) + __builtin_shuffle(a[2], a[3], hi);
+  return __builtin_shuffle(s01, s23, even) + __builtin_shuffle(s01, s23, odd);
+}
+
+// hsum of eight vectors, summed as hsum sums each (so the same bits), as one vector:
+// [hsum(a[0]), ..., hsum(a[7])] from hsum_pairs4 of a[0..4) and of a[4..8).
+inline v8f hsum8(v8f pairs_lo, v8f pairs_hi) {
+  const v8i even = {0, 2, 4, 6, 8, 10, 12, 14}, odd = {1, 3, 5, 7, 9, 11, 13, 15};
+  return __builtin_shuffle(pairs_lo, pairs_hi, even) + __builtin_shuffle(pairs_lo, pairs_hi, odd);
+}
+
 // e^x for x <= 0 (a score minus its running max) in plain arithmetic, so that loops over it
 // vectorize (std::exp is a libm call per element): x = n ln2 + r with |r| <= ln2 / 2,
 // e^r by its degree-6 Taylor polynomial (relative error about 1e-7 on that range), times
@@ -235,7 +255,33 @@ void attend_group(const float* qf, const float* k, const float* v, const int64_t
           qv[g][i] = load8(qf + (kvh * G + g) * DC + i * 8);
           o[g][i] = load8(ah + g * DC + i * 8);
         }
-      for (int64_t t = t0; t < t1; ++t) {  // scores s[g][t]
+      int64_t t = t0;
+      // scores s[g][t], eight tokens at a time: their dot products' horizontal sums done
+      // together (hsum8, the same bits as one hsum each, a third of the shuffles and adds):
+      // four layers' attention 1.07x at the tiny shape's 32 x 160, 1.19x at 8 x 1,024 of
+      // Qwen2.5-0.5B's heads (7 of 64 dims a kv head), 1.0x at Llama-3-8B's 1 x 8,192
+      for (; t + 8 <= t1; t += 8) {
+        v8f pairs[2][G];
+        for (int half = 0; half < 2; ++half) {
+          v8f a[G][4];
+          for (int u = 0; u < 4; ++u) {
+            const int64_t tt = t + half * 4 + u;
+            ahead.next(kLinesPerScore);
+            v8f kk[NV];
+            for (int i = 0; i < NV; ++i) kk[i] = load8(kb + tt * row + i * 8);
+            for (int g = 0; g < G; ++g) {
+              a[g][u] = qv[g][0] * kk[0];
+              for (int i = 1; i < NV; ++i) a[g][u] += qv[g][i] * kk[i];
+            }
+          }
+          for (int g = 0; g < G; ++g) pairs[half][g] = hsum_pairs4(a[g]);
+        }
+        for (int g = 0; g < G; ++g) {
+          const v8f scores = hsum8(pairs[0][g], pairs[1][g]) * scale;
+          std::memcpy(s + g * bs + t, &scores, sizeof(v8f));
+        }
+      }
+      for (; t < t1; ++t) {  // the rest one at a time
         ahead.next(kLinesPerScore);
         v8f kk[NV];
         for (int i = 0; i < NV; ++i) kk[i] = load8(kb + t * row + i * 8);
