@@ -2,10 +2,10 @@
 library's `http.client`, one keep-alive connection per concurrent request.
 
 Why: on loopback, httpx's default transport (httpcore and h11) costs about 300 us of Python
-a call and writes a request's headers and its body in two sends, so the server wakes twice
-to read it. A fork or rollback does about 100 us of work in the server; through the
-default transport a client saw 1.1-1.2 ms, through this one (headers and body in one
-send) about 0.7 ms (`agentos bench api`, docs/benchmarks.md).
+a call: against a server that answers at once, 434-466 us a round trip where http.client
+takes 141. A fork or rollback does about 100 us of work in the server. A loop of rollbacks
+through the SDK took 680-800 us over httpx's transport and 550-620 over this one
+(`agentos bench api` and docs/benchmarks.md have the rest).
 
 httpx keeps everything above the transport: URLs, headers, redirects, timeouts as its
 `Timeout`, content decoding and the streaming API. Errors are raised as httpx's own
@@ -71,8 +71,7 @@ class StdlibTransport(httpx.BaseTransport):
     @staticmethod
     def _exchange(conn: http.client.HTTPConnection, request: httpx.Request, body: bytes,
                   timeout: dict) -> http.client.HTTPResponse:
-        """Sends the request, headers and body in one write, and reads the response's
-        status and headers."""
+        """Sends the request and reads the response's status and headers."""
         assert conn.sock is not None
         try:
             conn.sock.settimeout(timeout.get("write"))
