@@ -36,7 +36,6 @@ from agentos.kernel.errors import APIConnectionError, APITimeoutError, error_fro
 from agentos.kernel.process import Generation, GenerationChunk, NextTokenLogprobs
 from agentos.kernel.sampling_params import SamplingParams
 from agentos.session import Session, Snapshot
-from agentos.transport import StdlibTransport
 
 T = TypeVar("T")
 
@@ -432,7 +431,7 @@ class Client(_ClientBase, Backend):
         super().__init__(base_url, api_key, timeout, max_retries, wire)
         # NOTE: calls go straight to the http.client transport: httpx's client around it
         # (redirects, cookies, auth hooks, none of which the SDK uses) cost about 100 us a call
-        self._transport = (StdlibTransport() if http_client is None
+        self._transport = (transport.StdlibTransport() if http_client is None
                            and transport.applies(self.base_url) else None)
         self._http = http_client or httpx.Client(**self._client_args(),
                                                  transport=self._transport)
